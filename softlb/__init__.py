@@ -1,0 +1,16 @@
+"""softlb core: the sans-I/O heart of the per-host load balancer.
+
+Never imports trio, socket, asyncio or threading; never reads the clock or the global random
+generator. Time comes in as `now` (float seconds), randomness as an injected random.Random.
+"""
+
+from ._config import AgentConfig as AgentConfig
+from ._config import ServiceConfig as ServiceConfig
+from ._config import parse_agent_config as parse_agent_config
+from ._durations import parse_duration as parse_duration
+from ._errors import ConfigError as ConfigError
+from ._errors import ErrorCode as ErrorCode
+from ._types import Endpoint as Endpoint
+from ._types import RegistryHealth as RegistryHealth
+
+__version__ = "0.1.0"

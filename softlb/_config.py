@@ -1,0 +1,398 @@
+"""The agent's configuration schema: TOML tables in, frozen dataclasses out.
+
+Every setting has a documented default here, so `AgentConfig()` is a working config. Parsing
+is strict: an unknown key or a wrong type is an error naming the key's full path, because a
+typo in a load balancer's config silently ignored is an outage later. Reading files and
+environment variables is the agent's job; this module only validates values it is handed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from ._durations import parse_duration
+from ._errors import ConfigError
+
+DEFAULT_LISTEN = "127.0.0.1:7070"
+DEFAULT_ADMIN = "127.0.0.1:7071"
+#: 1 MiB: far above any real request (a resolve is ~40 bytes) yet small enough that one
+#: hostile client cannot make the agent buffer much.
+DEFAULT_MAX_FRAME = 1 << 20
+LOCALITY_LEVELS = ("node", "zone", "region", "*")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    kind: str = "tcp"  # "tcp" (connect) or "http" (GET path, 200-399 is success)
+    path: str = "/"
+    host: str = ""  # Host header for http probes; empty means the endpoint's address
+    interval: float = 5.0
+    timeout: float = 1.0
+    initial_delay: float = 0.0
+    rise: int = 2
+    fall: int = 3
+
+
+@dataclass(frozen=True)
+class OutlierConfig:
+    consecutive_failures: int = 5
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 10
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    policy: str = "round_robin"
+    #: Percent of endpoints that must be eligible; below it, balance over all (Envoy's panic).
+    panic_threshold: int = 50
+    probe: ProbeConfig | None = None
+    outlier: OutlierConfig | None = field(default_factory=OutlierConfig)
+    #: Ordered preference; empty means no locality preference.
+    locality: tuple[str, ...] = ()
+    slow_start: float = 0.0
+    #: Policy-specific knobs (e.g. ring size), validated by the policy itself.
+    options: Mapping[str, Any] = field(default_factory=dict)
+    #: Only endpoints carrying all these tags are served (Consul and file sources alike).
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConsulConfig:
+    address: str = ""  # empty: CONSUL_HTTP_ADDR, else http://127.0.0.1:8500
+    datacenter: str = ""
+    token: str = ""  # empty: CONSUL_HTTP_TOKEN / CONSUL_HTTP_TOKEN_FILE
+    ca_file: str = ""  # empty: CONSUL_CACERT
+    wait: float = 300.0
+    stale: bool = False
+    tagged_address: str = ""  # "", "lan" or "wan"
+    max_watches: int = 64
+    idle_timeout: float = 600.0
+    first_answer_timeout: float = 2.0
+    min_query_interval: float = 0.1
+    keep_previous_on_empty: float = 300.0
+
+
+@dataclass(frozen=True)
+class ProvideConfig:
+    """A service this host provides, registered with the local Consul agent."""
+
+    name: str
+    port: int
+    id: str = ""
+    address: str = ""
+    tags: tuple[str, ...] = ()
+    meta: Mapping[str, str] = field(default_factory=dict)
+    check: str = "ttl"  # "ttl" (kept alive by our probe), "http", "tcp" or "none"
+    check_path: str = "/"
+    check_interval: float = 10.0
+    ttl: float = 15.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    socket: str = ""  # empty: runtime-dir default, see softlb_agent.paths
+    listen: str = DEFAULT_LISTEN  # "" disables the loopback msgpack port
+    admin: str = DEFAULT_ADMIN  # "" disables the admin HTTP port
+    state_dir: str = ""
+    node: str = ""
+    zone: str = ""
+    region: str = ""
+    allow_non_loopback: bool = False
+    max_frame: int = DEFAULT_MAX_FRAME
+    #: How long a connection's reader spins on a non-blocking recv after answering before it
+    #: parks in epoll. Cross-core wakeups cost ~30 µs on small VMs; see docs/BENCHMARKS.md.
+    busy_poll: float = 50e-6
+    lease_ttl: float = 60.0
+    source: str = "file"  # "file" or "consul"
+    catalog_file: str = ""
+    consul: ConsulConfig = field(default_factory=ConsulConfig)
+    services: Mapping[str, ServiceConfig] = field(default_factory=dict)
+    provide: tuple[ProvideConfig, ...] = ()
+
+    def service(self, name: str) -> ServiceConfig:
+        return self.services.get(name) or _DEFAULT_SERVICE
+
+
+_DEFAULT_SERVICE = ServiceConfig()
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Table:
+    """A TOML table being read: typed getters that know the key path, and a leftover check."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path or 'config'}: expected a table, got {_kind(data)}")
+        self.data = dict(data)
+        self.path = path
+        self.seen: set[str] = set()
+
+    def _where(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        self.seen.add(key)
+        return self.data.get(key, default)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def str(self, key: str, default: str) -> str:
+        v = self.raw(key, default)
+        if not isinstance(v, str):
+            raise ConfigError(f"{self._where(key)}: expected a string, got {_kind(v)}")
+        return v
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.raw(key, default)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{self._where(key)}: expected true or false, got {_kind(v)}")
+        return v
+
+    def int(self, key: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+        v = self.raw(key, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{self._where(key)}: expected an integer, got {_kind(v)}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ConfigError(f"{self._where(key)}: {v} is out of range [{lo}, {hi}]")
+        return v
+
+    def duration(self, key: str, default: float) -> float:
+        v = self.raw(key, default)
+        try:
+            return parse_duration(v)
+        except ValueError as e:
+            raise ConfigError(f"{self._where(key)}: {e}") from None
+
+    def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        v = self.raw(key, list(default))
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(f"{self._where(key)}: expected a list of strings")
+        return tuple(v)
+
+    def str_map(self, key: str) -> dict[str, str]:
+        v = self.raw(key, {})
+        if not isinstance(v, Mapping) or not all(
+            isinstance(k, str) and isinstance(x, str) for k, x in v.items()
+        ):
+            raise ConfigError(f"{self._where(key)}: expected a table of strings")
+        return dict(v)
+
+    def table(self, key: str) -> _Table | None:
+        v = self.raw(key)
+        return None if v is None else _Table(v, self._where(key))
+
+    def done(self) -> None:
+        extra = sorted(set(self.data) - self.seen)
+        if extra:
+            raise ConfigError(f"{self._where(extra[0])}: unknown setting")
+
+
+def _kind(v: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(v), type(v).__name__)
+
+
+def parse_probe(t: _Table) -> ProbeConfig:
+    d = ProbeConfig()
+    kind = t.str("kind", d.kind)
+    if kind not in ("tcp", "http"):
+        raise ConfigError(f"{t.path}.kind: must be \"tcp\" or \"http\", got \"{kind}\"")
+    p = ProbeConfig(
+        kind=kind,
+        path=t.str("path", d.path),
+        host=t.str("host", d.host),
+        interval=t.duration("interval", d.interval),
+        timeout=t.duration("timeout", d.timeout),
+        initial_delay=t.duration("initial_delay", d.initial_delay),
+        rise=t.int("rise", d.rise, 1, 1000),
+        fall=t.int("fall", d.fall, 1, 1000),
+    )
+    if p.interval <= 0 or p.timeout <= 0:
+        raise ConfigError(f"{t.path}: interval and timeout must be positive")
+    if not p.path.startswith("/"):
+        raise ConfigError(f"{t.path}.path: must start with /")
+    t.done()
+    return p
+
+
+def parse_outlier(t: _Table) -> OutlierConfig:
+    d = OutlierConfig()
+    o = OutlierConfig(
+        consecutive_failures=t.int("consecutive_failures", d.consecutive_failures, 1, 1_000_000),
+        base_ejection_time=t.duration("base_ejection_time", d.base_ejection_time),
+        max_ejection_time=t.duration("max_ejection_time", d.max_ejection_time),
+        max_ejection_percent=t.int("max_ejection_percent", d.max_ejection_percent, 0, 100),
+    )
+    if o.max_ejection_time < o.base_ejection_time:
+        raise ConfigError(f"{t.path}: max_ejection_time is below base_ejection_time")
+    t.done()
+    return o
+
+
+def parse_service(t: _Table, known_policies: frozenset[str]) -> ServiceConfig:
+    d = ServiceConfig()
+    policy = t.str("policy", d.policy)
+    if known_policies and policy not in known_policies:
+        raise ConfigError(
+            f"{t.path}.policy: unknown policy \"{policy}\" (one of: {', '.join(sorted(known_policies))})"
+        )
+    locality = t.strings("locality", d.locality)
+    for i, level in enumerate(locality):
+        if level not in LOCALITY_LEVELS:
+            raise ConfigError(f"{t.path}.locality: unknown level \"{level}\" (one of: node, zone, region, *)")
+        if level == "*" and i != len(locality) - 1:
+            raise ConfigError(f"{t.path}.locality: \"*\" must come last")
+    probe = t.table("probe")
+    outlier_t = t.table("outlier")
+    options = t.raw("options", {})
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"{t.path}.options: expected a table")
+    s = ServiceConfig(
+        policy=policy,
+        panic_threshold=t.int("panic_threshold", d.panic_threshold, 0, 100),
+        probe=parse_probe(probe) if probe else None,
+        outlier=parse_outlier(outlier_t) if outlier_t else d.outlier,
+        locality=locality,
+        slow_start=t.duration("slow_start", d.slow_start),
+        options=dict(options),
+        tags=t.strings("tags"),
+    )
+    t.done()
+    return s
+
+
+def parse_consul(t: _Table) -> ConsulConfig:
+    d = ConsulConfig()
+    c = ConsulConfig(
+        address=t.str("address", d.address),
+        datacenter=t.str("datacenter", d.datacenter),
+        token=t.str("token", d.token),
+        ca_file=t.str("ca_file", d.ca_file),
+        wait=t.duration("wait", d.wait),
+        stale=t.bool("stale", d.stale),
+        tagged_address=t.str("tagged_address", d.tagged_address),
+        max_watches=t.int("max_watches", d.max_watches, 1, 190),
+        idle_timeout=t.duration("idle_timeout", d.idle_timeout),
+        first_answer_timeout=t.duration("first_answer_timeout", d.first_answer_timeout),
+        min_query_interval=t.duration("min_query_interval", d.min_query_interval),
+        keep_previous_on_empty=t.duration("keep_previous_on_empty", d.keep_previous_on_empty),
+    )
+    if c.tagged_address not in ("", "lan", "wan"):
+        raise ConfigError(f"{t.path}.tagged_address: must be \"lan\" or \"wan\"")
+    if not 1.0 <= c.wait <= 600.0:
+        raise ConfigError(f"{t.path}.wait: must be between 1s and 10m (Consul caps it at 10m)")
+    t.done()
+    return c
+
+
+def parse_provide(t: _Table) -> ProvideConfig:
+    d = ProvideConfig(name="", port=0)
+    name = t.str("name", "")
+    if not name:
+        raise ConfigError(f"{t.path}.name: required")
+    check = t.str("check", d.check)
+    if check not in ("ttl", "http", "tcp", "none"):
+        raise ConfigError(f"{t.path}.check: one of ttl, http, tcp, none")
+    p = ProvideConfig(
+        name=name,
+        port=t.int("port", 0, 1, 65535),
+        id=t.str("id", ""),
+        address=t.str("address", ""),
+        tags=t.strings("tags"),
+        meta=t.str_map("meta"),
+        check=check,
+        check_path=t.str("check_path", d.check_path),
+        check_interval=t.duration("check_interval", d.check_interval),
+        ttl=t.duration("ttl", d.ttl),
+    )
+    t.done()
+    return p
+
+
+def check_listen(value: str, what: str, allow_non_loopback: bool) -> None:
+    """`HOST:PORT` with a loopback host, unless non-loopback was explicitly allowed."""
+    if not value:
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: expected HOST:PORT, got \"{value}\"")
+    host = host.strip("[]")
+    if host == "localhost":
+        return
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{what}: host must be an IP address or localhost, got \"{host}\"") from None
+    if not ip.is_loopback and not allow_non_loopback:
+        raise ConfigError(
+            f"{what}: {host} is not a loopback address; softlb serves this host only "
+            "(set allow_non_loopback = true to override)"
+        )
+
+
+def parse_agent_config(data: Mapping[str, Any], known_policies: frozenset[str] = frozenset()) -> AgentConfig:
+    """Validate a whole agent config document (the parsed TOML)."""
+    root = _Table(data, "")
+    d = AgentConfig()
+    agent = root.table("agent") or _Table({}, "agent")
+    catalog = root.table("catalog") or _Table({}, "catalog")
+    consul = root.table("consul")
+    services_t = root.table("services") or _Table({}, "services")
+    services = {}
+    for name in list(services_t.data):
+        if not name:
+            raise ConfigError("services: empty service name")
+        services[name] = parse_service(services_t.table(name), known_policies)  # type: ignore[arg-type]
+    provide_raw = root.raw("provide", [])
+    if not isinstance(provide_raw, list):
+        raise ConfigError("provide: expected an array of tables ([[provide]])")
+    provide = tuple(parse_provide(_Table(p, f"provide[{i}]")) for i, p in enumerate(provide_raw))
+    source = catalog.str("source", d.source)
+    if source not in ("file", "consul"):
+        raise ConfigError(f"catalog.source: must be \"file\" or \"consul\", got \"{source}\"")
+    cfg = AgentConfig(
+        socket=agent.str("socket", d.socket),
+        listen=agent.str("listen", d.listen),
+        admin=agent.str("admin", d.admin),
+        state_dir=agent.str("state_dir", d.state_dir),
+        node=agent.str("node", d.node),
+        zone=agent.str("zone", d.zone),
+        region=agent.str("region", d.region),
+        allow_non_loopback=agent.bool("allow_non_loopback", d.allow_non_loopback),
+        max_frame=agent.int("max_frame", d.max_frame, 64, 64 << 20),
+        busy_poll=agent.duration("busy_poll", d.busy_poll),
+        lease_ttl=agent.duration("lease_ttl", d.lease_ttl),
+        source=source,
+        catalog_file=catalog.str("file", d.catalog_file),
+        consul=parse_consul(consul) if consul else d.consul,
+        services=services,
+        provide=provide,
+    )
+    for t in (agent, catalog, root):
+        t.done()
+    return finalize(cfg)
+
+
+def finalize(cfg: AgentConfig) -> AgentConfig:
+    """Cross-field checks; run again after command-line flags are merged in."""
+    check_listen(cfg.listen, "agent.listen", cfg.allow_non_loopback)
+    check_listen(cfg.admin, "agent.admin", cfg.allow_non_loopback)
+    if cfg.busy_poll > 0.01:
+        raise ConfigError("agent.busy_poll: at most 10ms (it spins a core while it waits)")
+    return cfg
+
+
+def with_overrides(cfg: AgentConfig, **overrides: Any) -> AgentConfig:
+    """Apply command-line flags (None means "not given") and re-check."""
+    names = {f.name for f in fields(AgentConfig)}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - names
+    if unknown:
+        raise ConfigError(f"unknown override: {sorted(unknown)[0]}")
+    return finalize(replace(cfg, **given))
