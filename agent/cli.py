@@ -156,7 +156,7 @@ def _run_client(args: argparse.Namespace) -> int:
         if args.cmd == "resolve":
             r = client.resolve(args.service, key=args.key, tags=args.tags, lease=False)
             if args.json:
-                print(json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in r.__dict__.items()}))
+                print(json.dumps(r.as_dict()))
             else:
                 flags = "".join((" (panic)" if r.panic else "", " (stale)" if r.stale else ""))
                 print(f"{r.address}:{r.port}  {r.id}{flags}")

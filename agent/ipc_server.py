@@ -175,7 +175,11 @@ async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.N
     perf = time.perf_counter
     stats = rt.stats
     recv = sock.recv
+    # Spin only while it pays: after a spin that found nothing, wait in epoll and spin again
+    # only if the next request came back within the spin window (a caller in a tight loop).
     may_spin = False
+    spin_ok = True
+    answered_at = 0.0
     while True:
         try:
             data = recv(RECV_SIZE)
@@ -191,6 +195,8 @@ async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.N
                         pass
             if data is None:
                 await trio.lowlevel.wait_readable(sock)
+                # The gap includes the epoll wakeup itself (~30 µs here), hence the 2x.
+                spin_ok = perf() - answered_at <= 2 * busy_poll
                 continue
         if not data:
             return
@@ -221,7 +227,8 @@ async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.N
                 out.append(frame)
         if out:
             await conn.send(out[0] if len(out) == 1 else b"".join(out))
-        may_spin = busy_poll > 0 and spin.allowed(conn.id, perf())
+        answered_at = perf()
+        may_spin = spin_ok and busy_poll > 0 and spin.allowed(conn.id, answered_at)
 
 
 async def _handle_deferred(rt: Runtime, conn: Connection, msg: dict[str, Any]) -> None:

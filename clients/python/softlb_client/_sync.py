@@ -16,7 +16,7 @@ import time
 from typing import Any, Iterator
 
 from ._args import report_args, resolve_args
-from ._codec import Decoder, encode, result_of
+from ._codec import RECV_SIZE, Decoder, encode, result_of
 from ._errors import AgentUnavailable, ProtocolError, Timeout
 from ._paths import default_socket_path, parse_addr
 from ._types import Resolved
@@ -101,21 +101,7 @@ class Client:
         answers: dict[int, dict[str, Any]] = {}
         want = set(ids)
         while want:
-            msg = self._dec.next()
-            if msg is None:
-                try:
-                    s.settimeout(max(0.001, deadline - time.monotonic()))
-                    data = s.recv(262144)
-                except socket.timeout:
-                    raise Timeout(f"no answer from the agent within {self.timeout}s") from None
-                except _CLOSED:
-                    data = b""
-                if not data:
-                    if answers:
-                        raise AgentUnavailable("the agent closed the connection mid-answer")
-                    raise _ConnectionClosed()
-                self._dec.feed(data)
-                continue
+            msg = self._next_message(s, deadline, mid_answer=bool(answers))
             rid = msg.get("id")
             if rid in want:
                 want.discard(rid)
@@ -123,6 +109,25 @@ class Client:
             elif rid is None and "error" in msg:
                 result_of(msg)  # a frame-level error: raise it
         return answers
+
+    def _next_message(self, s: socket.socket, deadline: float, mid_answer: bool) -> dict[str, Any]:
+        dec = self._dec
+        while True:
+            msg = dec.next()
+            if msg is not None:
+                return msg
+            try:
+                s.settimeout(max(0.001, deadline - time.monotonic()))
+                data = s.recv(RECV_SIZE)
+            except socket.timeout:
+                raise Timeout(f"no answer from the agent within {self.timeout}s") from None
+            except _CLOSED:
+                data = b""
+            if not data:
+                if mid_answer:
+                    raise AgentUnavailable("the agent closed the connection mid-answer")
+                raise _ConnectionClosed()
+            dec.feed(data)
 
     def _round_trip(self, requests: list[dict[str, Any]], timeout: float | None) -> list[dict[str, Any]]:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
@@ -153,7 +158,8 @@ class Client:
 
     def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
         """One request; returns its result or raises SoftLBError with the agent's code."""
-        return result_of(self._round_trip([dict(args, op=op)], timeout)[0])
+        args["op"] = op
+        return result_of(self._round_trip([args], timeout)[0])
 
     def call_many(self, requests: list[dict[str, Any]], timeout: float | None = None) -> list[Any]:
         """Pipeline several requests in one write; results (or SoftLBError instances) in order."""
@@ -200,7 +206,7 @@ class Client:
                 msg = dec.next()
                 if msg is None:
                     try:
-                        data = sock.recv(262144)
+                        data = sock.recv(RECV_SIZE)
                     except socket.timeout:
                         raise Timeout("no watch update in time") from None
                     if not data:

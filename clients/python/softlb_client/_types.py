@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Resolved:
     """One `resolve` answer: where to send this request, and the lease to report it under."""
 
@@ -22,20 +22,13 @@ class Resolved:
     stale: bool = False
     age: float | None = None
 
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
     @classmethod
     def from_result(cls, r: Mapping[str, Any]) -> Resolved:
-        return cls(
-            address=r["address"],
-            port=r["port"],
-            id=r["id"],
-            tags=tuple(r.get("tags") or ()),
-            meta=dict(r.get("meta") or {}),
-            weight=r.get("weight", 1),
-            node=r.get("node", ""),
-            zone=r.get("zone", ""),
-            region=r.get("region", ""),
-            lease=r.get("lease"),
-            panic=bool(r.get("panic", False)),
-            stale=bool(r.get("stale", False)),
-            age=r.get("age"),
-        )
+        # Positional and unchecked beyond what the protocol promises: this runs once per call.
+        g = r.get
+        return cls(r["address"], r["port"], r["id"], tuple(g("tags") or ()), g("meta") or {}, g("weight", 1),
+                   g("node", ""), g("zone", ""), g("region", ""), g("lease"), bool(g("panic")), bool(g("stale")),
+                   g("age"))

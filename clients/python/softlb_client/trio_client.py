@@ -13,7 +13,7 @@ from typing import Any
 import trio
 
 from ._args import report_args, resolve_args
-from ._codec import Decoder, encode, result_of
+from ._codec import RECV_SIZE, Decoder, encode, result_of
 from ._errors import AgentUnavailable, Timeout
 from ._paths import default_socket_path, parse_addr
 from ._types import Resolved
@@ -74,7 +74,7 @@ class AsyncClient:
             msg = self._dec.next()
             if msg is None:
                 try:
-                    data = await self._stream.receive_some(262144)
+                    data = await self._stream.receive_some(RECV_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     data = b""
                 if not data:
