@@ -7,7 +7,7 @@ import time
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from softlb_client import Client
@@ -180,14 +180,21 @@ hostile = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(hostile, min_size=1, max_size=6))
-def test_hypothesis_frames_never_hurt_another_client(agent, frames):
-    s = raw(agent)
-    try:
-        s.sendall(b"".join(frames))
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    s.close()
-    with Client(socket_path=agent.socket, timeout=2) as c:
-        assert c.resolve("web", lease=False).port in (18001, 18002, 18003)
+def test_hypothesis_frames_never_hurt_another_client(agent):
+    """Hypothesis-generated hostile byte streams, one connection each, while a bystander
+    resolves throughout; after each, a fresh client is answered too."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(hostile, min_size=1, max_size=6))
+    def one(frames):
+        s = raw(agent)
+        try:
+            s.sendall(b"".join(frames))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        s.close()
+        with Client(socket_path=agent.socket, timeout=2) as c:
+            assert c.resolve("web", lease=False).port in (18001, 18002, 18003)
+
+    with Bystander(agent):
+        one()
