@@ -17,7 +17,9 @@ import random
 from typing import Sequence
 
 from ._config import ServiceConfig
+from ._locality import Locality, prefer_local
 from ._protocol import pack_endpoint_fields
+from ._slowstart import SlowStart
 from ._types import Endpoint, RegistryHealth
 from .policies import POLICIES, Policy
 
@@ -25,11 +27,20 @@ _SERVABLE = (RegistryHealth.PASSING, RegistryHealth.WARNING)
 
 
 class ServiceBalancer:
-    def __init__(self, name: str, config: ServiceConfig, rng: random.Random) -> None:
+    def __init__(self, name: str, config: ServiceConfig, rng: random.Random, here: Locality = Locality()) -> None:
         self.name = name
         self.config = config
         self.rng = rng
+        self.here = here
         self.policy: Policy = POLICIES[config.policy](rng=rng, options=config.options)
+        #: Which locality level supplied the served set ("" without a preference, or when
+        #: no preferred level had endpoints).
+        self.locality_level = ""
+        self.slow_start = SlowStart(config.slow_start) if config.slow_start > 0 and self.policy.ramps_weights else None
+        #: Slow start's effective weights for the served set (None: catalog weights).
+        self.weights: dict[str, float] | None = None
+        #: When slow-start weights must next be recomputed (None: nothing is ramping).
+        self.deadline: float | None = None
         self.endpoints: tuple[Endpoint, ...] = ()
         self.by_id: dict[str, Endpoint] = {}
         #: endpoint id -> its constant resolve-answer fields, packed once per change.
@@ -81,8 +92,29 @@ class ServiceBalancer:
         return tuple(e for e in self.endpoints if e.registry in _SERVABLE)
 
     def candidates(self, pool: tuple[Endpoint, ...], now: float) -> tuple[Endpoint, ...]:
-        """Narrow the pool the policy sees (locality preference, slow start)."""
-        return pool
+        """Narrow the pool the policy sees to the nearest preferred locality level."""
+        choice = prefer_local(pool, self.config.locality, self.here)
+        self.locality_level = choice.level
+        return choice.endpoints
+
+    def _ramp(self, eligible: tuple[Endpoint, ...], served: tuple[Endpoint, ...], now: float) -> None:
+        """Slow start: note who (re)joined the eligible set, and weight the served set."""
+        ss = self.slow_start
+        if ss is None:
+            return
+        ss.observe((e.id for e in eligible), now)
+        self.weights = ss.weights(served, now)
+        self.deadline = ss.next_refresh(now)
+
+    def tick(self, now: float) -> None:
+        """Advance slow-start ramps (the engine calls this at `deadline`). The served set
+        does not change, so watchers are not notified; only the policy's weights move."""
+        if self.slow_start is None or self.deadline is None or now < self.deadline:
+            return
+        self.weights = self.slow_start.weights(self.served, now)
+        self.deadline = self.slow_start.next_refresh(now)
+        self.policy.update(self.served, now, self.weights)
+        self._tag_policies.clear()
 
     def refresh(self, now: float) -> None:
         eligible = self.eligible(now)
@@ -95,7 +127,8 @@ class ServiceBalancer:
         # Maintenance is an operator's deliberate drain: not even panic sends traffic there.
         pool = tuple(e for e in self.endpoints if e.registry is not RegistryHealth.MAINTENANCE) if self.panic else eligible
         served = self.candidates(pool, now)
-        self.policy.update(served, now)
+        self._ramp(eligible, served, now)
+        self.policy.update(served, now, self.weights)
         self._tag_policies.clear()
         if served != self.served:
             self.served = served
@@ -110,7 +143,7 @@ class ServiceBalancer:
         if policy is None:
             need = set(tags)
             policy = POLICIES[self.config.policy](rng=self.rng, options=self.config.options)
-            policy.update(tuple(e for e in self.served if need.issubset(e.tags)), now)
+            policy.update(tuple(e for e in self.served if need.issubset(e.tags)), now, self.weights)
             self._tag_policies[tags] = policy
         return policy.pick(key, source, now)
 

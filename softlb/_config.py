@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from ._durations import parse_duration
 from ._errors import ConfigError
+from .policies import POLICIES
 
 DEFAULT_LISTEN = "127.0.0.1:7070"
 DEFAULT_ADMIN = "127.0.0.1:7071"
@@ -253,6 +254,13 @@ def parse_service(t: _Table, known_policies: frozenset[str]) -> ServiceConfig:
     options = t.raw("options", {})
     if not isinstance(options, Mapping):
         raise ConfigError(f"{t.path}.options: expected a table")
+    if policy in known_policies and policy in POLICIES:
+        # Each policy checks its own options, here, so a bad reload is refused whole
+        # before anything is applied.
+        try:
+            POLICIES[policy].check_options(options)
+        except ConfigError as e:
+            raise ConfigError(f"{t.path}.{e}") from None
     s = ServiceConfig(
         policy=policy,
         panic_threshold=t.int("panic_threshold", d.panic_threshold, 0, 100),

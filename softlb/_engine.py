@@ -17,6 +17,7 @@ from ._balancer import ServiceBalancer
 from ._config import AgentConfig
 from ._errors import ErrorCode, RemoteProtocolError, RequestError
 from ._leases import LeaseTable
+from ._locality import Locality
 from ._types import Endpoint
 from ._wire import PROTOCOL_VERSIONS
 
@@ -53,8 +54,11 @@ class Engine:
     def _balancer(self, name: str) -> ServiceBalancer:
         b = self.services.get(name)
         if b is None:
-            b = self.services[name] = ServiceBalancer(name, self.config.service(name), self.rng)
+            b = self.services[name] = ServiceBalancer(name, self.config.service(name), self.rng, self._here())
         return b
+
+    def _here(self) -> Locality:
+        return Locality(self.config.node, self.config.zone, self.config.region)
 
     def _changed(self, name: str) -> None:
         if self.on_change is not None:
@@ -91,9 +95,10 @@ class Engine:
         old = self.config
         self.config = config
         self.leases.ttl = config.lease_ttl
+        moved = (old.node, old.zone, old.region) != (config.node, config.zone, config.region)
         for name, b in list(self.services.items()):
-            if old.service(name) != config.service(name):
-                nb = ServiceBalancer(name, config.service(name), self.rng)
+            if moved or old.service(name) != config.service(name):
+                nb = ServiceBalancer(name, config.service(name), self.rng, self._here())
                 nb.adopt(b, now)
                 self.services[name] = nb
                 self._changed(name)
@@ -127,6 +132,9 @@ class Engine:
     def _why_empty(self, b: ServiceBalancer, tags: tuple[str, ...]) -> str:
         if not b.endpoints:
             return f"service \"{b.name}\" has no endpoints"
+        if b.config.locality and not b.served and b.eligible_count:
+            return (f"no eligible endpoint of \"{b.name}\" is local enough: locality = {list(b.config.locality)} "
+                    f"matched none of the {b.eligible_count} eligible endpoints (add \"*\" to fall back to any)")
         if tags:
             return f"no eligible endpoint of \"{b.name}\" has tags {list(tags)}"
         return f"none of the {len(b.endpoints)} endpoints of \"{b.name}\" is eligible"
@@ -177,7 +185,13 @@ class Engine:
     def tick(self, now: float) -> float | None:
         """Run timers due at `now`; return when to call again (None: nothing scheduled)."""
         self._finish_leases(self.leases.expire(now), now)
-        return self.leases.next_deadline()
+        deadline = self.leases.next_deadline()
+        for b in self.services.values():
+            if b.deadline is not None:
+                b.tick(now)  # slow-start ramps
+                if b.deadline is not None and (deadline is None or b.deadline < deadline):
+                    deadline = b.deadline
+        return deadline
 
     # ----------------------------------------------------------------- the protocol
 

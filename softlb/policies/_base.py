@@ -5,28 +5,71 @@ single-threaded process a policy object can own both: the agent calls `update` w
 set of eligible endpoints changes, `pick` once per request, and the feedback hooks as
 leases open and close. All calls come from one thread; none of them may block or do I/O.
 Time arrives as `now` (seconds, monotonic); randomness only through the injected `rng`.
+
+Cost model: `update` may be O(n log n) (or O(table size) for Maglev) and precomputes
+everything; `pick`, `on_start` and `on_finish` are O(1) or O(log n).
+
+Weights: `Endpoint.weight` is the catalog's weight. The balancer may pass `weights`, a map
+of endpoint id to an effective (possibly fractional) weight, to ramp endpoints in slow start;
+policies that do not balance by weight ignore it. A weight of 0 means "never picked" unless
+every endpoint of the set has weight 0, in which case all count as 1 (a catalog that zeroes
+everything surely did not mean "serve nothing"). See `effective_weights`.
 """
 
 from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from typing import ClassVar, Mapping, Sequence
+from bisect import bisect_right
+from itertools import accumulate
+from typing import Any, ClassVar, Collection, Mapping, Sequence
 
+from .._errors import ConfigError
 from .._types import Endpoint
 
 
 class Policy(ABC):
     #: The stable public name used in config (`policy = "round_robin"`).
     name: ClassVar[str]
+    #: Whether effective weights from slow start change this policy's picks. Consistent-hash
+    #: policies say no: ramping a weight there would move keys twice (in, then back).
+    ramps_weights: ClassVar[bool] = False
+    #: Settings accepted in `[services.NAME.options]`, with their defaults.
+    OPTIONS: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, *, rng: random.Random, options: Mapping[str, object] | None = None) -> None:
         self.rng = rng
-        self.options = dict(options or {})
+        self.options = self.check_options(options or {})
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, object]) -> dict[str, Any]:
+        """The policy's options with defaults filled in; ConfigError names a bad one.
+
+        Unknown keys are errors: an option meant for another policy would otherwise be
+        silently ignored after a policy switch.
+        """
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            known = ", ".join(sorted(cls.OPTIONS)) or "none"
+            raise ConfigError(f"options.{unknown[0]}: not an option of policy \"{cls.name}\" (known: {known})")
+        merged = {**cls.OPTIONS, **options}
+        for k, default in cls.OPTIONS.items():
+            v = merged[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(default, int) and not isinstance(v, int)):
+                raise ConfigError(f"options.{k}: expected {'an integer' if isinstance(default, int) else 'a number'}, got {v!r}")
+            if v <= 0:
+                raise ConfigError(f"options.{k}: must be positive, got {v!r}")
+        return merged
 
     @abstractmethod
-    def update(self, endpoints: Sequence[Endpoint], now: float) -> None:
-        """Replace the endpoint set picks are made from (already filtered for eligibility)."""
+    def update(
+        self, endpoints: Sequence[Endpoint], now: float, weights: Mapping[str, float] | None = None
+    ) -> None:
+        """Replace the endpoint set picks are made from (already filtered for eligibility).
+
+        Per-endpoint feedback state (open leases, latency history) survives an update for
+        endpoints that stay, so leases opened before the update still close correctly.
+        """
 
     @abstractmethod
     def pick(self, key: str | None, source: str | None, now: float) -> Endpoint | None:
@@ -42,3 +85,80 @@ class Policy(ABC):
 
     def on_finish(self, endpoint_id: str, ok: bool, latency: float | None, now: float) -> None:
         """A lease closed, or a client reported a result for this endpoint."""
+
+
+def effective_weights(
+    endpoints: Sequence[Endpoint], weights: Mapping[str, float] | None = None
+) -> list[tuple[Endpoint, float]]:
+    """The endpoints that may be picked, with the weight to pick them by.
+
+    Zero (or negative) weights drop out, unless every weight is zero: then all count as 1.
+    `weights` overrides the catalog weight per endpoint id (slow start's ramped weights).
+    """
+    if weights:
+        pairs = [(ep, float(weights.get(ep.id, ep.weight))) for ep in endpoints]
+    else:
+        pairs = [(ep, float(ep.weight)) for ep in endpoints]
+    kept = [(ep, w) for ep, w in pairs if w > 0]
+    if kept or not pairs:
+        return kept
+    return [(ep, 1.0) for ep, _ in pairs]
+
+
+class WeightedSampler:
+    """Draws an endpoint with probability proportional to its weight, O(log n) per draw.
+
+    Equal weights (the common case: Consul's default weight is 1) take an O(1) fast path.
+    """
+
+    __slots__ = ("endpoints", "_cumulative", "_total")
+
+    def __init__(self, pairs: Sequence[tuple[Endpoint, float]]) -> None:
+        self.endpoints = tuple(ep for ep, _ in pairs)
+        ws = [w for _, w in pairs]
+        if ws and min(ws) == max(ws):
+            self._cumulative: list[float] | None = None
+        else:
+            self._cumulative = list(accumulate(ws))
+        self._total = self._cumulative[-1] if self._cumulative else 0.0
+
+    def __len__(self) -> int:
+        return len(self.endpoints)
+
+    def index(self, rng: random.Random) -> int:
+        if self._cumulative is None:
+            return rng.randrange(len(self.endpoints))
+        i = bisect_right(self._cumulative, rng.random() * self._total)
+        # random() < 1, but float rounding of the product can land exactly on the total.
+        return min(i, len(self.endpoints) - 1)
+
+    def sample(self, rng: random.Random) -> Endpoint | None:
+        if not self.endpoints:
+            return None
+        return self.endpoints[self.index(rng)]
+
+
+# Open-lease bookkeeping for the load-aware policies: a dict of endpoint id -> open leases,
+# kept for endpoints that left the set too (their leases still close later, and they may
+# come back).
+
+
+def lease_opened(active: dict[str, int], endpoint_id: str) -> None:
+    active[endpoint_id] = active.get(endpoint_id, 0) + 1
+
+
+def lease_closed(active: dict[str, int], endpoint_id: str) -> None:
+    n = active.get(endpoint_id, 0) - 1
+    if n > 0:
+        active[endpoint_id] = n
+    else:
+        # Never below zero: a finish for a lease opened before this policy existed (a
+        # policy switch on reload), or a report without a lease, must not leave a debt
+        # that skews later picks.
+        active.pop(endpoint_id, None)
+
+
+def forget_idle(active: dict[str, int], members: Collection[str]) -> None:
+    for eid in [eid for eid in active if eid not in members]:
+        if active[eid] <= 0:
+            del active[eid]

@@ -1,11 +1,15 @@
-"""Plain round robin: every eligible endpoint in turn, ignoring weights."""
+"""Plain round robin: every pickable endpoint in turn, ignoring weight magnitudes.
+
+Weight 0 still means "do not pick" (Consul operators drain an instance with Weights 0), so
+zero-weight endpoints are skipped unless all are zero; see `effective_weights`.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from .._types import Endpoint
-from ._base import Policy
+from ._base import Policy, effective_weights
 
 
 class RoundRobin(Policy):
@@ -14,8 +18,10 @@ class RoundRobin(Policy):
     _endpoints: tuple[Endpoint, ...] = ()
     _next = 0
 
-    def update(self, endpoints: Sequence[Endpoint], now: float) -> None:
-        self._endpoints = tuple(endpoints)
+    def update(
+        self, endpoints: Sequence[Endpoint], now: float, weights: Mapping[str, float] | None = None
+    ) -> None:
+        self._endpoints = tuple(ep for ep, _ in effective_weights(endpoints))
         # Randomised start so a fleet of agents restarted together does not send every
         # host's first request to the same backend (envoy's seed_, grpc-go's random start).
         self._next = self.rng.randrange(len(self._endpoints)) if self._endpoints else 0
