@@ -17,11 +17,10 @@ import random
 from typing import Sequence
 
 from ._config import ServiceConfig
+from ._health import HealthTracker
 from ._protocol import pack_endpoint_fields
-from ._types import Endpoint, RegistryHealth
+from ._types import Endpoint
 from .policies import POLICIES, Policy
-
-_SERVABLE = (RegistryHealth.PASSING, RegistryHealth.WARNING)
 
 
 class ServiceBalancer:
@@ -39,6 +38,8 @@ class ServiceBalancer:
         self.panic = False
         self.stale = False
         self.fetched_at: float | None = None
+        #: Registry state, active probes, outlier ejection and panic (see _health).
+        self.health = HealthTracker(config)
         #: Bumped whenever what `watch` shows changes.
         self.version = 0
         #: Per-request tag filters get their own policy instance over the filtered set,
@@ -58,6 +59,7 @@ class ServiceBalancer:
         self.endpoints = eps
         self.by_id = {e.id: e for e in eps}
         self.packed = {e.id: pack_endpoint_fields(e) for e in eps}
+        self.health.set_endpoints(eps, now)
         self.refresh(now)
         return True
 
@@ -69,32 +71,51 @@ class ServiceBalancer:
         return changed
 
     def adopt(self, old: ServiceBalancer, now: float) -> None:
-        """Take over another balancer's endpoints (config reload switched policy or settings)."""
+        """Take over another balancer's endpoints (config reload switched policy or settings).
+        Health state carries over: a reload must not resurrect a dead or ejected endpoint."""
         self.stale, self.fetched_at = old.stale, old.fetched_at
         self.version = old.version
+        self.health = old.health
+        self.health.reconfigure(self.config, now)
         self.set_endpoints(old.endpoints, now)
         self.refresh(now)
+
+    # Health inputs: each returns True when eligibility or panic changed (and refreshed).
+
+    def probe_result(self, endpoint_id: str, ok: bool, now: float, detail: str = "") -> bool:
+        return self._refreshed(self.health.probe_result(endpoint_id, ok, now, detail), now)
+
+    def record_outcome(self, endpoint_id: str, ok: bool, now: float) -> bool:
+        """A caller's (or the proxy's) verdict on one request, for outlier ejection."""
+        return self._refreshed(self.health.report(endpoint_id, ok, now), now)
+
+    def tick(self, now: float) -> bool:
+        """Return ejected endpoints whose time is up."""
+        return self._refreshed(self.health.tick(now), now)
+
+    def next_deadline(self) -> float | None:
+        return self.health.next_deadline()
+
+    def _refreshed(self, changed: bool, now: float) -> bool:
+        if changed:
+            self.refresh(now)
+        return changed
 
     # ----------------------------------------------------------------- derivation
 
     def eligible(self, now: float) -> tuple[Endpoint, ...]:
-        return tuple(e for e in self.endpoints if e.registry in _SERVABLE)
+        return self.health.eligible(now)
 
     def candidates(self, pool: tuple[Endpoint, ...], now: float) -> tuple[Endpoint, ...]:
         """Narrow the pool the policy sees (locality preference, slow start)."""
         return pool
 
     def refresh(self, now: float) -> None:
-        eligible = self.eligible(now)
-        total = len(self.endpoints)
-        self.eligible_count = len(eligible)
-        threshold = self.config.panic_threshold
+        self.eligible_count = len(self.eligible(now))
         # Panic: below the threshold share of eligible endpoints, spread load over every
-        # endpoint rather than pile it onto the few left (Envoy's isHostSetInPanic).
-        self.panic = bool(total) and threshold > 0 and len(eligible) * 100 < threshold * total
-        # Maintenance is an operator's deliberate drain: not even panic sends traffic there.
-        pool = tuple(e for e in self.endpoints if e.registry is not RegistryHealth.MAINTENANCE) if self.panic else eligible
-        served = self.candidates(pool, now)
+        # candidate (all but maintenance) rather than pile it onto the few left.
+        self.panic = self.health.in_panic(now)
+        served = self.candidates(self.health.serving(now), now)
         self.policy.update(served, now)
         self._tag_policies.clear()
         if served != self.served:
@@ -123,15 +144,23 @@ class ServiceBalancer:
     # ----------------------------------------------------------------- views
 
     def describe(self, now: float) -> dict[str, object]:
+        """`eligible`: passes registry, probe and ejection checks; `served`: picks may land on
+        it now (in panic that includes ineligible endpoints); `health`: the detail."""
         served = {e.id for e in self.served}
+        health = {row.id: row for row in self.health.snapshot(now).endpoints}
         return {
             "service": self.name,
             "policy": self.config.policy,
             "version": self.version,
             "panic": self.panic,
+            "panic_threshold": self.config.panic_threshold,
             "stale": self.stale,
             "age": None if self.fetched_at is None else round(max(0.0, now - self.fetched_at), 3),
-            "endpoints": [dict(e.as_dict(), eligible=e.id in served) for e in self.endpoints],
+            "endpoints": [
+                dict(e.as_dict(), eligible=health[e.id].eligible, served=e.id in served,
+                     health=health[e.id].as_dict(precision=3))
+                for e in self.endpoints
+            ],
         }
 
     def summary(self) -> dict[str, object]:

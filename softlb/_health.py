@@ -40,17 +40,17 @@ candidates is not in panic (there is nothing to spread over).
 
 Every method that takes `now` first returns ejected endpoints whose time is up, so answers are
 correct even if the driver calls `tick` late; `tick`/`next_deadline` exist so the driver can
-notice the change (and rebuild its picker) on time. Mutators return True when the eligible set
-changed (including expiries noticed on the way); `version` counts those changes.
+notice the change (and rebuild its picker) on time. Mutators return True when the eligible or
+candidate set changed (including expiries noticed on the way); `version` counts those changes.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable
 
-from ._config import OutlierConfig, ProbeConfig, ServiceConfig
+from ._config import ProbeConfig, ServiceConfig
 from ._types import Endpoint, RegistryHealth
 
 
@@ -143,8 +143,6 @@ class EndpointHealth:
     """One display row of `softlb endpoints`. Times are ages/remaining seconds at `now`."""
 
     id: str
-    address: str
-    port: int
     registry: RegistryHealth
     eligible: bool
     probe: ProbeState | None  # None: the service has no probe
@@ -158,20 +156,22 @@ class EndpointHealth:
     ejection_level: int
     consecutive_failures: int
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self, precision: int | None = None) -> dict[str, object]:
+        """The health fields (not the endpoint's identity); times rounded if asked."""
+
+        def t(v: float | None) -> float | None:
+            return v if v is None or precision is None else round(v, precision)
+
         return {
-            "id": self.id,
-            "address": self.address,
-            "port": self.port,
             "registry": self.registry.value,
             "eligible": self.eligible,
             "probe": None if self.probe is None else self.probe.value,
             "probe_streak": self.probe_streak,
             "last_probe_ok": self.last_probe_ok,
-            "last_probe_age": self.last_probe_age,
+            "last_probe_age": t(self.last_probe_age),
             "last_probe_detail": self.last_probe_detail,
             "ejected": self.ejected,
-            "ejected_remaining": self.ejected_remaining,
+            "ejected_remaining": t(self.ejected_remaining),
             "ejections": self.ejections,
             "ejection_level": self.ejection_level,
             "consecutive_failures": self.consecutive_failures,
@@ -192,7 +192,7 @@ class ServiceHealth:
             "panic_threshold": self.panic_threshold,
             "eligible": self.eligible,
             "candidates": self.candidates,
-            "endpoints": [e.as_dict() for e in self.endpoints],
+            "endpoints": [dict(id=e.id, **e.as_dict()) for e in self.endpoints],
         }
 
 
@@ -321,8 +321,6 @@ class HealthTracker:
             rows.append(
                 EndpointHealth(
                     id=ep.id,
-                    address=ep.address,
-                    port=ep.port,
                     registry=ep.registry,
                     eligible=e.eligible,
                     probe=None if p is None else p.state,

@@ -357,3 +357,36 @@ def test_schedule_rounds_stay_anchored_within_jitter():
     assert offsets == sorted(offsets)
     gaps = {round(b - a, 6) for a, b in zip(offsets, offsets[1:])}
     assert len(gaps) > 100  # rounds really are jittered
+
+
+# ---------------------------------------------------------------- wiring into the agent
+
+
+def test_attach_prober_follows_the_engine_and_feeds_it():
+    from softlb import AgentConfig, ServiceConfig
+    from softlb_agent.app import attach_prober
+    from softlb_agent.runtime import Runtime
+
+    probed = AgentConfig(services={"web": ServiceConfig(probe=ProbeConfig(kind="tcp", interval=0.05, fall=1))})
+
+    async def main():
+        rt = Runtime(probed)
+        notified = []
+        rt.engine.on_change = notified.append
+        prober = attach_prober(rt, random.Random(5))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(prober.run)
+            now = trio.current_time()
+            rt.engine.replace_all({"web": [ep("a", closed_port()), ep("b", 1)], "api": [ep("c", 1)]}, now)
+            assert prober.targets() == {"web": ("a", "b")}  # api has no probe
+            assert "web" in notified  # the runtime's own listener still hears changes
+            # A closed port and fall = 1: the engine stops serving "a" on its own.
+            await Results().wait(lambda: rt.engine.services["web"].health.snapshot(now).eligible < 2)
+            rt.engine.replace_all({"web": [ep("b", 1)]}, trio.current_time())
+            assert prober.targets() == {"web": ("b",)}
+            rt.engine.reconfigure(AgentConfig(), trio.current_time())  # probe removed by a reload
+            assert prober.targets() == {}
+            rt.engine.remove_service("web", trio.current_time())
+            nursery.cancel_scope.cancel()
+
+    run(main)
