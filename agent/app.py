@@ -1,6 +1,7 @@
 """run_agent: the agent's root nursery and its start order.
 
 Start order, each step `nursery.start`ed so "started" means ready:
+  0. the active prober (idle until the catalog lists endpoints of a service with a probe),
   1. the catalog source (the first catalog must load, else the agent refuses to start),
   2. the IPC listeners (Unix socket, loopback port) and the admin HTTP port,
   3. the timer task and the signal handler.
@@ -28,6 +29,7 @@ from .paths import default_socket_path
 from . import admin
 from .file_source import FileSource
 from .ipc_server import serve_listener
+from .prober import Prober
 from .runtime import Runtime
 
 log = logging.getLogger("softlb.agent")
@@ -105,6 +107,27 @@ def bind_tcp(addr: str) -> socket.socket:
     return s
 
 
+def attach_prober(rt: Runtime, rng: random.Random) -> Prober:
+    """A prober whose results feed the engine and whose targets follow it: whenever a
+    service changes (catalog, config reload, health), its probe targets are re-synced, so
+    exactly the endpoints the catalog lists are probed, with the current probe config."""
+    engine = rt.engine
+    prober = Prober(engine.probe_result, rng=rng)
+    notify = engine.on_change
+
+    def on_change(name: str) -> None:
+        if notify is not None:
+            notify(name)
+        b = engine.services.get(name)
+        if b is None:
+            prober.remove_service(name)
+        else:
+            prober.set_service(name, b.config.probe, b.endpoints)
+
+    engine.on_change = on_change
+    return prober
+
+
 async def _ticker(rt: Runtime) -> None:
     while True:
         now = trio.current_time()
@@ -146,6 +169,7 @@ async def run_agent(
     try:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
+                await nursery.start(attach_prober(rt, random.Random()).run)
                 await nursery.start(source.run)
                 path = socket_path(config)
                 listeners.append((f"unix:{path}", bind_unix(path)))

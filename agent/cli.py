@@ -84,16 +84,50 @@ def _yn(v: Any) -> str:
     return "yes" if v else "no"
 
 
+def _ago(seconds: float | None) -> str:
+    from softlb._durations import format_duration
+
+    return "-" if seconds is None else format_duration(max(0.0, seconds))
+
+
+def _probe_cells(h: dict[str, Any]) -> tuple[str, str]:
+    """PROBE (state and current streak) and LAST PROBE (result, age, detail)."""
+    if h.get("probe") is None:
+        return "-", "-"
+    if h.get("last_probe_ok") is None:
+        return h["probe"], "none yet"
+    word = "ok" if h["last_probe_ok"] else "fail"
+    last = f"{word} {_ago(h['last_probe_age'])} ago"
+    if h.get("last_probe_detail"):
+        last += f": {h['last_probe_detail']}"
+    return f"{h['probe']} ({h['probe_streak']}x {word})", last
+
+
+def _ejection_cell(h: dict[str, Any]) -> str:
+    count = h.get("ejections", 0)
+    if h.get("ejected"):
+        return f"yes, {_ago(h['ejected_remaining'])} left (#{count})"
+    return f"no ({count} before)" if count else "no"
+
+
 def format_endpoints(d: dict[str, Any]) -> str:
-    head = f"service {d['service']}  policy {d['policy']}  panic {_yn(d.get('panic'))}  stale {_yn(d.get('stale'))}"
+    eps = d.get("endpoints", [])
+    panic = _yn(d.get("panic"))
+    if d.get("panic_threshold") is not None:
+        eligible = sum(1 for e in eps if e.get("eligible"))
+        panic += f" ({eligible}/{len(eps)} eligible, threshold {d['panic_threshold']}%)"
+    head = f"service {d['service']}  policy {d['policy']}  panic {panic}  stale {_yn(d.get('stale'))}"
     if d.get("age") is not None and d.get("stale"):
         head += f" (data age {d['age']:.1f}s)"
-    rows = [
-        (e["id"], f"{e['address']}:{e['port']}", e.get("weight"), e.get("registry", ""),
-         _yn(e.get("eligible")), ",".join(e.get("tags") or ()) or "-", e.get("zone") or "-")
-        for e in d.get("endpoints", [])
-    ]
-    return head + "\n" + table(rows, ("ID", "ADDRESS", "WEIGHT", "REGISTRY", "ELIGIBLE", "TAGS", "ZONE"))
+    rows = []
+    for e in eps:
+        h = e.get("health") or {}
+        probe, last = _probe_cells(h)
+        rows.append((e["id"], f"{e['address']}:{e['port']}", e.get("weight"), e.get("registry", ""), probe, last,
+                     _ejection_cell(h), _yn(e.get("eligible")), _yn(e.get("served", e.get("eligible"))),
+                     ",".join(e.get("tags") or ()) or "-", e.get("zone") or "-"))
+    return head + "\n" + table(rows, ("ID", "ADDRESS", "WEIGHT", "REGISTRY", "PROBE", "LAST PROBE", "EJECTED",
+                                       "ELIGIBLE", "SERVED", "TAGS", "ZONE"))
 
 
 # ------------------------------------------------------------------------ commands

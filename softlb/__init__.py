@@ -10,6 +10,10 @@ from ._config import parse_agent_config as parse_agent_config
 from ._durations import parse_duration as parse_duration
 from ._errors import ConfigError as ConfigError
 from ._errors import ErrorCode as ErrorCode
+from ._health import EndpointHealth as EndpointHealth
+from ._health import HealthTracker as HealthTracker
+from ._health import ProbeState as ProbeState
+from ._health import ServiceHealth as ServiceHealth
 from ._types import Endpoint as Endpoint
 from ._types import RegistryHealth as RegistryHealth
 

@@ -17,13 +17,12 @@ import random
 from typing import Sequence
 
 from ._config import ServiceConfig
+from ._health import HealthTracker
 from ._locality import Locality, prefer_local
 from ._protocol import pack_endpoint_fields
 from ._slowstart import SlowStart
-from ._types import Endpoint, RegistryHealth
+from ._types import Endpoint
 from .policies import POLICIES, Policy
-
-_SERVABLE = (RegistryHealth.PASSING, RegistryHealth.WARNING)
 
 
 class ServiceBalancer:
@@ -40,7 +39,7 @@ class ServiceBalancer:
         #: Slow start's effective weights for the served set (None: catalog weights).
         self.weights: dict[str, float] | None = None
         #: When slow-start weights must next be recomputed (None: nothing is ramping).
-        self.deadline: float | None = None
+        self.ramp_deadline: float | None = None
         self.endpoints: tuple[Endpoint, ...] = ()
         self.by_id: dict[str, Endpoint] = {}
         #: endpoint id -> its constant resolve-answer fields, packed once per change.
@@ -50,6 +49,8 @@ class ServiceBalancer:
         self.panic = False
         self.stale = False
         self.fetched_at: float | None = None
+        #: Registry state, active probes, outlier ejection and panic (see _health).
+        self.health = HealthTracker(config)
         #: Bumped whenever what `watch` shows changes.
         self.version = 0
         #: Per-request tag filters get their own policy instance over the filtered set,
@@ -69,6 +70,7 @@ class ServiceBalancer:
         self.endpoints = eps
         self.by_id = {e.id: e for e in eps}
         self.packed = {e.id: pack_endpoint_fields(e) for e in eps}
+        self.health.set_endpoints(eps, now)
         self.refresh(now)
         return True
 
@@ -80,16 +82,46 @@ class ServiceBalancer:
         return changed
 
     def adopt(self, old: ServiceBalancer, now: float) -> None:
-        """Take over another balancer's endpoints (config reload switched policy or settings)."""
+        """Take over another balancer's endpoints (config reload switched policy or settings).
+        Health state carries over: a reload must not resurrect a dead or ejected endpoint."""
         self.stale, self.fetched_at = old.stale, old.fetched_at
         self.version = old.version
+        self.health = old.health
+        self.health.reconfigure(self.config, now)
         self.set_endpoints(old.endpoints, now)
         self.refresh(now)
+
+    # Health inputs: each returns True when eligibility or panic changed (and refreshed).
+
+    def probe_result(self, endpoint_id: str, ok: bool, now: float, detail: str = "") -> bool:
+        return self._refreshed(self.health.probe_result(endpoint_id, ok, now, detail), now)
+
+    def record_outcome(self, endpoint_id: str, ok: bool, now: float) -> bool:
+        """A caller's (or the proxy's) verdict on one request, for outlier ejection."""
+        return self._refreshed(self.health.report(endpoint_id, ok, now), now)
+
+    def tick(self, now: float) -> bool:
+        """Timers due at `now`: return ejected endpoints whose time is up (a change of the
+        served set, True), and advance slow-start ramps (weights only)."""
+        if self._refreshed(self.health.tick(now), now):
+            return True  # refresh already recomputed the ramp
+        self._advance_ramp(now)
+        return False
+
+    def next_deadline(self) -> float | None:
+        d = self.health.next_deadline()
+        r = self.ramp_deadline
+        return r if d is None else d if r is None else min(d, r)
+
+    def _refreshed(self, changed: bool, now: float) -> bool:
+        if changed:
+            self.refresh(now)
+        return changed
 
     # ----------------------------------------------------------------- derivation
 
     def eligible(self, now: float) -> tuple[Endpoint, ...]:
-        return tuple(e for e in self.endpoints if e.registry in _SERVABLE)
+        return self.health.eligible(now)
 
     def candidates(self, pool: tuple[Endpoint, ...], now: float) -> tuple[Endpoint, ...]:
         """Narrow the pool the policy sees to the nearest preferred locality level."""
@@ -104,29 +136,25 @@ class ServiceBalancer:
             return
         ss.observe((e.id for e in eligible), now)
         self.weights = ss.weights(served, now)
-        self.deadline = ss.next_refresh(now)
+        self.ramp_deadline = ss.next_refresh(now)
 
-    def tick(self, now: float) -> None:
-        """Advance slow-start ramps (the engine calls this at `deadline`). The served set
-        does not change, so watchers are not notified; only the policy's weights move."""
-        if self.slow_start is None or self.deadline is None or now < self.deadline:
+    def _advance_ramp(self, now: float) -> None:
+        """Move slow-start weights along. The served set does not change, so watchers are
+        not notified; only the policy's weights move."""
+        if self.slow_start is None or self.ramp_deadline is None or now < self.ramp_deadline:
             return
         self.weights = self.slow_start.weights(self.served, now)
-        self.deadline = self.slow_start.next_refresh(now)
+        self.ramp_deadline = self.slow_start.next_refresh(now)
         self.policy.update(self.served, now, self.weights)
         self._tag_policies.clear()
 
     def refresh(self, now: float) -> None:
         eligible = self.eligible(now)
-        total = len(self.endpoints)
         self.eligible_count = len(eligible)
-        threshold = self.config.panic_threshold
         # Panic: below the threshold share of eligible endpoints, spread load over every
-        # endpoint rather than pile it onto the few left (Envoy's isHostSetInPanic).
-        self.panic = bool(total) and threshold > 0 and len(eligible) * 100 < threshold * total
-        # Maintenance is an operator's deliberate drain: not even panic sends traffic there.
-        pool = tuple(e for e in self.endpoints if e.registry is not RegistryHealth.MAINTENANCE) if self.panic else eligible
-        served = self.candidates(pool, now)
+        # candidate (all but maintenance) rather than pile it onto the few left.
+        self.panic = self.health.in_panic(now)
+        served = self.candidates(self.health.serving(now), now)
         self._ramp(eligible, served, now)
         self.policy.update(served, now, self.weights)
         self._tag_policies.clear()
@@ -156,15 +184,23 @@ class ServiceBalancer:
     # ----------------------------------------------------------------- views
 
     def describe(self, now: float) -> dict[str, object]:
+        """`eligible`: passes registry, probe and ejection checks; `served`: picks may land on
+        it now (in panic that includes ineligible endpoints); `health`: the detail."""
         served = {e.id for e in self.served}
+        health = {row.id: row for row in self.health.snapshot(now).endpoints}
         return {
             "service": self.name,
             "policy": self.config.policy,
             "version": self.version,
             "panic": self.panic,
+            "panic_threshold": self.config.panic_threshold,
             "stale": self.stale,
             "age": None if self.fetched_at is None else round(max(0.0, now - self.fetched_at), 3),
-            "endpoints": [dict(e.as_dict(), eligible=e.id in served) for e in self.endpoints],
+            "endpoints": [
+                dict(e.as_dict(), eligible=health[e.id].eligible, served=e.id in served,
+                     health=health[e.id].as_dict(precision=3))
+                for e in self.endpoints
+            ],
         }
 
     def summary(self) -> dict[str, object]:

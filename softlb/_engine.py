@@ -117,6 +117,10 @@ class Engine:
         b = self.services.get(service)
         if b is None:
             raise RequestError(ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\"")
+        deadline = b.next_deadline()
+        if deadline is not None and now >= deadline:
+            # An ejection ran out since the last tick: return the endpoint before picking.
+            self._tick_service(b, now)
         ep = b.pick(key, source, tags, now)
         if ep is None:
             raise RequestError(ErrorCode.NO_HEALTHY_ENDPOINT, self._why_empty(b, tags))
@@ -159,6 +163,8 @@ class Engine:
             b = self.services.get(service)
             if b is not None:
                 b.on_finish(endpoint_id, ok, latency, now)
+                if b.record_outcome(endpoint_id, ok, now):
+                    self._changed(b.name)
             return
         if service is None or endpoint_id is None:
             raise RequestError(ErrorCode.BAD_ARGUMENT, "report needs \"lease\", or \"service\" and \"endpoint\"")
@@ -168,6 +174,15 @@ class Engine:
         if endpoint_id not in b.by_id:
             raise RequestError(ErrorCode.BAD_ARGUMENT, f"service \"{service}\" has no endpoint \"{endpoint_id}\"")
         self._feedback(b, endpoint_id, ok, latency, now)
+        if b.record_outcome(endpoint_id, ok, now):
+            self._changed(service)
+
+    def probe_result(self, service: str, endpoint_id: str, ok: bool, now: float, detail: str = "") -> None:
+        """An active probe's verdict. Results for services or endpoints that are gone (the
+        catalog moved on while the probe ran) are ignored."""
+        b = self.services.get(service)
+        if b is not None and b.probe_result(endpoint_id, ok, now, detail):
+            self._changed(service)
 
     def _feedback(self, b: ServiceBalancer, endpoint_id: str, ok: bool, latency: float | None, now: float) -> None:
         """An outcome without an open lease: tell the policy a request started and ended."""
@@ -183,15 +198,21 @@ class Engine:
                 b.policy.on_finish(le.endpoint_id, True, None, now)
 
     def tick(self, now: float) -> float | None:
-        """Run timers due at `now`; return when to call again (None: nothing scheduled)."""
+        """Run timers due at `now` (lease expiry, ejection expiry); return when to call
+        again (None: nothing scheduled)."""
         self._finish_leases(self.leases.expire(now), now)
-        deadline = self.leases.next_deadline()
+        deadlines = [self.leases.next_deadline()]
         for b in self.services.values():
-            if b.deadline is not None:
-                b.tick(now)  # slow-start ramps
-                if b.deadline is not None and (deadline is None or b.deadline < deadline):
-                    deadline = b.deadline
-        return deadline
+            deadline = b.next_deadline()
+            if deadline is not None and now >= deadline:
+                deadline = self._tick_service(b, now)
+            deadlines.append(deadline)
+        return min((d for d in deadlines if d is not None), default=None)
+
+    def _tick_service(self, b: ServiceBalancer, now: float) -> float | None:
+        if b.tick(now):
+            self._changed(b.name)
+        return b.next_deadline()
 
     # ----------------------------------------------------------------- the protocol
 

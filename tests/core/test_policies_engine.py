@@ -106,7 +106,7 @@ def test_slow_start_ramps_a_newcomer_through_engine_ticks() -> None:
     assert share(6.0) == pytest.approx(0.5 / 2.5, abs=0.01)
     e.tick(11.0)
     assert share(11.0) == pytest.approx(1 / 3, abs=0.01)
-    assert e.services["web"].deadline is None
+    assert e.services["web"].ramp_deadline is None
 
 
 def test_slow_start_is_ignored_by_hash_policies() -> None:
