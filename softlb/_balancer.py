@@ -41,6 +41,7 @@ class ServiceBalancer:
         #: When slow-start weights must next be recomputed (None: nothing is ramping).
         self.ramp_deadline: float | None = None
         self.endpoints: tuple[Endpoint, ...] = ()
+        self.catalog_endpoints: tuple[Endpoint, ...] = ()
         self.by_id: dict[str, Endpoint] = {}
         #: endpoint id -> its constant resolve-answer fields, packed once per change.
         self.packed: dict[str, bytes] = {}
@@ -62,6 +63,9 @@ class ServiceBalancer:
     def set_endpoints(self, endpoints: Sequence[Endpoint], now: float) -> bool:
         """Replace the catalog's endpoint set. True when anything changed."""
         eps = tuple(endpoints)
+        #: The catalog's set before this service's tag filter, so a reload that changes
+        #: the filter can re-apply it to everything.
+        self.catalog_endpoints = eps
         if self.config.tags:
             need = set(self.config.tags)
             eps = tuple(e for e in eps if need.issubset(e.tags))
@@ -88,7 +92,7 @@ class ServiceBalancer:
         self.version = old.version
         self.health = old.health
         self.health.reconfigure(self.config, now)
-        self.set_endpoints(old.endpoints, now)
+        self.set_endpoints(old.catalog_endpoints, now)
         self.refresh(now)
 
     # Health inputs: each returns True when eligibility or panic changed (and refreshed).

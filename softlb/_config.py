@@ -41,7 +41,9 @@ class OutlierConfig:
     consecutive_failures: int = 5
     base_ejection_time: float = 30.0
     max_ejection_time: float = 300.0
-    max_ejection_percent: int = 10
+    #: Envoy's default is 10%, which never ejects anything in a service of fewer than ten
+    #: endpoints: most services behind a per-host LB are that small.
+    max_ejection_percent: int = 50
 
 
 @dataclass(frozen=True)

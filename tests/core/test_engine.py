@@ -176,3 +176,19 @@ def test_any_map_gets_exactly_one_well_formed_answer(msg):
         return
     ans = msgpack.unpackb(frame[4:])
     assert ("result" in ans) != ("error" in ans)
+
+
+def test_reload_changing_the_tag_filter_reapplies_it_to_the_whole_catalog():
+    e = Engine(AgentConfig(services={"web": ServiceConfig(tags=("v2",))}), random.Random(1))
+    e.replace_all({"web": eps(2) + [Endpoint(id="t", address="h", port=1, tags=("v2",))]}, 0.0)
+    assert [x.id for x in e.services["web"].endpoints] == ["t"]
+    e.reconfigure(AgentConfig(), 1.0)
+    assert [x.id for x in e.services["web"].endpoints] == ["e0", "e1", "t"]
+
+
+def test_default_outlier_settings_eject_in_a_small_service():
+    e = Engine(AgentConfig(), random.Random(1))
+    e.replace_all({"web": eps(3)}, 0.0)
+    for _ in range(5):
+        e.report(0.0, ok=False, service="web", endpoint_id="e1")
+    assert {e.resolve("web", 0.1, lease=False).endpoint.id for _ in range(6)} == {"e0", "e2"}
