@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from softlb._errors import RequestError
+from softlb._health import ProbeState
 
 from .runtime import Runtime
 
@@ -137,12 +138,23 @@ def render_metrics(rt: Runtime) -> str:
         "# TYPE softlb_service_eligible_endpoints gauge",
         "# TYPE softlb_service_panic gauge",
         "# TYPE softlb_service_stale gauge",
+        "# HELP softlb_service_ejected_endpoints Endpoints ejected by passive outlier detection.",
+        "# TYPE softlb_service_ejected_endpoints gauge",
+        "# HELP softlb_service_probe_down_endpoints Endpoints the active probe holds down.",
+        "# TYPE softlb_service_probe_down_endpoints gauge",
+        "# HELP softlb_service_ejections_total Outlier ejections since the endpoints were listed.",
+        "# TYPE softlb_service_ejections_total counter",
+        "# TYPE softlb_service_data_age_seconds gauge",
     ]
     now = trio.current_time()
     for name in sorted(rt.engine.services):
         b = rt.engine.services[name]
         lbl = f"{{service=\"{_label(name)}\"}}"
+        rows = b.health.snapshot(now).endpoints
         lines += [
+            f"softlb_service_ejected_endpoints{lbl} {sum(r.ejected for r in rows)}",
+            f"softlb_service_probe_down_endpoints{lbl} {sum(r.probe is ProbeState.DOWN for r in rows)}",
+            f"softlb_service_ejections_total{lbl} {sum(r.ejections for r in rows)}",
             f"softlb_service_endpoints{lbl} {len(b.endpoints)}",
             f"softlb_service_eligible_endpoints{lbl} {b.eligible_count}",
             f"softlb_service_panic{lbl} {int(b.panic)}",

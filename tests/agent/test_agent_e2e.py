@@ -155,6 +155,7 @@ def test_admin_http_api(agent):
     assert r["port"] in (18001, 18002, 18003)
     metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
     assert 'softlb_service_endpoints{service="web"} 3' in metrics
+    assert 'softlb_service_ejected_endpoints{service="web"} 0' in metrics
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(base + "/v1/resolve/nope", timeout=5)
     assert e.value.code == 404

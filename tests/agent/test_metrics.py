@@ -1,0 +1,32 @@
+import random
+
+import trio
+import trio.testing
+
+from softlb import AgentConfig
+from softlb._filecatalog import parse_catalog_text
+from softlb_agent.admin import render_metrics
+from softlb_agent.runtime import Runtime
+
+CATALOG = "".join(f'[[services.web.endpoints]]\naddress = "127.0.0.1"\nport = {p}\n' for p in (1, 2, 3))
+
+
+def test_metrics_count_ejections_and_panic():
+    async def main():
+        rt = Runtime(AgentConfig(), None, random.Random(1))
+        now = trio.current_time()
+        rt.engine.replace_all(parse_catalog_text(CATALOG), now)
+        for _ in range(5):
+            rt.engine.report(now, ok=False, service="web", endpoint_id="127.0.0.1:1")
+        text = render_metrics(rt)
+        assert 'softlb_service_ejected_endpoints{service="web"} 1' in text
+        assert 'softlb_service_ejections_total{service="web"} 1' in text
+        assert 'softlb_service_eligible_endpoints{service="web"} 2' in text
+        assert 'softlb_service_panic{service="web"} 0' in text
+        await trio.sleep(3600)  # past the ejection
+        rt.engine.tick(trio.current_time())
+        text = render_metrics(rt)
+        assert 'softlb_service_ejected_endpoints{service="web"} 0' in text
+        assert 'softlb_service_data_age_seconds{service="web"} 3600.000' in text
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
