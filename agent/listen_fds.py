@@ -1,4 +1,4 @@
-"""Listening sockets handed over by systemd (socket activation), or bound by the agent itself.
+"""Listening sockets handed over by systemd (socket activation).
 
 Why: when systemd (or tests/helpers/socket_holder.py) owns the listening sockets, they stay
 open while the agent restarts; connections that arrive meanwhile wait in the kernel's accept
@@ -17,7 +17,6 @@ socket and the loopback port are told apart by family and address, not by name.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import os
@@ -33,9 +32,6 @@ LISTEN_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 #: The name systemd reports for an fd whose unit sets no FileDescriptorName= is the unit's
 #: name; "unknown" is what it uses when it has nothing at all.
 UNNAMED = "unknown"
-#: Connections that may wait for accept() while the agent restarts; the kernel caps it at
-#: net.core.somaxconn. systemd's own default for ListenStream= is SOMAXCONN too.
-BACKLOG = socket.SOMAXCONN
 
 
 class ListenFdsError(Exception):
@@ -211,79 +207,3 @@ class InheritedListeners:
             log.warning("inherited socket %s matches no configured listener; closing it", s.describe())
             s.sock.close()
         return left
-
-
-# --------------------------------------------------------------------------- fallback binds
-
-
-def bind_tcp(address: str, backlog: int = BACKLOG) -> socket.socket:
-    """A listening TCP socket at `HOST:PORT` (port 0 picks one), for runs without systemd."""
-    hp = _split_host_port(address)
-    if hp is None:
-        raise ValueError(f"expected HOST:PORT, got {address!r}")
-    host, port = hp
-    if host == "localhost":
-        host = "127.0.0.1"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        # Without SO_REUSEADDR a restarted agent can't rebind while old connections sit in
-        # TIME_WAIT; it does not allow two live listeners on one port (that is SO_REUSEPORT).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def bind_unix(path: str, mode: int = 0o660, backlog: int = BACKLOG) -> socket.socket:
-    """A listening Unix socket at `path`, replacing a stale socket file but never a live one.
-
-    A socket file left by a crashed agent makes bind fail with EADDRINUSE; we remove it only
-    after a connect is refused, so starting a second agent by mistake fails loudly instead of
-    silently stealing the path from the one that is serving.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        try:
-            sock.bind(path)
-        except OSError as e:
-            if e.errno != errno.EADDRINUSE:
-                raise
-            _remove_if_stale(path)
-            sock.bind(path)
-        os.chmod(path, mode)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _remove_if_stale(path: str) -> None:
-    if not stat.S_ISSOCK(os.lstat(path).st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"another process is serving on {path}")
-
-
-def claim_or_bind(
-    listeners: InheritedListeners, role: str, address: str, *, unix: bool, mode: int = 0o660
-) -> tuple[socket.socket, bool]:
-    """(listening socket, inherited?) for one configured listener."""
-    got = listeners.claim(role, address, sole_unix=unix)
-    if got is not None:
-        log.info("%s: using inherited socket %s", role, got.describe())
-        return got.sock, True
-    sock = bind_unix(address, mode) if unix else bind_tcp(address)
-    return sock, False

@@ -1,4 +1,4 @@
-"""Inherited sockets: the environment protocol, classification, matching, fallback binds.
+"""Inherited sockets: the environment protocol, classification, matching.
 
 The fd-passing paths run for real in child processes: under `systemd-socket-activate`, and
 under tests/helpers/socket_holder.py; the in-process tests cover parsing and matching.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -18,16 +19,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers.socket_holder import SocketHolder  # noqa: E402
+from helpers.socket_holder import SocketHolder
 
-from softlb_agent.listen_fds import (  # noqa: E402
+from softlb_agent.app import bind_tcp, bind_unix
+from softlb_agent.listen_fds import (
     InheritedListeners,
     InheritedSocket,
     ListenFdsError,
-    bind_tcp,
-    bind_unix,
-    claim_or_bind,
     format_address,
     listen_fds,
 )
@@ -77,17 +75,13 @@ def inherited(sock: socket.socket, name: str = "unknown") -> InheritedSocket:
 
 
 @pytest.fixture
-def live_sockets(tmp_path):
-    made: list[socket.socket] = []
-
+def live_sockets(request):
     def make(kind: str, where: str) -> socket.socket:
         s = bind_unix(where) if kind == "unix" else bind_tcp(where)
-        made.append(s)
+        request.addfinalizer(s.close)
         return s
 
-    yield make
-    for s in made:
-        s.close()
+    return make
 
 
 def test_claim_prefers_the_fd_name_then_the_address(live_sockets, tmp_path):
@@ -143,54 +137,6 @@ def test_unclaimed_sockets_are_closed_and_reported(live_sockets):
     assert tcp.sock.fileno() == -1
 
 
-def test_claim_or_bind_falls_back_to_binding(tmp_path):
-    path = str(tmp_path / "own.sock")
-    sock, was_inherited = claim_or_bind(InheritedListeners(), "socket", path, unix=True)
-    try:
-        assert not was_inherited
-        assert os.stat(path).st_mode & 0o777 == 0o660
-        c = socket.socket(socket.AF_UNIX)
-        c.connect(path)
-        c.close()
-    finally:
-        sock.close()
-
-
-# --------------------------------------------------------------------------- fallback binds
-
-
-def test_bind_unix_replaces_a_stale_socket_file(tmp_path):
-    path = str(tmp_path / "s.sock")
-    dead = socket.socket(socket.AF_UNIX)
-    dead.bind(path)
-    dead.close()  # the file stays behind, like after a crash
-    s = bind_unix(path)
-    s.close()
-
-
-def test_bind_unix_never_steals_a_live_socket(tmp_path):
-    path = str(tmp_path / "s.sock")
-    live = bind_unix(path)
-    try:
-        with pytest.raises(OSError, match="another process is serving"):
-            bind_unix(path)
-    finally:
-        live.close()
-
-
-def test_bind_unix_refuses_to_replace_a_regular_file(tmp_path):
-    path = tmp_path / "s.sock"
-    path.write_text("important")
-    with pytest.raises(OSError, match="not a socket"):
-        bind_unix(str(path))
-    assert path.read_text() == "important"
-
-
-def test_bind_tcp_rejects_a_malformed_address():
-    with pytest.raises(ValueError, match="HOST:PORT"):
-        bind_tcp("7070")
-
-
 # --------------------------------------------------------------------------- real fd passing
 
 
@@ -218,14 +164,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_path(path: str, proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            raise AssertionError(f"systemd-socket-activate exited: {proc.stderr.read().decode()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} never appeared")
-        time.sleep(0.01)
+def wait_listening(proc: subprocess.Popen, sockets: int, timeout: float = 10.0) -> None:
+    """Until the activator has said "Listening on ..." for every socket: the path of a Unix
+    socket appears at bind(), before listen(), so its existence proves nothing."""
+    deadline, seen, buf = time.monotonic() + timeout, 0, b""
+    while seen < sockets:
+        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"activator not listening after {timeout}s: {buf!r}")
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            raise AssertionError(f"systemd-socket-activate exited: {buf!r}")
+        buf += chunk
+        seen = buf.count(b"Listening on ")
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
@@ -238,7 +189,7 @@ def test_sockets_from_systemd_socket_activate(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
-        wait_for_path(path, proc)
+        wait_listening(proc, 2)
         # The activator execs the server (same pid) on the first connection.
         first = ask(("127.0.0.1", port), "over tcp")
         info = json.loads(proc.stdout.readline())

@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers.socket_holder import SocketHolder  # noqa: E402
+from helpers.socket_holder import SocketHolder
 
 PID_SERVER = Path(__file__).resolve().parents[1] / "helpers" / "pid_server.py"
 
