@@ -4,8 +4,10 @@ Start order, each step `nursery.start`ed so "started" means ready:
   0. the active prober (idle until the catalog lists endpoints of a service with a probe),
   1. the catalog source (the first catalog must load, else the agent refuses to start),
   2. the IPC listeners (Unix socket, loopback port) and the admin HTTP port,
-  3. the timer task and the signal handler.
-SIGHUP reloads the config file and the catalog; SIGINT/SIGTERM stop the agent cleanly.
+  3. the timer task and the signal handler; then READY=1 to systemd.
+SIGHUP reloads the config file and the catalog; SIGINT/SIGTERM stop the agent cleanly: stop
+accepting, answer what is in flight, close connections as they go idle, exit.
+Under systemd the listening sockets are the ones it passes (service_manager.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import signal
 import socket
 import stat
 import tomllib
+from functools import partial
 from typing import Callable
 
 import trio
@@ -31,11 +34,17 @@ from .file_source import FileSource
 from .ipc_server import serve_listener
 from .prober import Prober
 from .runtime import Runtime
+from .service_manager import ServiceManager, status_line
 
 log = logging.getLogger("softlb.agent")
 
 #: The timer task wakes at least this often (lease expiry, health timers).
 MAX_TICK = 1.0
+#: How long a stop waits for in-flight requests before closing what is left; well inside
+#: the unit's TimeoutStopSec=30s so systemd never has to SIGKILL.
+DRAIN_TIMEOUT = 10.0
+#: Where the listeners are; a reload cannot move them (systemd owns the sockets).
+LISTENER_SETTINGS = ("socket", "listen", "admin")
 
 
 def load_config_file(path: str) -> AgentConfig:
@@ -136,19 +145,42 @@ async def _ticker(rt: Runtime) -> None:
         await trio.sleep(delay)
 
 
-def reload_config(rt: Runtime, overrides: Callable[[AgentConfig], AgentConfig]) -> bool:
-    """Re-read the config file; apply it, or keep the running one and say why."""
+def reload_config(rt: Runtime, overrides: Callable[[AgentConfig], AgentConfig]) -> str | None:
+    """Re-read the config file; apply it, or keep the running one. Returns why it was
+    refused, None when applied."""
     if not rt.config_path:
-        return True
+        return None
     try:
         new = overrides(load_config_file(rt.config_path))
     except ConfigError as e:
         log.error("config reload refused, still running the previous config: %s", e)
-        return False
+        return str(e)
+    for key in LISTENER_SETTINGS:
+        if getattr(new, key) != getattr(rt.config, key):
+            log.warning("agent.%s changed to %r: listeners move only on restart", key, getattr(new, key))
     rt.config = new
     rt.engine.reconfigure(new, trio.current_time())
     log.info("config %s reloaded", rt.config_path)
-    return True
+    return None
+
+
+def _status(rt: Runtime) -> Callable[[str], str]:
+    def text(reload_error: str) -> str:
+        return status_line(rt.engine.services, rt.config.source, trio.current_time(),
+                           catalog_error=rt.stats.last_catalog_error, reload_error=reload_error)
+    return text
+
+
+async def _drain(rt: Runtime, draining: trio.Event) -> None:
+    draining.set()
+    with trio.move_on_after(DRAIN_TIMEOUT):
+        # Poll rather than wait on an event: connections close from many tasks, and a stop
+        # happens once per process life.
+        while True:
+            await trio.sleep(0.005)
+            if not rt.stats.connections_open:
+                return
+    log.warning("%d connections still open after %.0fs; closing them", rt.stats.connections_open, DRAIN_TIMEOUT)
 
 
 async def run_agent(
@@ -159,6 +191,7 @@ async def run_agent(
     task_status: trio.TaskStatus[Runtime] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until SIGINT/SIGTERM or cancellation. Raises ConfigError for startup problems."""
+    sm = ServiceManager()
     rt = Runtime(config, config_path, random.Random())
     if config.source == "consul":
         raise ConfigError("catalog.source = \"consul\" is not available in this build yet")
@@ -166,41 +199,57 @@ async def run_agent(
         raise ConfigError("no catalog: give --catalog-file FILE (or catalog.file in the config)")
     source = FileSource(rt, config.catalog_file)
     listeners: list[tuple[str, socket.socket]] = []
+    systemds: set[socket.socket] = set()  # inherited: closed, but their paths are systemd's
+    draining = trio.Event()
+
+    def listen(kind: str, role: str, address: str, bind: Callable[[str], socket.socket]) -> socket.socket:
+        sock, where, inherited = sm.listener(role, address, bind, sole_unix=kind == "unix" and not config.socket)
+        listeners.append((f"{kind}:{where}", sock))
+        if inherited:
+            systemds.add(sock)
+        return sock
+
+    status = _status(rt)
     try:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(attach_prober(rt, random.Random()).run)
+                sm.status(f"starting: loading catalog (file {config.catalog_file})")
                 await nursery.start(source.run)
-                path = socket_path(config)
-                listeners.append((f"unix:{path}", bind_unix(path)))
+                ipc = [listen("unix", "socket", socket_path(config), bind_unix)]
                 if config.listen:
-                    listeners.append((f"tcp:{config.listen}", bind_tcp(config.listen)))
-                for _, sock in listeners:
-                    await nursery.start(serve_listener, rt, sock)
+                    ipc.append(listen("tcp", "listen", config.listen, bind_tcp))
+                for sock in ipc:
+                    await nursery.start(partial(serve_listener, draining=draining), rt, sock)
                 if config.admin:
-                    admin_sock = bind_tcp(config.admin)
-                    listeners.append((f"admin:{config.admin}", admin_sock))
-                    await nursery.start(admin.serve_admin, rt, admin_sock)
+                    await nursery.start(admin.serve_admin, rt, listen("admin", "admin", config.admin, bind_tcp))
+                sm.close_unclaimed()
                 nursery.start_soon(_ticker, rt)
+                await nursery.start(sm.run, status)
                 log.info(
                     "softlb agent ready: %s; listening on %s",
                     rt.source_status,
                     ", ".join(name for name, _ in listeners),
                 )
                 task_status.started(rt)
+                sm.ready(status(""))
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         log.info("SIGHUP: reloading")
-                        reload_config(rt, overrides)
+                        sm.reloading(rt.config_path)
+                        error = reload_config(rt, overrides)
                         source.request_reload()
+                        sm.reloaded(error, status)
                     else:
                         log.info("%s: shutting down", signal.Signals(signum).name)
+                        sm.stopping(rt.stats.connections_open, DRAIN_TIMEOUT)
+                        await _drain(rt, draining)
                         nursery.cancel_scope.cancel()
                         break
     finally:
         for name, sock in listeners:
             sock.close()
-            if name.startswith("unix:"):
+            if name.startswith("unix:") and sock not in systemds:
                 try:
                     os.unlink(name[5:])
                 except OSError:

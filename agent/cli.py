@@ -141,8 +141,12 @@ def _run_agent(args: argparse.Namespace) -> int:
 
     from .app import load_config_file, run_agent
 
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .service_manager import JournalFormatter, stderr_is_journal
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter() if stderr_is_journal() else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     log = logging.getLogger("softlb.agent")
 
     def overrides(cfg: AgentConfig) -> AgentConfig:

@@ -10,6 +10,11 @@ on small VMs a cross-core wakeup costs ~30 µs, more than the whole resolve (doc
 Error policy: a frame that is not a msgpack map, an unknown op or a bad argument gets an error
 answer and the connection goes on; a length prefix over max_frame gets FRAME_TOO_LARGE and the
 connection is closed (framing is lost). A connection's failure never touches another's.
+
+Stopping (`draining` set): accepting stops at once (under systemd, connections that arrive
+now wait in its socket for the next agent), each connection is closed as soon as it has no
+request left unanswered, streaming watches end, and resolves still waiting on a catalog
+source get their answer first.
 """
 
 from __future__ import annotations
@@ -57,6 +62,39 @@ class _Spin:
             self.since = t
             return False
         return t - self.since > SOLO_WINDOW
+
+
+class _Drain:
+    """Where the accept loop and the readers park, so a stop can wake them: the accept loop
+    to stop, idle readers to close their connection."""
+
+    __slots__ = ("event", "parked")
+
+    def __init__(self, event: trio.Event | None) -> None:
+        self.event = event
+        self.parked: set[trio.CancelScope] = set()
+
+    @property
+    def started(self) -> bool:
+        return self.event is not None and self.event.is_set()
+
+    async def wait_readable(self, sock: socket.socket) -> None:
+        """Wait for data; return early (nothing read) when the drain starts."""
+        if self.event is None:
+            await trio.lowlevel.wait_readable(sock)
+            return
+        with trio.CancelScope() as scope:
+            self.parked.add(scope)
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            finally:
+                self.parked.discard(scope)
+
+    async def run(self) -> None:
+        assert self.event is not None
+        await self.event.wait()
+        for scope in list(self.parked):
+            scope.cancel()
 
 
 class Connection:
@@ -113,17 +151,24 @@ def peer_source(sock: socket.socket) -> str:
         return "tcp"
 
 
-async def serve_listener(rt: Runtime, listener: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Accept connections forever; each gets its own task in a nursery this call owns."""
+async def serve_listener(
+    rt: Runtime, listener: socket.socket, *, draining: trio.Event | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections until `draining` is set, each in its own task in a nursery this
+    call owns; then returns once every connection has drained (see the module doc)."""
     listener.setblocking(False)
     spin = _Spin()
+    drain = _Drain(draining)
     async with trio.open_nursery() as nursery:
+        if draining is not None:
+            nursery.start_soon(drain.run)
         task_status.started()
-        while True:
+        while not drain.started:
             try:
                 sock, _ = listener.accept()
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(listener)
+                await drain.wait_readable(listener)
                 continue
             except OSError as e:
                 if e.errno in ACCEPT_CAPACITY_ERRNOS:
@@ -134,19 +179,23 @@ async def serve_listener(rt: Runtime, listener: socket.socket, *, task_status: t
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            nursery.start_soon(_run_connection, rt, sock, spin)
+            nursery.start_soon(_run_connection, rt, sock, spin, drain)
 
 
-async def _run_connection(rt: Runtime, sock: socket.socket, spin: _Spin) -> None:
+async def _run_connection(rt: Runtime, sock: socket.socket, spin: _Spin, drain: _Drain) -> None:
     conn = Connection(sock, peer_source(sock))
     rt.stats.connections_open += 1
     rt.stats.connections_total += 1
     try:
         async with trio.open_nursery() as nursery:
             try:
-                await _read_loop(rt, conn, spin, nursery)
+                await _read_loop(rt, conn, spin, nursery, drain)
             finally:
-                nursery.cancel_scope.cancel()
+                if drain.started:  # watches end; deferred resolves still answer
+                    for scope in list(conn.watches.values()):
+                        scope.cancel()
+                else:
+                    nursery.cancel_scope.cancel()
     except Exception as e:
         # Whatever ends one connection, a peer hanging up or a bug, ends only that one.
         # (Cancellation is a BaseException and still propagates: shutdown stays one cancel.)
@@ -166,7 +215,7 @@ def _only(e: BaseException, kind: type[BaseException]) -> bool:
     return isinstance(e, kind)
 
 
-async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.Nursery) -> None:
+async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.Nursery, drain: _Drain) -> None:
     sock = conn.sock
     engine = rt.engine
     dec = FrameDecoder(rt.config.max_frame)
@@ -194,7 +243,9 @@ async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.N
                     except BlockingIOError:
                         pass
             if data is None:
-                await trio.lowlevel.wait_readable(sock)
+                if drain.started and not dec.buffered:
+                    return  # between requests: closing now loses nothing
+                await drain.wait_readable(sock)
                 # The gap includes the epoll wakeup itself (~30 µs here), hence the 2x.
                 spin_ok = perf() - answered_at <= 2 * busy_poll
                 continue

@@ -1,8 +1,9 @@
 """The blocking client: one reused connection, per-call timeouts, bounded reconnects.
 
 Resilience rules (docs/PROTOCOL.md §Clients):
-- A connection closed by the agent *between* requests (a restart, an upgrade) is retried
-  once, transparently: the request had not been answered, and every op is safe to repeat.
+- A connection closed by the agent before answering (a restart, an upgrade; also a fresh
+  connection a stopping agent accepted and then closed idle) is retried once, transparently:
+  the request had not been answered, and every op is safe to repeat.
 - Connecting is retried with exponential backoff (5 ms doubling, within the call's timeout),
   so a caller racing an agent restart waits briefly instead of failing.
 - A timeout drops the connection (late answers would otherwise be read by the next call).
@@ -139,15 +140,16 @@ class Client:
                 ids.append(self._next_id)
             frames = b"".join(encode(r) for r in requests)
             for attempt in (0, 1):
-                fresh = self._sock is None
-                if fresh:
+                if self._sock is None:
                     self._sock = self._connect(deadline)
                 try:
                     answers = self._exchange(frames, ids, deadline)
                     return [answers[i] for i in ids]
                 except _ConnectionClosed:
+                    # Even a connection made for this call: a stopping agent may have
+                    # accepted it and then closed it, idle, while draining.
                     self._drop()
-                    if fresh or attempt:
+                    if attempt:
                         raise AgentUnavailable("the agent closed the connection") from None
                 except BaseException:
                     self._drop()

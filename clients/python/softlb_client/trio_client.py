@@ -95,14 +95,13 @@ class AsyncClient:
             try:
                 with trio.fail_after(t if t is not None else math.inf):
                     for attempt in (0, 1):
-                        fresh = self._stream is None
-                        if fresh:
+                        if self._stream is None:
                             self._stream = await self._connect()
                         try:
                             return result_of(await self._exchange(frame, rid))
                         except _ConnectionClosed:
                             await self._drop()
-                            if fresh or attempt:
+                            if attempt:
                                 raise AgentUnavailable("the agent closed the connection") from None
             except trio.TooSlowError:
                 await self._drop()
