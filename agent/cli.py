@@ -5,6 +5,7 @@
     softlb services [--json]
     softlb endpoints SERVICE [--json]
     softlb watch SERVICE [--json]
+    softlb check --config FILE               validate config + catalog, run nothing
 
 Exit codes (stable, for scripts): 0 ok; 1 the agent answered with an error (unknown
 service, no healthy endpoint...); 2 usage or config error; 3 the agent is unreachable or
@@ -51,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--allow-non-loopback", action="store_true", default=None,
                    help="allow --listen/--admin on a non-loopback address")
     a.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    c = sub.add_parser("check", help="validate a config (and its catalog file) without running",
+                       description="Validate an agent config and, for the file source, its catalog. "
+                                   "Exit 0 if both are good, 2 with the reason otherwise. systemd's "
+                                   "ExecReload= runs this first, so a bad edit fails `systemctl reload`.")
+    c.add_argument("--config", metavar="FILE", required=True)
+    c.add_argument("--catalog-file", metavar="FILE", help="check this catalog instead of the config's")
+    c.add_argument("--json", action="store_true", help="print {ok, error} as JSON")
 
     r = sub.add_parser("resolve", help="pick one endpoint of a service")
     r.add_argument("service")
@@ -224,10 +233,39 @@ def _run_client(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_check(args: argparse.Namespace) -> int:
+    from softlb import ConfigError
+    from softlb._filecatalog import parse_catalog_text
+
+    from .app import load_config_file
+
+    summary = ""
+    try:
+        cfg = load_config_file(args.config)
+        catalog = args.catalog_file or (cfg.catalog_file if cfg.source == "file" else "")
+        if catalog:
+            try:
+                with open(catalog, encoding="utf-8") as f:
+                    services = parse_catalog_text(f.read())
+            except OSError as e:
+                raise ConfigError(f"{catalog}: cannot read: {e.strerror}") from None
+            except ConfigError as e:
+                raise ConfigError(f"{catalog}: {e}") from None
+            summary = f"; catalog {catalog}: {len(services)} services, {sum(map(len, services.values()))} endpoints"
+    except ConfigError as e:
+        print(json.dumps({"ok": False, "error": str(e)}) if args.json else f"softlb: {e}",
+              file=sys.stdout if args.json else sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps({"ok": True, "error": None}) if args.json else f"{args.config}: ok{summary}")
+    return EXIT_OK
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "agent":
         return _run_agent(args)
+    if args.cmd == "check":
+        return _run_check(args)
     return _run_client(args)
 
 

@@ -169,3 +169,24 @@ def test_unknown_service_error_reaches_the_client_with_its_code(agent):
     with agent.client() as c, pytest.raises(SoftLBError) as e:
         c.resolve("nope")
     assert e.value.code == "UNKNOWN_SERVICE"
+
+
+def test_check_command_validates_config_and_catalog(tmp_path):
+    cfg, cat = tmp_path / "agent.toml", tmp_path / "catalog.toml"
+    cat.write_text(endpoint_toml("web", "127.0.0.1", 1))
+    cfg.write_text(f'[catalog]\nfile = "{cat}"\n')
+
+    def check(*extra):
+        return subprocess.run([sys.executable, "-m", "softlb_agent", "check", "--config", str(cfg), *extra],
+                              capture_output=True, text=True, timeout=30)
+
+    r = check()
+    assert r.returncode == 0 and "1 services, 1 endpoints" in r.stdout
+    cat.write_text("[[services.web.endpoints]]\nport = 1\n")
+    r = check()
+    assert r.returncode == 2 and "services.web.endpoints[0].address: required" in r.stderr
+    r = check("--json")
+    assert r.returncode == 2 and json.loads(r.stdout)["ok"] is False
+    cfg.write_text("[agent]\nlisten = \"8.8.8.8:1\"\n")
+    r = check()
+    assert r.returncode == 2 and "not a loopback address" in r.stderr

@@ -49,7 +49,7 @@ def copy_for_verify(tmp_path: Path) -> Path:
     if not binary.exists():
         pytest.skip(f"the softlb console script is not installed next to {sys.executable}")
     text = SERVICE.read_text()
-    assert text.count(INSTALLED_BINARY) == 1, "ExecStart moved; update INSTALLED_BINARY and the docs"
+    assert text.count(INSTALLED_BINARY) == 2, "ExecStart/ExecReload moved; update INSTALLED_BINARY and the docs"
     (tmp_path / SERVICE.name).write_text(text.replace(INSTALLED_BINARY, str(binary)))
     shutil.copy(SOCKET, tmp_path / SOCKET.name)
     return tmp_path
