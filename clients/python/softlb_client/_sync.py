@@ -198,25 +198,55 @@ class Client:
 
     def watch(self, service: str, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """Yield the service's endpoint set now and after every change, on a connection of
-        its own. `timeout` bounds each wait (None: wait forever)."""
-        sock = self._connect(time.monotonic() + self.timeout)
+        its own. `timeout` bounds each wait (None: wait forever).
+
+        An agent restart does not end the stream: the watch reconnects (connect backoff
+        within the client's timeout) and resumes, yielding the set again only if it differs
+        from the last one yielded. The stream ends with AgentUnavailable only if the agent
+        cannot be reached again.
+        """
+        last: Any = None
+        while True:
+            sock = self._connect(time.monotonic() + self.timeout)
+            try:
+                for update in self._watch_stream(sock, service, timeout):
+                    if _watch_view(update) != last:
+                        last = _watch_view(update)
+                        yield update
+            except _ConnectionClosed:
+                continue  # the agent went away: reconnect and resume
+            finally:
+                sock.close()
+
+    @staticmethod
+    def _watch_stream(sock: socket.socket, service: str, timeout: float | None) -> Iterator[dict[str, Any]]:
         dec = Decoder()
         try:
             sock.sendall(encode({"id": 1, "op": "watch", "service": service}))
-            sock.settimeout(timeout)
-            while True:
-                msg = dec.next()
-                if msg is None:
-                    try:
-                        data = sock.recv(RECV_SIZE)
-                    except socket.timeout:
-                        raise Timeout("no watch update in time") from None
-                    if not data:
-                        raise AgentUnavailable("the agent closed the watch")
-                    dec.feed(data)
-                    continue
-                if msg.get("id") != 1:
-                    raise ProtocolError(f"unexpected frame on a watch connection: {msg!r}")
-                yield result_of(msg)
-        finally:
-            sock.close()
+        except _CLOSED:
+            raise _ConnectionClosed() from None
+        sock.settimeout(timeout)
+        while True:
+            msg = dec.next()
+            if msg is None:
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except socket.timeout:
+                    raise Timeout("no watch update in time") from None
+                except _CLOSED:
+                    data = b""
+                if not data:
+                    raise _ConnectionClosed()
+                dec.feed(data)
+                continue
+            if msg.get("id") != 1:
+                raise ProtocolError(f"unexpected frame on a watch connection: {msg!r}")
+            yield result_of(msg)
+
+
+def _watch_view(update: Any) -> Any:
+    """What a watcher cares about: the set and its state, not counters that restart with
+    the agent (version) or move with the clock (age)."""
+    if not isinstance(update, dict):
+        return update
+    return {k: v for k, v in update.items() if k not in ("version", "age")}

@@ -126,3 +126,27 @@ def test_trio_client_survives_agent_restart(agent):
             assert (await c.resolve("web")).port in (18001, 18002, 18003)
 
     trio.run(main)
+
+
+def test_watch_survives_an_agent_restart(agent):
+    c = Client(socket_path=agent.socket, timeout=10)
+    updates = []
+    done = threading.Event()
+
+    def run():
+        for d in c.watch("web", timeout=20):
+            updates.append([e["id"] for e in d["endpoints"]])
+            if len(updates) == 2:
+                done.set()
+                return
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    wait_until(lambda: updates)
+    old = agent.proc.pid
+    assert agent.stop() == 0
+    agent.write_catalog(endpoint_toml("web", "127.0.0.1", 18009, id="web-9"))
+    agent.start()
+    assert agent.proc.pid != old
+    assert done.wait(15)
+    assert updates == [["web-1", "web-2", "web-3"], ["web-9"]]
