@@ -1,0 +1,24 @@
+# make demo   set up .venv and run the agent with the demo backends (Ctrl-C stops it)
+# make test   set up .venv and run the whole test suite
+# make bench  run the benchmarks (results: docs/BENCHMARKS.md)
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e clients/python -e '.[test]'
+	touch $(STAMP)
+
+.PHONY: demo test bench setup
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python examples/demo.py
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/resolve.py

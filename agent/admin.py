@@ -1,0 +1,153 @@
+"""The loopback admin HTTP port: a curl-able read API and Prometheus metrics.
+
+    GET /healthz                 200 "ok" once the catalog is loaded
+    GET /v1/services             the services table (JSON)
+    GET /v1/services/NAME        one service's endpoints and state (JSON)
+    GET /v1/resolve/NAME?key=K   one pick, as the wire protocol's resolve answers it (JSON)
+    GET /metrics                 Prometheus text format
+
+HTTP/1.1 with `Connection: close`: one request per connection keeps the parser to a
+request line and headers, which is all curl and Prometheus need. Requests are bounded in
+size and time; anything else gets a 4xx and the port keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import urllib.parse
+from typing import Any
+
+import trio
+
+from softlb._errors import RequestError
+
+from .runtime import Runtime
+
+log = logging.getLogger("softlb.admin")
+
+MAX_REQUEST = 8192
+REQUEST_TIMEOUT = 5.0
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable",
+            413: "Request Header Fields Too Large", 408: "Request Timeout"}
+_STATUS_OF = {"UNKNOWN_SERVICE": 404, "NO_HEALTHY_ENDPOINT": 503, "BAD_ARGUMENT": 400}
+
+
+async def serve_admin(rt: Runtime, listener: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    tl = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+    task_status.started()
+    await trio.serve_listeners(lambda stream: _handle(rt, stream), [tl])
+
+
+async def _handle(rt: Runtime, stream: trio.SocketStream) -> None:
+    try:
+        status, ctype, body = 408, "text/plain", b"request timeout\n"
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            status, ctype, body = await _respond(rt, stream)
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            await stream.send_all(head + body)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _respond(rt: Runtime, stream: trio.SocketStream) -> tuple[int, str, bytes]:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        if len(buf) > MAX_REQUEST:
+            return 413, "text/plain", b"request too large\n"
+        data = await stream.receive_some(4096)
+        if not data:
+            return 400, "text/plain", b"incomplete request\n"
+        buf += data
+    line = buf.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return 400, "text/plain", b"bad request line\n"
+    method, target = parts[0], parts[1]
+    if method not in ("GET", "HEAD"):
+        return 405, "text/plain", b"only GET\n"
+    url = urllib.parse.urlsplit(target)
+    query = dict(urllib.parse.parse_qsl(url.query))
+    return route(rt, urllib.parse.unquote(url.path), query)
+
+
+def _json(status: int, obj: Any) -> tuple[int, str, bytes]:
+    return status, "application/json", (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def route(rt: Runtime, path: str, query: dict[str, str]) -> tuple[int, str, bytes]:
+    eng = rt.engine
+    now = trio.current_time()
+    if path == "/healthz":
+        if rt.catalog_ready.is_set():
+            return 200, "text/plain", b"ok\n"
+        return 503, "text/plain", b"catalog not loaded\n"
+    if path == "/metrics":
+        return 200, "text/plain; version=0.0.4", render_metrics(rt).encode()
+    if path == "/v1/services":
+        return _json(200, [eng.services[n].summary() for n in sorted(eng.services)])
+    if path.startswith("/v1/services/"):
+        b = eng.services.get(path[len("/v1/services/"):])
+        if b is None:
+            return _json(404, {"error": {"code": "UNKNOWN_SERVICE", "message": "unknown service"}})
+        return _json(200, b.describe(now))
+    if path.startswith("/v1/resolve/"):
+        try:
+            r = eng.resolve(path[len("/v1/resolve/"):], now, key=query.get("key"), lease=False)
+        except RequestError as e:
+            return _json(_STATUS_OF.get(e.code.value, 400), {"error": {"code": e.code.value, "message": e.message}})
+        return _json(200, dict(r.endpoint.as_dict(), panic=r.panic, stale=r.stale, age=r.age))
+    return _json(404, {"error": {"code": "NOT_FOUND", "message": f"no route {path}"}})
+
+
+def _label(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def render_metrics(rt: Runtime) -> str:
+    s = rt.stats
+    lines = [
+        "# HELP softlb_requests_total Wire-protocol requests received.",
+        "# TYPE softlb_requests_total counter",
+        f"softlb_requests_total {s.requests}",
+        "# HELP softlb_errors_total Frame-level protocol errors answered, by code.",
+        "# TYPE softlb_errors_total counter",
+    ]
+    lines += [f"softlb_errors_total{{code=\"{_label(c)}\"}} {n}" for c, n in sorted(s.errors.items())]
+    lines += [
+        "# TYPE softlb_connections_open gauge",
+        f"softlb_connections_open {s.connections_open}",
+        "# TYPE softlb_connections_total counter",
+        f"softlb_connections_total {s.connections_total}",
+        "# TYPE softlb_catalog_reloads_total counter",
+        f"softlb_catalog_reloads_total {s.catalog_reloads}",
+        "# TYPE softlb_catalog_errors_total counter",
+        f"softlb_catalog_errors_total {s.catalog_errors}",
+        "# TYPE softlb_leases_open gauge",
+        f"softlb_leases_open {len(rt.engine.leases)}",
+        "# HELP softlb_service_endpoints Endpoints in the catalog, and eligible ones, per service.",
+        "# TYPE softlb_service_endpoints gauge",
+        "# TYPE softlb_service_eligible_endpoints gauge",
+        "# TYPE softlb_service_panic gauge",
+        "# TYPE softlb_service_stale gauge",
+    ]
+    now = trio.current_time()
+    for name in sorted(rt.engine.services):
+        b = rt.engine.services[name]
+        lbl = f"{{service=\"{_label(name)}\"}}"
+        lines += [
+            f"softlb_service_endpoints{lbl} {len(b.endpoints)}",
+            f"softlb_service_eligible_endpoints{lbl} {b.eligible_count}",
+            f"softlb_service_panic{lbl} {int(b.panic)}",
+            f"softlb_service_stale{lbl} {int(b.stale)}",
+        ]
+        if b.fetched_at is not None:
+            lines.append(f"softlb_service_data_age_seconds{lbl} {max(0.0, now - b.fetched_at):.3f}")
+    return "\n".join(lines) + "\n"

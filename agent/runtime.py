@@ -1,0 +1,64 @@
+"""The agent's shared state: the Engine plus what the trio tasks need around it."""
+
+from __future__ import annotations
+
+import collections
+import random
+from dataclasses import dataclass, field
+
+import trio
+
+from softlb import AgentConfig
+from softlb._engine import Engine
+
+
+@dataclass
+class Stats:
+    """Counters for the admin API and metrics; plain ints bumped on the hot path."""
+
+    requests: int = 0
+    connections_open: int = 0
+    connections_total: int = 0
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    catalog_reloads: int = 0
+    catalog_errors: int = 0
+    last_catalog_error: str = ""
+    started: float = 0.0
+
+
+class Runtime:
+    def __init__(self, config: AgentConfig, config_path: str | None = None, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.engine = Engine(config, rng or random.Random())
+        self.stats = Stats(started=trio.current_time())
+        self._events: dict[str, trio.Event] = {}
+        self.engine.on_change = self._on_change
+        #: Set once the first catalog has been loaded (readiness).
+        self.catalog_ready = trio.Event()
+        #: A human line about the catalog source ("file examples/catalog.toml (fresh)").
+        self.source_status = "starting"
+
+    def _on_change(self, name: str) -> None:
+        ev = self._events.pop(name, None)
+        if ev is not None:
+            ev.set()
+
+    def change_event(self, name: str) -> trio.Event:
+        """An event set at the next change of `name` (get it before reading the state)."""
+        ev = self._events.get(name)
+        if ev is None:
+            ev = self._events[name] = trio.Event()
+        return ev
+
+    async def wait_for_service(self, name: str, timeout: float | None = None) -> bool:
+        """Wait (bounded) until `name` exists in the engine; True if it does."""
+        if timeout is None:
+            timeout = self.config.consul.first_answer_timeout
+        with trio.move_on_after(timeout):
+            while name not in self.engine.services:
+                await self.change_event(name).wait()
+        return name in self.engine.services
+
+    def now(self) -> float:
+        return trio.current_time()

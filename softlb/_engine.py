@@ -1,0 +1,252 @@
+"""The Engine: the whole sans-I/O load balancer the agent drives.
+
+The agent's tasks feed it events (a catalog update, a probe result, a client's report, a
+config reload, a timer firing) and act on what comes back (frames to send, the next deadline,
+which services changed). It never blocks, never reads a clock, never does I/O; everything
+that happens to it arrives as a method call carrying `now`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from . import _protocol as P
+from ._balancer import ServiceBalancer
+from ._config import AgentConfig
+from ._errors import ErrorCode, RemoteProtocolError, RequestError
+from ._leases import LeaseTable
+from ._types import Endpoint
+from ._wire import PROTOCOL_VERSIONS
+
+AGENT_NAME = "softlb/0.1.0"
+#: Ops the engine answers itself; `watch`/`unwatch` stream, so the agent's connection owns them.
+ENGINE_OPS = ("hello", "resolve", "report", "services", "endpoints")
+STREAM_OPS = ("watch", "unwatch")
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    endpoint: Endpoint
+    lease: int | None
+    panic: bool
+    stale: bool
+    age: float | None
+
+
+class Engine:
+    def __init__(self, config: AgentConfig, rng: random.Random) -> None:
+        self.config = config
+        self.rng = rng
+        self.services: dict[str, ServiceBalancer] = {}
+        self.leases = LeaseTable(config.lease_ttl)
+        #: Called with a service name whenever what `watch` shows for it changes.
+        self.on_change: Callable[[str], None] | None = None
+        #: Asked when a resolve names a service the engine does not know; returning True
+        #: means "a source is fetching it" and the agent retries after waiting (Consul
+        #: on-demand watches). The file source leaves it unset.
+        self.on_unknown_service: Callable[[str], bool] | None = None
+
+    # ----------------------------------------------------------------- catalog input
+
+    def _balancer(self, name: str) -> ServiceBalancer:
+        b = self.services.get(name)
+        if b is None:
+            b = self.services[name] = ServiceBalancer(name, self.config.service(name), self.rng)
+        return b
+
+    def _changed(self, name: str) -> None:
+        if self.on_change is not None:
+            self.on_change(name)
+
+    def set_service(
+        self, name: str, endpoints: Sequence[Endpoint], now: float, *, stale: bool = False, fetched_at: float | None = None
+    ) -> bool:
+        b = self._balancer(name)
+        changed = b.set_endpoints(endpoints, now)
+        changed |= b.set_freshness(stale, now if fetched_at is None else fetched_at)
+        if changed:
+            self._changed(name)
+        return changed
+
+    def remove_service(self, name: str, now: float) -> None:
+        if self.services.pop(name, None) is not None:
+            self.leases.drop_service(name)
+            self._changed(name)
+
+    def replace_all(self, services: Mapping[str, Sequence[Endpoint]], now: float) -> list[str]:
+        """Make the catalog exactly `services` (the file source). Returns the changed names."""
+        changed = [n for n in list(self.services) if n not in services]
+        for name in changed:
+            self.remove_service(name, now)
+        for name, eps in services.items():
+            if self.set_service(name, eps, now):
+                changed.append(name)
+        return changed
+
+    def reconfigure(self, config: AgentConfig, now: float) -> None:
+        """Apply a reloaded config; services whose settings changed get a new balancer that
+        adopts the old one's endpoints, so answers continue without a gap."""
+        old = self.config
+        self.config = config
+        self.leases.ttl = config.lease_ttl
+        for name, b in list(self.services.items()):
+            if old.service(name) != config.service(name):
+                nb = ServiceBalancer(name, config.service(name), self.rng)
+                nb.adopt(b, now)
+                self.services[name] = nb
+                self._changed(name)
+
+    # ----------------------------------------------------------------- requests
+
+    def resolve(
+        self,
+        service: str,
+        now: float,
+        key: str | None = None,
+        tags: tuple[str, ...] = (),
+        source: str | None = None,
+        lease: bool = True,
+    ) -> Resolution:
+        b = self.services.get(service)
+        if b is None:
+            raise RequestError(ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\"")
+        ep = b.pick(key, source, tags, now)
+        if ep is None:
+            raise RequestError(ErrorCode.NO_HEALTHY_ENDPOINT, self._why_empty(b, tags))
+        lease_id = None
+        if lease:
+            le, evicted = self.leases.open(service, ep.id, now)
+            lease_id = le.id
+            b.on_start(ep.id, now)
+            self._finish_leases(evicted, now)
+        age = None if b.fetched_at is None or not b.stale else max(0.0, now - b.fetched_at)
+        return Resolution(ep, lease_id, b.panic, b.stale, age)
+
+    def _why_empty(self, b: ServiceBalancer, tags: tuple[str, ...]) -> str:
+        if not b.endpoints:
+            return f"service \"{b.name}\" has no endpoints"
+        if tags:
+            return f"no eligible endpoint of \"{b.name}\" has tags {list(tags)}"
+        return f"none of the {len(b.endpoints)} endpoints of \"{b.name}\" is eligible"
+
+    def report(
+        self,
+        now: float,
+        ok: bool,
+        latency: float | None = None,
+        lease: int | None = None,
+        service: str | None = None,
+        endpoint_id: str | None = None,
+    ) -> None:
+        """A caller's outcome for a pick: by lease (closes it) or by service + endpoint id."""
+        if lease is not None:
+            le = self.leases.close(lease)
+            if le is None:
+                raise RequestError(ErrorCode.UNKNOWN_LEASE, f"lease {lease} is unknown or expired")
+            service, endpoint_id = le.service, le.endpoint_id
+            if latency is None:
+                latency = max(0.0, now - le.started)
+            b = self.services.get(service)
+            if b is not None:
+                b.on_finish(endpoint_id, ok, latency, now)
+            return
+        if service is None or endpoint_id is None:
+            raise RequestError(ErrorCode.BAD_ARGUMENT, "report needs \"lease\", or \"service\" and \"endpoint\"")
+        b = self.services.get(service)
+        if b is None:
+            raise RequestError(ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\"")
+        if endpoint_id not in b.by_id:
+            raise RequestError(ErrorCode.BAD_ARGUMENT, f"service \"{service}\" has no endpoint \"{endpoint_id}\"")
+        self._feedback(b, endpoint_id, ok, latency, now)
+
+    def _feedback(self, b: ServiceBalancer, endpoint_id: str, ok: bool, latency: float | None, now: float) -> None:
+        """An outcome without an open lease: tell the policy a request started and ended."""
+        b.on_start(endpoint_id, now)
+        b.on_finish(endpoint_id, ok, latency, now)
+
+    def _finish_leases(self, leases: list[Any], now: float) -> None:
+        # An expired or evicted lease ends with no verdict: the request count drops, but
+        # no success or failure is invented for it.
+        for le in leases:
+            b = self.services.get(le.service)
+            if b is not None:
+                b.policy.on_finish(le.endpoint_id, True, None, now)
+
+    def tick(self, now: float) -> float | None:
+        """Run timers due at `now`; return when to call again (None: nothing scheduled)."""
+        self._finish_leases(self.leases.expire(now), now)
+        return self.leases.next_deadline()
+
+    # ----------------------------------------------------------------- the protocol
+
+    def handle(self, msg: Any, now: float, source: str | None = None) -> bytes | None:
+        """Answer one decoded request with a frame; None for ops the caller must handle
+        (the streaming ops, and resolves of services a source is still fetching)."""
+        try:
+            rid, op = P.check_request(msg)
+        except RemoteProtocolError as e:
+            return P.error_frame(e.request_id if e.request_id is not None else P.request_id(msg), e.code, e.message)
+        try:
+            if op == "resolve":
+                return self._op_resolve(rid, msg, now, source)
+            if op == "report":
+                self.report(
+                    now,
+                    ok=P.arg_bool(msg, "ok", True),
+                    latency=P.arg_number(msg, "latency"),
+                    lease=self._arg_lease(msg),
+                    service=msg.get("service") if isinstance(msg.get("service"), str) else None,
+                    endpoint_id=msg.get("endpoint") if isinstance(msg.get("endpoint"), str) else None,
+                )
+                return P.ok_frame(rid, {})
+            if op == "services":
+                return P.ok_frame(rid, [self.services[n].summary() for n in sorted(self.services)])
+            if op == "endpoints":
+                name = P.arg_service(msg)
+                b = self.services.get(name)
+                if b is None:
+                    raise RequestError(ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{name}\"")
+                return P.ok_frame(rid, b.describe(now))
+            if op == "hello":
+                return P.ok_frame(rid, self.hello(P.arg_versions(msg)))
+            if op in STREAM_OPS:
+                return None
+            return P.error_frame(rid, ErrorCode.UNKNOWN_OP, f"unknown op \"{op[:64]}\" (known: {', '.join(ENGINE_OPS + STREAM_OPS)})")
+        except RequestError as e:
+            return P.error_frame(rid, e.code, e.message)
+
+    def _op_resolve(self, rid: Any, msg: dict[str, Any], now: float, source: str | None) -> bytes | None:
+        service = P.arg_service(msg)
+        b = self.services.get(service)
+        if b is None and self.on_unknown_service is not None and self.on_unknown_service(service):
+            return None
+        r = self.resolve(
+            service, now, key=P.arg_key(msg), tags=P.arg_tags(msg), source=source, lease=P.arg_bool(msg, "lease", True)
+        )
+        packed = self.services[service].packed[r.endpoint.id]
+        return P.resolve_frame(rid, packed, r.lease, r.panic, r.stale, r.age)
+
+    @staticmethod
+    def _arg_lease(msg: dict[str, Any]) -> int | None:
+        v = msg.get("lease")
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise RequestError(ErrorCode.BAD_ARGUMENT, "\"lease\" must be an integer")
+        return v
+
+    def hello(self, versions: Sequence[int]) -> dict[str, Any]:
+        common = sorted(set(versions) & set(PROTOCOL_VERSIONS))
+        if not common:
+            raise RequestError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"no common protocol version: client offers {list(versions)}, agent speaks {list(PROTOCOL_VERSIONS)}",
+            )
+        return {
+            "version": common[-1],
+            "agent": AGENT_NAME,
+            "ops": list(ENGINE_OPS + STREAM_OPS),
+            "max_frame": self.config.max_frame,
+        }

@@ -1,0 +1,85 @@
+"""The embedded "file" catalog: a TOML document of services and their endpoints.
+
+    [[services.web.endpoints]]
+    address = "127.0.0.1"
+    port = 8001
+    id = "web-1"            # optional; default "address:port"
+    weight = 1              # optional, >= 0
+    tags = ["v2"]           # optional
+    meta = { version = "2" }
+    node = "host-a"         # optional locality labels
+    zone = "eu-1a"
+    region = "eu-1"
+
+Parsing is all-or-nothing: one bad endpoint rejects the whole document, so the agent keeps
+serving the last good catalog instead of a half-applied one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from typing import Any, Mapping
+
+from ._config import _Table
+from ._errors import ConfigError
+from ._types import Endpoint
+
+
+
+def parse_catalog_text(text: str) -> dict[str, tuple[Endpoint, ...]]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"catalog is not valid TOML: {e}") from None
+    return parse_catalog(data)
+
+
+def parse_catalog(data: Mapping[str, Any]) -> dict[str, tuple[Endpoint, ...]]:
+    root = _Table(data, "")
+    services = root.table("services") or _Table({}, "services")
+    root.done()
+    out: dict[str, tuple[Endpoint, ...]] = {}
+    for name in services.data:
+        svc = services.table(name)
+        assert svc is not None
+        if not name.strip():
+            raise ConfigError("services: empty service name")
+        raw = svc.raw("endpoints", [])
+        svc.done()
+        if not isinstance(raw, list):
+            raise ConfigError(f"services.{name}.endpoints: expected an array of tables ([[services.{name}.endpoints]])")
+        eps = [_endpoint(_Table(e, f"services.{name}.endpoints[{i}]")) for i, e in enumerate(raw)]
+        seen: set[str] = set()
+        for i, ep in enumerate(eps):
+            if ep.id in seen:
+                raise ConfigError(f"services.{name}.endpoints[{i}]: duplicate endpoint id \"{ep.id}\"")
+            seen.add(ep.id)
+        out[name] = tuple(eps)
+    return out
+
+
+def _endpoint(t: _Table) -> Endpoint:
+    address = t.str("address", "")
+    if not address:
+        raise ConfigError(f"{t.path}.address: required")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        # Host names are allowed (the caller resolves them) but must look like one.
+        if any(c.isspace() for c in address) or len(address) > 253:
+            raise ConfigError(f"{t.path}.address: not an IP address or host name: \"{address}\"") from None
+    port = t.int("port", 0, 1, 65535)
+    ep = Endpoint(
+        id=t.str("id", f"{address}:{port}") or f"{address}:{port}",
+        address=address,
+        port=port,
+        weight=t.int("weight", 1, 0, 1_000_000),
+        tags=t.strings("tags"),
+        meta=t.str_map("meta"),
+        node=t.str("node", ""),
+        zone=t.str("zone", ""),
+        region=t.str("region", ""),
+    )
+    t.done()
+    return ep

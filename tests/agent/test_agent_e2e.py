@@ -1,0 +1,170 @@
+"""The agent as operators run it: a real subprocess, its CLI, its sockets and signals."""
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections import Counter
+
+import pytest
+from agentproc import endpoint_toml, wait_until
+
+from softlb_client import Client, SoftLBError
+
+
+def test_cli_resolve_rotates_over_the_endpoints(agent):
+    seen = []
+    for _ in range(6):
+        r = agent.cli("resolve", "web", "--json")
+        assert r.returncode == 0, r.stderr
+        d = json.loads(r.stdout)
+        assert {"address", "port", "id"} <= set(d)
+        seen.append(d["id"])
+    assert Counter(seen) == {"web-1": 2, "web-2": 2, "web-3": 2}
+    assert seen[:3] == seen[3:]
+
+
+def test_cli_tables_and_exit_codes(agent):
+    r = agent.cli("services")
+    assert r.returncode == 0 and r.stdout.split("\n")[0].split() == ["SERVICE", "POLICY", "ENDPOINTS", "ELIGIBLE", "PANIC", "STALE"]
+    assert "web" in r.stdout
+    r = agent.cli("endpoints", "web")
+    assert r.returncode == 0 and "web-2" in r.stdout and "127.0.0.1:18002" in r.stdout
+    r = agent.cli("endpoints", "web", "--json")
+    assert [e["id"] for e in json.loads(r.stdout)["endpoints"]] == ["web-1", "web-2", "web-3"]
+    r = agent.cli("resolve", "nope")
+    assert r.returncode == 1 and "UNKNOWN_SERVICE" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "softlb_agent", "resolve", "web", "--socket", "/nonexistent/x.sock",
+                        "--timeout", "0.2"], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 3 and "cannot connect" in r.stderr
+    r = agent.cli("--help")
+    assert r.returncode == 0 and "resolve" in r.stdout
+
+
+def test_tcp_port_and_unix_socket_serve_the_same(agent):
+    with Client(addr=agent.addr) as tcp, agent.client() as unix:
+        assert tcp.services() == unix.services()
+        assert tcp.resolve("web").port in (18001, 18002, 18003)
+
+
+def test_socket_is_owner_and_group_only(agent):
+    mode = stat.S_IMODE(os.stat(agent.socket).st_mode)
+    assert mode & 0o007 == 0 and mode & 0o600 == 0o600
+
+
+def test_many_concurrent_clients(agent):
+    errors, counts = [], Counter()
+    lock = threading.Lock()
+
+    def worker():
+        try:
+            with agent.client(timeout=5) as c:
+                for _ in range(200):
+                    r = c.resolve("web", lease=False)
+                    with lock:
+                        counts[r.id] += 1
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker) for _ in range(12)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=60)
+    assert not errors
+    assert sum(counts.values()) == 2400 and set(counts) == {"web-1", "web-2", "web-3"}
+
+
+def test_catalog_edit_is_picked_up_without_restart(agent):
+    pid = agent.proc.pid
+    agent.write_catalog(endpoint_toml("web", "127.0.0.1", 19001, id="new-1") + endpoint_toml("db", "127.0.0.1", 5432))
+    wait_until(lambda: {s["name"] for s in agent.client().services()} == {"web", "db"})
+    with agent.client() as c:
+        assert {c.resolve("web").id for _ in range(3)} == {"new-1"}
+    assert agent.proc.pid == pid and agent.proc.poll() is None
+
+
+def test_broken_edit_keeps_the_last_good_catalog(agent):
+    agent.write_catalog("[[services.web.endpoints]]\naddress = \"127.0.0.1\"\nport = 99999\n")
+    wait_until(lambda: "not reloaded" in agent.log())
+    assert "port: 99999 is out of range" in agent.log()
+    with agent.client() as c:
+        assert {c.resolve("web").id for _ in range(3)} == {"web-1", "web-2", "web-3"}
+    # and a later good edit still applies
+    agent.write_catalog(endpoint_toml("web", "127.0.0.1", 19001, id="fixed"))
+    wait_until(lambda: agent.client().resolve("web").id == "fixed")
+
+
+def test_sighup_reloads_catalog(agent):
+    # Same size and a restored mtime would defeat polling; SIGHUP must reload regardless.
+    st = os.stat(agent.catalog_path)
+    agent.write_catalog(endpoint_toml("web", "127.0.0.1", 18001, id="web-9"))
+    os.utime(agent.catalog_path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    agent.send(signal.SIGHUP)
+    wait_until(lambda: agent.client().resolve("web").id == "web-9")
+
+
+def test_sighup_with_broken_config_keeps_serving(agent):
+    agent.write_config("[agent]\nbogus = 1\n")
+    agent.send(signal.SIGHUP)
+    wait_until(lambda: "config reload refused" in agent.log())
+    assert "agent.bogus: unknown setting" in agent.log()
+    assert agent.client().resolve("web").port in (18001, 18002, 18003)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_clean_shutdown(agent, sig):
+    assert agent.stop(sig) == 0
+    assert not os.path.exists(agent.socket)
+
+
+def test_refuses_non_loopback_listen(make_agent):
+    a = make_agent(extra_args=["--listen", "0.0.0.0:7999"])
+    a.start(wait=False)
+    assert a.proc.wait(timeout=20) == 2
+    assert "not a loopback address" in a.log()
+
+
+def test_bad_catalog_at_start_is_a_clear_error(make_agent):
+    a = make_agent(catalog="[[services.web.endpoints]]\nport = 1\n")
+    a.start(wait=False)
+    assert a.proc.wait(timeout=20) == 2
+    assert "services.web.endpoints[0].address: required" in a.log()
+
+
+def test_second_agent_on_the_same_socket_is_refused(agent, make_agent):
+    b = make_agent()
+    b.args[b.args.index("--socket") + 1] = agent.socket
+    b.start(wait=False)
+    assert b.proc.wait(timeout=20) == 2
+    assert "another agent is already serving" in b.log()
+    assert agent.client().resolve("web")
+
+
+def test_admin_http_api(agent):
+    base = f"http://127.0.0.1:{agent.admin_port}"
+    assert urllib.request.urlopen(base + "/healthz", timeout=5).read() == b"ok\n"
+    svcs = json.load(urllib.request.urlopen(base + "/v1/services", timeout=5))
+    assert [s["name"] for s in svcs] == ["web"]
+    r = json.load(urllib.request.urlopen(base + "/v1/resolve/web", timeout=5))
+    assert r["port"] in (18001, 18002, 18003)
+    metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+    assert 'softlb_service_endpoints{service="web"} 3' in metrics
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(base + "/v1/resolve/nope", timeout=5)
+    assert e.value.code == 404
+    s = socket.create_connection(("127.0.0.1", agent.admin_port), timeout=5)
+    s.sendall(b"garbage\r\n\r\n")
+    assert s.recv(100).startswith(b"HTTP/1.1 400")
+    s.close()
+
+
+def test_unknown_service_error_reaches_the_client_with_its_code(agent):
+    with agent.client() as c, pytest.raises(SoftLBError) as e:
+        c.resolve("nope")
+    assert e.value.code == "UNKNOWN_SERVICE"

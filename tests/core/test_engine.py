@@ -1,0 +1,178 @@
+"""The Engine through its protocol entry point, as the agent drives it."""
+
+import random
+from collections import Counter
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from softlb import AgentConfig, Endpoint, ErrorCode, RegistryHealth, ServiceConfig
+from softlb._engine import Engine
+from softlb._errors import RequestError
+
+
+def eps(n, **kw):
+    return [Endpoint(id=f"e{i}", address="127.0.0.1", port=8000 + i, **kw) for i in range(n)]
+
+
+def ask(engine, msg, now=0.0, source=None):
+    frame = engine.handle(msg, now, source)
+    assert frame is not None
+    assert int.from_bytes(frame[:4], "big") == len(frame) - 4
+    return msgpack.unpackb(frame[4:])
+
+
+@pytest.fixture
+def engine():
+    e = Engine(AgentConfig(), random.Random(7))
+    e.replace_all({"web": eps(3), "api": eps(2)}, 0.0)
+    return e
+
+
+def test_round_robin_rotates_over_every_endpoint(engine):
+    ids = [ask(engine, {"id": i, "op": "resolve", "service": "web"})["result"]["id"] for i in range(9)]
+    assert Counter(ids) == {"e0": 3, "e1": 3, "e2": 3}
+    assert ids[:3] == ids[3:6] == ids[6:]
+
+
+def test_resolve_answer_shape(engine):
+    ans = ask(engine, {"id": "x", "op": "resolve", "service": "api"})
+    assert ans["id"] == "x"
+    r = ans["result"]
+    assert set(r) == {"address", "port", "id", "tags", "meta", "weight", "node", "zone", "region", "lease", "panic", "stale"}
+    assert isinstance(r["lease"], int) and r["panic"] is False and r["stale"] is False
+    assert ask(engine, {"id": 1, "op": "resolve", "service": "api", "lease": False})["result"]["lease"] is None
+
+
+@pytest.mark.parametrize(
+    "msg, code",
+    [
+        ({"id": 1, "op": "resolve", "service": "nope"}, "UNKNOWN_SERVICE"),
+        ({"id": 1, "op": "resolve"}, "BAD_ARGUMENT"),
+        ({"id": 1, "op": "resolve", "service": 5}, "BAD_ARGUMENT"),
+        ({"id": 1, "op": "resolve", "service": "web", "tags": "v2"}, "BAD_ARGUMENT"),
+        ({"id": 1, "op": "resolve", "service": "web", "key": 5}, "BAD_ARGUMENT"),
+        ({"id": 1, "op": "resolve", "service": "web", "lease": "yes"}, "BAD_ARGUMENT"),
+        ({"id": 1, "op": "frobnicate"}, "UNKNOWN_OP"),
+        ({"id": 1}, "BAD_ARGUMENT"),
+        ({"op": "services"}, "BAD_ARGUMENT"),
+        ({"id": True, "op": "services"}, "BAD_ARGUMENT"),
+        ({"id": 1, "op": "hello", "versions": [7, 8]}, "UNSUPPORTED_VERSION"),
+        ({"id": 1, "op": "hello", "versions": "1"}, "BAD_ARGUMENT"),
+        ({"id": 1, "op": "report", "lease": 999}, "UNKNOWN_LEASE"),
+        ({"id": 1, "op": "report"}, "BAD_ARGUMENT"),
+        ({"id": 1, "op": "report", "service": "web", "endpoint": "zz"}, "BAD_ARGUMENT"),
+        ({"id": 1, "op": "report", "lease": 1, "latency": -1}, "BAD_ARGUMENT"),
+        ({"id": 1, "op": "endpoints", "service": "nope"}, "UNKNOWN_SERVICE"),
+    ],
+)
+def test_errors_carry_stable_codes(engine, msg, code):
+    ans = ask(engine, msg)
+    assert ans["error"]["code"] == code and ans["error"]["message"]
+    assert ans["id"] == (msg["id"] if isinstance(msg.get("id"), int) and not isinstance(msg.get("id"), bool) else None)
+
+
+def test_no_healthy_endpoint_and_tag_filters():
+    e = Engine(AgentConfig(), random.Random(1))
+    e.replace_all({"web": eps(2, registry=RegistryHealth.MAINTENANCE), "empty": [],
+                   "tagged": eps(1) + [Endpoint(id="t", address="h", port=1, tags=("v2", "x"))]}, 0.0)
+    for svc in ("web", "empty"):
+        assert ask(e, {"id": 1, "op": "resolve", "service": svc})["error"]["code"] == "NO_HEALTHY_ENDPOINT"
+    assert ask(e, {"id": 1, "op": "resolve", "service": "tagged", "tags": ["v2"]})["result"]["id"] == "t"
+    assert ask(e, {"id": 1, "op": "resolve", "service": "tagged", "tags": ["nope"]})["error"]["code"] == "NO_HEALTHY_ENDPOINT"
+
+
+def test_all_critical_is_panic_but_maintenance_never_gets_traffic():
+    e = Engine(AgentConfig(), random.Random(1))
+    e.replace_all({"web": eps(2, registry=RegistryHealth.CRITICAL) + [
+        Endpoint(id="m", address="h", port=1, registry=RegistryHealth.MAINTENANCE)]}, 0.0)
+    answers = [ask(e, {"id": i, "op": "resolve", "service": "web"})["result"] for i in range(8)]
+    assert {a["id"] for a in answers} == {"e0", "e1"} and all(a["panic"] for a in answers)
+
+
+def test_panic_spreads_over_all_when_too_few_are_eligible():
+    e = Engine(AgentConfig(services={"web": ServiceConfig(panic_threshold=50)}), random.Random(1))
+    e.replace_all({"web": eps(1) + eps(3, registry=RegistryHealth.CRITICAL)[1:]}, 0.0)
+    answers = [ask(e, {"id": i, "op": "resolve", "service": "web"})["result"] for i in range(6)]
+    assert all(a["panic"] for a in answers) and {a["id"] for a in answers} == {"e0", "e1", "e2"}
+
+
+def test_report_by_lease_closes_it(engine):
+    lease = ask(engine, {"id": 1, "op": "resolve", "service": "web"})["result"]["lease"]
+    assert len(engine.leases) == 1
+    assert ask(engine, {"id": 2, "op": "report", "lease": lease, "ok": False, "latency": 0.1})["result"] == {}
+    assert len(engine.leases) == 0
+    assert ask(engine, {"id": 3, "op": "report", "lease": lease})["error"]["code"] == "UNKNOWN_LEASE"
+    assert ask(engine, {"id": 4, "op": "report", "service": "web", "endpoint": "e1", "ok": True})["result"] == {}
+
+
+def test_leases_expire_on_tick(engine):
+    engine.leases.ttl = 10
+    ask(engine, {"id": 1, "op": "resolve", "service": "web"}, now=0.0)
+    ask(engine, {"id": 2, "op": "resolve", "service": "web"}, now=5.0)
+    assert engine.tick(9.0) == 10.0
+    assert engine.tick(10.0) == 15.0 and len(engine.leases) == 1
+    assert engine.tick(15.0) is None and len(engine.leases) == 0
+
+
+def test_lease_table_is_bounded():
+    e = Engine(AgentConfig(), random.Random(1))
+    e.leases.max_leases = 5
+    e.replace_all({"web": eps(2)}, 0.0)
+    for i in range(20):
+        e.resolve("web", 0.0)
+    assert len(e.leases) == 5
+
+
+def test_services_endpoints_and_hello(engine):
+    svcs = ask(engine, {"id": 1, "op": "services"})["result"]
+    assert [s["name"] for s in svcs] == ["api", "web"] and svcs[1]["endpoints"] == 3
+    d = ask(engine, {"id": 2, "op": "endpoints", "service": "web"})["result"]
+    assert [x["id"] for x in d["endpoints"]] == ["e0", "e1", "e2"] and all(x["eligible"] for x in d["endpoints"])
+    h = ask(engine, {"id": 3, "op": "hello", "versions": [1, 2]})["result"]
+    assert h["version"] == 1 and "resolve" in h["ops"]
+
+
+def test_streaming_ops_are_left_to_the_connection(engine):
+    assert engine.handle({"id": 1, "op": "watch", "service": "web"}, 0.0) is None
+
+
+def test_catalog_changes_notify_and_versions_move(engine):
+    changed = []
+    engine.on_change = changed.append
+    v = engine.services["web"].version
+    engine.replace_all({"web": eps(3), "api": eps(2)}, 1.0)
+    assert changed == []
+    engine.replace_all({"web": eps(4)}, 2.0)
+    assert sorted(changed) == ["api", "web"] and engine.services["web"].version > v
+    assert "api" not in engine.services
+
+
+def test_reconfigure_switches_settings_and_keeps_serving(engine):
+    before = engine.services["web"]
+    engine.reconfigure(AgentConfig(services={"web": ServiceConfig(panic_threshold=10)}), 1.0)
+    after = engine.services["web"]
+    assert after is not before and after.endpoints == before.endpoints
+    assert engine.services["api"] is not None
+    assert ask(engine, {"id": 1, "op": "resolve", "service": "web"})["result"]["id"].startswith("e")
+
+
+def test_resolve_raises_for_direct_callers(engine):
+    with pytest.raises(RequestError) as e:
+        engine.resolve("nope", 0.0)
+    assert e.value.code is ErrorCode.UNKNOWN_SERVICE
+
+
+@given(st.dictionaries(st.text(max_size=8), st.none() | st.integers() | st.text(max_size=8) | st.booleans()
+                       | st.lists(st.integers(), max_size=3), max_size=6))
+def test_any_map_gets_exactly_one_well_formed_answer(msg):
+    e = Engine(AgentConfig(), random.Random(1))
+    e.replace_all({"web": eps(2)}, 0.0)
+    frame = e.handle(msg, 0.0)
+    if frame is None:
+        assert msg.get("op") in ("watch", "unwatch")
+        return
+    ans = msgpack.unpackb(frame[4:])
+    assert ("result" in ans) != ("error" in ans)

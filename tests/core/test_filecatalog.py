@@ -1,0 +1,47 @@
+import pytest
+
+from softlb import ConfigError, Endpoint
+from softlb._filecatalog import parse_catalog_text
+
+
+def test_endpoints_with_defaults_and_labels():
+    cat = parse_catalog_text("""
+[[services.web.endpoints]]
+address = "127.0.0.1"
+port = 8001
+[[services.web.endpoints]]
+id = "b"
+address = "10.0.0.2"
+port = 8002
+weight = 3
+tags = ["v2"]
+meta = { version = "2" }
+node = "n1"
+zone = "z1"
+region = "r1"
+[services.empty]
+""")
+    a, b = cat["web"]
+    assert a == Endpoint(id="127.0.0.1:8001", address="127.0.0.1", port=8001)
+    assert (b.id, b.weight, b.tags, dict(b.meta), b.node, b.zone, b.region) == ("b", 3, ("v2",), {"version": "2"}, "n1", "z1", "r1")
+    assert cat["empty"] == ()
+
+
+@pytest.mark.parametrize(
+    "text, msg",
+    [
+        ("[[services.web.endpoints]]\nport = 1", "services.web.endpoints[0].address: required"),
+        ("[[services.web.endpoints]]\naddress = \"h\"\nport = 70000", "port: 70000 is out of range"),
+        ("[[services.web.endpoints]]\naddress = \"h\"\nport = 1\nwieght = 2", "wieght: unknown setting"),
+        ("[[services.web.endpoints]]\naddress = \"a b\"\nport = 1", "not an IP address or host name"),
+        ("[[services.w.endpoints]]\naddress = \"h\"\nport = 1\n[[services.w.endpoints]]\naddress = \"h\"\nport = 1",
+         "duplicate endpoint id \"h:1\""),
+        ("[services.web]\nendpoints = 3", "expected an array of tables"),
+        ("services = [", "not valid TOML"),
+        ("[[services.web.endpoints]]\naddress = \"h\"\nport = 1\nweight = -1", "weight: -1 is out of range"),
+    ],
+)
+def test_bad_catalogs_are_rejected_whole(text, msg):
+    with pytest.raises(ConfigError) as e:
+        parse_catalog_text(text)
+    assert msg in str(e.value)
