@@ -23,7 +23,7 @@ import math
 import random
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import trio
 
@@ -48,6 +48,9 @@ log = logging.getLogger("softlb_agent.consul")
 #: Up to this fraction of `min_query_interval` is added at random to each spacing, so
 #: watches woken by one Consul write do not query again in lockstep.
 SPACING_JITTER = 0.2
+#: [consul] settings read once at start (client, planner). `wait`, `min_query_interval`
+#: and `tagged_address` apply on reload; `keep_previous_on_empty` to newly watched services.
+RESTART_ONLY = ("address", "datacenter", "token", "ca_file", "stale", "max_watches", "idle_timeout")
 
 
 class CatalogListener(Protocol):
@@ -172,6 +175,9 @@ class ConsulSource:
         self._poll_wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._tracker = _StatusTracker(listener)
+        #: When set, `last_used(service)` is the last time a caller used it (the agent reads
+        #: it from the engine so that resolves need not call into the source each time).
+        self.last_used: Callable[[str], float | None] | None = None
         #: Bumped on every publish, so the snapshot writer knows when to save.
         self.version = 0
 
@@ -232,6 +238,9 @@ class ConsulSource:
     def reconfigure(self, config: AgentConfig) -> None:
         """New services/tags. Changes to the [consul] table itself need a new source."""
         old = {s: self._mapping(s) for s in self._states}
+        if any(getattr(config.consul, k) != getattr(self._config.consul, k) for k in RESTART_ONLY):
+            log.warning("consul: changes to the [consul] connection settings or watch limits "
+                        "take effect at the next agent restart")
         self._config = config
         now = trio.current_time()
         self._apply(self.planner.configure(config.services, now), now)
@@ -294,6 +303,11 @@ class ConsulSource:
     async def _supervise(self) -> None:
         while True:
             now = trio.current_time()
+            if self.last_used is not None:
+                for name in self.planner.on_demand:
+                    used = self.last_used(name)
+                    if used is not None:
+                        self.planner.touch(name, used)
             self._apply(self.planner.expire(now), now)
             self._wakeup = trio.Event()
             deadline = self.planner.next_expiry()

@@ -90,7 +90,7 @@ class WatchPlanner:
         if service in self._configured:
             return PlanChange()
         if service in self._on_demand:
-            self._on_demand[service] = now
+            self._on_demand[service] = max(now, self._on_demand[service])
             return PlanChange()
         self._on_demand[service] = now
         return self._replan()
@@ -117,6 +117,11 @@ class WatchPlanner:
     @property
     def polled(self) -> tuple[str, ...]:
         return self._polled
+
+    @property
+    def on_demand(self) -> tuple[str, ...]:
+        """Services watched because callers resolved them (they can go idle)."""
+        return tuple(self._on_demand)
 
     def is_wanted(self, service: str) -> bool:
         return service in self._configured or service in self._on_demand

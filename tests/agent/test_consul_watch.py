@@ -288,3 +288,21 @@ def test_settings_config_wins_and_token_file(tmp_path):
     assert (s.base_url, s.token) == ("http://127.0.0.1:1", "cfg")
     s = consul_settings(ConsulConfig(), {"CONSUL_HTTP_TOKEN_FILE": str(f), "CONSUL_CACERT": "/ca.pem"})
     assert (s.token, s.token_file, s.verify) == ("from-file", str(f), "/ca.pem")
+
+
+def test_last_used_keeps_on_demand_service_alive(srv):
+    srv.sim.add_instance("db", id="d", port=1)
+
+    async def body():
+        used: dict[str, float] = {}
+        async with watching(agent_config(srv.url, services=(), idle_timeout=0.5)) as (src, rec):
+            src.last_used = used.get
+            assert await src.wait_ready("db", timeout=2.0)
+            # Resolves recorded elsewhere (the engine) keep it watched past idle_timeout...
+            for _ in range(8):
+                used["db"] = trio.current_time()
+                await trio.sleep(0.1)
+            assert src.planner.wanted == ("db",) and not rec.removed
+            # ...and it goes once they stop.
+            await until(lambda: rec.removed == ["db"], timeout=3)
+    run(body)

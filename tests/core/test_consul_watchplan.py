@@ -111,3 +111,11 @@ def test_invariants(ops, max_watches):
         assert all(p.is_wanted(s) for s in p.wanted)
         if p.polled:
             assert len(p.blocking) == max_watches
+
+
+def test_touch_never_moves_the_idle_clock_back():
+    p = planner()
+    p.touch("x", 50)
+    p.touch("x", 10)  # an older use reported late
+    assert p.on_demand == ("x",)
+    assert p.next_expiry() == 150
