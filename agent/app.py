@@ -30,6 +30,9 @@ from softlb.policies import POLICIES
 from .paths import default_socket_path
 
 from . import admin
+from .consul_catalog import ConsulCatalog
+from .consul_http import consul_settings
+from .consul_register import ProviderRegistrar
 from .file_source import FileSource
 from .ipc_server import serve_listener
 from .prober import Prober
@@ -193,11 +196,13 @@ async def run_agent(
     """Run until SIGINT/SIGTERM or cancellation. Raises ConfigError for startup problems."""
     sm = ServiceManager()
     rt = Runtime(config, config_path, random.Random())
+    source: FileSource | ConsulCatalog
     if config.source == "consul":
-        raise ConfigError("catalog.source = \"consul\" is not available in this build yet")
-    if not config.catalog_file:
-        raise ConfigError("no catalog: give --catalog-file FILE (or catalog.file in the config)")
-    source = FileSource(rt, config.catalog_file)
+        source = ConsulCatalog(rt)
+    elif not config.catalog_file:
+        raise ConfigError("no catalog: give --catalog-file FILE, --consul URL, or catalog.source in the config")
+    else:
+        source = FileSource(rt, config.catalog_file)
     listeners: list[tuple[str, socket.socket]] = []
     systemds: set[socket.socket] = set()  # inherited: closed, but their paths are systemd's
     draining = trio.Event()
@@ -225,6 +230,10 @@ async def run_agent(
                     await nursery.start(admin.serve_admin, rt, listen("admin", "admin", config.admin, bind_tcp))
                 sm.close_unclaimed()
                 nursery.start_soon(_ticker, rt)
+                if config.provide:
+                    # Registered once we serve; deregistered when this nursery is cancelled.
+                    registrar = ProviderRegistrar(config.provide, consul_settings(config.consul))
+                    await nursery.start(registrar.run)
                 await nursery.start(sm.run, status)
                 log.info(
                     "softlb agent ready: %s; listening on %s",

@@ -159,19 +159,19 @@ def _run_agent(args: argparse.Namespace) -> int:
     log = logging.getLogger("softlb.agent")
 
     def overrides(cfg: AgentConfig) -> AgentConfig:
+        from dataclasses import replace
         return with_overrides(
             cfg,
             socket=args.socket, listen=args.listen, admin=args.admin, state_dir=args.state_dir,
             catalog_file=args.catalog_file, node=args.node, zone=args.zone, region=args.region,
             allow_non_loopback=args.allow_non_loopback,
             source=("consul" if args.consul else ("file" if args.catalog_file else None)),
+            # Here, not after: a SIGHUP reload re-applies overrides and must keep --consul.
+            consul=replace(cfg.consul, address=args.consul) if args.consul else None,
         )
 
     try:
         cfg = overrides(load_config_file(args.config) if args.config else AgentConfig())
-        if args.consul:
-            from dataclasses import replace
-            cfg = replace(cfg, consul=replace(cfg.consul, address=args.consul))
         trio.run(lambda: run_agent(cfg, config_path=args.config, overrides=overrides))
     except ConfigError as e:
         log.error("%s", e)

@@ -18,3 +18,13 @@ from ._types import Endpoint as Endpoint
 from ._types import RegistryHealth as RegistryHealth
 
 __version__ = "0.1.0"
+
+# Consul discovery (sans-I/O parts)
+from ._backoff import Backoff as Backoff
+from ._backoff import RetryPolicy as RetryPolicy
+from ._consul import ConsulDataError as ConsulDataError
+from ._consul import EmptySetGuard as EmptySetGuard
+from ._consul import MappingOptions as MappingOptions
+from ._consul import endpoints_from_health as endpoints_from_health
+from ._consul import next_index as next_index
+from ._watchplan import WatchPlanner as WatchPlanner

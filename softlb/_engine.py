@@ -48,6 +48,9 @@ class Engine:
         #: means "a source is fetching it" and the agent retries after waiting (Consul
         #: on-demand watches). The file source leaves it unset.
         self.on_unknown_service: Callable[[str], bool] | None = None
+        #: service -> `now` of its latest resolve; on-demand catalog sources (Consul) read
+        #: it to expire services nobody uses, without a callback on every resolve.
+        self.last_resolved: dict[str, float] = {}
 
     # ----------------------------------------------------------------- catalog input
 
@@ -75,6 +78,7 @@ class Engine:
         return changed
 
     def remove_service(self, name: str, now: float) -> None:
+        self.last_resolved.pop(name, None)
         if self.services.pop(name, None) is not None:
             self.leases.drop_service(name)
             self._changed(name)
@@ -121,6 +125,7 @@ class Engine:
         if deadline is not None and now >= deadline:
             # An ejection ran out since the last tick: return the endpoint before picking.
             self._tick_service(b, now)
+        self.last_resolved[service] = now
         ep = b.pick(key, source, tags, now)
         if ep is None:
             raise RequestError(ErrorCode.NO_HEALTHY_ENDPOINT, self._why_empty(b, tags))

@@ -1,0 +1,82 @@
+"""The "consul" catalog source for the agent: ConsulSource wired to the Engine.
+
+* Publishes each watched service's endpoints with `engine.set_service(..., stale=,
+  fetched_at=)`, and removes services that went idle.
+* Configured services (`[services.<name>]`) are watched from the start; any other service
+  is watched when a caller first resolves it: `engine.on_unknown_service` starts the watch
+  and the connection waits (bounded by `consul.first_answer_timeout`) for the first answer.
+* Loads the persisted snapshot before anything else and publishes it as stale, so an agent
+  restarted while Consul is down answers at once; saves it as Consul changes.
+* The agent is ready without Consul: startup waits at most `first_answer_timeout` for the
+  configured services' first answers, then serves whatever it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from functools import partial
+
+import trio
+
+from softlb._types import Endpoint
+
+from . import catalog_snapshot
+from .consul_watch import ConsulSource, ConsulStatus
+from .paths import default_state_dir
+from .runtime import Runtime
+
+log = logging.getLogger("softlb_agent.consul")
+
+
+class ConsulCatalog:
+    def __init__(self, rt: Runtime, rng: random.Random | None = None) -> None:
+        self.rt = rt
+        self.source = ConsulSource(rt.config, self, rng=rng or random.Random())
+        self.source.last_used = rt.engine.last_resolved.get
+        rt.engine.on_unknown_service = self._fetch
+        self.snapshot_path = catalog_snapshot.snapshot_path(rt.config.state_dir or default_state_dir())
+        self._address = rt.config.consul.address or "(CONSUL_HTTP_ADDR or 127.0.0.1:8500)"
+        rt.source_status = f"consul {self._address}: starting"
+
+    def _fetch(self, service: str) -> bool:
+        self.source.want(service)
+        return True
+
+    # ------------------------------------------------------------------ CatalogListener
+
+    def on_update(self, service: str, endpoints: tuple[Endpoint, ...], now: float, *,
+                  stale: bool, fetched_at: float | None) -> None:
+        self.rt.engine.set_service(service, endpoints, now, stale=stale, fetched_at=fetched_at)
+
+    def on_remove(self, service: str, now: float) -> None:
+        self.rt.engine.remove_service(service, now)
+
+    def on_status(self, status: ConsulStatus) -> None:
+        detail = f" ({status.detail})" if status.detail else ""
+        self.rt.source_status = f"consul {self._address}: {status.state}{detail}"
+
+    # ------------------------------------------------------------------ the agent's source API
+
+    def request_reload(self) -> None:
+        self.source.reconfigure(self.rt.config)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        now = trio.current_time()
+        loaded = catalog_snapshot.load(self.snapshot_path, now, time.time())
+        for name, (endpoints, fetched_at) in loaded.items():
+            self.source.seed(name, endpoints, fetched_at, now)
+        if loaded:
+            log.info("consul: loaded %d services from snapshot %s (stale until Consul confirms)",
+                     len(loaded), self.snapshot_path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.source.run)
+            await nursery.start(partial(catalog_snapshot.run_snapshot_writer, self.source,
+                                        self.snapshot_path))
+            timeout = self.rt.config.consul.first_answer_timeout
+            with trio.move_on_after(timeout):
+                for name in self.rt.config.services:
+                    await self.source.wait_ready(name, timeout)
+            self.rt.catalog_ready.set()
+            task_status.started()

@@ -1,0 +1,425 @@
+"""The Consul catalog source: blocking-query watches per service, a poller for the overflow.
+
+How it runs (docs/CONSUL.md has the long form):
+
+* `WatchPlanner` (softlb._watchplan) decides which services are watched and which of them
+  get a blocking query (at most `max_watches`); the rest are refreshed by one poller with
+  non-blocking `?cached` queries.
+* Each blocking watch loops on `/v1/health/service/<name>?index=N&wait=W` and applies
+  Consul's rules through the pure helpers in softlb._consul: same index = no change, index
+  backwards = reset to 0, missing/0 = 1, identical endpoint sets are not re-published,
+  queries are spaced at least `min_query_interval` apart (plus jitter) however fast Consul
+  answers, and errors back off exponentially with jitter (softlb._backoff).
+* A failing service keeps its last good endpoints, re-published once as stale with the
+  time of the last good answer; the first good answer clears it. Failures are logged once
+  per change of the source's state (ok / degraded / acl_denied), not per retry.
+* Results go out through `CatalogListener`, so this module knows nothing of the Engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import trio
+
+from softlb._backoff import Backoff, RetryPolicy
+from softlb._config import AgentConfig
+from softlb._consul import (
+    ConsulDataError,
+    EmptySetGuard,
+    MappingOptions,
+    decode_health_body,
+    endpoints_from_health,
+    index_changed,
+    next_index,
+)
+from softlb._types import Endpoint
+from softlb._watchplan import DEFAULT_MAX_POLL_RATE, DEFAULT_POLL_PERIOD, PlanChange, WatchPlanner
+
+from .consul_http import SPARE_CONNECTIONS, ConsulAnswer, ConsulClient, ConsulError, consul_settings
+
+log = logging.getLogger("softlb_agent.consul")
+
+#: Up to this fraction of `min_query_interval` is added at random to each spacing, so
+#: watches woken by one Consul write do not query again in lockstep.
+SPACING_JITTER = 0.2
+#: [consul] settings read once at start (client, planner). `wait`, `min_query_interval`
+#: and `tagged_address` apply on reload; `keep_previous_on_empty` to newly watched services.
+RESTART_ONLY = ("address", "datacenter", "token", "ca_file", "stale", "max_watches", "idle_timeout")
+
+
+class CatalogListener(Protocol):
+    """Where the source publishes. Phase 2 wires these to Engine.set_service & co."""
+
+    def on_update(self, service: str, endpoints: tuple[Endpoint, ...], now: float, *,
+                  stale: bool, fetched_at: float | None) -> None:
+        """A service's full endpoint set. `stale`: Consul could not confirm it recently;
+        `fetched_at`: (monotonic) time of the last good answer it came from."""
+
+    def on_remove(self, service: str, now: float) -> None:
+        """The service is no longer watched (idle on-demand service)."""
+
+    def on_status(self, status: ConsulStatus) -> None:
+        """The source's overall state changed (called once per change, not per retry)."""
+
+
+@dataclass(frozen=True)
+class ConsulStatus:
+    state: str  # "starting", "ok", "degraded" (some queries failing), "acl_denied"
+    detail: str = ""
+    since: float = 0.0
+    failing: int = 0  # services whose latest query failed
+
+
+class _ServiceState:
+    """What the source knows about one watched service."""
+
+    def __init__(self, name: str, hold: float, backoff: Backoff) -> None:
+        self.name = name
+        self.index = 0
+        self.fresh: tuple[Endpoint, ...] = ()  # Consul's latest answer, mapped
+        self.published: tuple[Endpoint, ...] | None = None
+        self.stale = False
+        self.fetched_at: float | None = None
+        self.have_data = False  # Consul answered at least once (a snapshot seed does not count)
+        self.guard = EmptySetGuard(hold)
+        self.hold_until: float | None = None
+        self.backoff = backoff
+        self.answered = trio.Event()  # the first query finished, well or badly
+
+
+class _StatusTracker:
+    """Aggregates per-service failures into one source state; logs when it changes."""
+
+    def __init__(self, listener: CatalogListener) -> None:
+        self.listener = listener
+        self.failing: dict[str, tuple[str, str]] = {}
+        self.status = ConsulStatus("starting")
+        self._key: tuple[str, str] = ("starting", "")
+
+    def failed(self, service: str, err: Exception, now: float) -> None:
+        kind = getattr(err, "kind", "bad data") if isinstance(err, ConsulError) else "bad data"
+        prev = self.failing.get(service)
+        self.failing[service] = (kind, str(err))
+        if prev is None or prev[0] != kind:
+            log.debug("consul: %s: %s", service, err)
+        self._update(now)
+
+    def ok(self, service: str, now: float) -> None:
+        if self.failing.pop(service, None) is not None:
+            log.debug("consul: %s: answering again", service)
+        self._update(now)
+
+    def _update(self, now: float) -> None:
+        if not self.failing:
+            state, kind, detail = "ok", "", ""
+        else:
+            kinds = Counter(k for k, _ in self.failing.values())
+            kind = "acl denied" if "acl denied" in kinds else kinds.most_common(1)[0][0]
+            state = "acl_denied" if kind == "acl denied" else "degraded"
+            example = next((s, d) for s, (k, d) in self.failing.items() if k == kind)
+            detail = f"{kind}: {example[1]} (service {example[0]})"
+        since = self.status.since if (state, kind) == self._key else now
+        self.status = ConsulStatus(state, detail, since, len(self.failing))
+        if (state, kind) == self._key:
+            return
+        previous, self._key = self._key, (state, kind)
+        if state == "ok":
+            if previous[0] != "starting":
+                log.info("consul: all watches answering again")
+        elif state == "acl_denied":
+            log.error("consul: the ACL token was refused (%s). Set consul.token, CONSUL_HTTP_TOKEN "
+                      "or CONSUL_HTTP_TOKEN_FILE to a token with service:read and node:read; "
+                      "serving the last known endpoints meanwhile", detail)
+        else:
+            log.warning("consul: queries failing (%s); serving the last known endpoints, marked "
+                        "stale, and retrying with backoff", detail)
+        self.listener.on_status(self.status)
+
+
+class ConsulSource:
+    """Watches Consul for the services the agent needs and publishes their endpoints."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        listener: CatalogListener,
+        *,
+        rng: random.Random,
+        client: ConsulClient | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        poll_period: float = DEFAULT_POLL_PERIOD,
+        max_poll_rate: float = DEFAULT_MAX_POLL_RATE,
+    ) -> None:
+        self._config = config
+        self._listener = listener
+        self._rng = rng
+        self._client = client
+        self._own_client = client is None
+        self._retry = retry
+        c = config.consul
+        self.planner = WatchPlanner(max_watches=c.max_watches, idle_timeout=c.idle_timeout,
+                                    poll_period=poll_period, max_poll_rate=max_poll_rate)
+        self.planner.configure(config.services, 0.0)
+        self._states: dict[str, _ServiceState] = {}
+        for name in self.planner.wanted:
+            self._state(name)
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._urgent: deque[str] = deque()
+        self._wakeup = trio.Event()
+        self._poll_wakeup = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._tracker = _StatusTracker(listener)
+        #: When set, `last_used(service)` is the last time a caller used it (the agent reads
+        #: it from the engine so that resolves need not call into the source each time).
+        self.last_used: Callable[[str], float | None] | None = None
+        #: Bumped on every publish, so the snapshot writer knows when to save.
+        self.version = 0
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def status(self) -> ConsulStatus:
+        return self._tracker.status
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self._client is None:
+            self._client = ConsulClient(
+                consul_settings(self._config.consul),
+                max_connections=self._config.consul.max_watches + SPARE_CONNECTIONS)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for name in self.planner.blocking:
+                    nursery.start_soon(self._run_watch, name)
+                self._urgent.extend(s for s in self.planner.polled if not self._states[s].have_data)
+                nursery.start_soon(self._run_poller)
+                task_status.started()
+                await self._supervise()
+        finally:
+            self._nursery = None
+            if self._own_client:
+                with trio.CancelScope(shield=True):
+                    await self._client.aclose()
+
+    def want(self, service: str) -> None:
+        """A caller resolved `service`: watch it if new, and keep it from going idle."""
+        now = trio.current_time()
+        self._apply(self.planner.touch(service, now), now)
+
+    async def wait_ready(self, service: str, timeout: float) -> bool:
+        """`want(service)`, then wait (bounded) for its first Consul answer if nothing is
+        known yet. True if endpoints (possibly stale) are now published."""
+        self.want(service)
+        st = self._states.get(service)
+        if st is None:
+            return False
+        if st.published is None:
+            with trio.move_on_after(timeout):
+                await st.answered.wait()
+        return st.published is not None
+
+    def seed(self, service: str, endpoints: Sequence[Endpoint], fetched_at: float, now: float) -> None:
+        """Serve a set from the persisted snapshot, stale, until Consul answers."""
+        self._apply(self.planner.touch(service, now), now)
+        st = self._state(service)
+        if st.have_data:
+            return
+        eps = tuple(endpoints)
+        st.fresh, st.fetched_at = eps, fetched_at
+        st.guard.seed(eps)
+        self._publish(st, eps, True, now)
+
+    def reconfigure(self, config: AgentConfig) -> None:
+        """New services/tags. Changes to the [consul] table itself need a new source."""
+        old = {s: self._mapping(s) for s in self._states}
+        if any(getattr(config.consul, k) != getattr(self._config.consul, k) for k in RESTART_ONLY):
+            log.warning("consul: changes to the [consul] connection settings or watch limits "
+                        "take effect at the next agent restart")
+        self._config = config
+        now = trio.current_time()
+        self._apply(self.planner.configure(config.services, now), now)
+        for name, st in self._states.items():
+            if name in old and self._mapping(name) != old[name]:
+                st.index = 0  # forces a fresh, fully mapped answer
+                self._restart(name)
+
+    def published(self) -> dict[str, tuple[tuple[Endpoint, ...], float | None]]:
+        """Current sets and their fetch times, for the snapshot."""
+        return {n: (st.published, st.fetched_at) for n, st in self._states.items()
+                if st.published is not None}
+
+    # ------------------------------------------------------------------ planning
+
+    def _state(self, name: str) -> _ServiceState:
+        st = self._states.get(name)
+        if st is None:
+            st = self._states[name] = _ServiceState(
+                name, self._config.consul.keep_previous_on_empty, Backoff(self._retry, self._rng))
+        return st
+
+    def _mapping(self, service: str) -> MappingOptions:
+        return MappingOptions(tags=self._config.service(service).tags,
+                              tagged_address=self._config.consul.tagged_address)
+
+    def _apply(self, change: PlanChange, now: float) -> None:
+        if not change:
+            return
+        for name in change.added:
+            self._state(name)
+        for name in change.removed:
+            self._states.pop(name, None)
+            self._tracker.ok(name, now)
+            self._listener.on_remove(name, now)
+        for name in change.stop_blocking:
+            scope = self._scopes.pop(name, None)
+            if scope is not None:
+                scope.cancel()
+        polled = set(self.planner.polled)
+        for name in change.added + change.stop_blocking:
+            if name in polled and not self._states[name].have_data:
+                self._urgent.append(name)
+        if self._nursery is not None:
+            for name in change.start_blocking:
+                self._nursery.start_soon(self._run_watch, name)
+        self._poll_wakeup.set()
+        self._wakeup.set()
+
+    def _restart(self, name: str) -> None:
+        scope = self._scopes.pop(name, None)
+        if scope is not None:
+            scope.cancel()
+            if self._nursery is not None:
+                self._nursery.start_soon(self._run_watch, name)
+        elif name in self.planner.polled:
+            self._urgent.append(name)
+            self._poll_wakeup.set()
+
+    async def _supervise(self) -> None:
+        while True:
+            now = trio.current_time()
+            if self.last_used is not None:
+                for name in self.planner.on_demand:
+                    used = self.last_used(name)
+                    if used is not None:
+                        self.planner.touch(name, used)
+            self._apply(self.planner.expire(now), now)
+            self._wakeup = trio.Event()
+            deadline = self.planner.next_expiry()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._wakeup.wait()
+
+    # ------------------------------------------------------------------ queries
+
+    def _spacing(self) -> float:
+        m = self._config.consul.min_query_interval
+        return m * (1 + SPACING_JITTER * self._rng.random())
+
+    async def _run_watch(self, name: str) -> None:
+        with trio.CancelScope() as scope:
+            self._scopes[name] = scope
+            try:
+                await self._watch_loop(name)
+            finally:
+                if self._scopes.get(name) is scope:
+                    del self._scopes[name]
+
+    async def _watch_loop(self, name: str) -> None:
+        assert self._client is not None
+        while True:
+            st = self._states.get(name)
+            if st is None:
+                return
+            started = trio.current_time()
+            wait = self._config.consul.wait
+            if st.hold_until is not None:
+                # Wake when the empty-set hold ends, to publish the empty set then.
+                wait = max(1.0, min(wait, st.hold_until - started))
+            try:
+                ans = await self._client.health_service(name, index=st.index, wait=wait)
+                self._accept(st, ans)
+            except (ConsulError, ConsulDataError) as e:
+                await trio.sleep(self._failed(st, e))
+                continue
+            await trio.sleep_until(started + self._spacing())
+
+    async def _run_poller(self) -> None:
+        assert self._client is not None
+        backoff = Backoff(self._retry, self._rng)
+        while True:
+            name = self._next_poll(trio.current_time())
+            if name is None:
+                self._poll_wakeup = trio.Event()
+                at = self.planner.next_poll_at
+                with trio.move_on_at(math.inf if at is None else at):
+                    await self._poll_wakeup.wait()
+                continue
+            st = self._states[name]
+            try:
+                self._accept(st, await self._client.health_service(name, cached=True))
+                backoff.success()
+            except ConsulDataError as e:
+                self._failed(st, e)  # one service's bad data must not slow the others
+            except ConsulError as e:
+                self._failed(st, e)
+                # Consul itself is failing: slow the whole poller down, not just this service.
+                await trio.sleep(backoff.failure())
+
+    def _next_poll(self, now: float) -> str | None:
+        polled = set(self.planner.polled) if self._urgent else ()
+        while self._urgent:
+            name = self._urgent.popleft()
+            if name in polled and not self._states[name].have_data:
+                return name
+        return self.planner.poll_due(now)
+
+    # ------------------------------------------------------------------ results
+
+    def _accept(self, st: _ServiceState, ans: ConsulAnswer) -> None:
+        now = trio.current_time()
+        new_index = next_index(st.index, ans.index)
+        if index_changed(st.index, new_index) or not st.have_data:
+            st.fresh = endpoints_from_health(decode_health_body(ans.body), self._mapping(st.name))
+        st.index = new_index
+        st.have_data = True
+        st.backoff.success()
+        self._tracker.ok(st.name, now)
+        st.answered.set()
+        decision = st.guard.decide(st.fresh, now)
+        if decision.holding:
+            if st.hold_until is None:
+                log.warning("consul: %s suddenly has no instances; serving the previous %d for "
+                            "up to %.0fs (consul.keep_previous_on_empty)", st.name,
+                            len(decision.endpoints), st.guard.hold)
+            st.hold_until = decision.hold_until
+            # A held set is not what Consul says: it is stale, as of the last non-empty answer.
+            self._publish(st, decision.endpoints, True, now)
+            return
+        if st.hold_until is not None and not decision.endpoints:
+            log.warning("consul: %s still has no instances after %.0fs; serving none",
+                        st.name, st.guard.hold)
+        st.hold_until = None
+        st.fetched_at = now
+        # A server that knows no leader may be answering from old state.
+        self._publish(st, decision.endpoints, ans.known_leader is False, now)
+
+    def _failed(self, st: _ServiceState, err: Exception) -> float:
+        now = trio.current_time()
+        self._tracker.failed(st.name, err, now)
+        st.answered.set()
+        if st.published is not None:
+            self._publish(st, st.published, True, now)
+        return st.backoff.failure()
+
+    def _publish(self, st: _ServiceState, endpoints: tuple[Endpoint, ...], stale: bool, now: float) -> None:
+        if st.published == endpoints and st.stale == stale:
+            return
+        st.published, st.stale = endpoints, stale
+        self.version += 1
+        self._listener.on_update(st.name, endpoints, now, stale=stale, fetched_at=st.fetched_at)
+

@@ -1,0 +1,349 @@
+"""Consul's health API, sans-I/O: JSON entries in, endpoints out; index rules; empty-set guard.
+
+Everything here is a pure function of its inputs so the rules Consul documents (see
+docs/CONSUL.md and the shared Consul API notes) are tested without a socket:
+
+* `endpoints_from_health` maps the `/v1/health/service/<name>` entry list to endpoints.
+  Health is filtered client side (never `?passing`) because Warning instances stay in
+  rotation at their Warning weight; critical and maintenance instances are returned with
+  that registry state so `softlb endpoints` can show them, and the balancer skips them.
+* `next_index` / `index_changed` are the blocking-query index rules.
+* `EmptySetGuard` keeps serving the previous endpoints for a while when a service that had
+  instances suddenly has none (SmartStack's `use_previous_backends`).
+
+Garbage from Consul raises `ConsulDataError` naming the entry and key; callers keep the last
+good set and retry, they never crash or publish half a list.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from ._errors import SoftLBError
+from ._types import Endpoint, RegistryHealth
+
+#: Check ids Consul uses for maintenance mode: `consul maint -service` adds
+#: `_service_maintenance:<service id>`, `consul maint` (node) adds `_node_maintenance`.
+SERVICE_MAINTENANCE_PREFIX = "_service_maintenance:"
+NODE_MAINTENANCE_CHECK = "_node_maintenance"
+
+#: Node.Meta keys read as locality labels, first match wins. Plain `zone`/`region` is what
+#: operators write in `node_meta`; the Kubernetes topology keys are what consul-k8s syncs.
+ZONE_KEYS = ("zone", "topology.kubernetes.io/zone", "failure-domain.beta.kubernetes.io/zone")
+REGION_KEYS = ("region", "topology.kubernetes.io/region", "failure-domain.beta.kubernetes.io/region")
+
+_MAX_INDEX = (1 << 64) - 1
+
+
+class ConsulDataError(SoftLBError):
+    """Consul (or something posing as it) answered with data we cannot use.
+
+    The message names what is wrong (`entry[2].Service.Port: expected an integer, got a
+    string`) so an operator can find the offending registration.
+    """
+
+
+# --------------------------------------------------------------------------- index rules
+
+
+def parse_index(header_value: str | None) -> int | None:
+    """The X-Consul-Index header as an int; None when absent. Unparsable -> ConsulDataError."""
+    if header_value is None:
+        return None
+    text = header_value.strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) > _MAX_INDEX:
+        raise ConsulDataError(f"X-Consul-Index: not an unsigned 64-bit integer: {header_value!r}")
+    return int(text)
+
+
+def next_index(old: int, header_value: str | None) -> int:
+    """The index to send with the next blocking query, given the last one and the new header.
+
+    * missing or 0 -> 1: Consul says index 1 is always safe, and 0 would make every query
+      non-blocking (a hot loop).
+    * lower than `old` -> 0: the index went backwards (snapshot restore, upgrade); the next
+      query must be non-blocking to fetch the current state and a fresh index.
+    * otherwise the new value.
+    """
+    new = parse_index(header_value)
+    if not new:
+        return 1
+    if new < old:
+        return 0
+    return new
+
+
+def index_changed(old: int, new: int) -> bool:
+    """False when a blocking query came back with the index it was sent: it timed out."""
+    return new != old
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+@dataclass(frozen=True)
+class MappingOptions:
+    #: Only instances carrying all these tags become endpoints.
+    tags: tuple[str, ...] = ()
+    #: "" for Service.Address/Node.Address, "lan" or "wan" to prefer that tagged address.
+    tagged_address: str = ""
+
+
+def decode_health_body(body: bytes | str) -> list[Any]:
+    """Parse a health endpoint body; anything but a JSON array is ConsulDataError."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConsulDataError(f"response body is not JSON: {e}") from None
+    if not isinstance(data, list):
+        raise ConsulDataError(f"response body: expected a JSON array, got {_kind(data)}")
+    return data
+
+
+def endpoints_from_health(
+    entries: Any, options: MappingOptions = MappingOptions()
+) -> tuple[Endpoint, ...]:
+    """Map a `/v1/health/service/<name>` entry list to endpoints, sorted by id.
+
+    Instances lacking a required tag are left out entirely; unhealthy ones are kept with
+    their registry state (CRITICAL or MAINTENANCE) and weight 0. A duplicate id (the same
+    service id on the same node twice, which Consul never sends) keeps the first.
+    """
+    if not isinstance(entries, list):
+        raise ConsulDataError(f"response body: expected a JSON array, got {_kind(entries)}")
+    out: dict[str, Endpoint] = {}
+    for i, entry in enumerate(entries):
+        ep = _endpoint(entry, f"entry[{i}]", options)
+        if ep is not None and ep.id not in out:
+            out[ep.id] = ep
+    return tuple(out[k] for k in sorted(out))
+
+
+def aggregate_health(checks: Sequence[Any], where: str = "Checks") -> RegistryHealth:
+    """Worst check wins: maintenance > critical > warning > passing.
+
+    Node-level checks (serfHealth) count too: a dead node's services are dead. A status
+    string we do not know is treated as critical, because serving an instance whose
+    health we cannot read is the riskier mistake.
+    """
+    if not isinstance(checks, list):
+        raise ConsulDataError(f"{where}: expected a list, got {_kind(checks)}")
+    worst = RegistryHealth.PASSING
+    for j, check in enumerate(checks):
+        c = _Obj(check, f"{where}[{j}]")
+        status = c.str("Status")
+        check_id = c.str("CheckID", "")
+        if status == "maintenance" or (
+            status == "critical"
+            and (check_id.startswith(SERVICE_MAINTENANCE_PREFIX) or check_id == NODE_MAINTENANCE_CHECK)
+        ):
+            return RegistryHealth.MAINTENANCE
+        if status == "passing":
+            continue
+        if status == "warning":
+            if worst is RegistryHealth.PASSING:
+                worst = RegistryHealth.WARNING
+            continue
+        worst = RegistryHealth.CRITICAL
+    return worst
+
+
+def _endpoint(entry: Any, where: str, options: MappingOptions) -> Endpoint | None:
+    e = _Obj(entry, where)
+    node = e.obj("Node")
+    svc = e.obj("Service")
+    tags = svc.str_list("Tags")
+    if any(t not in tags for t in options.tags):
+        return None
+    node_name = node.str("Node")
+    service_id = svc.str("ID")
+    if not node_name or not service_id:
+        raise ConsulDataError(f"{where}: empty Node.Node or Service.ID")
+    address, port = _address(node, svc, options.tagged_address, where)
+    checks = e.raw("Checks")
+    health = aggregate_health([] if checks is None else checks, f"{where}.Checks")
+    weights = svc.opt_obj("Weights")
+    if health is RegistryHealth.PASSING:
+        weight = weights.int("Passing", 1, lo=0) if weights else 1
+    elif health is RegistryHealth.WARNING:
+        weight = weights.int("Warning", 1, lo=0) if weights else 1
+    else:
+        weight = 0
+    node_meta = node.str_map("Meta")
+    service_meta = svc.str_map("Meta")
+    return Endpoint(
+        id=f"{service_id}@{node_name}",
+        address=address,
+        port=port,
+        weight=weight,
+        tags=tuple(tags),
+        meta=service_meta,
+        node=node_name,
+        zone=_first(node_meta, ZONE_KEYS) or _first(service_meta, ZONE_KEYS),
+        region=_first(node_meta, REGION_KEYS) or _first(service_meta, REGION_KEYS),
+        registry=health,
+    )
+
+
+def _address(node: _Obj, svc: _Obj, tagged: str, where: str) -> tuple[str, int]:
+    port = svc.int("Port", 0, lo=0, hi=65535)
+    if tagged:
+        service_tagged = svc.opt_obj("TaggedAddresses")
+        if service_tagged is not None:
+            chosen = service_tagged.opt_obj(tagged)
+            if chosen is not None:
+                addr = chosen.str_any_case("Address", "")
+                if addr:
+                    return addr, chosen.int_any_case("Port", port, lo=0, hi=65535)
+        node_tagged = node.opt_obj("TaggedAddresses")
+        if node_tagged is not None:
+            addr = node_tagged.str(tagged, "")
+            if addr:
+                return addr, port
+    addr = svc.str("Address", "") or node.str("Address", "")
+    if not addr:
+        raise ConsulDataError(f"{where}: neither Service.Address nor Node.Address is set")
+    return addr, port
+
+
+def _first(meta: Mapping[str, str], keys: Sequence[str]) -> str:
+    for k in keys:
+        v = meta.get(k)
+        if v:
+            return v
+    return ""
+
+
+class _Obj:
+    """A JSON object being read, with getters that name the key path in their errors."""
+
+    __slots__ = ("d", "where")
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConsulDataError(f"{where}: expected an object, got {_kind(data)}")
+        self.d = data
+        self.where = where
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        return self.d.get(key, default)
+
+    def _missing(self, key: str) -> ConsulDataError:
+        return ConsulDataError(f"{self.where}.{key}: missing")
+
+    def obj(self, key: str) -> _Obj:
+        if key not in self.d:
+            raise self._missing(key)
+        return _Obj(self.d[key], f"{self.where}.{key}")
+
+    def opt_obj(self, key: str) -> _Obj | None:
+        v = self.d.get(key)
+        return None if v is None else _Obj(v, f"{self.where}.{key}")
+
+    def str(self, key: str, default: str | None = None) -> str:
+        v = self.d.get(key, default)
+        if v is None:
+            if default is None and key not in self.d:
+                raise self._missing(key)
+            return default or ""
+        if not isinstance(v, str):
+            raise ConsulDataError(f"{self.where}.{key}: expected a string, got {_kind(v)}")
+        return v
+
+    def str_any_case(self, key: str, default: str) -> str:
+        return self.str(key if key in self.d else key.lower(), default)
+
+    def int(self, key: str, default: int, *, lo: int, hi: int | None = None) -> int:
+        v = self.d.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConsulDataError(f"{self.where}.{key}: expected an integer, got {_kind(v)}")
+        if v < lo or (hi is not None and v > hi):
+            raise ConsulDataError(f"{self.where}.{key}: {v} is out of range")
+        return v
+
+    def int_any_case(self, key: str, default: int, *, lo: int, hi: int) -> int:
+        return self.int(key if key in self.d else key.lower(), default, lo=lo, hi=hi)
+
+    def str_list(self, key: str) -> list[str]:
+        v = self.d.get(key)
+        if v is None:
+            return []
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ConsulDataError(f"{self.where}.{key}: expected a list of strings")
+        return v
+
+    def str_map(self, key: str) -> dict[str, str]:
+        v = self.d.get(key)
+        if v is None:
+            return {}
+        if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+            raise ConsulDataError(f"{self.where}.{key}: expected an object of strings")
+        return dict(v)
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+# --------------------------------------------------------------------------- empty-set guard
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    """What to publish after a Consul answer, and whether the guard is overriding it."""
+
+    endpoints: tuple[Endpoint, ...]
+    #: True while the previous set is served in place of an empty answer.
+    holding: bool = False
+    #: When holding: the `now` at which the empty answer will be accepted.
+    hold_until: float | None = None
+
+
+class EmptySetGuard:
+    """Don't publish an empty set just because Consul suddenly says a service has none.
+
+    A service that had instances and now has zero is far more often a registry accident
+    (a deploy deregistering everything, an ACL change hiding the service, a half-restored
+    Consul) than a real outage of every instance. For `hold` seconds from the first empty
+    answer the previous set stays published and `holding` says so; after that the empty
+    set is accepted. `hold <= 0` disables the guard. A non-empty answer ends the hold at
+    once. "Empty" means no instances at all: instances that are all critical are Consul
+    telling us about health, which the balancer's panic threshold deals with.
+    """
+
+    def __init__(self, hold: float) -> None:
+        self.hold = hold
+        self._last: tuple[Endpoint, ...] = ()
+        self._empty_since: float | None = None
+
+    def seed(self, endpoints: Sequence[Endpoint]) -> None:
+        """Start from a set known from elsewhere (the persisted snapshot)."""
+        self._last = tuple(endpoints)
+
+    def decide(self, fresh: Sequence[Endpoint], now: float) -> GuardDecision:
+        fresh = tuple(fresh)
+        if fresh or not self._last or self.hold <= 0:
+            self._empty_since = None
+            self._last = fresh
+            return GuardDecision(fresh)
+        if self._empty_since is None:
+            self._empty_since = now
+        until = self._empty_since + self.hold
+        if now >= until:
+            self._empty_since = None
+            self._last = ()
+            return GuardDecision(())
+        return GuardDecision(self._last, holding=True, hold_until=until)
+
+    @property
+    def holding(self) -> bool:
+        return self._empty_since is not None

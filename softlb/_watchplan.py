@@ -1,0 +1,175 @@
+"""Which Consul services the agent watches, and how: blocking query or round-robin poll.
+
+Design. Each blocking query holds one HTTP connection to the local Consul agent for up to
+`wait` (5 min), and Consul allows 200 concurrent connections per client address, shared with
+every other tool on the host. So at most `max_watches` services get a blocking query; the
+rest are kept fresh by ONE poller that sends non-blocking `?cached` queries round robin.
+`?cached` makes the local Consul agent answer from its cache, which it keeps current with
+its own background blocking query to the servers (Consul's agent-cache "background
+refresh"), so a poll costs a local cache hit, not a server RPC, and the servers see one
+watch per service either way.
+
+* Wanted services are the configured ones (never expire) plus on-demand ones (first
+  resolved by a caller; dropped after `idle_timeout` without a resolve).
+* Ranking is configured services in config order, then on-demand services in the order
+  they were first resolved. The first `max_watches` ranked services block, the rest are
+  polled. The ranking is stable, so a service only moves between the two when membership
+  changes (a configured or older service leaves and frees a slot), never on traffic.
+* Polled services are refreshed every `poll_period` seconds each, but the poller never
+  sends more than `max_poll_rate` requests a second: with many polled services the period
+  stretches (1000 polled at 10/s = every 100 s). This is the price of the connection bound;
+  put latency-sensitive services in the config so they get a blocking watch.
+
+Pure: the agent calls `touch`/`configure`/`expire` and reads `blocking`, `polled` and
+`poll_due`; it starts and cancels the actual queries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+#: Per-service refresh period of polled services when there are few of them: twice a
+#: minute, gentler than the "every 15 s under churn" Consul suggests for busy watches.
+DEFAULT_POLL_PERIOD = 30.0
+#: Ceiling on the poller's request rate, whatever the number of polled services.
+DEFAULT_MAX_POLL_RATE = 10.0
+
+
+@dataclass(frozen=True)
+class PlanChange:
+    """Differences after a planner call, for the agent to start/stop work."""
+
+    start_blocking: tuple[str, ...] = ()
+    stop_blocking: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.start_blocking or self.stop_blocking or self.added or self.removed)
+
+
+class WatchPlanner:
+    def __init__(
+        self,
+        *,
+        max_watches: int,
+        idle_timeout: float,
+        poll_period: float = DEFAULT_POLL_PERIOD,
+        max_poll_rate: float = DEFAULT_MAX_POLL_RATE,
+    ) -> None:
+        if max_watches < 0 or idle_timeout <= 0 or poll_period <= 0 or max_poll_rate <= 0:
+            raise ValueError("max_watches >= 0 and positive idle_timeout/poll_period/max_poll_rate")
+        self.max_watches = max_watches
+        self.idle_timeout = idle_timeout
+        self.poll_period = poll_period
+        self.max_poll_rate = max_poll_rate
+        self._configured: tuple[str, ...] = ()
+        #: on-demand services in first-resolve order -> last resolve time
+        self._on_demand: dict[str, float] = {}
+        self._blocking: tuple[str, ...] = ()
+        self._polled: tuple[str, ...] = ()
+        self._cursor = 0
+        self._next_poll_at = 0.0
+
+    # ------------------------------------------------------------------ inputs
+
+    def configure(self, services: Iterable[str], now: float) -> PlanChange:
+        """Set the configured services. Ones dropped from config stay on-demand until idle."""
+        new = tuple(dict.fromkeys(services))
+        for name in self._configured:
+            if name not in new:
+                self._on_demand.setdefault(name, now)
+        for name in new:
+            self._on_demand.pop(name, None)
+        self._configured = new
+        return self._replan()
+
+    def touch(self, service: str, now: float) -> PlanChange:
+        """A caller resolved `service`: watch it if new, and restart its idle clock."""
+        if service in self._configured:
+            return PlanChange()
+        if service in self._on_demand:
+            self._on_demand[service] = max(now, self._on_demand[service])
+            return PlanChange()
+        self._on_demand[service] = now
+        return self._replan()
+
+    def expire(self, now: float) -> PlanChange:
+        """Drop on-demand services idle for `idle_timeout`."""
+        idle = [s for s, t in self._on_demand.items() if now - t >= self.idle_timeout]
+        if not idle:
+            return PlanChange()
+        for s in idle:
+            del self._on_demand[s]
+        return self._replan()
+
+    # ------------------------------------------------------------------ outputs
+
+    @property
+    def wanted(self) -> tuple[str, ...]:
+        return self._blocking + self._polled
+
+    @property
+    def blocking(self) -> tuple[str, ...]:
+        return self._blocking
+
+    @property
+    def polled(self) -> tuple[str, ...]:
+        return self._polled
+
+    @property
+    def on_demand(self) -> tuple[str, ...]:
+        """Services watched because callers resolved them (they can go idle)."""
+        return tuple(self._on_demand)
+
+    def is_wanted(self, service: str) -> bool:
+        return service in self._configured or service in self._on_demand
+
+    def next_expiry(self) -> float | None:
+        """When `expire` next has something to do (None: no on-demand services)."""
+        if not self._on_demand:
+            return None
+        return min(self._on_demand.values()) + self.idle_timeout
+
+    @property
+    def poll_spacing(self) -> float:
+        """Seconds between two consecutive polls (of different services)."""
+        n = len(self._polled)
+        if not n:
+            return self.poll_period
+        return max(self.poll_period / n, 1.0 / self.max_poll_rate)
+
+    def poll_due(self, now: float) -> str | None:
+        """The polled service to query now, or None if it is not yet time (see `next_poll_at`)."""
+        if not self._polled or now < self._next_poll_at:
+            return None
+        if self._cursor >= len(self._polled):
+            self._cursor = 0
+        name = self._polled[self._cursor]
+        self._cursor += 1
+        # From `now`, not from the last deadline: a poller that fell behind (Consul slow)
+        # must not fire a burst of catch-up queries.
+        self._next_poll_at = now + self.poll_spacing
+        return name
+
+    @property
+    def next_poll_at(self) -> float | None:
+        return self._next_poll_at if self._polled else None
+
+    # ------------------------------------------------------------------ internals
+
+    def _replan(self) -> PlanChange:
+        ranked = self._configured + tuple(self._on_demand)
+        old_blocking, old_wanted = self._blocking, self._blocking + self._polled
+        current = self._polled[self._cursor] if self._cursor < len(self._polled) else None
+        self._blocking = ranked[: self.max_watches]
+        self._polled = ranked[self.max_watches :]
+        # Keep the round robin where it was, so a membership change does not restart it.
+        self._cursor = self._polled.index(current) if current in self._polled else 0
+        return PlanChange(
+            start_blocking=tuple(s for s in self._blocking if s not in old_blocking),
+            stop_blocking=tuple(s for s in old_blocking if s not in self._blocking),
+            added=tuple(s for s in ranked if s not in old_wanted),
+            removed=tuple(s for s in old_wanted if s not in ranked),
+        )

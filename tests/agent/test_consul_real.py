@@ -1,0 +1,112 @@
+"""The watcher's core behaviours through the Consul agent API only, so the same tests run
+against the test server and, when available, a real `consul agent -dev`
+(SOFTLB_CONSUL_BIN, or `consul` on PATH)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+from softlb._types import RegistryHealth
+from tests.consulsim import SimServer
+from tests.consulsim.testing import agent_config, run, until, watching
+
+CONSUL_BIN = os.environ.get("SOFTLB_CONSUL_BIN") or shutil.which("consul")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Agent:
+    """Registers instances through /v1/agent/* (TTL checks), like a real provider would."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _put(self, path: str, body: object = None) -> None:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method="PUT")
+        urllib.request.urlopen(req, timeout=5).read()
+
+    def add(self, service: str, sid: str, port: int, address: str = "") -> None:
+        self._put("/v1/agent/service/register", {
+            "Name": service, "ID": sid, "Port": port, "Address": address,
+            "Check": {"CheckID": f"ttl:{sid}", "TTL": "60s", "Status": "passing"}})
+
+    def fail(self, sid: str) -> None:
+        self._put(f"/v1/agent/check/fail/ttl:{sid}?note=down")
+
+    def remove(self, sid: str) -> None:
+        self._put(f"/v1/agent/service/deregister/{sid}")
+
+
+def _start_real_consul():
+    if not CONSUL_BIN:
+        pytest.skip("no consul binary: set SOFTLB_CONSUL_BIN or put consul on PATH")
+    port = _free_port()
+    data_dir = tempfile.mkdtemp(prefix="softlb-consul-")
+    args = [CONSUL_BIN, "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
+            "-http-port", str(port), "-dns-port", "-1", "-grpc-port", "-1",
+            "-serf-lan-port", str(_free_port()), "-serf-wan-port", str(_free_port()),
+            "-server-port", str(_free_port()), "-data-dir", data_dir]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(url + "/v1/status/leader", timeout=1).read() not in (b'""', b""):
+                return proc, url, data_dir
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    pytest.fail("consul agent -dev did not elect a leader within 20 s")
+
+
+@pytest.fixture(params=["consulsim", "consul"])
+def consul_url(request):
+    if request.param == "consulsim":
+        with SimServer() as srv:
+            yield srv.url
+        return
+    proc, url, data_dir = _start_real_consul()
+    try:
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_follow_adds_criticals_and_removals(consul_url):
+    agent = Agent(consul_url)
+    agent.add("web", "web-a", 8080, address="10.9.0.1")
+
+    async def body():
+        async with watching(agent_config(consul_url, keep_previous_on_empty=0)) as (src, rec):
+            await until(lambda: [e.address for e in rec.eps("web")] == ["10.9.0.1"])
+            # No Service.Address: the node's address (127.0.0.1 for both backends here).
+            agent.add("web", "web-b", 8081)
+            await until(lambda: len(rec.eps("web")) == 2, timeout=1.0)
+            b = next(e for e in rec.eps("web") if e.id.startswith("web-b@"))
+            assert (b.address, b.port) == ("127.0.0.1", 8081)
+            agent.fail("web-a")
+            await until(lambda: next(e for e in rec.eps("web") if e.id.startswith("web-a@")).registry
+                        is RegistryHealth.CRITICAL, timeout=1.0)
+            agent.remove("web-a")
+            agent.remove("web-b")
+            await until(lambda: rec.eps("web") == (), timeout=1.0)
+            assert src.status.state == "ok"
+    run(body)

@@ -1,0 +1,192 @@
+"""The Consul API test server itself: blocking-query semantics, errors, agent endpoints."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import consul
+import pytest
+
+from tests.consulsim import AGENT_NODE, SimProcess, SimServer
+from tests.consulsim.goparse import parse_go_bool, parse_go_duration
+
+
+@pytest.fixture
+def srv():
+    with SimServer() as s:
+        yield s
+
+
+def get(url, headers=None, method="GET", data=None):
+    req = urllib.request.Request(url, headers=headers or {}, method=method, data=data)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_go_parsing():
+    assert parse_go_duration("1m30s") == 90 and parse_go_duration("250ms") == 0.25
+    assert parse_go_duration("0") == 0 and parse_go_duration("1.5h") == 5400
+    for bad in ("10", "", "s", "1x", "1s2"):
+        with pytest.raises(ValueError):
+            parse_go_duration(bad)
+    assert parse_go_bool("True") and not parse_go_bool("F")
+    with pytest.raises(ValueError):
+        parse_go_bool("yes")
+
+
+def test_blocking_query_semantics(srv):
+    srv.sim.add_instance("web", id="a", port=80)
+    status, h, body = get(srv.url + "/v1/health/service/web")
+    idx = int(h["X-Consul-Index"])
+    assert status == 200 and idx > 0 and len(json.loads(body)) == 1
+    assert h["X-Consul-Knownleader"] == "true" and h["X-Consul-Lastcontact"] == "0"
+    # Lower index: immediate.
+    t0 = time.monotonic()
+    get(srv.url + f"/v1/health/service/web?index={idx - 1}&wait=5s")
+    assert time.monotonic() - t0 < 1
+    # Same index: blocks for wait (+ up to wait/16), then 200 with the same index.
+    t0 = time.monotonic()
+    status, h, _ = get(srv.url + f"/v1/health/service/web?index={idx}&wait=400ms")
+    took = time.monotonic() - t0
+    assert status == 200 and int(h["X-Consul-Index"]) == idx
+    assert 0.4 <= took < 0.4 * (1 + 1 / 16) + 0.3
+    # A change wakes the query with a higher index.
+    threading.Timer(0.2, lambda: srv.sim.set_check("a", "warning")).start()
+    status, h, body = get(srv.url + f"/v1/health/service/web?index={idx}&wait=10s")
+    assert int(h["X-Consul-Index"]) > idx
+    assert json.loads(body)[0]["Checks"][-1]["Status"] == "warning"
+
+
+def test_unknown_service_is_empty_array_and_never_index_zero(srv):
+    srv.sim.set_index(0)
+    status, h, body = get(srv.url + "/v1/health/service/nope")
+    assert (status, body, h["X-Consul-Index"]) == (200, b"[]", "1")
+
+
+def test_restore_ends_waits_and_index_goes_backwards(srv):
+    srv.sim.add_instance("web", id="a", port=80)
+    _, h, _ = get(srv.url + "/v1/health/service/web")
+    idx = int(h["X-Consul-Index"])
+    threading.Timer(0.2, lambda: srv.sim.set_index(2)).start()
+    t0 = time.monotonic()
+    _, h, _ = get(srv.url + f"/v1/health/service/web?index={idx}&wait=10s")
+    assert time.monotonic() - t0 < 5 and int(h["X-Consul-Index"]) == 2
+
+
+@pytest.mark.parametrize("query, body", [
+    ("index=1&wait=10", b"Invalid wait time"), ("index=x", b"Invalid index"),
+    ("index=-1", b"Invalid index"), ("passing=maybe", b"Invalid value for ?passing"),
+    ("stale&consistent", b"Cannot specify ?stale with ?consistent, conflicting semantics."),
+])
+def test_bad_parameters_are_400_with_consul_bodies(srv, query, body):
+    assert get(srv.url + "/v1/health/service/web?" + query)[::2] == (400, body)
+
+
+def test_passing_and_tag_filters(srv):
+    srv.sim.add_instance("web", id="a", port=1, tags=["x", "y"])
+    srv.sim.add_instance("web", id="b", port=2, tags=["x"], status="warning")
+    ids = lambda q: [e["Service"]["ID"] for e in json.loads(get(srv.url + "/v1/health/service/web" + q)[2])]
+    assert ids("") == ["a", "b"]
+    assert ids("?passing") == ["a"] and ids("?passing=1") == ["a"] and ids("?passing=false") == ["a", "b"]
+    assert ids("?tag=x&tag=y") == ["a"] and ids("?tag=x") == ["a", "b"]
+    srv.sim.set_node("node-1", health="critical")
+    assert ids("?passing") == []
+
+
+def test_catalog_services_blocks_on_catalog_changes(srv):
+    srv.sim.add_instance("web", id="a", port=1, tags=["x"])
+    _, h, body = get(srv.url + "/v1/catalog/services")
+    assert json.loads(body) == {"web": ["x"]}
+    threading.Timer(0.2, lambda: srv.sim.add_instance("db", id="d", port=2)).start()
+    _, _, body = get(srv.url + f"/v1/catalog/services?index={h['X-Consul-Index']}&wait=10s")
+    assert json.loads(body) == {"db": [], "web": ["x"]}
+
+
+def test_generic_errors(srv):
+    assert get(srv.url + "/v1/nope")[::2] == (404, b"")
+    status, h, body = get(srv.url + "/v1/health/service/web", method="PUT", data=b"")
+    assert (status, h["Allow"], body) == (405, "GET", b"method PUT not allowed")
+    assert get(srv.url + "/v1/health/service/")[::2] == (400, b"Missing service name")
+
+
+def test_acl_tokens(srv):
+    srv.sim.set_acl("s3cret")
+    assert get(srv.url + "/v1/health/service/web")[::2] == (403, b"Permission denied")
+    assert get(srv.url + "/v1/health/service/web", {"X-Consul-Token": "bad"})[::2] == (403, b"ACL not found")
+    for ok in ({"X-Consul-Token": "s3cret"}, {"Authorization": "Bearer s3cret"}):
+        assert get(srv.url + "/v1/health/service/web", ok)[0] == 200
+    assert get(srv.url + "/v1/health/service/web?token=s3cret")[0] == 200
+
+
+def test_faults_and_counters(srv):
+    srv.sim.set_fault("500", count=1)
+    assert get(srv.url + "/v1/health/service/web")[0] == 500
+    srv.sim.set_fault("garbage", count=1, body="{oops")
+    assert get(srv.url + "/v1/health/service/web")[::2] == (200, b"{oops")
+    srv.sim.set_fault("drop", count=1)
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        urllib.request.urlopen(srv.url + "/v1/health/service/web", timeout=5).read()
+    srv.sim.set_fault("stall")
+    result = []
+    t = threading.Thread(target=lambda: result.append(get(srv.url + "/v1/health/service/web")[0]))
+    t.start()
+    time.sleep(0.3)
+    assert not result
+    srv.sim.clear_faults()
+    t.join(5)
+    assert result == [200]
+    assert srv.sim.get_counts()["/v1/health/service/web"] == 4  # 500, garbage, drop, stall
+    assert get(srv.url + "/v1/health/service/web")[0] == 200
+    assert srv.sim.get_counts()["/v1/health/service/web"] == 5
+
+
+def test_agent_endpoints_with_py_consul(srv):
+    """py-consul's own requests (lower-case keys, enable=True) against the server."""
+    c = consul.Consul(host="127.0.0.1", port=srv.port)
+    c.token = None
+    assert c.agent.service.register("api", service_id="api-1", port=9, tags=["t"],
+                                    check=consul.Check.ttl("10s"))
+    assert srv.sim.checks[(AGENT_NODE, "service:api-1")].status == "critical"  # TTL default
+    assert c.agent.check.ttl_warn("service:api-1", "slow")
+    chk = srv.sim.checks[(AGENT_NODE, "service:api-1")]
+    assert (chk.status, chk.output) == ("warning", "slow")
+    assert c.agent.service.maintenance("api-1", True, "upgrade")
+    _, nodes = c.health.service("api")
+    assert any(ch["CheckID"] == "_service_maintenance:api-1" and ch["Notes"] == "upgrade"
+               for ch in nodes[0]["Checks"])
+    assert c.agent.service.maintenance("api-1", False)
+    assert "api-1" in c.agent.services()
+    assert c.agent.service.deregister("api-1")
+    with pytest.raises(consul.ConsulException, match="does not have associated TTL"):
+        c.agent.check.ttl_pass("service:api-1")
+    assert get(srv.url + "/v1/agent/service/deregister/api-1", method="PUT", data=b"")[0] == 404
+
+
+def test_register_snake_case_and_checks_array(srv):
+    body = {"name": "db", "id": "db-1", "port": 5432, "tagged_addresses": {"lan": {"address": "10.0.0.5", "port": 5432}},
+            "Checks": [{"check_id": "c1", "ttl": "5s", "status": "passing"},
+                       {"TCP": "127.0.0.1:1", "Interval": "1s"}]}
+    assert get(srv.url + "/v1/agent/service/register", method="PUT", data=json.dumps(body).encode())[0] == 200
+    inst = srv.sim.instances[(AGENT_NODE, "db-1")]
+    assert inst.tagged == {"lan": {"Address": "10.0.0.5", "Port": 5432}}
+    assert {k[1] for k in srv.sim.checks if k[0] == AGENT_NODE} >= {"c1", "service:db-1:2"}
+    bad = {"name": "x", "Check": {"HTTP": "http://127.0.0.1:1/"}}
+    assert get(srv.url + "/v1/agent/service/register", method="PUT", data=json.dumps(bad).encode())[0] == 400
+
+
+def test_subprocess_mode_and_http_control():
+    with SimProcess() as p:
+        p.control.add_instance(service="web", id="a", port=80)
+        status, h, body = get(p.url + "/v1/health/service/web")
+        assert status == 200 and json.loads(body)[0]["Service"]["ID"] == "a"
+        assert p.control.get_counts() == {"/v1/health/service/web": 1}
+        with pytest.raises(RuntimeError, match="KeyError"):
+            p.control.remove_instance(id="missing")
+    assert p.proc.poll() is not None
