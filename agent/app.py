@@ -219,7 +219,8 @@ async def run_agent(
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(attach_prober(rt, random.Random()).run)
-                sm.status(f"starting: loading catalog (file {config.catalog_file})")
+                what = rt.source_status if config.source == "consul" else f"file {config.catalog_file}"
+                sm.status(f"starting: loading catalog ({what})")
                 await nursery.start(source.run)
                 ipc = [listen("unix", "socket", socket_path(config), bind_unix)]
                 if config.listen:
