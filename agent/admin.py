@@ -123,6 +123,10 @@ def render_metrics(rt: Runtime) -> str:
     ]
     lines += [f"softlb_errors_total{{code=\"{_label(c)}\"}} {n}" for c, n in sorted(s.errors.items())]
     lines += [
+        "# HELP softlb_busy_poll_total Spins after an answer, by whether they found the next request.",
+        "# TYPE softlb_busy_poll_total counter",
+        f"softlb_busy_poll_total{{result=\"hit\"}} {s.busy_poll_hits}",
+        f"softlb_busy_poll_total{{result=\"miss\"}} {s.busy_poll_misses}",
         "# TYPE softlb_connections_open gauge",
         f"softlb_connections_open {s.connections_open}",
         "# TYPE softlb_connections_total counter",

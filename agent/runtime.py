@@ -17,6 +17,8 @@ class Stats:
     """Counters for the admin API and metrics; plain ints bumped on the hot path."""
 
     requests: int = 0
+    busy_poll_hits: int = 0  # a spin after answering found the next request
+    busy_poll_misses: int = 0  # a spin ran out and the reader parked in epoll
     connections_open: int = 0
     connections_total: int = 0
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
