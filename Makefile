@@ -1,6 +1,6 @@
 # make demo   set up .venv and run the agent with the demo backends (Ctrl-C stops it)
 # make test   set up .venv and run the whole test suite
-# make bench  run the benchmarks (results: docs/BENCHMARKS.md)
+# make bench  run every benchmark (several minutes; results: docs/BENCHMARKS.md)
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
@@ -22,3 +22,5 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/resolve.py
+	$(VENV)/bin/python bench/policies.py
+	$(VENV)/bin/python bench/consul_propagation.py
