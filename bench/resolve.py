@@ -31,6 +31,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from agentproc import free_port  # noqa: E402  (tests/ is on the path just above)
+
 CATALOG = """
 [[services.web.endpoints]]
 address = "127.0.0.1"
@@ -44,22 +46,12 @@ port = 18083
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def start_agent(tmp: str) -> tuple[subprocess.Popen[bytes], str, str]:
     cat = os.path.join(tmp, "catalog.toml")
     with open(cat, "w") as f:
         f.write(CATALOG)
     sock = os.path.join(tmp, "softlb.sock")
-    addr = f"127.0.0.1:{_free_port()}"
+    addr = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "softlb_agent", "agent", "--catalog-file", cat, "--socket", sock,
          "--listen", addr, "--admin", "", "--log-level", "warning"],

@@ -77,21 +77,26 @@ def test_timeout_when_the_agent_does_not_answer(agent):
         assert c.resolve("web")
 
 
-def test_watch_streams_changes(agent):
-    c = Client(socket_path=agent.socket)
-    updates = []
+def collect_watch(c, n, timeout):
+    """Run c.watch("web") in a thread; returns (endpoint-id lists seen, event set after n)."""
+    updates: list[list[str]] = []
     done = threading.Event()
 
     def run():
-        for d in c.watch("web", timeout=10):
+        for d in c.watch("web", timeout=timeout):
             updates.append([e["id"] for e in d["endpoints"]])
-            if len(updates) == 2:
+            if len(updates) == n:
                 done.set()
                 return
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    threading.Thread(target=run, daemon=True).start()
     wait_until(lambda: updates)
+    return updates, done
+
+
+def test_watch_streams_changes(agent):
+    c = Client(socket_path=agent.socket)
+    updates, done = collect_watch(c, 2, timeout=10)
     agent.write_catalog(endpoint_toml("web", "127.0.0.1", 18009, id="web-9"))
     assert done.wait(10)
     assert updates == [["web-1", "web-2", "web-3"], ["web-9"]]
@@ -130,19 +135,7 @@ def test_trio_client_survives_agent_restart(agent):
 
 def test_watch_survives_an_agent_restart(agent):
     c = Client(socket_path=agent.socket, timeout=10)
-    updates = []
-    done = threading.Event()
-
-    def run():
-        for d in c.watch("web", timeout=20):
-            updates.append([e["id"] for e in d["endpoints"]])
-            if len(updates) == 2:
-                done.set()
-                return
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    wait_until(lambda: updates)
+    updates, done = collect_watch(c, 2, timeout=20)
     old = agent.proc.pid
     assert agent.stop() == 0
     agent.write_catalog(endpoint_toml("web", "127.0.0.1", 18009, id="web-9"))
