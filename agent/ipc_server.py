@@ -333,6 +333,7 @@ async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any]) -
         return
     with trio.CancelScope() as scope:
         conn.watches[rid] = scope
+        rt.engine.watchers[service] += 1
         try:
             sent = -1
             while True:
@@ -346,5 +347,8 @@ async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any]) -
                 await changed.wait()
         finally:
             conn.watches.pop(rid, None)
+            rt.engine.watchers[service] -= 1
+            if rt.engine.watchers[service] <= 0:
+                del rt.engine.watchers[service]
 
 

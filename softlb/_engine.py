@@ -8,6 +8,7 @@ that happens to it arrives as a method call carrying `now`.
 
 from __future__ import annotations
 
+import collections
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -42,6 +43,9 @@ class Engine:
         self.rng = rng
         self.services: dict[str, ServiceBalancer] = {}
         self.leases = LeaseTable(config.lease_ttl)
+        #: Open `watch` streams per service (kept by the agent's connections): a watched
+        #: service is in use even when nobody resolves it, so sources must not idle it out.
+        self.watchers: collections.Counter[str] = collections.Counter()
         #: Called with a service name whenever what `watch` shows for it changes.
         self.on_change: Callable[[str], None] | None = None
         #: Asked when a resolve names a service the engine does not know; returning True
