@@ -34,6 +34,7 @@ propagates, cancelling the agent's nursery.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ import trio
 from softlb import Endpoint
 from softlb._config import ProbeConfig
 from softlb._durations import format_duration
+
+log = logging.getLogger("softlb.prober")
 
 #: Enough to probe a large fleet within one interval (32 x a 1 s timeout is 32 probes per
 #: second even when every endpoint hangs) while bounding sockets and file descriptors.
@@ -104,6 +107,10 @@ async def probe_once(probe: ProbeConfig, address: str, port: int) -> tuple[bool,
     except trio.BrokenResourceError as e:
         cause = e.__cause__
         return False, f"broken: {_describe(cause) if isinstance(cause, OSError) else e}"
+    except (UnicodeError, ValueError) as e:
+        # The name resolver refuses malformed host names ("db..internal", a label over
+        # 63 characters) with these rather than OSError. The endpoint is unreachable.
+        return False, f"bad address {address!r}: {e}"
     return ok, f"{detail} in {format_duration(trio.current_time() - start)}"
 
 
@@ -239,7 +246,13 @@ class Prober:
             while True:
                 await trio.sleep_until(start + due)
                 async with self._limiter:
-                    ok, detail = await self._probe_fn(t.probe, t.address, t.port)
+                    try:
+                        ok, detail = await self._probe_fn(t.probe, t.address, t.port)
+                    except Exception as e:
+                        # A probe failing in a way nobody foresaw is a failed probe of this
+                        # endpoint, never the end of the agent.
+                        log.exception("probe of %s %s:%d failed unexpectedly", t.service, t.address, t.port)
+                        ok, detail = False, f"probe error: {type(e).__name__}: {e}"
                 self._deliver(t, ok, detail)
                 due = next(slots)
                 # An overrun (slow probe, long wait for a slot) leaves at most one overdue

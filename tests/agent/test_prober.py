@@ -201,6 +201,33 @@ def test_unresolvable_name_fails():
     run(main)
 
 
+@pytest.mark.parametrize("name", ["db..internal", "x" * 64 + ".example", ".leading"])
+def test_malformed_host_name_is_a_failed_probe_not_a_crash(name):
+    async def main():
+        ok, detail = await probe_once(TCP, name, 80)
+        assert not ok and detail.startswith(("bad address", "connect: ", "timeout after")), detail
+
+    run(main)
+
+
+def test_a_probe_raising_anything_is_a_failed_probe_and_the_loop_goes_on():
+    calls = []
+
+    async def exploding(probe, address, port):
+        calls.append(address)
+        raise RuntimeError("boom")
+
+    async def main():
+        results = Results()
+        async with probing(results, probe_fn=exploding) as (_, prober):
+            prober.set_service("web", TCP, [Endpoint(id="a", address="127.0.0.1", port=1)])
+            with trio.fail_after(10):
+                await results.wait(lambda: len(results.of("a")) >= 2)
+        assert all(not ok and "RuntimeError: boom" in detail for _, _, ok, _, detail in results.of("a"))
+
+    run(main)
+
+
 # ---------------------------------------------------------------- the prober loop
 
 
