@@ -40,11 +40,16 @@ log = logging.getLogger("softlb.ipc")
 
 #: Out of file descriptors or buffers: log, back off and keep accepting (trio's own policy).
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+#: Errors about one connection that died before we accepted it (or that a security module
+#: refused): skip it and accept the next. Anything else is a broken listener and propagates.
+ACCEPT_SKIP_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
 ACCEPT_BACKOFF = 0.1
 RECV_SIZE = 65536
 #: A connection must be the only one sending for this long before its reader may spin:
 #: with several busy clients, spinning on one would starve the others' epoll wakeups.
 SOLO_WINDOW = 0.002
+#: A peer that reads nothing of an answer for this long is hung up on.
+WRITE_STALL_TIMEOUT = 30.0
 
 
 class _Spin:
@@ -113,7 +118,7 @@ class Connection:
         self.source = source
         self._busy = False
         self._lot = trio.lowlevel.ParkingLot()
-        self.watches: dict[Any, trio.CancelScope] = {}
+        self.watches: dict[Any, _Watch] = {}
 
     async def send(self, data: bytes) -> None:
         """Send all of `data`, in order with any other sender on this connection."""
@@ -131,11 +136,17 @@ class Connection:
         try:
             view = memoryview(data)[n:]
             while view:
-                await trio.lowlevel.wait_writable(self.sock)
-                try:
-                    view = view[self.sock.send(view) :]
-                except BlockingIOError:
-                    pass
+                with trio.move_on_after(WRITE_STALL_TIMEOUT):
+                    await trio.lowlevel.wait_writable(self.sock)
+                    try:
+                        view = view[self.sock.send(view) :]
+                    except BlockingIOError:
+                        pass
+                    continue
+                # The peer has read nothing for that long: it holds a task, a socket and
+                # buffered answers for no one. Hang up; the reader sees EOF and ends.
+                self.sock.shutdown(socket.SHUT_RDWR)
+                raise ConnectionAbortedError(f"peer read nothing for {WRITE_STALL_TIMEOUT:.0f}s")
         finally:
             self._busy = False
             self._lot.unpark_all()
@@ -175,6 +186,8 @@ async def serve_listener(
                 await drain.wait_readable(listener)
                 continue
             except OSError as e:
+                if e.errno in ACCEPT_SKIP_ERRNOS:
+                    continue
                 if e.errno in ACCEPT_CAPACITY_ERRNOS:
                     log.error("accept failed (%s); retrying in %.1fs", e, ACCEPT_BACKOFF)
                     await trio.sleep(ACCEPT_BACKOFF)
@@ -196,8 +209,8 @@ async def _run_connection(rt: Runtime, sock: socket.socket, spin: _Spin, drain: 
                 await _read_loop(rt, conn, spin, nursery, drain)
             finally:
                 if drain.started:  # watches end; deferred resolves still answer
-                    for scope in list(conn.watches.values()):
-                        scope.cancel()
+                    for w in list(conn.watches.values()):
+                        w.stop()
                 else:
                     nursery.cancel_scope.cancel()
     except Exception as e:
@@ -299,11 +312,11 @@ async def _handle_deferred(rt: Runtime, conn: Connection, msg: dict[str, Any]) -
             await _watch(rt, conn, rid, msg)
         elif op == "unwatch":
             target = msg.get("watch")
-            scope = conn.watches.pop(target, None)
-            if scope is None:
+            w = conn.watches.pop(target, None) if isinstance(target, (int, str)) and not isinstance(target, bool) else None
+            if w is None:
                 await conn.send(error_frame(rid, ErrorCode.BAD_ARGUMENT, f"no watch with id {target!r} on this connection"))
             else:
-                scope.cancel()
+                w.stop()
                 await conn.send(ok_frame(rid, {}))
         else:  # resolve of a service being fetched
             service = msg["service"]
@@ -314,6 +327,31 @@ async def _handle_deferred(rt: Runtime, conn: Connection, msg: dict[str, Any]) -
             await conn.send(frame)
     except (ConnectionError, OSError, trio.BrokenResourceError):
         pass
+    except Exception as e:
+        # A bug behind one request: answer it as INTERNAL and keep the connection.
+        log.exception("%s request %r on connection %d failed", op, rid, conn.id)
+        rt.stats.errors["INTERNAL"] += 1
+        try:
+            await conn.send(error_frame(rid, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"))
+        except (ConnectionError, OSError):
+            pass
+
+
+class _Watch:
+    """A running watch stream. `stop` ends it between frames, never inside one: cancelling
+    a task in the middle of a send would leave half a frame on the wire, and the next frame
+    (the unwatch answer, say) would land inside it."""
+
+    __slots__ = ("stopped", "waiting")
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self.waiting: trio.CancelScope | None = None
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.waiting is not None:
+            self.waiting.cancel()
 
 
 async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any]) -> None:
@@ -321,34 +359,43 @@ async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any]) -
     if not isinstance(service, str) or not service:
         await conn.send(error_frame(rid, ErrorCode.BAD_ARGUMENT, "\"service\" must be a non-empty string"))
         return
-    if service not in rt.engine.services:
-        fetching = rt.engine.on_unknown_service is not None and rt.engine.on_unknown_service(service)
-        if fetching:
-            await rt.wait_for_service(service)
-        if service not in rt.engine.services:
-            await conn.send(error_frame(rid, ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\""))
-            return
     if rid in conn.watches:
         await conn.send(error_frame(rid, ErrorCode.BAD_ARGUMENT, f"a watch with id {rid!r} is already running"))
         return
-    with trio.CancelScope() as scope:
-        conn.watches[rid] = scope
-        rt.engine.watchers[service] += 1
-        try:
-            sent = -1
-            while True:
-                changed = rt.change_event(service)
-                b = rt.engine.services.get(service)
-                if b is None:
-                    await conn.send(ok_frame(rid, {"service": service, "version": sent + 1, "removed": True, "endpoints": []}))
-                elif b.version != sent:
-                    sent = b.version
-                    await conn.send(ok_frame(rid, b.describe(trio.current_time())))
-                await changed.wait()
-        finally:
-            conn.watches.pop(rid, None)
-            rt.engine.watchers[service] -= 1
-            if rt.engine.watchers[service] <= 0:
-                del rt.engine.watchers[service]
-
-
+    # Registered before any wait, so a pipelined duplicate id is refused and an unwatch that
+    # arrives while the catalog source is still fetching the service finds it.
+    w = conn.watches[rid] = _Watch()
+    rt.engine.watchers[service] += 1
+    try:
+        if service not in rt.engine.services:
+            fetching = rt.engine.on_unknown_service is not None and rt.engine.on_unknown_service(service)
+            if fetching:
+                with trio.CancelScope() as w.waiting:
+                    await rt.wait_for_service(service)
+            if service not in rt.engine.services:
+                if not w.stopped:
+                    await conn.send(error_frame(rid, ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\""))
+                return
+        # What was last sent: the balancer object and its version. A service removed and
+        # added again is a new balancer whose versions restart, so identity counts too.
+        sent: tuple[object, int] | None = None
+        while not w.stopped:
+            changed = rt.change_event(service)
+            b = rt.engine.services.get(service)
+            if b is None:
+                if sent != (None, 0):
+                    sent = (None, 0)
+                    await conn.send(ok_frame(rid, {"service": service, "version": 0, "removed": True, "endpoints": []}))
+            elif sent != (b, b.version):
+                sent = (b, b.version)
+                await conn.send(ok_frame(rid, b.describe(trio.current_time())))
+            with trio.CancelScope() as w.waiting:
+                if not w.stopped:
+                    await changed.wait()
+            w.waiting = None
+    finally:
+        if conn.watches.get(rid) is w:
+            del conn.watches[rid]
+        rt.engine.watchers[service] -= 1
+        if rt.engine.watchers[service] <= 0:
+            del rt.engine.watchers[service]
