@@ -20,6 +20,7 @@ import signal
 import socket
 import stat
 import tomllib
+from dataclasses import replace
 from functools import partial
 from typing import Callable
 
@@ -50,6 +51,10 @@ DRAIN_TIMEOUT = 10.0
 LISTENER_SETTINGS = ("socket", "listen", "admin")
 
 
+#: Config settings that are file system paths.
+PATH_SETTINGS = ("catalog_file", "socket", "state_dir")
+
+
 def load_config_file(path: str) -> AgentConfig:
     """Read and validate an agent config file; ConfigError names the file and key."""
     try:
@@ -60,9 +65,13 @@ def load_config_file(path: str) -> AgentConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:
-        return parse_agent_config(data, frozenset(POLICIES))
+        cfg = parse_agent_config(data, frozenset(POLICIES))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    # Relative paths in a config file mean "beside this file", whatever the working
+    # directory (under systemd it is /). Paths given as flags stay relative to the caller.
+    base = os.path.dirname(os.path.abspath(path))
+    return replace(cfg, **{k: os.path.join(base, v) for k in PATH_SETTINGS if (v := getattr(cfg, k)) and not os.path.isabs(v)})
 
 
 def socket_path(config: AgentConfig) -> str:
@@ -161,6 +170,8 @@ def reload_config(rt: Runtime, overrides: Callable[[AgentConfig], AgentConfig]) 
     for key in LISTENER_SETTINGS:
         if getattr(new, key) != getattr(rt.config, key):
             log.warning("agent.%s changed to %r: listeners move only on restart", key, getattr(new, key))
+    if new.source != rt.config.source:
+        log.warning("catalog.source changed to %r: the catalog source changes only on restart", new.source)
     rt.config = new
     rt.engine.reconfigure(new, trio.current_time())
     log.info("config %s reloaded", rt.config_path)
@@ -248,6 +259,8 @@ async def run_agent(
                         log.info("SIGHUP: reloading")
                         sm.reloading(rt.config_path)
                         error = reload_config(rt, overrides)
+                        if isinstance(source, FileSource) and rt.config.source == "file":
+                            source.path = rt.config.catalog_file  # a new catalog.file applies now
                         source.request_reload()
                         sm.reloaded(error, status)
                     else:

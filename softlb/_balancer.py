@@ -25,6 +25,11 @@ from ._types import Endpoint
 from .policies import POLICIES, Policy
 
 
+#: Distinct tag filters whose policy instances are kept per service (least recently used
+#: go first). Real callers use a handful; a caller inventing tag sets must not grow memory.
+MAX_TAG_POLICIES = 64
+
+
 class ServiceBalancer:
     def __init__(self, name: str, config: ServiceConfig, rng: random.Random, here: Locality = Locality()) -> None:
         self.name = name
@@ -62,7 +67,13 @@ class ServiceBalancer:
 
     def set_endpoints(self, endpoints: Sequence[Endpoint], now: float) -> bool:
         """Replace the catalog's endpoint set. True when anything changed."""
-        eps = tuple(endpoints)
+        # Ids key health, leases and reports, so they must be unique; a source that repeats
+        # one (a hand-edited snapshot, a buggy registry) gets its first occurrence served
+        # rather than a half-applied update.
+        first: dict[str, Endpoint] = {}
+        for e in endpoints:
+            first.setdefault(e.id, e)
+        eps = tuple(first.values())
         #: The catalog's set before this service's tag filter, so a reload that changes
         #: the filter can re-apply it to everything.
         self.catalog_endpoints = eps
@@ -162,8 +173,7 @@ class ServiceBalancer:
         self._ramp(eligible, served, now)
         self.policy.update(served, now, self.weights)
         self._tag_policies.clear()
-        if served != self.served:
-            self.served = served
+        self.served = served
         self.version += 1
 
     # ----------------------------------------------------------------- picking
@@ -171,19 +181,31 @@ class ServiceBalancer:
     def pick(self, key: str | None, source: str | None, tags: tuple[str, ...], now: float) -> Endpoint | None:
         if not tags:
             return self.policy.pick(key, source, now)
-        policy = self._tag_policies.get(tags)
+        cache = self._tag_policies
+        policy = cache.pop(tags, None)
         if policy is None:
             need = set(tags)
+            subset = tuple(e for e in self.served if need.issubset(e.tags))
+            if not subset:
+                return None  # not cached: callers choose tag sets, so misses must cost nothing
             policy = POLICIES[self.config.policy](rng=self.rng, options=self.config.options)
-            policy.update(tuple(e for e in self.served if need.issubset(e.tags)), now, self.weights)
-            self._tag_policies[tags] = policy
+            policy.update(subset, now, self.weights)
+            if len(cache) >= MAX_TAG_POLICIES:
+                del cache[next(iter(cache))]  # least recently used
+        cache[tags] = policy  # (re)inserted last: dict order is the LRU order
         return policy.pick(key, source, now)
 
     def on_start(self, endpoint_id: str, now: float) -> None:
         self.policy.on_start(endpoint_id, now)
+        # Tag-filtered picks have their own policy instances; load and latency must reach
+        # them too, or least_connections with tags would balance blind.
+        for p in self._tag_policies.values():
+            p.on_start(endpoint_id, now)
 
     def on_finish(self, endpoint_id: str, ok: bool, latency: float | None, now: float) -> None:
         self.policy.on_finish(endpoint_id, ok, latency, now)
+        for p in self._tag_policies.values():
+            p.on_finish(endpoint_id, ok, latency, now)
 
     # ----------------------------------------------------------------- views
 

@@ -11,6 +11,7 @@ one small pack for the id and the per-request fields rather than a whole map.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import msgpack
@@ -100,8 +101,9 @@ def arg_number(msg: Mapping[str, Any], name: str) -> float | None:
     v = msg.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != v:
-        raise RequestError(ErrorCode.BAD_ARGUMENT, f"\"{name}\" must be a non-negative number")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+        # NaN fails both comparisons; inf would poison latency averages forever.
+        raise RequestError(ErrorCode.BAD_ARGUMENT, f"\"{name}\" must be a finite non-negative number")
     return float(v)
 
 

@@ -41,14 +41,6 @@ def encode_frame(message: Any) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-def encode_body(message: Any) -> bytes:
-    return _packer.pack(message)
-
-
-def frame_body(body: bytes) -> bytes:
-    return len(body).to_bytes(4, "big") + body
-
-
 def decode_body(body: bytes) -> Any:
     """Decode one frame body; raises RemoteProtocolError(BAD_FRAME) on anything malformed."""
     try:

@@ -190,3 +190,30 @@ def test_check_command_validates_config_and_catalog(tmp_path):
     cfg.write_text("[agent]\nlisten = \"8.8.8.8:1\"\n")
     r = check()
     assert r.returncode == 2 and "not a loopback address" in r.stderr
+
+
+def test_sighup_follows_a_new_catalog_file(agent, tmp_path):
+    other = tmp_path / "other.toml"
+    other.write_text(endpoint_toml("web", "127.0.0.1", 18050, id="other-1"))
+    agent.write_config(f'[catalog]\nfile = "{other}"\n')
+    # --catalog-file on the command line outranks the config file: drop it for this test.
+    i = agent.args.index("--catalog-file")
+    del agent.args[i:i + 2]
+    assert agent.stop() == 0
+    agent.start()
+    assert agent.client().resolve("web").id == "other-1"
+    third = tmp_path / "third.toml"
+    third.write_text(endpoint_toml("web", "127.0.0.1", 18051, id="third-1"))
+    agent.write_config(f'[catalog]\nfile = "{third}"\n')
+    agent.send(signal.SIGHUP)
+    wait_until(lambda: agent.client().resolve("web").id == "third-1")
+
+
+def test_relative_paths_in_a_config_file_are_beside_it(tmp_path):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "catalog.toml").write_text(endpoint_toml("web", "127.0.0.1", 1))
+    (tmp_path / "conf" / "agent.toml").write_text('[catalog]\nfile = "catalog.toml"\n')
+    r = subprocess.run([sys.executable, "-m", "softlb_agent", "check", "--config", str(tmp_path / "conf" / "agent.toml")],
+                       capture_output=True, text=True, timeout=30, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert str(tmp_path / "conf" / "catalog.toml") in r.stdout

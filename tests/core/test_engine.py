@@ -192,3 +192,41 @@ def test_default_outlier_settings_eject_in_a_small_service():
     for _ in range(5):
         e.report(0.0, ok=False, service="web", endpoint_id="e1")
     assert {e.resolve("web", 0.1, lease=False).endpoint.id for _ in range(6)} == {"e0", "e2"}
+
+
+@pytest.mark.parametrize("latency", [float("inf"), float("nan"), -1.0])
+def test_latency_must_be_finite(engine, latency):
+    ans = ask(engine, {"id": 1, "op": "report", "service": "web", "endpoint": "e1", "latency": latency})
+    assert ans["error"]["code"] == "BAD_ARGUMENT"
+
+
+def test_tag_filter_policies_are_bounded_and_misses_not_cached():
+    from softlb._balancer import MAX_TAG_POLICIES
+
+    e = Engine(AgentConfig(), random.Random(1))
+    e.replace_all({"web": [Endpoint(id=f"t{i}", address="h", port=i + 1, tags=("a", f"t{i}")) for i in range(100)]}, 0.0)
+    b = e.services["web"]
+    for i in range(100):
+        assert e.resolve("web", 0.0, tags=("a", f"t{i}"), lease=False).endpoint.id == f"t{i}"
+    assert len(b._tag_policies) == MAX_TAG_POLICIES
+    for i in range(500):
+        with pytest.raises(RequestError):
+            e.resolve("web", 0.0, tags=(f"nope{i}",), lease=False)
+    assert len(b._tag_policies) == MAX_TAG_POLICIES
+
+
+def test_leases_reach_tag_filtered_least_connections():
+    e = Engine(AgentConfig(services={"web": ServiceConfig(policy="least_connections")}), random.Random(1))
+    e.replace_all({"web": [Endpoint(id=x, address="h", port=i + 1, tags=("v2",)) for i, x in enumerate("ab")]}, 0.0)
+    # Leases held open: least_connections must alternate, so the split stays within one.
+    picks = Counter(e.resolve("web", 0.0, tags=("v2",)).endpoint.id for _ in range(20))
+    assert picks == {"a": 10, "b": 10}
+
+
+def test_duplicate_endpoint_ids_keep_the_first_and_apply_whole():
+    e = Engine(AgentConfig(), random.Random(1))
+    dup = [Endpoint(id="a", address="h", port=1), Endpoint(id="b", address="h", port=2), Endpoint(id="a", address="h", port=3)]
+    e.set_service("web", dup, 0.0)
+    b = e.services["web"]
+    assert [(x.id, x.port) for x in b.endpoints] == [("a", 1), ("b", 2)]
+    assert set(b.packed) == {"a", "b"} and {x.id for x in b.served} == {"a", "b"}

@@ -22,7 +22,9 @@ from ._errors import AgentUnavailable, ProtocolError, Timeout
 from ._paths import default_socket_path, parse_addr
 from ._types import Resolved
 
-_RETRYABLE_CONNECT = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError)
+#: Worth retrying within the call's timeout: the agent is (re)starting, or its listen
+#: backlog is full for a moment (a Unix socket answers EAGAIN then).
+_RETRYABLE_CONNECT = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BlockingIOError)
 _CLOSED = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
@@ -99,6 +101,8 @@ class Client:
             s.sendall(frames)
         except _CLOSED:
             raise _ConnectionClosed() from None
+        except socket.timeout:
+            raise Timeout(f"the agent did not take the request within {self.timeout}s") from None
         answers: dict[int, dict[str, Any]] = {}
         want = set(ids)
         while want:
