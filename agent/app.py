@@ -86,6 +86,11 @@ def bind_unix(path: str) -> socket.socket:
     """
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, mode=0o750, exist_ok=True)
+    st = os.stat(parent)
+    if os.geteuid() != 0 and st.st_uid != os.geteuid() and st.st_mode & 0o022:
+        # Someone else can replace our socket in a directory they own and others can
+        # write to (a squatted /tmp/softlb-<uid>): callers would talk to their impostor.
+        raise ConfigError(f"socket directory {parent} is writable by others and not ours; remove it or pick --socket")
     if os.path.exists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ConfigError(f"socket path {path} exists and is not a socket")

@@ -41,6 +41,14 @@ def load_catalog(rt: Runtime, path: str) -> bool:
         if rt.catalog_ready.is_set():
             log.error("catalog %s not reloaded, still serving the last good one: %s", path, e)
         return False
+    if not services and rt.engine.services:
+        # Truncate-then-write tools and half-finished edits produce exactly this; dropping
+        # every service would fail every caller on the host. Removing a service one by one
+        # still works, and a catalog that is meant to be empty can be served on restart.
+        rt.stats.catalog_errors += 1
+        rt.stats.last_catalog_error = f"{path}: the catalog is empty"
+        log.error("catalog %s is empty: not reloaded, still serving the last good %d services", path, len(rt.engine.services))
+        return False
     changed = rt.engine.replace_all(services, trio.current_time())
     rt.stats.catalog_reloads += 1
     rt.stats.last_catalog_error = ""

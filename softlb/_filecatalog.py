@@ -10,6 +10,7 @@
     node = "host-a"         # optional locality labels
     zone = "eu-1a"
     region = "eu-1"
+    registry = "maintenance"   # optional: passing (default), warning, critical, maintenance
 
 Parsing is all-or-nothing: one bad endpoint rejects the whole document, so the agent keeps
 serving the last good catalog instead of a half-applied one.
@@ -24,7 +25,7 @@ from typing import Any, Mapping
 
 from ._config import _Table
 from ._errors import ConfigError
-from ._types import Endpoint
+from ._types import Endpoint, RegistryHealth
 
 
 
@@ -82,7 +83,16 @@ def _endpoint(t: _Table) -> Endpoint:
         raise ConfigError(f"{t.path}.address: required")
     if not valid_address(address):
         raise ConfigError(f"{t.path}.address: not an IP address or host name: \"{address}\"")
+    if not t.has("port"):
+        raise ConfigError(f"{t.path}.port: required")
     port = t.int("port", 0, 1, 65535)
+    registry = t.str("registry", RegistryHealth.PASSING.value)
+    try:
+        state = RegistryHealth(registry)
+    except ValueError:
+        raise ConfigError(
+            f"{t.path}.registry: \"{registry}\" is not one of {', '.join(h.value for h in RegistryHealth)}"
+        ) from None
     ep = Endpoint(
         id=t.str("id", f"{address}:{port}") or f"{address}:{port}",
         address=address,
@@ -93,6 +103,7 @@ def _endpoint(t: _Table) -> Endpoint:
         node=t.str("node", ""),
         zone=t.str("zone", ""),
         region=t.str("region", ""),
+        registry=state,
     )
     t.done()
     return ep

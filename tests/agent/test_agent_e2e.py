@@ -217,3 +217,37 @@ def test_relative_paths_in_a_config_file_are_beside_it(tmp_path):
                        capture_output=True, text=True, timeout=30, cwd="/")
     assert r.returncode == 0, r.stderr
     assert str(tmp_path / "conf" / "catalog.toml") in r.stdout
+
+
+def test_an_emptied_catalog_is_refused_and_the_last_good_one_serves(agent):
+    agent.write_catalog("")
+    wait_until(lambda: "is empty: not reloaded" in agent.log())
+    with agent.client() as c:
+        assert {c.resolve("web").id for _ in range(3)} == {"web-1", "web-2", "web-3"}
+
+
+def test_socket_directory_squatted_by_another_user_is_refused():
+    import shutil
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix="softlb-squat-", dir="/tmp")  # pytest's tmp is root-only
+    try:
+        os.chmod(top, 0o755)
+        d = os.path.join(top, "squat")
+        os.mkdir(d)
+        os.chmod(d, 0o777)
+        os.chown(d, 65534, 65534)
+        cat = os.path.join(top, "c.toml")
+        with open(cat, "w") as f:
+            f.write(endpoint_toml("web", "127.0.0.1", 1))
+        os.chmod(cat, 0o644)
+        try:
+            r = subprocess.run(
+                ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", sys.executable, "-m", "softlb_agent",
+                 "agent", "--catalog-file", cat, "--socket", os.path.join(d, "s.sock"), "--listen", "", "--admin", ""],
+                capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            pytest.skip("setpriv is not installed: cannot run the agent as another user")
+        assert r.returncode == 2 and "writable by others and not ours" in r.stderr, r.stderr
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

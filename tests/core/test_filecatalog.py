@@ -55,3 +55,19 @@ def test_malformed_host_names_are_refused(address):
 @pytest.mark.parametrize("address", ["127.0.0.1", "::1", "db.internal", "_svc._tcp.example.", "a-b.c", "x" * 63])
 def test_good_addresses_pass(address):
     assert valid_address(address)
+
+
+def test_registry_state_can_drain_an_endpoint():
+    from softlb import RegistryHealth
+
+    cat = parse_catalog_text('[[services.w.endpoints]]\naddress = "h"\nport = 1\nregistry = "maintenance"\n')
+    assert cat["w"][0].registry is RegistryHealth.MAINTENANCE
+    with pytest.raises(ConfigError) as e:
+        parse_catalog_text('[[services.w.endpoints]]\naddress = "h"\nport = 1\nregistry = "pasing"\n')
+    assert 'registry: "pasing" is not one of passing, warning, critical, maintenance' in str(e.value)
+
+
+def test_missing_port_says_required():
+    with pytest.raises(ConfigError) as e:
+        parse_catalog_text('[[services.w.endpoints]]\naddress = "h"\n')
+    assert "services.w.endpoints[0].port: required" in str(e.value)

@@ -41,9 +41,13 @@ class Client:
 
     def __init__(self, socket_path: str | None = None, addr: str | None = None, timeout: float = 1.0) -> None:
         if addr:
-            self._family, self._target = socket.AF_INET, parse_addr(addr)
+            host, port = parse_addr(addr)
+            self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._target = (host, port)
+            self._where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         else:
             self._family, self._target = socket.AF_UNIX, socket_path or default_socket_path()
+            self._where = self._target
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._dec = Decoder()
@@ -59,21 +63,21 @@ class Client:
             try:
                 s.settimeout(max(0.001, deadline - time.monotonic()))
                 s.connect(self._target)
-                if self._family == socket.AF_INET:
+                if self._family != socket.AF_UNIX:
                     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return s
             except _RETRYABLE_CONNECT as e:
                 s.close()
                 if time.monotonic() + delay >= deadline:
-                    raise AgentUnavailable(f"cannot connect to the softlb agent at {self._target}: {e}") from None
+                    raise AgentUnavailable(f"cannot connect to the softlb agent at {self._where}: {e}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.2)
             except socket.timeout:
                 s.close()
-                raise Timeout(f"connecting to {self._target} timed out") from None
+                raise Timeout(f"connecting to {self._where} timed out") from None
             except OSError as e:
                 s.close()
-                raise AgentUnavailable(f"cannot connect to the softlb agent at {self._target}: {e}") from None
+                raise AgentUnavailable(f"cannot connect to the softlb agent at {self._where}: {e}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -204,14 +208,27 @@ class Client:
         """Yield the service's endpoint set now and after every change, on a connection of
         its own. `timeout` bounds each wait (None: wait forever).
 
-        An agent restart does not end the stream: the watch reconnects (connect backoff
-        within the client's timeout) and resumes, yielding the set again only if it differs
-        from the last one yielded. The stream ends with AgentUnavailable only if the agent
-        cannot be reached again.
+        An agent restart does not end the stream: the watch reconnects (retrying, at most
+        once a second, for as long as it takes) and resumes, yielding the set again only if
+        it differs from the last one yielded. It raises AgentUnavailable only when there is
+        no agent to start with.
         """
         last: Any = None
+        delay = 0.05
+        started = False
         while True:
-            sock = self._connect(time.monotonic() + self.timeout)
+            try:
+                sock = self._connect(time.monotonic() + self.timeout)
+            except AgentUnavailable:
+                if not started:
+                    raise  # no agent at all: say so at once
+                # The agent is restarting (or upgrading): a watch is long-lived, so keep
+                # trying, backing off to one attempt a second.
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            started = True
+            delay = 0.05
             try:
                 for update in self._watch_stream(sock, service, timeout):
                     if _watch_view(update) != last:

@@ -143,3 +143,32 @@ def test_watch_survives_an_agent_restart(agent):
     assert agent.proc.pid != old
     assert done.wait(15)
     assert updates == [["web-1", "web-2", "web-3"], ["web-9"]]
+
+
+def test_ipv6_loopback_address(tmp_path):
+    import socket as so
+
+    probe = so.socket(so.AF_INET6)
+    try:
+        probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    port = probe.getsockname()[1]
+    probe.close()
+    a = AgentProcess(str(tmp_path), CATALOG, admin=False, extra_args=["--listen", f"[::1]:{port}"]).start()
+    try:
+        with Client(addr=f"[::1]:{port}") as c:
+            assert c.resolve("web").port in (18001, 18002, 18003)
+    finally:
+        a.stop()
+
+
+def test_watch_waits_out_an_agent_that_is_gone_for_a_while(agent):
+    c = Client(socket_path=agent.socket, timeout=0.5)
+    updates, done = collect_watch(c, 2, timeout=30)
+    assert agent.stop() == 0
+    time.sleep(2.0)  # longer than the client's timeout: the old watch gave up here
+    agent.write_catalog(endpoint_toml("web", "127.0.0.1", 18009, id="web-9"))
+    agent.start()
+    assert done.wait(15)
+    assert updates[-1] == ["web-9"]
