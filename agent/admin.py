@@ -3,8 +3,16 @@
     GET /healthz                 200 "ok" once the catalog is loaded
     GET /v1/services             the services table (JSON)
     GET /v1/services/NAME        one service's endpoints and state (JSON)
-    GET /v1/resolve/NAME?key=K   one pick, as the wire protocol's resolve answers it (JSON)
+    GET /v1/resolve/NAME?key=K&tag=T&lease=1
+                                 one pick: the wire protocol's resolve result (JSON)
+    POST /v1/report?lease=N&ok=false&latency=0.2
+                                 an outcome, as the protocol's report (or service=&endpoint=)
     GET /metrics                 Prometheus text format
+
+Everything but /healthz and /metrics goes through the wire protocol's own entry point
+(`Engine.handle`), so HTTP callers get the same argument checks, error codes, on-demand
+Consul fetches and JSON as socket callers; errors map to 400/404/503 with the code in the
+body.
 
 HTTP/1.1 with `Connection: close`: one request per connection keeps the parser to a
 request line and headers, which is all curl and Prometheus need. Requests are bounded in
@@ -19,9 +27,9 @@ import socket
 import urllib.parse
 from typing import Any
 
+import msgpack
 import trio
 
-from softlb._errors import RequestError
 from softlb._health import ProbeState
 
 from .runtime import Runtime
@@ -32,7 +40,8 @@ MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 5.0
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable",
             413: "Request Header Fields Too Large", 408: "Request Timeout"}
-_STATUS_OF = {"UNKNOWN_SERVICE": 404, "NO_HEALTHY_ENDPOINT": 503, "BAD_ARGUMENT": 400}
+_STATUS_OF = {"UNKNOWN_SERVICE": 404, "NO_HEALTHY_ENDPOINT": 503, "UNAVAILABLE": 503, "BAD_ARGUMENT": 400,
+              "UNKNOWN_LEASE": 404, "UNKNOWN_OP": 404}
 
 
 async def serve_admin(rt: Runtime, listener: socket.socket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -72,20 +81,58 @@ async def _respond(rt: Runtime, stream: trio.SocketStream) -> tuple[int, str, by
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
         return 400, "text/plain", b"bad request line\n"
     method, target = parts[0], parts[1]
-    if method not in ("GET", "HEAD"):
-        return 405, "text/plain", b"only GET\n"
     url = urllib.parse.urlsplit(target)
-    query = dict(urllib.parse.parse_qsl(url.query))
-    return route(rt, urllib.parse.unquote(url.path), query)
+    query = urllib.parse.parse_qsl(url.query)
+    try:
+        source = str(stream.socket.getpeername()[0])
+    except OSError:
+        source = "http"
+    return await route(rt, method, urllib.parse.unquote(url.path), query, source)
 
 
 def _json(status: int, obj: Any) -> tuple[int, str, bytes]:
     return status, "application/json", (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
-def route(rt: Runtime, path: str, query: dict[str, str]) -> tuple[int, str, bytes]:
-    eng = rt.engine
-    now = trio.current_time()
+def _error(status: int, code: str, message: str) -> tuple[int, str, bytes]:
+    return _json(status, {"error": {"code": code, "message": message}})
+
+
+def _flag(value: str) -> bool | str:
+    """Query-string booleans as people write them; anything else stays a string, which the
+    protocol's own argument check then refuses with BAD_ARGUMENT."""
+    return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(value.lower(), value)
+
+
+def _number(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+async def ask(rt: Runtime, msg: dict[str, Any], source: str) -> tuple[int, str, bytes]:
+    """Answer through the wire protocol's own code path, so HTTP and socket callers get the
+    same checks, the same on-demand fetches and the same JSON."""
+    msg["id"] = 0
+    frame = rt.engine.handle(msg, trio.current_time(), source)
+    if frame is None and msg.get("op") == "resolve":  # a catalog source is fetching it
+        await rt.wait_for_service(msg["service"])
+        frame = rt.engine.handle(msg, trio.current_time(), source)
+        if frame is None:
+            return _error(503, "UNAVAILABLE", f"no answer for \"{msg['service']}\" from the catalog source yet")
+    assert frame is not None
+    answer = msgpack.unpackb(frame[4:], raw=False)
+    if "error" in answer:
+        err = answer["error"]
+        return _json(_STATUS_OF.get(err["code"], 400), {"error": err})
+    return _json(200, answer["result"])
+
+
+async def route(rt: Runtime, method: str, path: str, query: list[tuple[str, str]], source: str) -> tuple[int, str, bytes]:
+    q = dict(query)
+    if method not in ("GET", "HEAD") and not (method == "POST" and path == "/v1/report"):
+        return 405, "text/plain", b"GET, or POST /v1/report\n"
     if path == "/healthz":
         if rt.catalog_ready.is_set():
             return 200, "text/plain", b"ok\n"
@@ -93,19 +140,31 @@ def route(rt: Runtime, path: str, query: dict[str, str]) -> tuple[int, str, byte
     if path == "/metrics":
         return 200, "text/plain; version=0.0.4", render_metrics(rt).encode()
     if path == "/v1/services":
-        return _json(200, [eng.services[n].summary() for n in sorted(eng.services)])
+        return await ask(rt, {"op": "services"}, source)
     if path.startswith("/v1/services/"):
-        b = eng.services.get(path[len("/v1/services/"):])
-        if b is None:
-            return _json(404, {"error": {"code": "UNKNOWN_SERVICE", "message": "unknown service"}})
-        return _json(200, b.describe(now))
+        return await ask(rt, {"op": "endpoints", "service": path[len("/v1/services/"):]}, source)
     if path.startswith("/v1/resolve/"):
-        try:
-            r = eng.resolve(path[len("/v1/resolve/"):], now, key=query.get("key"), lease=False)
-        except RequestError as e:
-            return _json(_STATUS_OF.get(e.code.value, 400), {"error": {"code": e.code.value, "message": e.message}})
-        return _json(200, dict(r.endpoint.as_dict(), panic=r.panic, stale=r.stale, age=r.age))
-    return _json(404, {"error": {"code": "NOT_FOUND", "message": f"no route {path}"}})
+        msg: dict[str, Any] = {"op": "resolve", "service": path[len("/v1/resolve/"):],
+                               "lease": _flag(q.get("lease", "false"))}
+        if "key" in q:
+            msg["key"] = q["key"]
+        tags = [v for k, v in query if k == "tag"]
+        if tags:
+            msg["tags"] = tags
+        return await ask(rt, msg, source)
+    if path == "/v1/report":
+        if method != "POST":
+            return 405, "text/plain", b"POST /v1/report\n"
+        msg = {"op": "report", "ok": _flag(q.get("ok", "true"))}
+        if "lease" in q:
+            msg["lease"] = int(q["lease"]) if q["lease"].isdigit() else q["lease"]
+        if "latency" in q:
+            msg["latency"] = _number(q["latency"])
+        for k in ("service", "endpoint"):
+            if k in q:
+                msg[k] = q[k]
+        return await ask(rt, msg, source)
+    return _error(404, "NOT_FOUND", f"no route {path}")
 
 
 def _label(v: str) -> str:

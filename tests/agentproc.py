@@ -32,6 +32,10 @@ def endpoint_toml(service: str, address: str, port: int, **extra: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Three web endpoints, web-1..3 on 127.0.0.1:18001-18003: the default test catalog.
+THREE = "".join(endpoint_toml("web", "127.0.0.1", 18000 + i, id=f"web-{i}") for i in range(1, 4))
+
+
 class AgentProcess:
     def __init__(self, tmp: str, catalog: str, config: str = "", extra_args: list[str] | None = None,
                  admin: bool = True) -> None:

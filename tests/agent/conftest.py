@@ -1,8 +1,6 @@
 import pytest
 
-from agentproc import AgentProcess, endpoint_toml
-
-THREE = "".join(endpoint_toml("web", "127.0.0.1", 18000 + i, id=f"web-{i}") for i in range(1, 4))
+from agentproc import THREE, AgentProcess
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import urllib.request
 from collections import Counter
 
 import pytest
-from agentproc import endpoint_toml, wait_until
+from agentproc import THREE, endpoint_toml, wait_until
 
 from softlb_client import Client, SoftLBError
 
@@ -146,19 +146,39 @@ def test_second_agent_on_the_same_socket_is_refused(agent, make_agent):
     assert agent.client().resolve("web")
 
 
-def test_admin_http_api(agent):
+def test_admin_http_api(make_agent):
+    agent = make_agent(catalog=THREE + endpoint_toml("web", "127.0.0.1", 18004, id="web-4", tags=["canary"])).start()
     base = f"http://127.0.0.1:{agent.admin_port}"
-    assert urllib.request.urlopen(base + "/healthz", timeout=5).read() == b"ok\n"
-    svcs = json.load(urllib.request.urlopen(base + "/v1/services", timeout=5))
-    assert [s["name"] for s in svcs] == ["web"]
-    r = json.load(urllib.request.urlopen(base + "/v1/resolve/web", timeout=5))
-    assert r["port"] in (18001, 18002, 18003)
-    metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
-    assert 'softlb_service_endpoints{service="web"} 3' in metrics
+
+    def get(path, method="GET"):
+        req = urllib.request.Request(base + path, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    assert get("/healthz") == (200, b"ok\n")
+    status, body = get("/v1/services")
+    assert status == 200 and [s["name"] for s in json.loads(body)] == ["web"]
+    status, body = get("/v1/resolve/web?tag=canary")
+    r = json.loads(body)
+    assert status == 200 and r["id"] == "web-4" and r["lease"] is None
+    # The same JSON as the socket protocol's resolve result, key for key.
+    assert set(r) == set(agent.client().call("resolve", service="web", lease=False))
+    status, body = get("/v1/resolve/web?lease=1")
+    lease = json.loads(body)["lease"]
+    assert isinstance(lease, int)
+    assert get(f"/v1/report?lease={lease}&ok=false&latency=0.2", method="POST") == (200, b"{}\n")
+    status, body = get(f"/v1/report?lease={lease}", method="POST")
+    assert status == 404 and json.loads(body)["error"]["code"] == "UNKNOWN_LEASE"
+    assert get("/v1/report?lease=1", method="GET")[0] == 405
+    assert get("/v1/resolve/web?latency=x&tag=nope")[0] == 503
+    assert json.loads(get("/v1/resolve/web?lease=maybe")[1])["error"]["code"] == "BAD_ARGUMENT"
+    assert json.loads(get("/v1/resolve/nope")[1])["error"]["code"] == "UNKNOWN_SERVICE"
+    metrics = get("/metrics")[1].decode()
+    assert 'softlb_service_endpoints{service="web"} 4' in metrics
     assert 'softlb_service_ejected_endpoints{service="web"} 0' in metrics
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(base + "/v1/resolve/nope", timeout=5)
-    assert e.value.code == 404
     s = socket.create_connection(("127.0.0.1", agent.admin_port), timeout=5)
     s.sendall(b"garbage\r\n\r\n")
     assert s.recv(100).startswith(b"HTTP/1.1 400")
