@@ -172,57 +172,53 @@ def _label(v: str) -> str:
 
 
 def render_metrics(rt: Runtime) -> str:
+    """Prometheus text format: each metric's HELP, TYPE and samples together."""
     s = rt.stats
-    lines = [
-        "# HELP softlb_requests_total Wire-protocol requests received.",
-        "# TYPE softlb_requests_total counter",
-        f"softlb_requests_total {s.requests}",
-        "# HELP softlb_errors_total Frame-level protocol errors answered, by code.",
-        "# TYPE softlb_errors_total counter",
-    ]
-    lines += [f"softlb_errors_total{{code=\"{_label(c)}\"}} {n}" for c, n in sorted(s.errors.items())]
-    lines += [
-        "# HELP softlb_busy_poll_total Spins after an answer, by whether they found the next request.",
-        "# TYPE softlb_busy_poll_total counter",
-        f"softlb_busy_poll_total{{result=\"hit\"}} {s.busy_poll_hits}",
-        f"softlb_busy_poll_total{{result=\"miss\"}} {s.busy_poll_misses}",
-        "# TYPE softlb_connections_open gauge",
-        f"softlb_connections_open {s.connections_open}",
-        "# TYPE softlb_connections_total counter",
-        f"softlb_connections_total {s.connections_total}",
-        "# TYPE softlb_catalog_reloads_total counter",
-        f"softlb_catalog_reloads_total {s.catalog_reloads}",
-        "# TYPE softlb_catalog_errors_total counter",
-        f"softlb_catalog_errors_total {s.catalog_errors}",
-        "# TYPE softlb_leases_open gauge",
-        f"softlb_leases_open {len(rt.engine.leases)}",
-        "# HELP softlb_service_endpoints Endpoints in the catalog, and eligible ones, per service.",
-        "# TYPE softlb_service_endpoints gauge",
-        "# TYPE softlb_service_eligible_endpoints gauge",
-        "# TYPE softlb_service_panic gauge",
-        "# TYPE softlb_service_stale gauge",
-        "# HELP softlb_service_ejected_endpoints Endpoints ejected by passive outlier detection.",
-        "# TYPE softlb_service_ejected_endpoints gauge",
-        "# HELP softlb_service_probe_down_endpoints Endpoints the active probe holds down.",
-        "# TYPE softlb_service_probe_down_endpoints gauge",
-        "# HELP softlb_service_ejections_total Outlier ejections since the endpoints were listed.",
-        "# TYPE softlb_service_ejections_total counter",
-        "# TYPE softlb_service_data_age_seconds gauge",
-    ]
     now = trio.current_time()
-    for name in sorted(rt.engine.services):
-        b = rt.engine.services[name]
-        lbl = f"{{service=\"{_label(name)}\"}}"
-        rows = b.health.snapshot(now).endpoints
-        lines += [
-            f"softlb_service_ejected_endpoints{lbl} {sum(r.ejected for r in rows)}",
-            f"softlb_service_probe_down_endpoints{lbl} {sum(r.probe is ProbeState.DOWN for r in rows)}",
-            f"softlb_service_ejections_total{lbl} {sum(r.ejections for r in rows)}",
-            f"softlb_service_endpoints{lbl} {len(b.endpoints)}",
-            f"softlb_service_eligible_endpoints{lbl} {b.eligible_count}",
-            f"softlb_service_panic{lbl} {int(b.panic)}",
-            f"softlb_service_stale{lbl} {int(b.stale)}",
-        ]
-        if b.fetched_at is not None:
-            lines.append(f"softlb_service_data_age_seconds{lbl} {max(0.0, now - b.fetched_at):.3f}")
-    return "\n".join(lines) + "\n"
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float | int]]) -> None:
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+        out.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+    metric("softlb_requests_total", "counter", "Wire-protocol requests received.", [("", s.requests)])
+    metric("softlb_errors_total", "counter", "Protocol errors answered at frame level, and INTERNAL errors, by code.",
+           [(f'{{code="{_label(c)}"}}', n) for c, n in sorted(s.errors.items())])
+    metric("softlb_busy_poll_total", "counter", "Spins after an answer, by whether they found the next request.",
+           [('{result="hit"}', s.busy_poll_hits), ('{result="miss"}', s.busy_poll_misses)])
+    metric("softlb_connections_open", "gauge", "Client connections open now.", [("", s.connections_open)])
+    metric("softlb_connections_total", "counter", "Client connections accepted.", [("", s.connections_total)])
+    metric("softlb_catalog_reloads_total", "counter", "Catalog loads applied (file source).", [("", s.catalog_reloads)])
+    metric("softlb_catalog_errors_total", "counter", "Catalog loads refused; the last good catalog kept serving.",
+           [("", s.catalog_errors)])
+    metric("softlb_config_reload_errors_total", "counter", "Config reloads refused; the running config stayed.",
+           [("", s.config_reload_errors)])
+    metric("softlb_leases_open", "gauge", "Leases handed out by resolve and not yet reported or expired.",
+           [("", len(rt.engine.leases))])
+
+    services = [(f'{{service="{_label(n)}"}}', rt.engine.services[n]) for n in sorted(rt.engine.services)]
+    snaps = {lbl: b.health.snapshot(now).endpoints for lbl, b in services}
+    per_service = [
+        ("softlb_service_endpoints", "gauge", "Endpoints the catalog lists.", lambda lbl, b: len(b.endpoints)),
+        ("softlb_service_eligible_endpoints", "gauge", "Endpoints passing registry, probe and outlier checks.",
+         lambda lbl, b: b.eligible_count),
+        ("softlb_service_ejected_endpoints", "gauge", "Endpoints ejected by passive outlier detection.",
+         lambda lbl, b: sum(r.ejected for r in snaps[lbl])),
+        ("softlb_service_probe_down_endpoints", "gauge", "Endpoints the active probe holds down.",
+         lambda lbl, b: sum(r.probe is ProbeState.DOWN for r in snaps[lbl])),
+        ("softlb_service_ejections_total", "counter", "Outlier ejections of the endpoints listed now.",
+         lambda lbl, b: sum(r.ejections for r in snaps[lbl])),
+        ("softlb_service_panic", "gauge", "1 while too few endpoints are eligible and all are balanced over.",
+         lambda lbl, b: int(b.panic)),
+        ("softlb_service_stale", "gauge", "1 while answers come from old data (the catalog source is unreachable).",
+         lambda lbl, b: int(b.stale)),
+    ]
+    for name, kind, help_, value in per_service:
+        metric(name, kind, help_, [(lbl, value(lbl, b)) for lbl, b in services])
+    # Only sources that fetch (Consul) have a meaningful age; a file catalog is as fresh
+    # as the file, and an ever-growing age would page someone for nothing.
+    metric("softlb_service_data_age_seconds", "gauge", "Seconds since the catalog source last confirmed this data.",
+           [(lbl, f"{max(0.0, now - b.fetched_at):.3f}") for lbl, b in services
+            if b.fetched_at is not None and rt.config.source != "file"])
+    return "\n".join(out) + "\n"

@@ -171,6 +171,7 @@ def reload_config(rt: Runtime, overrides: Callable[[AgentConfig], AgentConfig]) 
         new = overrides(load_config_file(rt.config_path))
     except ConfigError as e:
         log.error("config reload refused, still running the previous config: %s", e)
+        rt.stats.config_reload_errors += 1
         return str(e)
     for key in LISTENER_SETTINGS:
         if getattr(new, key) != getattr(rt.config, key):
@@ -231,6 +232,12 @@ async def run_agent(
         return sock
 
     status = _status(rt)
+    # The receiver below catches INT/TERM while we run. When it closes it restores the
+    # handlers it found and re-delivers signals still queued in it, such as the TERM a
+    # supervisor sends right after a Ctrl-C. Let it find SIG_IGN, so that a second signal
+    # cannot kill the cleanup half way (leaving the socket file); the caller's handlers
+    # come back at the very end. SIGKILL still works.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
@@ -282,3 +289,5 @@ async def run_agent(
                     os.unlink(name[5:])
                 except OSError:
                     pass
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

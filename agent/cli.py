@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -34,8 +35,15 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="per-call timeout (default 2)")
 
 
+def _version() -> str:
+    from softlb import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="softlb", description="softlb: a per-host soft load balancer.")
+    ap.add_argument("--version", action="version", version=f"softlb {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     a = sub.add_parser("agent", help="run the agent", description="Run the softlb agent in the foreground (logs to stderr).")
@@ -51,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--region", help="this host's region label (locality)")
     a.add_argument("--allow-non-loopback", action="store_true", default=None,
                    help="allow --listen/--admin on a non-loopback address")
-    a.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    a.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity on stderr (default info; debug also logs each Consul request)")
 
     c = sub.add_parser("check", help="validate a config (and its catalog file) without running",
                        description="Validate an agent config and, for the file source, its catalog. "
@@ -156,6 +165,9 @@ def _run_agent(args: argparse.Namespace) -> int:
     handler.setFormatter(JournalFormatter() if stderr_is_journal() else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    if args.log_level != "debug":
+        # httpx logs every request at INFO: one line per Consul blocking query.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     log = logging.getLogger("softlb.agent")
 
     def overrides(cfg: AgentConfig) -> AgentConfig:
@@ -171,6 +183,8 @@ def _run_agent(args: argparse.Namespace) -> int:
         )
 
     try:
+        if args.consul and args.catalog_file:
+            raise ConfigError("--catalog-file and --consul both given: choose one catalog source")
         cfg = overrides(load_config_file(args.config) if args.config else AgentConfig())
         trio.run(lambda: run_agent(cfg, config_path=args.config, overrides=overrides))
     except ConfigError as e:
@@ -195,10 +209,26 @@ def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
     return out
 
 
+def _fail(args: argparse.Namespace, code: str, message: str, exit_code: int) -> int:
+    """An error: to stderr as a line, or with --json as {"error": ...} on stdout, so scripts
+    parsing stdout always get JSON."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": code, "message": message}}))
+    else:
+        print(f"softlb: {code}: {message}" if code not in ("AGENT_UNAVAILABLE", "TIMEOUT") else f"softlb: {message}",
+              file=sys.stderr)
+    return exit_code
+
+
 def _run_client(args: argparse.Namespace) -> int:
     from softlb_client import AgentUnavailable, Client, SoftLBError, Timeout
 
-    client = Client(socket_path=args.socket, addr=args.addr, timeout=args.timeout)
+    if args.timeout <= 0:
+        return _fail(args, "USAGE", f"--timeout must be positive, got {args.timeout}", EXIT_USAGE)
+    try:
+        client = Client(socket_path=args.socket, addr=args.addr, timeout=args.timeout)
+    except ValueError as e:
+        return _fail(args, "USAGE", f"--addr: {e}", EXIT_USAGE)
     try:
         if args.cmd == "resolve":
             r = client.resolve(args.service, key=args.key, tags=args.tags, lease=False)
@@ -221,11 +251,14 @@ def _run_client(args: argparse.Namespace) -> int:
             for d in client.watch(args.service):
                 print(json.dumps(d) if args.json else format_endpoints(d) + "\n", flush=True)
     except (AgentUnavailable, Timeout) as e:
-        print(f"softlb: {e.message}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        hint = "" if args.json else " (is the agent running? `systemctl status softlb-agent`, or pass --socket/--addr)"
+        return _fail(args, e.code, e.message + hint, EXIT_UNAVAILABLE)
     except SoftLBError as e:
-        print(f"softlb: {e.code}: {e.message}", file=sys.stderr)
-        return EXIT_ANSWER_ERROR
+        return _fail(args, e.code, e.message, EXIT_ANSWER_ERROR)
+    except BrokenPipeError:
+        # `softlb watch web | head -1`: the reader left; that is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     finally:
@@ -243,6 +276,9 @@ def _run_check(args: argparse.Namespace) -> int:
     try:
         cfg = load_config_file(args.config)
         catalog = args.catalog_file or (cfg.catalog_file if cfg.source == "file" else "")
+        if cfg.source == "file" and not catalog:
+            # The agent refuses to start like this; so does check.
+            raise ConfigError(f"{args.config}: no catalog: set catalog.file, or catalog.source = \"consul\"")
         if catalog:
             try:
                 with open(catalog, encoding="utf-8") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import random
 from dataclasses import dataclass, field
 
@@ -10,6 +11,7 @@ import trio
 
 from softlb import AgentConfig
 from softlb._engine import Engine
+from softlb._health import EndpointHealth
 
 
 @dataclass
@@ -24,8 +26,22 @@ class Stats:
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     catalog_reloads: int = 0
     catalog_errors: int = 0
+    config_reload_errors: int = 0
     last_catalog_error: str = ""
     started: float = 0.0
+
+
+health_log = logging.getLogger("softlb.health")
+
+
+def _why(r: EndpointHealth) -> str:
+    if r.registry.value not in ("passing", "warning"):
+        return f"registry: {r.registry.value}"
+    if r.ejected:
+        return f"ejected by outlier detection for {r.ejected_remaining or 0:.0f}s (ejection #{r.ejections})"
+    if r.probe is not None and r.probe.value == "down":
+        return f"probe down: {r.last_probe_detail}"
+    return "unhealthy"
 
 
 class Runtime:
@@ -38,6 +54,8 @@ class Runtime:
         self.engine.on_change = self._on_change
         #: Set once the first catalog has been loaded (readiness).
         self.catalog_ready = trio.Event()
+        #: Per service, as last logged: (endpoint ids, eligible ids, panic).
+        self._health_seen: dict[str, tuple[frozenset[str], frozenset[str], bool]] = {}
         #: A human line about the catalog source ("file examples/catalog.toml (fresh)").
         self.source_status = "starting"
 
@@ -45,6 +63,31 @@ class Runtime:
         ev = self._events.pop(name, None)
         if ev is not None:
             ev.set()
+        self._log_health(name)
+
+    def _log_health(self, name: str) -> None:
+        """One log line per endpoint that stops or starts being eligible, and per panic
+        change, with the reason: what an operator greps for after an incident. Endpoints
+        joining or leaving the catalog are the catalog source's to report."""
+        b = self.engine.services.get(name)
+        before = self._health_seen.pop(name, None)
+        if b is None:
+            return
+        rows = {r.id: r for r in b.health.snapshot(trio.current_time()).endpoints}
+        eligible = frozenset(i for i, r in rows.items() if r.eligible)
+        self._health_seen[name] = (frozenset(rows), eligible, b.panic)
+        if before is None:
+            return
+        known, was_eligible, was_panic = before
+        for eid in sorted((was_eligible - eligible) & rows.keys()):
+            health_log.warning("%s: endpoint %s is no longer eligible (%s)", name, eid, _why(rows[eid]))
+        for eid in sorted((eligible - was_eligible) & known):
+            health_log.info("%s: endpoint %s is eligible again", name, eid)
+        if b.panic and not was_panic:
+            health_log.warning("%s: panic: %d of %d endpoints eligible, below %d%%: balancing over all of them",
+                               name, len(eligible), len(rows), b.config.panic_threshold)
+        elif was_panic and not b.panic:
+            health_log.info("%s: panic over: %d of %d endpoints eligible", name, len(eligible), len(rows))
 
     def change_event(self, name: str) -> trio.Event:
         """An event set at the next change of `name` (get it before reading the state)."""

@@ -50,11 +50,14 @@ class AgentProcess:
         self.write_catalog(catalog)
         with open(self.config_path, "w") as f:
             f.write(config)
+        extra_args = extra_args or []
+        # One catalog source: the file written here, unless the test points at Consul.
+        source = [] if "--consul" in extra_args else ["--catalog-file", self.catalog_path]
         self.args = [
             sys.executable, "-m", "softlb_agent", "agent", "--config", self.config_path,
-            "--catalog-file", self.catalog_path, "--socket", self.socket, "--listen", self.addr,
+            *source, "--socket", self.socket, "--listen", self.addr,
             "--admin", f"127.0.0.1:{self.admin_port}" if admin else "", "--log-level", "debug",
-        ] + (extra_args or [])
+        ] + extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_catalog(self, text: str) -> None:

@@ -271,3 +271,11 @@ def test_socket_directory_squatted_by_another_user_is_refused():
         assert r.returncode == 2 and "writable by others and not ours" in r.stderr, r.stderr
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_a_second_signal_does_not_cut_the_shutdown_short(agent):
+    # Ctrl-C on `make demo`: the terminal sends INT, then demo.py sends TERM.
+    agent.send(signal.SIGINT)
+    agent.send(signal.SIGTERM)
+    assert agent.proc.wait(timeout=20) == 0
+    assert not os.path.exists(agent.socket)
