@@ -73,7 +73,8 @@ class ConsulConfig:
     tagged_address: str = ""  # "", "lan" or "wan"
     max_watches: int = 64
     idle_timeout: float = 600.0
-    first_answer_timeout: float = 2.0
+    #: Under the clients' default 1 s call timeout, so a caller hears UNAVAILABLE, not a timeout.
+    first_answer_timeout: float = 0.75
     min_query_interval: float = 0.1
     keep_previous_on_empty: float = 300.0
 
