@@ -149,7 +149,7 @@ class Engine:
             return (f"no eligible endpoint of \"{b.name}\" is local enough: locality = {list(b.config.locality)} "
                     f"matched none of the {b.eligible_count} eligible endpoints (add \"*\" to fall back to any)")
         if tags:
-            return f"no eligible endpoint of \"{b.name}\" has tags {list(tags)}"
+            return f"no eligible endpoint of \"{b.name}\" has all the tags {', '.join(tags)}"
         return f"none of the {len(b.endpoints)} endpoints of \"{b.name}\" is eligible"
 
     def report(
