@@ -5,13 +5,17 @@ Format: one JSON document, `{"version": 1, "saved_at": <unix time>, "services": 
 here because they must survive a restart; in memory they are monotonic, converted at the
 edges. Writes are atomic (temp file, fsync, rename, fsync of the directory): a crash leaves
 the old snapshot or the new one, never half of either. A snapshot that cannot be read is
-reported and ignored: the agent then starts with nothing, as it would without one.
+reported and ignored: the agent then starts with nothing, as it would without one. That
+includes JSON nested too deeply to parse and endpoints Consul's mapping would have refused
+(weights out of range, malformed addresses). Duplicate endpoint ids in one service (never
+written by `save`) keep the first and are logged: the Engine refuses duplicates outright.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -19,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import trio
 
+from softlb._consul import MAX_WEIGHT, address_problem
 from softlb._types import Endpoint, RegistryHealth
 
 log = logging.getLogger("softlb_agent.snapshot")
@@ -49,6 +54,8 @@ def decode(data: bytes) -> dict[str, tuple[tuple[Endpoint, ...], float]]:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise SnapshotError(f"not JSON: {e}") from None
+    except RecursionError:
+        raise SnapshotError("not a snapshot: JSON nested too deeply") from None
     if not isinstance(doc, dict) or doc.get("version") != VERSION:
         raise SnapshotError(f"not a version {VERSION} snapshot")
     services = doc.get("services")
@@ -58,18 +65,38 @@ def decode(data: bytes) -> dict[str, tuple[tuple[Endpoint, ...], float]]:
     for name, svc in services.items():
         try:
             fetched_at = float(svc["fetched_at"])
-            out[name] = (tuple(endpoint_from_dict(d) for d in svc["endpoints"]), fetched_at)
-        except (KeyError, TypeError, ValueError) as e:
+            if not math.isfinite(fetched_at):
+                raise ValueError(f"fetched_at is {fetched_at}")
+            eps = [endpoint_from_dict(d) for d in svc["endpoints"]]
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # Overflow: int(1e400)
             raise SnapshotError(f"services.{name}: {type(e).__name__}: {e}") from None
+        out[name] = (_first_of_each_id(name, eps), fetched_at)
     return out
+
+
+def _first_of_each_id(service: str, endpoints: list[Endpoint]) -> tuple[Endpoint, ...]:
+    by_id: dict[str, Endpoint] = {}
+    for ep in endpoints:
+        by_id.setdefault(ep.id, ep)
+    if len(by_id) < len(endpoints):
+        log.warning("snapshot: services.%s lists %d endpoints under an id already used; "
+                    "keeping the first of each", service, len(endpoints) - len(by_id))
+    return tuple(by_id.values())
 
 
 def endpoint_from_dict(d: Mapping[str, Any]) -> Endpoint:
     port = d["port"]
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"bad port {port!r}")
+    weight = int(d.get("weight", 1))
+    if not 0 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight {weight} is out of range (0..{MAX_WEIGHT})")
+    address = str(d["address"])
+    problem = address_problem(address)
+    if problem:
+        raise ValueError(f"address {address[:100]!r}: {problem}")
     return Endpoint(
-        id=str(d["id"]), address=str(d["address"]), port=port, weight=int(d.get("weight", 1)),
+        id=str(d["id"]), address=address, port=port, weight=weight,
         tags=tuple(str(t) for t in d.get("tags", ())),
         meta={str(k): str(v) for k, v in dict(d.get("meta", {})).items()},
         node=str(d.get("node", "")), zone=str(d.get("zone", "")), region=str(d.get("region", "")),

@@ -5,6 +5,10 @@
 * Configured services (`[services.<name>]`) are watched from the start; any other service
   is watched when a caller first resolves it: `engine.on_unknown_service` starts the watch
   and the connection waits (bounded by `consul.first_answer_timeout`) for the first answer.
+  A name that is not a Consul service name is answered BAD_ARGUMENT, and a new name past
+  `consul.max_on_demand` UNAVAILABLE, without a watch.
+* An on-demand service is in use while a caller resolves it or holds a `watch` stream on
+  it (`Engine.watchers`); it goes `idle_timeout` after the last of either.
 * Loads the persisted snapshot before anything else and publishes it as stale, so an agent
   restarted while Consul is down answers at once; saves it as Consul changes.
 * The agent is ready without Consul: startup waits at most `first_answer_timeout` for the
@@ -20,10 +24,11 @@ from functools import partial
 
 import trio
 
+from softlb._errors import ErrorCode, RequestError
 from softlb._types import Endpoint
 
 from . import catalog_snapshot
-from .consul_watch import ConsulSource, ConsulStatus
+from .consul_watch import ConsulSource, ConsulStatus, WatchRefused
 from .paths import default_state_dir
 from .runtime import Runtime
 
@@ -34,15 +39,30 @@ class ConsulCatalog:
     def __init__(self, rt: Runtime, rng: random.Random | None = None) -> None:
         self.rt = rt
         self.source = ConsulSource(rt.config, self, rng=rng or random.Random())
-        self.source.last_used = rt.engine.last_resolved.get
+        self.source.last_used = self._last_used
         rt.engine.on_unknown_service = self._fetch
         self.snapshot_path = catalog_snapshot.snapshot_path(rt.config.state_dir or default_state_dir())
         self._address = rt.config.consul.address or "(CONSUL_HTTP_ADDR or 127.0.0.1:8500)"
         rt.source_status = f"consul {self._address}: starting"
 
     def _fetch(self, service: str) -> bool:
-        self.source.want(service)
+        try:
+            self.source.want(service)
+        except WatchRefused as e:
+            if e.retryable:
+                raise RequestError(ErrorCode.UNAVAILABLE,
+                                   f"not watching \"{service[:100]}\" in Consul: {e}") from None
+            raise RequestError(ErrorCode.BAD_ARGUMENT, str(e)) from None
         return True
+
+    def _last_used(self, service: str) -> float | None:
+        # An open watch stream uses the service now, even if nobody resolves it: idling it
+        # out would tell the watcher "removed" while Consul still has it. The IPC server
+        # records the time the last watcher left in `last_resolved`, so the idle clock
+        # starts from then.
+        if self.rt.engine.watchers.get(service, 0) > 0:
+            return trio.current_time()
+        return self.rt.engine.last_resolved.get(service)
 
     # ------------------------------------------------------------------ CatalogListener
 

@@ -18,6 +18,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from typing import Mapping
+from urllib.parse import quote
 
 import httpx
 
@@ -171,7 +172,10 @@ class ConsulClient:
             params.append(("cached", ""))
         read = (wait + wait / 16 if index > 0 else 0.0) + READ_SLACK
         timeout = httpx.Timeout(read, connect=CONNECT_TIMEOUT)
-        return await self._get(f"/v1/health/service/{service}", params, timeout)
+        # Encoded whole: a name must never add a query ("web?dc=x"), a fragment or a path
+        # segment ("x/../web") to the request. Names callers send are also validated
+        # upstream (ConsulSource.want); configured names only get this.
+        return await self._get(f"/v1/health/service/{quote(service, safe='')}", params, timeout)
 
     async def _get(self, path: str, params: list[tuple[str, str]], timeout: httpx.Timeout) -> ConsulAnswer:
         headers = {"X-Consul-Token": self._token} if self._token else {}

@@ -12,7 +12,14 @@ How it runs (docs/CONSUL.md has the long form):
   answers, and errors back off exponentially with jitter (softlb._backoff).
 * A failing service keeps its last good endpoints, re-published once as stale with the
   time of the last good answer; the first good answer clears it. Failures are logged once
-  per change of the source's state (ok / degraded / acl_denied), not per retry.
+  per change of the source's state (ok / degraded / acl_denied), not per retry. That holds
+  for any exception while handling one service's answer, not just the expected Consul and
+  data errors: an unexpected one is logged with its traceback (once per change) and handled
+  like bad data, so one service's answer can never end the agent.
+* A query's answer (or failure) that arrives after its service stopped being watched is
+  dropped: publishing it would bring back a service nobody watches, frozen as "fresh".
+* Callers cannot make the source watch names that are not Consul service names, nor more
+  than `consul.max_on_demand` services on demand: `want` raises `WatchRefused`.
 * Results go out through `CatalogListener`, so this module knows nothing of the Engine.
 """
 
@@ -37,9 +44,16 @@ from softlb._consul import (
     endpoints_from_health,
     index_changed,
     next_index,
+    service_name_problem,
 )
 from softlb._types import Endpoint
-from softlb._watchplan import DEFAULT_MAX_POLL_RATE, DEFAULT_POLL_PERIOD, PlanChange, WatchPlanner
+from softlb._watchplan import (
+    DEFAULT_MAX_POLL_RATE,
+    DEFAULT_POLL_PERIOD,
+    OnDemandLimitError,
+    PlanChange,
+    WatchPlanner,
+)
 
 from .consul_http import SPARE_CONNECTIONS, ConsulAnswer, ConsulClient, ConsulError, consul_settings
 
@@ -50,11 +64,24 @@ log = logging.getLogger("softlb_agent.consul")
 SPACING_JITTER = 0.2
 #: [consul] settings read once at start (client, planner). `wait`, `min_query_interval`
 #: and `tagged_address` apply on reload; `keep_previous_on_empty` to newly watched services.
-RESTART_ONLY = ("address", "datacenter", "token", "ca_file", "stale", "max_watches", "idle_timeout")
+RESTART_ONLY = ("address", "datacenter", "token", "ca_file", "stale", "max_watches", "idle_timeout",
+                "max_on_demand")
+#: The failure kind of an exception nobody expected while handling a service's answer.
+INTERNAL_ERROR = "internal error"
+
+
+class WatchRefused(Exception):
+    """`want` will not watch this service. `retryable`: it may be watched later (the on-demand
+    limit, once other services idle out); otherwise the name itself is unusable."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class CatalogListener(Protocol):
-    """Where the source publishes. Phase 2 wires these to Engine.set_service & co."""
+    """Where the source publishes. agent/consul_catalog.py wires these to the Engine
+    (`set_service`, `remove_service`) and the agent's status line."""
 
     def on_update(self, service: str, endpoints: tuple[Endpoint, ...], now: float, *,
                   stale: bool, fetched_at: float | None) -> None:
@@ -103,11 +130,22 @@ class _StatusTracker:
         self._key: tuple[str, str] = ("starting", "")
 
     def failed(self, service: str, err: Exception, now: float) -> None:
-        kind = getattr(err, "kind", "bad data") if isinstance(err, ConsulError) else "bad data"
+        if isinstance(err, ConsulError):
+            kind = err.kind
+        elif isinstance(err, ConsulDataError):
+            kind = "bad data"
+        else:
+            kind = INTERNAL_ERROR
         prev = self.failing.get(service)
-        self.failing[service] = (kind, str(err))
+        self.failing[service] = (kind, str(err) or type(err).__name__)
         if prev is None or prev[0] != kind:
-            log.debug("consul: %s: %s", service, err)
+            if kind == INTERNAL_ERROR:
+                # A bug, or data our checks missed: worth a traceback, but once per change.
+                log.error("consul: %s: unexpected %s while handling Consul's answer; serving the "
+                          "last known endpoints, marked stale, and retrying with backoff",
+                          service, type(err).__name__, exc_info=err)
+            else:
+                log.debug("consul: %s: %s", service, err)
         self._update(now)
 
     def ok(self, service: str, now: float) -> None:
@@ -164,7 +202,8 @@ class ConsulSource:
         self._retry = retry
         c = config.consul
         self.planner = WatchPlanner(max_watches=c.max_watches, idle_timeout=c.idle_timeout,
-                                    poll_period=poll_period, max_poll_rate=max_poll_rate)
+                                    poll_period=poll_period, max_poll_rate=max_poll_rate,
+                                    max_on_demand=c.max_on_demand)
         self.planner.configure(config.services, 0.0)
         self._states: dict[str, _ServiceState] = {}
         for name in self.planner.wanted:
@@ -208,9 +247,20 @@ class ConsulSource:
                     await self._client.aclose()
 
     def want(self, service: str) -> None:
-        """A caller resolved `service`: watch it if new, and keep it from going idle."""
+        """A caller resolved `service`: watch it if new, and keep it from going idle.
+
+        Raises WatchRefused for a name that is not a Consul service name, and for a new
+        service past `consul.max_on_demand`; nothing is watched then.
+        """
         now = trio.current_time()
-        self._apply(self.planner.touch(service, now), now)
+        if not self.planner.is_wanted(service):
+            problem = service_name_problem(service)
+            if problem:
+                raise WatchRefused(problem, retryable=False)
+        try:
+            self._apply(self.planner.touch(service, now), now)
+        except OnDemandLimitError as e:
+            raise WatchRefused(str(e), retryable=True) from None
 
     async def wait_ready(self, service: str, timeout: float) -> bool:
         """`want(service)`, then wait (bounded) for its first Consul answer if nothing is
@@ -226,7 +276,11 @@ class ConsulSource:
 
     def seed(self, service: str, endpoints: Sequence[Endpoint], fetched_at: float, now: float) -> None:
         """Serve a set from the persisted snapshot, stale, until Consul answers."""
-        self._apply(self.planner.touch(service, now), now)
+        try:
+            self._apply(self.planner.touch(service, now), now)
+        except OnDemandLimitError as e:
+            log.warning("consul: snapshot service %s not restored: %s", service, e)
+            return
         st = self._state(service)
         if st.have_data:
             return
@@ -329,12 +383,15 @@ class ConsulSource:
                 if self._scopes.get(name) is scope:
                     del self._scopes[name]
 
+    def _current(self, st: _ServiceState) -> bool:
+        """False once `st`'s service stopped being watched (it may be watched again since,
+        with a new state): an answer to a query made for `st` then belongs to nobody."""
+        return self._states.get(st.name) is st
+
     async def _watch_loop(self, name: str) -> None:
         assert self._client is not None
-        while True:
-            st = self._states.get(name)
-            if st is None:
-                return
+        st = self._states.get(name)
+        while st is not None and self._current(st):
             started = trio.current_time()
             wait = self._config.consul.wait
             if st.hold_until is not None:
@@ -342,8 +399,12 @@ class ConsulSource:
                 wait = max(1.0, min(wait, st.hold_until - started))
             try:
                 ans = await self._client.health_service(name, index=st.index, wait=wait)
+                if not self._current(st):
+                    return
                 self._accept(st, ans)
-            except (ConsulError, ConsulDataError) as e:
+            except Exception as e:  # ConsulError, ConsulDataError, and the last resort: anything
+                if not self._current(st):
+                    return
                 await trio.sleep(self._failed(st, e))
                 continue
             await trio.sleep_until(started + self._spacing())
@@ -361,14 +422,20 @@ class ConsulSource:
                 continue
             st = self._states[name]
             try:
-                self._accept(st, await self._client.health_service(name, cached=True))
+                ans = await self._client.health_service(name, cached=True)
                 backoff.success()
-            except ConsulDataError as e:
-                self._failed(st, e)  # one service's bad data must not slow the others
+                if self._current(st):
+                    self._accept(st, ans)
             except ConsulError as e:
-                self._failed(st, e)
+                if self._current(st):
+                    self._failed(st, e)
                 # Consul itself is failing: slow the whole poller down, not just this service.
                 await trio.sleep(backoff.failure())
+            except Exception as e:  # ConsulDataError, and the last resort: anything
+                # One service's bad answer must not slow the others; it is retried at its
+                # next turn, which is the poller's backoff for it.
+                if self._current(st):
+                    self._failed(st, e)
 
     def _next_poll(self, now: float) -> str | None:
         polled = set(self.planner.polled) if self._urgent else ()
@@ -385,11 +452,6 @@ class ConsulSource:
         new_index = next_index(st.index, ans.index)
         if index_changed(st.index, new_index) or not st.have_data:
             st.fresh = endpoints_from_health(decode_health_body(ans.body), self._mapping(st.name))
-        st.index = new_index
-        st.have_data = True
-        st.backoff.success()
-        self._tracker.ok(st.name, now)
-        st.answered.set()
         decision = st.guard.decide(st.fresh, now)
         if decision.holding:
             if st.hold_until is None:
@@ -399,14 +461,21 @@ class ConsulSource:
             st.hold_until = decision.hold_until
             # A held set is not what Consul says: it is stale, as of the last non-empty answer.
             self._publish(st, decision.endpoints, True, now)
-            return
-        if st.hold_until is not None and not decision.endpoints:
-            log.warning("consul: %s still has no instances after %.0fs; serving none",
-                        st.name, st.guard.hold)
-        st.hold_until = None
-        st.fetched_at = now
-        # A server that knows no leader may be answering from old state.
-        self._publish(st, decision.endpoints, ans.known_leader is False, now)
+        else:
+            if st.hold_until is not None and not decision.endpoints:
+                log.warning("consul: %s still has no instances after %.0fs; serving none",
+                            st.name, st.guard.hold)
+            st.hold_until = None
+            # A server that knows no leader may be answering from old state.
+            self._publish(st, decision.endpoints, ans.known_leader is False, now, fetched_at=now)
+        # Only once published: an answer the listener refused must count as a failure (it
+        # raised), be fetched again at the old index, and not flip the status to ok between
+        # retries (which would log the failure again on every one).
+        st.index = new_index
+        st.have_data = True
+        st.backoff.success()
+        self._tracker.ok(st.name, now)
+        st.answered.set()
 
     def _failed(self, st: _ServiceState, err: Exception) -> float:
         now = trio.current_time()
@@ -416,10 +485,16 @@ class ConsulSource:
             self._publish(st, st.published, True, now)
         return st.backoff.failure()
 
-    def _publish(self, st: _ServiceState, endpoints: tuple[Endpoint, ...], stale: bool, now: float) -> None:
+    def _publish(self, st: _ServiceState, endpoints: tuple[Endpoint, ...], stale: bool, now: float,
+                 *, fetched_at: float | None = None) -> None:
+        """Tell the listener, unless it already has this. `fetched_at`: a good answer's time."""
+        fetched = st.fetched_at if fetched_at is None else fetched_at
         if st.published == endpoints and st.stale == stale:
+            st.fetched_at = fetched
             return
-        st.published, st.stale = endpoints, stale
+        # Listener first: if it rejects the set, `published` and `fetched_at` stay what it
+        # last took, which is what the failure path re-publishes as stale.
+        self._listener.on_update(st.name, endpoints, now, stale=stale, fetched_at=fetched)
+        st.published, st.stale, st.fetched_at = endpoints, stale, fetched
         self.version += 1
-        self._listener.on_update(st.name, endpoints, now, stale=stale, fetched_at=st.fetched_at)
 

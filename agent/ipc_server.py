@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from softlb import ErrorCode
-from softlb._errors import RemoteProtocolError
+from softlb._errors import RemoteProtocolError, RequestError
 from softlb._protocol import error_frame, ok_frame
 from softlb._wire import NEED_DATA, FrameDecoder, decode_body
 
@@ -368,7 +368,11 @@ async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any]) -
     rt.engine.watchers[service] += 1
     try:
         if service not in rt.engine.services:
-            fetching = rt.engine.on_unknown_service is not None and rt.engine.on_unknown_service(service)
+            try:
+                fetching = rt.engine.on_unknown_service is not None and rt.engine.on_unknown_service(service)
+            except RequestError as e:  # the source refuses the name (bad name, on-demand limit)
+                await conn.send(error_frame(rid, e.code, e.message))
+                return
             if fetching:
                 with trio.CancelScope() as w.waiting:
                     await rt.wait_for_service(service)
@@ -399,3 +403,9 @@ async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any]) -
         rt.engine.watchers[service] -= 1
         if rt.engine.watchers[service] <= 0:
             del rt.engine.watchers[service]
+            # The end of the last watch counts as a use: an on-demand source keeps the
+            # service for its idle timeout from now, as after a resolve.
+            if service in rt.engine.services:
+                rt.engine.last_resolved[service] = trio.current_time()
+
+

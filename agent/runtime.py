@@ -100,10 +100,24 @@ class Runtime:
         """Wait (bounded) until `name` exists in the engine; True if it does."""
         if timeout is None:
             timeout = self.config.consul.first_answer_timeout
-        with trio.move_on_after(timeout):
-            while name not in self.engine.services:
-                await self.change_event(name).wait()
+        try:
+            with trio.move_on_after(timeout):
+                while name not in self.engine.services:
+                    await self.change_event(name).wait()
+        finally:  # timed out, or the caller went away (its connection closed)
+            self._forget_event(name)
         return name in self.engine.services
+
+    def _forget_event(self, name: str) -> None:
+        """Drop `name`'s event if nobody waits on it any more. Without this every distinct
+        unknown name resolved while the source cannot answer (Consul down) leaves an event
+        behind for good. It is set as it goes: a task that fetched it but is not waiting
+        yet (a watch stream between `change_event` and `wait`) wakes and looks again,
+        instead of waiting on an event nothing would ever set."""
+        ev = self._events.get(name)
+        if ev is not None and ev.statistics().tasks_waiting == 0:
+            del self._events[name]
+            ev.set()
 
     def now(self) -> float:
         return trio.current_time()

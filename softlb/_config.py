@@ -72,6 +72,10 @@ class ConsulConfig:
     stale: bool = False
     tagged_address: str = ""  # "", "lan" or "wan"
     max_watches: int = 64
+    #: Services watched because callers asked for them (not configured), at most. A resolve
+    #: of one more unknown name is answered UNAVAILABLE instead of starting a watch, so a
+    #: caller looping over made-up names cannot make the agent watch them all.
+    max_on_demand: int = 256
     idle_timeout: float = 600.0
     #: Under the clients' default 1 s call timeout, so a caller hears UNAVAILABLE, not a timeout.
     first_answer_timeout: float = 0.75
@@ -289,6 +293,7 @@ def parse_consul(t: _Table) -> ConsulConfig:
         stale=t.bool("stale", d.stale),
         tagged_address=t.str("tagged_address", d.tagged_address),
         max_watches=t.int("max_watches", d.max_watches, 1, 190),
+        max_on_demand=t.int("max_on_demand", d.max_on_demand, 0, 100_000),
         idle_timeout=t.duration("idle_timeout", d.idle_timeout),
         first_answer_timeout=t.duration("first_answer_timeout", d.first_answer_timeout),
         min_query_interval=t.duration("min_query_interval", d.min_query_interval),

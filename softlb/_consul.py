@@ -12,12 +12,17 @@ docs/CONSUL.md and the shared Consul API notes) are tested without a socket:
   instances suddenly has none (SmartStack's `use_previous_backends`).
 
 Garbage from Consul raises `ConsulDataError` naming the entry and key; callers keep the last
-good set and retry, they never crash or publish half a list.
+good set and retry, they never crash or publish half a list. That includes JSON nested too
+deeply to parse, weights outside 0..MAX_WEIGHT (refused rather than clamped: a clamped weight
+would silently skew the balance, an error names the registration to fix) and addresses that
+are neither an IP address nor a well-formed host name.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -35,6 +40,21 @@ ZONE_KEYS = ("zone", "topology.kubernetes.io/zone", "failure-domain.beta.kuberne
 REGION_KEYS = ("region", "topology.kubernetes.io/region", "failure-domain.beta.kubernetes.io/region")
 
 _MAX_INDEX = (1 << 64) - 1
+
+#: Weights.Passing/Warning above this are refused, as the file catalog refuses them: the
+#: wire protocol packs weights as msgpack ints (a 2**70 weight cannot be sent), and the
+#: weighted policies build tables proportional to weights.
+MAX_WEIGHT = 1_000_000
+
+#: What a service name may look like for the agent to ask Consul about it: letters, digits,
+#: dashes (Consul's DNS-safe set), plus underscores and dots, starting with a letter or
+#: digit. Anything else ("web?dc=other", "web#frag", "x/../web", "..") would change the
+#: meaning of the query URL rather than name a service.
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+MAX_SERVICE_NAME = 255
+
+#: One DNS label (RFC 1123 letters, digits, dashes; underscores are seen in the wild).
+_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}\Z")
 
 
 class ConsulDataError(SoftLBError):
@@ -99,6 +119,9 @@ def decode_health_body(body: bytes | str) -> list[Any]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ConsulDataError(f"response body is not JSON: {e}") from None
+    except RecursionError:
+        # `"[" * 200000` exhausts the parser's stack; no real answer nests more than 5 deep.
+        raise ConsulDataError("response body: JSON nested too deeply") from None
     if not isinstance(data, list):
         raise ConsulDataError(f"response body: expected a JSON array, got {_kind(data)}")
     return data
@@ -168,9 +191,9 @@ def _endpoint(entry: Any, where: str, options: MappingOptions) -> Endpoint | Non
     health = aggregate_health([] if checks is None else checks, f"{where}.Checks")
     weights = svc.opt_obj("Weights")
     if health is RegistryHealth.PASSING:
-        weight = weights.int("Passing", 1, lo=0) if weights else 1
+        weight = weights.int("Passing", 1, lo=0, hi=MAX_WEIGHT) if weights else 1
     elif health is RegistryHealth.WARNING:
-        weight = weights.int("Warning", 1, lo=0) if weights else 1
+        weight = weights.int("Warning", 1, lo=0, hi=MAX_WEIGHT) if weights else 1
     else:
         weight = 0
     node_meta = node.str_map("Meta")
@@ -198,16 +221,54 @@ def _address(node: _Obj, svc: _Obj, tagged: str, where: str) -> tuple[str, int]:
             if chosen is not None:
                 addr = chosen.str_any_case("Address", "")
                 if addr:
-                    return addr, chosen.int_any_case("Port", port, lo=0, hi=65535)
+                    return (_checked_address(addr, where),
+                            chosen.int_any_case("Port", port, lo=0, hi=65535))
         node_tagged = node.opt_obj("TaggedAddresses")
         if node_tagged is not None:
             addr = node_tagged.str(tagged, "")
             if addr:
-                return addr, port
+                return _checked_address(addr, where), port
     addr = svc.str("Address", "") or node.str("Address", "")
     if not addr:
         raise ConsulDataError(f"{where}: neither Service.Address nor Node.Address is set")
-    return addr, port
+    return _checked_address(addr, where), port
+
+
+def _checked_address(addr: str, where: str) -> str:
+    problem = address_problem(addr)
+    if problem:
+        raise ConsulDataError(f"{where}: address {addr[:100]!r}: {problem}")
+    return addr
+
+
+def address_problem(addr: str) -> str:
+    """Why `addr` is neither an IP address nor a usable host name ("" if it is one).
+
+    Callers hand endpoint addresses to getaddrinfo and connect; a name with an empty label
+    ("db..internal") or a label over 63 characters makes Python's IDNA codec raise
+    UnicodeError there instead of a lookup failure, so such names are refused up front.
+    """
+    try:
+        ipaddress.ip_address(addr)
+        return ""
+    except ValueError:
+        pass
+    name = addr[:-1] if addr.endswith(".") else addr  # a trailing dot is fully qualified
+    if not name or len(name) > 253:
+        return "a host name must be 1 to 253 characters"
+    for label in name.split("."):
+        if not _LABEL.match(label):
+            return ("not an IP address or host name (each dot-separated label must be 1 to 63 "
+                    "letters, digits, '-' or '_')")
+    return ""
+
+
+def service_name_problem(name: str) -> str:
+    """Why the agent will not ask Consul about a service called `name` ("" if it will)."""
+    if len(name) > MAX_SERVICE_NAME or not _SERVICE_NAME.match(name):
+        return (f"not a Consul service name: {name[:100]!r} (use letters, digits, '-', '_' "
+                f"or '.', starting with a letter or digit, at most {MAX_SERVICE_NAME} characters)")
+    return ""
 
 
 def _first(meta: Mapping[str, str], keys: Sequence[str]) -> str:

@@ -10,7 +10,10 @@ refresh"), so a poll costs a local cache hit, not a server RPC, and the servers 
 watch per service either way.
 
 * Wanted services are the configured ones (never expire) plus on-demand ones (first
-  resolved by a caller; dropped after `idle_timeout` without a resolve).
+  resolved by a caller; dropped after `idle_timeout` without a resolve). At most
+  `max_on_demand` on-demand services: every resolve of a made-up name would otherwise add
+  a watch, and one client looping over typos could make the agent poll Consul for
+  thousands of names nobody needs. Past the cap `touch` raises `OnDemandLimitError`.
 * Ranking is configured services in config order, then on-demand services in the order
   they were first resolved. The first `max_watches` ranked services block, the rest are
   polled. The ranking is stable, so a service only moves between the two when membership
@@ -21,7 +24,9 @@ watch per service either way.
   put latency-sensitive services in the config so they get a blocking watch.
 
 Pure: the agent calls `touch`/`configure`/`expire` and reads `blocking`, `polled` and
-`poll_due`; it starts and cancels the actual queries.
+`poll_due`; it starts and cancels the actual queries. Every call is O(n) in the number of
+wanted services (set lookups, no scans inside scans), and touching a new on-demand service
+is O(1) apart from copying a tuple, because it can only join the end of the ranking.
 """
 
 from __future__ import annotations
@@ -29,11 +34,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from ._errors import SoftLBError
+
 #: Per-service refresh period of polled services when there are few of them: twice a
 #: minute, gentler than the "every 15 s under churn" Consul suggests for busy watches.
 DEFAULT_POLL_PERIOD = 30.0
 #: Ceiling on the poller's request rate, whatever the number of polled services.
 DEFAULT_MAX_POLL_RATE = 10.0
+
+
+class OnDemandLimitError(SoftLBError):
+    """A new on-demand service would exceed `max_on_demand`; it is not watched."""
 
 
 @dataclass(frozen=True)
@@ -57,14 +68,19 @@ class WatchPlanner:
         idle_timeout: float,
         poll_period: float = DEFAULT_POLL_PERIOD,
         max_poll_rate: float = DEFAULT_MAX_POLL_RATE,
+        max_on_demand: int | None = None,
     ) -> None:
         if max_watches < 0 or idle_timeout <= 0 or poll_period <= 0 or max_poll_rate <= 0:
             raise ValueError("max_watches >= 0 and positive idle_timeout/poll_period/max_poll_rate")
+        if max_on_demand is not None and max_on_demand < 0:
+            raise ValueError("max_on_demand >= 0 (None: no limit)")
         self.max_watches = max_watches
+        self.max_on_demand = max_on_demand
         self.idle_timeout = idle_timeout
         self.poll_period = poll_period
         self.max_poll_rate = max_poll_rate
         self._configured: tuple[str, ...] = ()
+        self._configured_set: frozenset[str] = frozenset()
         #: on-demand services in first-resolve order -> last resolve time
         self._on_demand: dict[str, float] = {}
         self._blocking: tuple[str, ...] = ()
@@ -77,23 +93,37 @@ class WatchPlanner:
     def configure(self, services: Iterable[str], now: float) -> PlanChange:
         """Set the configured services. Ones dropped from config stay on-demand until idle."""
         new = tuple(dict.fromkeys(services))
+        new_set = frozenset(new)
         for name in self._configured:
-            if name not in new:
+            if name not in new_set:
+                # Even past max_on_demand: it is already watched, dropping it is `expire`'s job.
                 self._on_demand.setdefault(name, now)
         for name in new:
             self._on_demand.pop(name, None)
-        self._configured = new
+        self._configured, self._configured_set = new, new_set
         return self._replan()
 
     def touch(self, service: str, now: float) -> PlanChange:
-        """A caller resolved `service`: watch it if new, and restart its idle clock."""
-        if service in self._configured:
+        """A caller resolved `service`: watch it if new, and restart its idle clock.
+
+        Raises OnDemandLimitError (and changes nothing) for a new service past `max_on_demand`.
+        """
+        if service in self._configured_set:
             return PlanChange()
         if service in self._on_demand:
             self._on_demand[service] = max(now, self._on_demand[service])
             return PlanChange()
+        if self.max_on_demand is not None and len(self._on_demand) >= self.max_on_demand:
+            raise OnDemandLimitError(
+                f"already watching {len(self._on_demand)} services on demand (consul.max_on_demand)")
         self._on_demand[service] = now
-        return self._replan()
+        # A new on-demand service ranks last: it takes a free blocking slot or joins the end
+        # of the polled list, and nothing else moves (the round robin's cursor included).
+        if len(self._blocking) < self.max_watches:
+            self._blocking += (service,)
+            return PlanChange(start_blocking=(service,), added=(service,))
+        self._polled += (service,)
+        return PlanChange(added=(service,))
 
     def expire(self, now: float) -> PlanChange:
         """Drop on-demand services idle for `idle_timeout`."""
@@ -124,7 +154,7 @@ class WatchPlanner:
         return tuple(self._on_demand)
 
     def is_wanted(self, service: str) -> bool:
-        return service in self._configured or service in self._on_demand
+        return service in self._configured_set or service in self._on_demand
 
     def next_expiry(self) -> float | None:
         """When `expire` next has something to do (None: no on-demand services)."""
@@ -162,14 +192,16 @@ class WatchPlanner:
     def _replan(self) -> PlanChange:
         ranked = self._configured + tuple(self._on_demand)
         old_blocking, old_wanted = self._blocking, self._blocking + self._polled
+        old_blocking_set, old_wanted_set = set(old_blocking), set(old_wanted)
         current = self._polled[self._cursor] if self._cursor < len(self._polled) else None
         self._blocking = ranked[: self.max_watches]
         self._polled = ranked[self.max_watches :]
+        blocking_set, ranked_set = set(self._blocking), set(ranked)
         # Keep the round robin where it was, so a membership change does not restart it.
-        self._cursor = self._polled.index(current) if current in self._polled else 0
+        self._cursor = self._polled.index(current) if current in ranked_set and current not in blocking_set else 0
         return PlanChange(
-            start_blocking=tuple(s for s in self._blocking if s not in old_blocking),
-            stop_blocking=tuple(s for s in old_blocking if s not in self._blocking),
-            added=tuple(s for s in ranked if s not in old_wanted),
-            removed=tuple(s for s in old_wanted if s not in ranked),
+            start_blocking=tuple(s for s in self._blocking if s not in old_blocking_set),
+            stop_blocking=tuple(s for s in old_blocking if s not in blocking_set),
+            added=tuple(s for s in ranked if s not in old_wanted_set),
+            removed=tuple(s for s in old_wanted if s not in ranked_set),
         )

@@ -41,10 +41,22 @@ def test_missing_corrupt_or_wrong_files_are_ignored(tmp_path, caplog):
     path = tmp_path / "s.json"
     assert snap.load(path, 0, 0) == {}
     for data in (b"{not json", b'{"version": 99}', b'{"version": 1, "services": {"w": {"endpoints": [{}]}}}',
-                 b'{"version": 1, "services": {"w": {"fetched_at": 1, "endpoints": [{"id": "a", "address": "x", "port": "80"}]}}}'):
+                 b'{"version": 1, "services": {"w": {"fetched_at": 1, "endpoints": [{"id": "a", "address": "x", "port": "80"}]}}}',
+                 b"[" * 200000,  # json.loads raised RecursionError, ending the agent's start
+                 b'{"version": 1, "services": {"w": {"fetched_at": 1, "endpoints": [{"id": "a", "address": "x", "port": 80, "weight": 1180591620717411303424}]}}}',
+                 b'{"version": 1, "services": {"w": {"fetched_at": 1, "endpoints": [{"id": "a", "address": "db..x", "port": 80}]}}}',
+                 b'{"version": 1, "services": {"w": {"fetched_at": 1e999, "endpoints": []}}}'):
         path.write_bytes(data)
         assert snap.load(path, 0, 0) == {}
-    assert len([r for r in caplog.records if "ignored" in r.message]) == 4
+    assert len([r for r in caplog.records if "ignored" in r.message]) == 8
+
+
+def test_duplicate_endpoint_ids_keep_the_first(tmp_path, caplog):
+    path = tmp_path / "s.json"
+    dup = Endpoint(id="a@n1", address="10.0.0.9", port=90)
+    snap.write_atomic(path, snap.encode({"web": ((EPS[0], dup, EPS[1]), 1.0)}, 1.0))
+    assert snap.load(path, 0, 1.0)["web"][0] == EPS  # the Engine refuses duplicates outright
+    assert "keeping the first of each" in caplog.text
 
 
 def test_write_is_atomic_on_failure(tmp_path, monkeypatch):

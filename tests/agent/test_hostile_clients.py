@@ -5,19 +5,13 @@ import socket
 import threading
 import time
 
-import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agentproc import wait_until
-
+from helpers.frames import frame, read_frames
 from softlb_client import Client
-
-
-def frame(obj) -> bytes:
-    body = msgpack.packb(obj)
-    return len(body).to_bytes(4, "big") + body
 
 
 def raw(agent) -> socket.socket:
@@ -25,20 +19,6 @@ def raw(agent) -> socket.socket:
     s.settimeout(5)
     s.connect(agent.socket)
     return s
-
-
-def read_frames(s: socket.socket, n: int) -> list:
-    buf, out = b"", []
-    while len(out) < n:
-        data = s.recv(65536)
-        if not data:
-            break
-        buf += data
-        while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
-            k = int.from_bytes(buf[:4], "big")
-            out.append(msgpack.unpackb(buf[4:4 + k]))
-            buf = buf[4 + k:]
-    return out
 
 
 def closed(s: socket.socket) -> bool:

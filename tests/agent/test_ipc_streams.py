@@ -8,14 +8,10 @@ import msgpack
 import pytest
 import trio
 import trio.testing
-from agentproc import endpoint_toml, wait_until
+from agentproc import endpoint_toml
+from helpers.frames import frame
 
 from softlb_agent.ipc_server import WRITE_STALL_TIMEOUT, Connection
-
-
-def frame(obj) -> bytes:
-    body = msgpack.packb(obj)
-    return len(body).to_bytes(4, "big") + body
 
 
 class FrameReader:

@@ -65,11 +65,13 @@ def run(fn: Callable[..., Any], *args: Any, timeout: float = 20) -> None:
 
 
 @asynccontextmanager
-async def watching(cfg: AgentConfig, **kw: Any) -> AsyncIterator[tuple[ConsulSource, Recorder]]:
-    """A running ConsulSource (fast retries) and its Recorder; cancelled on exit."""
+async def watching(cfg: AgentConfig, rec: Recorder | None = None,
+                   **kw: Any) -> AsyncIterator[tuple[ConsulSource, Recorder]]:
+    """A running ConsulSource (fast retries) and its Recorder (a new one unless given);
+    cancelled on exit."""
     kw.setdefault("retry", RetryPolicy(base=0.05, cap=0.2))
     kw.setdefault("rng", random.Random(7))
-    rec = Recorder()
+    rec = Recorder() if rec is None else rec
     async with trio.open_nursery() as n:
         src = ConsulSource(cfg, rec, **kw)
         await n.start(src.run)

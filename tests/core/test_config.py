@@ -97,3 +97,11 @@ def test_bad_durations(bad):
 def test_format_duration_round_trips_roughly():
     for s in (0.0002, 0.25, 3.0, 300.0, 7200.0):
         assert parse_duration(format_duration(s)) == pytest.approx(s, rel=0.01)
+
+
+def test_consul_max_on_demand():
+    assert AgentConfig().consul.max_on_demand == 256
+    assert parse("[consul]\nmax_on_demand = 10").consul.max_on_demand == 10
+    assert parse("[consul]\nmax_on_demand = 0").consul.max_on_demand == 0  # configured services only
+    with pytest.raises(ConfigError, match="consul.max_on_demand: -1 is out of range"):
+        parse("[consul]\nmax_on_demand = -1")

@@ -11,11 +11,14 @@ from hypothesis import strategies as st
 
 from softlb import Endpoint, RegistryHealth
 from softlb._consul import (
+    MAX_WEIGHT,
     ConsulDataError,
     MappingOptions,
+    address_problem,
     aggregate_health,
     decode_health_body,
     endpoints_from_health,
+    service_name_problem,
 )
 
 
@@ -154,6 +157,14 @@ def test_ids_are_unique_and_sorted():
         (lambda e: e["Service"].update(Tags="a"), r"entry\[0\].Service.Tags: expected a list of strings"),
         (lambda e: e["Service"].update(Meta={"k": 1}), r"entry\[0\].Service.Meta: expected an object of strings"),
         (lambda e: e["Service"].update(Weights={"Passing": -1}), r"Weights.Passing: -1 is out of range"),
+        # Unbounded weights used to pass here and raise OverflowError when packed for the wire.
+        (lambda e: e["Service"].update(Weights={"Passing": 2**70}),
+         r"entry\[0\].Service.Weights.Passing: 1180591620717411303424 is out of range"),
+        (lambda e: e["Service"].update(Weights={"Passing": MAX_WEIGHT + 1}), r"Weights.Passing: 1000001 is out"),
+        (lambda e: e["Service"].update(Address="db..internal"), r"entry\[0\]: address 'db..internal': not an IP"),
+        (lambda e: e["Service"].update(Address="x" * 64 + ".internal"), r"entry\[0\]: address 'xxx"),
+        (lambda e: e["Service"].update(Address="", TaggedAddresses=None)
+         or e["Node"].update(Address="bad host"), r"address 'bad host'"),
         (lambda e: e["Node"].update(Node=None), r"entry\[0\]: empty Node.Node or Service.ID"),
         (lambda e: e.update(Checks={}), r"entry\[0\].Checks: expected a list, got an object"),
         (lambda e: e["Checks"][0].pop("Status"), r"entry\[0\].Checks\[0\].Status: missing"),
@@ -170,6 +181,7 @@ def test_garbage_names_what_is_wrong(mutate, message):
 @pytest.mark.parametrize("body, message", [
     (b"<html>oops", "not JSON"), (b'{"a": 1}', "expected a JSON array, got an object"),
     (b"null", "got null"), (b"\xff\xfe", "not JSON"),
+    (b"[" * 200000, "nested too deeply"),  # was a RecursionError out of json.loads
 ])
 def test_decode_body_errors(body, message):
     with pytest.raises(ConsulDataError, match=message):
@@ -213,3 +225,37 @@ def test_input_is_not_modified():
     before = copy.deepcopy(entries)
     endpoints_from_health(entries)
     assert entries == before
+
+
+def test_weight_bounds_are_inclusive():
+    for w in (0, MAX_WEIGHT):
+        (ep,) = endpoints_from_health([entry(weights={"Passing": w, "Warning": 1})])
+        assert ep.weight == w
+
+
+@pytest.mark.parametrize("addr", [
+    "10.0.0.1", "::1", "fe80::1%eth0", "db.internal", "db.internal.", "ip-10-0-0-1.ec2.internal",
+    "_srv.x", "a" * 63 + ".b", ".".join(["a" * 63] * 3) + "." + "a" * 61,
+])
+def test_well_formed_addresses_pass(addr):
+    assert address_problem(addr) == ""
+    (ep,) = endpoints_from_health([entry(addr=addr)])
+    assert ep.address == addr
+
+
+@pytest.mark.parametrize("addr", [
+    "db..internal", ".db", "a" * 64, "a" * 64 + ".b", "db internal", "db/x", "db:80", "d\u00e9.fr",
+    ".", "..", ".".join(["a" * 63] * 4),
+])
+def test_malformed_host_names_are_refused(addr):
+    assert address_problem(addr)
+    with pytest.raises(ConsulDataError, match="address"):
+        endpoints_from_health([entry(addr=addr)])
+
+
+def test_service_name_rules():
+    for ok in ("web", "Web-2", "a_b.c", "9lives", "x" * 255):
+        assert service_name_problem(ok) == ""
+    for bad in ("", "web?dc=other", "web#frag", "x/../web", "..", ".web", "-web", "web x",
+                "w%2Fb", "web\n", "x" * 256, "caf\u00e9"):
+        assert "not a Consul service name" in service_name_problem(bad), bad

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from softlb._watchplan import WatchPlanner
+from softlb._watchplan import OnDemandLimitError, WatchPlanner
 
 
 def planner(**kw):
@@ -119,3 +119,46 @@ def test_touch_never_moves_the_idle_clock_back():
     p.touch("x", 10)  # an older use reported late
     assert p.on_demand == ("x",)
     assert p.next_expiry() == 150
+
+
+def test_max_on_demand_refuses_new_names_only():
+    p = planner(max_on_demand=2)
+    p.configure(["a"], 0)
+    p.touch("x", 0)
+    p.touch("y", 0)
+    with pytest.raises(OnDemandLimitError, match="max_on_demand"):
+        p.touch("z", 1)
+    assert p.wanted == ("a", "x", "y") and not p.is_wanted("z")
+    assert not p.touch("x", 2) and not p.touch("a", 2)  # known names are still fine
+    assert p.expire(100).removed == ("y",)  # idle services free their places
+    assert p.touch("z", 101).added == ("z",)
+    with pytest.raises(OnDemandLimitError):
+        p.touch("w", 101)
+
+
+class CountingName(str):
+    """A service name that counts equality comparisons made against it."""
+
+    compares = 0
+    __hash__ = str.__hash__
+
+    def __eq__(self, other):
+        CountingName.compares += 1
+        return str.__eq__(self, other)
+
+
+def test_planning_does_not_scan_inside_scans():
+    # A client resolving n made-up names used to cost O(n^2) comparisons per touch (tuple
+    # membership tests in _replan), O(n^3) in all: 2000 names froze the agent for 20 s. With
+    # set lookups names are hashed, not compared, so the count stays near zero.
+    n = 150
+    CountingName.compares = 0
+    p = planner(max_watches=10, idle_timeout=5)
+    p.configure([CountingName(f"c{i}") for i in range(20)], 0)
+    for i in range(n):
+        p.touch(CountingName(f"typo-{i}"), i / n)
+    p.configure([CountingName(f"c{i}") for i in range(0, 20, 2)], 1)
+    p.expire(5.5)
+    p.expire(10)
+    assert len(p.wanted) == 10
+    assert CountingName.compares <= 10 * n
