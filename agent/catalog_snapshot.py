@@ -26,7 +26,7 @@ import trio
 from softlb._consul import MAX_WEIGHT, address_problem
 from softlb._types import Endpoint, RegistryHealth
 
-log = logging.getLogger("softlb_agent.snapshot")
+log = logging.getLogger("softlb.snapshot")
 
 FILENAME = "consul-catalog.json"
 VERSION = 1

@@ -32,7 +32,7 @@ from .consul_watch import ConsulSource, ConsulStatus, WatchRefused
 from .paths import default_state_dir
 from .runtime import Runtime
 
-log = logging.getLogger("softlb_agent.consul")
+log = logging.getLogger("softlb.consul")
 
 
 class ConsulCatalog:

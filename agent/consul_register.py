@@ -33,7 +33,7 @@ from softlb._config import ProvideConfig
 
 from .consul_http import ConsulSettings, go_duration
 
-log = logging.getLogger("softlb_agent.consul.register")
+log = logging.getLogger("softlb.consul.register")
 
 #: Short: registration calls are quick, and a stuck call must not hold shutdown.
 CALL_TIMEOUT = 5.0

@@ -57,7 +57,7 @@ from softlb._watchplan import (
 
 from .consul_http import SPARE_CONNECTIONS, ConsulAnswer, ConsulClient, ConsulError, consul_settings
 
-log = logging.getLogger("softlb_agent.consul")
+log = logging.getLogger("softlb.consul")
 
 #: Up to this fraction of `min_query_interval` is added at random to each spacing, so
 #: watches woken by one Consul write do not query again in lockstep.

@@ -25,7 +25,7 @@ import stat
 from dataclasses import dataclass
 from typing import Iterable, Mapping, MutableMapping
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("softlb.systemd")
 
 SD_LISTEN_FDS_START = 3
 LISTEN_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")

@@ -29,7 +29,7 @@ from typing import Mapping, MutableMapping, NoReturn
 
 import trio
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("softlb.systemd")
 
 #: Environment variables that belong to the service manager's conversation with *this*
 #: process; `unset_environment()` removes them so a child we spawn never speaks for us.

@@ -74,8 +74,11 @@ class Engine:
     def set_service(
         self, name: str, endpoints: Sequence[Endpoint], now: float, *, stale: bool = False, fetched_at: float | None = None
     ) -> bool:
+        new = name not in self.services
         b = self._balancer(name)
-        changed = b.set_endpoints(endpoints, now)
+        # A service appearing is a change even with no endpoints: whoever waits for its
+        # first answer (an on-demand resolve, a watch) must hear "empty" now, not time out.
+        changed = b.set_endpoints(endpoints, now) or new
         changed |= b.set_freshness(stale, now if fetched_at is None else fetched_at)
         if changed:
             self._changed(name)

@@ -104,7 +104,7 @@ def test_relative_notify_socket_is_refused_clearly():
 
 def test_unreachable_manager_returns_false_and_warns_once(tmp_path, caplog):
     n = Notifier(str(tmp_path / "nobody-listens.sock"))
-    with caplog.at_level(logging.WARNING, logger="softlb_agent.sd_notify"):
+    with caplog.at_level(logging.WARNING, logger="softlb.systemd"):
         assert n.watchdog() is False
         assert n.watchdog() is False
         assert n.ready() is False

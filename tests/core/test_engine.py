@@ -230,3 +230,12 @@ def test_duplicate_endpoint_ids_keep_the_first_and_apply_whole():
     b = e.services["web"]
     assert [(x.id, x.port) for x in b.endpoints] == [("a", 1), ("b", 2)]
     assert set(b.packed) == {"a", "b"} and {x.id for x in b.served} == {"a", "b"}
+
+
+def test_a_new_service_with_no_endpoints_is_announced():
+    e = Engine(AgentConfig(), random.Random(1))
+    changed = []
+    e.on_change = changed.append
+    assert e.set_service("empty", [], 0.0)
+    assert changed == ["empty"]
+    assert not e.set_service("empty", [], 1.0)
