@@ -20,12 +20,12 @@ are neither an IP address nor a well-formed host name.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from ._address import address_problem as address_problem
 from ._errors import SoftLBError
 from ._types import Endpoint, RegistryHealth
 
@@ -54,7 +54,6 @@ _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 MAX_SERVICE_NAME = 255
 
 #: One DNS label (RFC 1123 letters, digits, dashes; underscores are seen in the wild).
-_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}\Z")
 
 
 class ConsulDataError(SoftLBError):
@@ -239,28 +238,6 @@ def _checked_address(addr: str, where: str) -> str:
     if problem:
         raise ConsulDataError(f"{where}: address {addr[:100]!r}: {problem}")
     return addr
-
-
-def address_problem(addr: str) -> str:
-    """Why `addr` is neither an IP address nor a usable host name ("" if it is one).
-
-    Callers hand endpoint addresses to getaddrinfo and connect; a name with an empty label
-    ("db..internal") or a label over 63 characters makes Python's IDNA codec raise
-    UnicodeError there instead of a lookup failure, so such names are refused up front.
-    """
-    try:
-        ipaddress.ip_address(addr)
-        return ""
-    except ValueError:
-        pass
-    name = addr[:-1] if addr.endswith(".") else addr  # a trailing dot is fully qualified
-    if not name or len(name) > 253:
-        return "a host name must be 1 to 253 characters"
-    for label in name.split("."):
-        if not _LABEL.match(label):
-            return ("not an IP address or host name (each dot-separated label must be 1 to 63 "
-                    "letters, digits, '-' or '_')")
-    return ""
 
 
 def service_name_problem(name: str) -> str:

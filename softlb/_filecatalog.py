@@ -18,11 +18,10 @@ serving the last good catalog instead of a half-applied one.
 
 from __future__ import annotations
 
-import ipaddress
-import re
 import tomllib
 from typing import Any, Mapping
 
+from ._address import address_problem
 from ._config import _Table
 from ._errors import ConfigError
 from ._types import Endpoint, RegistryHealth
@@ -61,28 +60,13 @@ def parse_catalog(data: Mapping[str, Any]) -> dict[str, tuple[Endpoint, ...]]:
     return out
 
 
-_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
-
-
-def valid_address(address: str) -> bool:
-    """An IP address, or a host name callers and probes can resolve: dot-separated labels of
-    1-63 letters, digits, '-' or '_', at most 253 characters (RFC 1123, plus '_' as DNS-SD
-    names use it). Anything else fails later, in every caller, so it is refused here."""
-    try:
-        ipaddress.ip_address(address)
-        return True
-    except ValueError:
-        pass
-    name = address[:-1] if address.endswith(".") else address
-    return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
-
-
 def _endpoint(t: _Table) -> Endpoint:
     address = t.str("address", "")
     if not address:
         raise ConfigError(f"{t.path}.address: required")
-    if not valid_address(address):
-        raise ConfigError(f"{t.path}.address: not an IP address or host name: \"{address}\"")
+    problem = address_problem(address)
+    if problem:
+        raise ConfigError(f"{t.path}.address: \"{address[:100]}\": {problem}")
     if not t.has("port"):
         raise ConfigError(f"{t.path}.port: required")
     port = t.int("port", 0, 1, 65535)

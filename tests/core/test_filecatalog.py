@@ -1,7 +1,8 @@
 import pytest
 
 from softlb import ConfigError, Endpoint
-from softlb._filecatalog import parse_catalog_text, valid_address
+from softlb._address import address_problem
+from softlb._filecatalog import parse_catalog_text
 
 
 def test_endpoints_with_defaults_and_labels():
@@ -49,12 +50,12 @@ def test_bad_catalogs_are_rejected_whole(text, msg):
 
 @pytest.mark.parametrize("address", ["db..internal", "x" * 64 + ".example", "-a.example", "a b", "", ".", "h/x", "a" * 254])
 def test_malformed_host_names_are_refused(address):
-    assert not valid_address(address)
+    assert address_problem(address)
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "::1", "db.internal", "_svc._tcp.example.", "a-b.c", "x" * 63])
 def test_good_addresses_pass(address):
-    assert valid_address(address)
+    assert address_problem(address) == ""
 
 
 def test_registry_state_can_drain_an_endpoint():
