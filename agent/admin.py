@@ -63,6 +63,16 @@ async def _handle(rt: Runtime, stream: trio.SocketStream) -> None:
             await stream.send_all(head + body)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+    except Exception:
+        # A bug behind one admin request ends that request, never the agent: the handler
+        # runs in the agent's root nursery, where an escaping error would stop everything.
+        log.exception("admin request failed")
+        rt.stats.errors["INTERNAL"] += 1
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            try:
+                await stream.send_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
     finally:
         await trio.aclose_forcefully(stream)
 
@@ -157,7 +167,8 @@ async def route(rt: Runtime, method: str, path: str, query: list[tuple[str, str]
             return 405, "text/plain", b"POST /v1/report\n"
         msg = {"op": "report", "ok": _flag(q.get("ok", "true"))}
         if "lease" in q:
-            msg["lease"] = int(q["lease"]) if q["lease"].isdigit() else q["lease"]
+            # isascii: str.isdigit() is true for "²", which int() refuses.
+            msg["lease"] = int(q["lease"]) if q["lease"].isascii() and q["lease"].isdigit() else q["lease"]
         if "latency" in q:
             msg["latency"] = _number(q["latency"])
         for k in ("service", "endpoint"):

@@ -234,10 +234,11 @@ async def run_agent(
     status = _status(rt)
     # The receiver below catches INT/TERM while we run. When it closes it restores the
     # handlers it found and re-delivers signals still queued in it, such as the TERM a
-    # supervisor sends right after a Ctrl-C. Let it find SIG_IGN, so that a second signal
+    # supervisor sends right after a Ctrl-C, or a HUP unread while draining. Let it find
+    # SIG_IGN, so that a second signal
     # cannot kill the cleanup half way (leaving the socket file); the caller's handlers
     # come back at the very end. SIGKILL still works.
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)}
     try:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:

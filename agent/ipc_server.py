@@ -119,6 +119,8 @@ class Connection:
         self._busy = False
         self._lot = trio.lowlevel.ParkingLot()
         self.watches: dict[Any, _Watch] = {}
+        #: Set when the reader has ended during a drain: a watch that starts now must not.
+        self.closing = False
 
     async def send(self, data: bytes) -> None:
         """Send all of `data`, in order with any other sender on this connection."""
@@ -137,7 +139,13 @@ class Connection:
             view = memoryview(data)[n:]
             while view:
                 with trio.move_on_after(WRITE_STALL_TIMEOUT):
-                    await trio.lowlevel.wait_writable(self.sock)
+                    try:
+                        await trio.lowlevel.wait_writable(self.sock)
+                    except trio.ClosedResourceError:
+                        # The drain wakes parked readers with notify_closing, which wakes a
+                        # writer on the same socket too; the socket is closed only after this
+                        # connection's tasks end, so finish the frame.
+                        continue
                     try:
                         view = view[self.sock.send(view) :]
                     except BlockingIOError:
@@ -209,6 +217,7 @@ async def _run_connection(rt: Runtime, sock: socket.socket, spin: _Spin, drain: 
                 await _read_loop(rt, conn, spin, nursery, drain)
             finally:
                 if drain.started:  # watches end; deferred resolves still answer
+                    conn.closing = True
                     for w in list(conn.watches.values()):
                         w.stop()
                 else:
@@ -365,6 +374,8 @@ async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any]) -
     # Registered before any wait, so a pipelined duplicate id is refused and an unwatch that
     # arrives while the catalog source is still fetching the service finds it.
     w = conn.watches[rid] = _Watch()
+    if conn.closing:
+        w.stop()  # requested just as the drain closed this connection: end with it
     rt.engine.watchers[service] += 1
     try:
         if service not in rt.engine.services:

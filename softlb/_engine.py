@@ -207,7 +207,7 @@ class Engine:
         for le in leases:
             b = self.services.get(le.service)
             if b is not None:
-                b.policy.on_finish(le.endpoint_id, True, None, now)
+                b.on_finish(le.endpoint_id, True, None, now)
 
     def tick(self, now: float) -> float | None:
         """Run timers due at `now` (lease expiry, ejection expiry); return when to call

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections import Counter
 
@@ -277,5 +278,27 @@ def test_a_second_signal_does_not_cut_the_shutdown_short(agent):
     # Ctrl-C on `make demo`: the terminal sends INT, then demo.py sends TERM.
     agent.send(signal.SIGINT)
     agent.send(signal.SIGTERM)
+    assert agent.proc.wait(timeout=20) == 0
+    assert not os.path.exists(agent.socket)
+
+
+def test_admin_survives_a_non_ascii_digit_lease(agent):
+    s = socket.create_connection(("127.0.0.1", agent.admin_port), timeout=5)
+    s.sendall(b"POST /v1/report?lease=%C2%B2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert s.recv(100).startswith(b"HTTP/1.1 400")
+    s.close()
+    assert agent.client().resolve("web") and agent.proc.poll() is None
+
+
+def test_sighup_while_draining_does_not_kill_the_cleanup(agent):
+    held = socket.socket(socket.AF_UNIX)
+    held.connect(agent.socket)
+    held.sendall(b"\x00\x00\x00\x10")  # half a request: the drain waits for the rest
+    time.sleep(0.2)
+    agent.send(signal.SIGTERM)
+    time.sleep(0.3)
+    agent.send(signal.SIGHUP)  # unread while draining; re-delivered when the receiver closes
+    time.sleep(0.3)
+    held.close()  # now the drain can finish
     assert agent.proc.wait(timeout=20) == 0
     assert not os.path.exists(agent.socket)

@@ -239,3 +239,14 @@ def test_a_new_service_with_no_endpoints_is_announced():
     assert e.set_service("empty", [], 0.0)
     assert changed == ["empty"]
     assert not e.set_service("empty", [], 1.0)
+
+
+def test_expired_leases_reach_tag_filtered_policies():
+    e = Engine(AgentConfig(services={"web": ServiceConfig(policy="least_connections")}), random.Random(1))
+    e.leases.ttl = 10
+    e.replace_all({"web": [Endpoint(id=x, address="h", port=i + 1, tags=("v2",)) for i, x in enumerate("ab")]}, 0.0)
+    for _ in range(10):
+        e.resolve("web", 0.0, tags=("v2",))  # five leases on each, never reported
+    e.tick(20.0)  # all expire
+    tagged = e.services["web"]._tag_policies[("v2",)]
+    assert not tagged.active
