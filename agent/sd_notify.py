@@ -55,7 +55,13 @@ class Notifier:
 
     def __init__(self, address: str | None) -> None:
         self.address = address or None
-        self._target = _socket_address(address) if address else None
+        try:
+            self._target = _socket_address(address) if address else None
+        except ValueError as e:
+            # A manager we cannot talk to (vsock:..., a relative path) must not stop the
+            # agent from serving: notifications are off, and we say so once.
+            log.warning("not notifying the service manager: %s", e)
+            self._target = None
         self._sock: socket.socket | None = None
         self._warned: set[str] = set()
 
@@ -79,7 +85,10 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.sendto(payload, self._target)
+            # MSG_DONTWAIT, as libsystemd does: this runs on the event loop, and a manager
+            # slow to read its queue (PID 1 busy in daemon-reload) must cost a dropped
+            # STATUS or ping, never a frozen agent.
+            self._sock.sendto(payload, socket.MSG_DONTWAIT, self._target)
         except OSError as e:
             kind = lines[0].split("=", 1)[0] if lines else "?"
             if kind not in self._warned:

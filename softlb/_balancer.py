@@ -138,11 +138,26 @@ class ServiceBalancer:
     def eligible(self, now: float) -> tuple[Endpoint, ...]:
         return self.health.eligible(now)
 
-    def candidates(self, pool: tuple[Endpoint, ...], now: float) -> tuple[Endpoint, ...]:
-        """Narrow the pool the policy sees to the nearest preferred locality level."""
-        choice = prefer_local(pool, self.config.locality, self.here)
+    def _local_served(self, eligible: tuple[Endpoint, ...], now: float) -> tuple[Endpoint, ...]:
+        """What the policy serves: the nearest preferred locality level that has eligible
+        endpoints; in panic, every candidate at that same level.
+
+        The level is always chosen from the eligible set. Choosing it from all candidates
+        in panic would keep a zone whose endpoints are all dead as "nearest" and send every
+        request there while healthy endpoints wait one level out.
+        """
+        choice = prefer_local(eligible, self.config.locality, self.here)
         self.locality_level = choice.level
-        return choice.endpoints
+        if not self.panic:
+            return choice.endpoints
+        pool = self.health.serving(now)  # in panic: every candidate, eligible or not
+        if choice.level in ("node", "zone", "region"):
+            mine = getattr(self.here, choice.level)
+            return tuple(e for e in pool if getattr(e, choice.level) == mine)
+        if choice.level == "" and self.config.locality:
+            # Nothing eligible at any preferred level and no "*": stay local, as outside panic.
+            return prefer_local(pool, self.config.locality, self.here).endpoints
+        return pool
 
     def _ramp(self, eligible: tuple[Endpoint, ...], served: tuple[Endpoint, ...], now: float) -> None:
         """Slow start: note who (re)joined the eligible set, and weight the served set."""
@@ -169,7 +184,7 @@ class ServiceBalancer:
         # Panic: below the threshold share of eligible endpoints, spread load over every
         # candidate (all but maintenance) rather than pile it onto the few left.
         self.panic = self.health.in_panic(now)
-        served = self.candidates(self.health.serving(now), now)
+        served = self._local_served(eligible, now)
         self._ramp(eligible, served, now)
         self.policy.update(served, now, self.weights)
         self._tag_policies.clear()

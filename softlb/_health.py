@@ -47,6 +47,7 @@ candidate set changed (including expiries noticed on the way); `version` counts 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -276,7 +277,9 @@ class HealthTracker:
         o.failures += 1
         if o.failures < cfg.consecutive_failures or not self._room_to_eject():
             return expired
-        level = self._level(o, now) + 1
+        # The level stops growing at the cap (as Envoy's multiplier does): beyond it a
+        # long-flapping host would stay at the cap long after it recovered, defeating decay.
+        level = min(self._level(o, now) + 1, max(1, math.ceil(cfg.max_ejection_time / cfg.base_ejection_time)))
         o.level = level
         o.ejected_until = now + min(cfg.base_ejection_time * level, cfg.max_ejection_time)
         o.returned_at = None

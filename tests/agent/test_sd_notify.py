@@ -97,9 +97,11 @@ def test_malformed_lines_are_a_programming_error(manager):
         n.send("READY")
 
 
-def test_relative_notify_socket_is_refused_clearly():
-    with pytest.raises(ValueError, match="NOTIFY_SOCKET"):
-        Notifier("notify.sock")
+def test_relative_notify_socket_is_refused_clearly(caplog):
+    with caplog.at_level(logging.WARNING, logger="softlb.systemd"):
+        n = Notifier("notify.sock")
+    assert not n.enabled
+    assert "NOTIFY_SOCKET='notify.sock': expected an absolute path or @abstract name" in caplog.text
 
 
 def test_unreachable_manager_returns_false_and_warns_once(tmp_path, caplog):
@@ -200,3 +202,25 @@ def test_run_watchdog_rejects_nonsense_interval(manager):
             await run_watchdog(Notifier(manager[0]), 0)
 
     trio.run(main)
+
+
+def test_a_manager_that_never_reads_costs_dropped_messages_not_a_blocked_agent(tmp_path):
+    import threading
+
+    path = str(tmp_path / "notify.sock")
+    never_read = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    never_read.bind(path)
+    n = Notifier(path)
+    results: list[bool] = []
+    t = threading.Thread(target=lambda: results.extend(n.send(f"STATUS=message {i}") for i in range(500)), daemon=True)
+    t.start()
+    t.join(timeout=10)
+    never_read.close()
+    assert not t.is_alive(), "send blocked on a full notify queue"
+    assert results[0] is True and results[-1] is False  # the queue filled, later ones were dropped
+
+
+@pytest.mark.parametrize("value", ["vsock:2:1234", "relative/path"])
+def test_an_unusable_notify_socket_turns_notifications_off(value):
+    n = Notifier(value)
+    assert not n.enabled and n.send("READY=1") is False

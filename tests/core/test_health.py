@@ -324,3 +324,19 @@ def test_version_counts_changes():
     assert t.version == v
     t.probe_result("e0", False, 2)
     assert t.version == v + 1
+
+
+def test_ejection_level_stops_at_the_cap_so_decay_still_works():
+    cfg = ServiceConfig(outlier=OutlierConfig(consecutive_failures=1, base_ejection_time=1.0,
+                                              max_ejection_time=2.0, max_ejection_percent=100))
+    h = HealthTracker(cfg)
+    h.set_endpoints([Endpoint("a", "127.0.0.1", 1), Endpoint("b", "127.0.0.1", 2)], 0.0)
+    now = 0.0
+    for _ in range(20):  # a flapping host, ejected 20 times back to back
+        assert h.report("a", False, now)
+        now = h.next_deadline()
+        h.tick(now)
+    now += 5.0  # then five base times in service: the level decays to zero
+    h.report("a", False, now)
+    row = next(r for r in h.snapshot(now).endpoints if r.id == "a")
+    assert row.ejected_remaining <= 1.0 + 1e-9, (row.ejection_level, row.ejected_remaining)

@@ -79,3 +79,27 @@ def test_result_is_a_subset_matching_its_level(eps, pref, here) -> None:
             assert not getattr(here, level) or not any(getattr(e, level) == getattr(here, level) for e in eps)
     if "*" in pref and eps:
         assert choice.endpoints
+
+
+def test_panic_picks_its_locality_level_from_eligible_endpoints():
+    # 10 endpoints: our zone's 2 are both critical; 4 of the 8 elsewhere pass (40% < 50%:
+    # panic). The nearest level with eligible endpoints is "*", so panic spreads over all,
+    # never only over the dead local pair.
+    import random
+
+    from softlb._balancer import ServiceBalancer
+    from softlb._config import ServiceConfig
+    from softlb._types import RegistryHealth
+
+    crit, ok = RegistryHealth.CRITICAL, RegistryHealth.PASSING
+    eps = [Endpoint(f"local-{i}", "127.0.0.1", 1000 + i, zone="z1", registry=crit) for i in range(2)]
+    eps += [Endpoint(f"far-{i}", "127.0.0.1", 2000 + i, zone="z2", registry=ok if i < 4 else crit) for i in range(8)]
+    b = ServiceBalancer("web", ServiceConfig(locality=("zone", "*")), random.Random(1), Locality(zone="z1"))
+    b.set_endpoints(eps, 0.0)
+    assert b.panic
+    picks = {b.pick(None, None, (), 0.0).id for _ in range(100)}
+    assert picks == {e.id for e in eps}
+    # Without "*" there is no fallback, in panic as outside it: stay in the zone.
+    b2 = ServiceBalancer("web", ServiceConfig(locality=("zone",)), random.Random(1), Locality(zone="z1"))
+    b2.set_endpoints(eps, 0.0)
+    assert {b2.pick(None, None, (), 0.0).id for _ in range(20)} == {"local-0", "local-1"}
