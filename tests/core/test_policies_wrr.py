@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from test_policies import endpoints, make
+
+from softlb import Endpoint
+from softlb.policies import WeightedRoundRobin
 
 
 @settings(max_examples=200, deadline=None)
@@ -52,3 +56,16 @@ def test_every_endpoint_appears_within_its_share_of_the_cycle() -> None:
         window = -(-total // w) + 1
         for start in range(len(seq) - window):
             assert f"ep{i}" in seq[start:start + window]
+
+
+def test_frequent_updates_do_not_starve_a_low_weight_endpoint():
+    # A refresh every 40 picks (health flaps elsewhere, another endpoint's slow-start steps):
+    # the weight-1 endpoint must still get its ~1/101 share.
+    eps = [Endpoint("big", "127.0.0.1", 1, weight=100), Endpoint("small", "127.0.0.1", 2, weight=1)]
+    p = WeightedRoundRobin(rng=random.Random(0))
+    picks = Counter()
+    for step in range(250):
+        p.update(eps, float(step))
+        for _ in range(40):
+            picks[p.pick(None, None, 0.0).id] += 1
+    assert 90 <= picks["small"] <= 110, picks
