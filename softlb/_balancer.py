@@ -204,6 +204,7 @@ class ServiceBalancer:
             if not subset:
                 return None  # not cached: callers choose tag sets, so misses must cost nothing
             policy = POLICIES[self.config.policy](rng=self.rng, options=self.config.options)
+            policy.inherit(self.policy)  # the leases and latencies the service already has
             policy.update(subset, now, self.weights)
             if len(cache) >= MAX_TAG_POLICIES:
                 del cache[next(iter(cache))]  # least recently used

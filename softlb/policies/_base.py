@@ -86,6 +86,12 @@ class Policy(ABC):
     def on_finish(self, endpoint_id: str, ok: bool, latency: float | None, now: float) -> None:
         """A lease closed, or a client reported a result for this endpoint."""
 
+    def inherit(self, other: Policy) -> None:
+        """Take over another instance's per-endpoint feedback (requests in flight, latency
+        history) before the first `update`. The balancer builds extra instances over subsets
+        of one service (tag filters), rebuilt on every refresh: without this they would
+        balance as if nothing were in flight. Policies without feedback state ignore it."""
+
 
 def effective_weights(
     endpoints: Sequence[Endpoint], weights: Mapping[str, float] | None = None

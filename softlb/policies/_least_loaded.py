@@ -85,6 +85,10 @@ class LeastLoaded(Policy):
             return m.endpoint
         return None
 
+    def inherit(self, other: Policy) -> None:
+        if isinstance(other, LeastLoaded):
+            self.active = dict(other.active)
+
     def on_start(self, endpoint_id: str, now: float) -> None:
         lease_opened(self.active, endpoint_id)
         self._changed(endpoint_id)

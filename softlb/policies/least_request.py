@@ -111,6 +111,14 @@ class LeastRequest(Policy):
         dt = now - st.stamp
         return st.ewma * math.exp(-dt / self._decay) if dt > 0 else st.ewma
 
+    def inherit(self, other: Policy) -> None:
+        if isinstance(other, LeastRequest):
+            self.active = dict(other.active)
+            # Copies: both instances hear every report, and shared objects would apply
+            # each one twice.
+            self._stats = {eid: _Stats(st.ewma, st.stamp) for eid, st in other._stats.items()}
+            self._service_latency = other._service_latency
+
     def on_start(self, endpoint_id: str, now: float) -> None:
         lease_opened(self.active, endpoint_id)
 

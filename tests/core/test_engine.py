@@ -250,3 +250,19 @@ def test_expired_leases_reach_tag_filtered_policies():
     e.tick(20.0)  # all expire
     tagged = e.services["web"]._tag_policies[("v2",)]
     assert not tagged.active
+
+
+@pytest.mark.parametrize("policy", ["least_connections", "least_request", "sed", "nq"])
+def test_tag_policies_rebuilt_by_a_refresh_keep_the_leases_in_flight(policy):
+    from softlb._config import ProbeConfig
+
+    e = Engine(AgentConfig(services={"web": ServiceConfig(policy=policy, probe=ProbeConfig(fall=1))}),
+               random.Random(3))
+    e.replace_all({"web": [Endpoint(x, "127.0.0.1", 1000 + i, tags=("v2",)) for i, x in enumerate("abc")]}, 0.0)
+    for _ in range(9):
+        e.resolve("web", 0.0, tags=("v2",))  # leases held open
+    e.probe_result("web", "c", False, 1.0)  # an unrelated change: refresh, tag cache rebuilt
+    e.resolve("web", 1.0, tags=("v2",))
+    b = e.services["web"]
+    tagged = b._tag_policies[("v2",)]
+    assert {k: v for k, v in tagged.active.items() if k != "c"} == {k: v for k, v in b.policy.active.items() if k != "c"}
