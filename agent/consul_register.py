@@ -50,6 +50,7 @@ class Registration:
     check_id: str
     state: str = "pending"  # "registered" or "error: ..."
     registered: bool = field(default=False)
+    attempted: bool = field(default=False)
 
     @property
     def target(self) -> tuple[str, int]:
@@ -110,12 +111,17 @@ class ProviderRegistrar:
         c.token = self.settings.token or None  # py-consul prefers $CONSUL_HTTP_TOKEN
         return c
 
-    async def _call(self, fn: Callable[[consul.Consul], Any]) -> Any:
+    async def _call(self, fn: Callable[[consul.Consul], Any], *, abandon: bool = True) -> Any:
+        """Run one py-consul call in a worker thread, one at a time.
+
+        `abandon=False` is for calls that change Consul: a cancelled wait must not leave
+        such a call running on after us (a register landing after the deregistration would
+        leave a ghost service behind); they are bounded by CALL_TIMEOUT anyway."""
         async with self._lock:
             if self._client is None:
                 self._client = self._make_client()
             client = self._client
-            return await trio.to_thread.run_sync(fn, client, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(fn, client, abandon_on_cancel=abandon)
 
     def _set_state(self, reg: Registration, state: str) -> None:
         if state == reg.state:
@@ -135,7 +141,8 @@ class ProviderRegistrar:
             return c.agent.service.register(
                 p.name, service_id=reg.service_id, address=p.address or None, port=p.port,
                 tags=list(p.tags) or None, meta=dict(p.meta) or None, check=check)
-        await self._call(do)
+        reg.attempted = True  # from now on, a clean stop must deregister it
+        await self._call(do, abandon=False)
         reg.registered = True
         self._set_state(reg, "registered")
 
@@ -185,7 +192,9 @@ class ProviderRegistrar:
 
     async def deregister_all(self) -> None:
         for reg in self.registrations:
-            if not reg.registered:
+            # Attempted, not just confirmed: a register cancelled while in flight may well
+            # have landed (deregistering one that did not is harmless).
+            if not reg.attempted:
                 continue
             try:
                 await self._call(lambda c, sid=reg.service_id: c.agent.service.deregister(sid))

@@ -110,3 +110,46 @@ def test_acl_denied_registration_is_reported(srv):
             n.cancel_scope.cancel()
 
     run(body, timeout=10)
+
+
+def test_a_register_in_flight_at_shutdown_is_deregistered():
+    """Consul applies a register on receipt but answers slowly; the agent stops meanwhile.
+    The registration must not outlive the agent."""
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    registered: dict[str, object] = {}
+
+    class SlowConsul(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_PUT(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path.startswith("/v1/agent/service/register"):
+                d = json.loads(body)
+                registered[d.get("id") or d.get("ID")] = d
+                time.sleep(1.0)
+            elif self.path.startswith("/v1/agent/service/deregister/"):
+                registered.pop(self.path.rsplit("/", 1)[1].split("?")[0], None)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowConsul)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = consul_settings(ConsulConfig(address=f"http://127.0.0.1:{server.server_address[1]}"), environ={})
+        r = ProviderRegistrar([ProvideConfig(name="web", port=18080, check="none")], settings)
+
+        async def main():
+            with trio.move_on_after(0.3):  # the stop arrives while the register is in flight
+                await r.run()
+
+        trio.run(main)
+        assert registered == {}
+    finally:
+        server.shutdown()
+        server.server_close()
