@@ -88,27 +88,31 @@ class AsyncClient:
 
     async def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
         t = self.timeout if timeout is None else timeout
-        async with self._lock:
-            self._next_id = (self._next_id + 1) & 0x7FFFFFFF
-            rid = self._next_id
-            frame = encode(dict(args, op=op, id=rid))
-            try:
-                with trio.fail_after(t if t is not None else math.inf):
-                    for attempt in (0, 1):
-                        if self._stream is None:
-                            self._stream = await self._connect()
-                        try:
-                            return result_of(await self._exchange(frame, rid))
-                        except _ConnectionClosed:
-                            await self._drop()
-                            if attempt:
-                                raise AgentUnavailable("the agent closed the connection") from None
-            except trio.TooSlowError:
-                await self._drop()
-                raise Timeout(f"no answer from the agent within {t}s") from None
-            except BaseException:
-                await self._drop()
-                raise
+        try:
+            # The timeout covers the wait for the shared connection too: a call queued
+            # behind a slow one must still give up on time.
+            with trio.fail_after(t if t is not None else math.inf):
+                async with self._lock:
+                    self._next_id = (self._next_id + 1) & 0x7FFFFFFF
+                    rid = self._next_id
+                    frame = encode(dict(args, op=op, id=rid))
+                    try:
+                        for attempt in (0, 1):
+                            if self._stream is None:
+                                self._stream = await self._connect()
+                            try:
+                                return result_of(await self._exchange(frame, rid))
+                            except _ConnectionClosed:
+                                await self._drop()
+                                if attempt:
+                                    raise AgentUnavailable("the agent closed the connection") from None
+                    except BaseException:
+                        # Only the call holding the lock owns the stream: a half-read
+                        # answer must not be read by the next call.
+                        await self._drop()
+                        raise
+        except trio.TooSlowError:
+            raise Timeout(f"no answer from the agent within {t}s") from None
         raise AssertionError("unreachable")
 
     async def hello(self) -> dict[str, Any]:
