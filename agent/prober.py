@@ -159,6 +159,11 @@ def _describe(e: OSError) -> str:
     return text
 
 
+def _schedule(p: ProbeConfig) -> tuple[object, ...]:
+    """The settings that shape a probe and its timing; a change to any restarts the loop."""
+    return (p.kind, p.path, p.host, p.interval, p.timeout, p.initial_delay)
+
+
 @dataclass(eq=False)
 class _Target:
     service: str
@@ -200,7 +205,9 @@ class Prober:
         targets: dict[str, _Target] = {}
         for eid, t in current.items():
             ep = wanted.get(eid)
-            if ep is not None and (t.address, t.port, t.probe) == (ep.address, ep.port, probe):
+            if ep is not None and probe is not None and (t.address, t.port) == (ep.address, ep.port) \
+                    and _schedule(t.probe) == _schedule(probe):
+                t.probe = probe  # rise/fall are the health tracker's: no reason to restart
                 targets[eid] = t
             else:
                 t.cancel_scope.cancel()

@@ -417,3 +417,20 @@ def test_attach_prober_follows_the_engine_and_feeds_it():
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_reload_changing_only_rise_or_fall_keeps_the_probe_schedule():
+    async def main():
+        results, a = Results(), Backend()
+        async with probing(results, a) as (_, prober):
+            prober.set_service("web", TCP, [ep("a", a.port)])
+            await results.wait(lambda: len(results.of("a")) >= 1)
+            (before,) = prober._services["web"].values()
+            prober.set_service("web", ProbeConfig(kind="tcp", rise=5, fall=7, **FAST), [ep("a", a.port)])
+            (after,) = prober._services["web"].values()
+            assert after is before and after.probe.rise == 5  # same loop, new thresholds
+            prober.set_service("web", ProbeConfig(kind="tcp", interval=0.07, timeout=0.5), [ep("a", a.port)])
+            (moved,) = prober._services["web"].values()
+            assert moved is not before  # a new interval does restart it
+
+    run(main)
