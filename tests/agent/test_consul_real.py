@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -15,17 +14,13 @@ import urllib.request
 
 import pytest
 
+from agentproc import free_port
+
 from softlb._types import RegistryHealth
 from tests.consulsim import SimServer
 from tests.consulsim.testing import agent_config, run, until, watching
 
 CONSUL_BIN = os.environ.get("SOFTLB_CONSUL_BIN") or shutil.which("consul")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Agent:
@@ -54,12 +49,12 @@ class Agent:
 def _start_real_consul():
     if not CONSUL_BIN:
         pytest.skip("no consul binary: set SOFTLB_CONSUL_BIN or put consul on PATH")
-    port = _free_port()
+    port = free_port()
     data_dir = tempfile.mkdtemp(prefix="softlb-consul-")
     args = [CONSUL_BIN, "agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
             "-http-port", str(port), "-dns-port", "-1", "-grpc-port", "-1",
-            "-serf-lan-port", str(_free_port()), "-serf-wan-port", str(_free_port()),
-            "-server-port", str(_free_port()), "-data-dir", data_dir]
+            "-serf-lan-port", str(free_port()), "-serf-wan-port", str(free_port()),
+            "-server-port", str(free_port()), "-data-dir", data_dir]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from agentproc import free_port
 from helpers.socket_holder import SocketHolder
 
 from softlb_agent.app import bind_tcp, bind_unix
@@ -156,12 +157,6 @@ def stop(proc: subprocess.Popen) -> None:
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(proc: subprocess.Popen, sockets: int, timeout: float = 10.0) -> None:

@@ -13,6 +13,8 @@ from typing import Callable
 import pytest
 import trio
 
+from agentproc import free_port
+
 from softlb import Endpoint
 from softlb._config import ProbeConfig
 from softlb_agent.prober import ROUND_JITTER, Prober, probe_once, schedule
@@ -98,10 +100,8 @@ def ep(eid: str, port: int, address: str = "127.0.0.1") -> Endpoint:
     return Endpoint(eid, address, port)
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# A port that was free a moment ago: nothing listens there.
+closed_port = free_port
 
 
 def run(fn, timeout: float = 10.0) -> None:
