@@ -207,9 +207,6 @@ class HealthTracker:
         # Kept current by _changed() after every mutation, so answers are O(1).
         self._eligible: tuple[Endpoint, ...] = ()
         self._candidates: tuple[Endpoint, ...] = ()
-        #: Bumped whenever the eligible or candidate set changed; drivers compare it to
-        #: know when to rebuild their picker.
-        self.version = 0
 
     # ------------------------------------------------------------------ inputs
 
@@ -411,5 +408,4 @@ class HealthTracker:
         if (eligible, candidates) == (self._eligible, self._candidates):
             return False
         self._eligible, self._candidates = eligible, candidates
-        self.version += 1
         return True

@@ -317,13 +317,11 @@ def test_lowering_max_ejection_percent_lifts_ejections():
     assert len(t.eligible(1)) == 4
 
 
-def test_version_counts_changes():
+def test_only_real_changes_are_reported():
     t = tracker(3, probe=ProbeConfig(fall=2))
-    v = t.version
-    t.probe_result("e0", False, 1)
-    assert t.version == v
-    t.probe_result("e0", False, 2)
-    assert t.version == v + 1
+    assert t.probe_result("e0", False, 1) is False  # one failure of two: nothing changed
+    assert t.probe_result("e0", False, 2) is True  # down: the eligible set changed
+    assert t.probe_result("e0", False, 3) is False
 
 
 def test_ejection_level_stops_at_the_cap_so_decay_still_works():
