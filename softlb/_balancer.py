@@ -103,8 +103,8 @@ class ServiceBalancer:
         self.version = old.version
         self.health = old.health
         self.health.reconfigure(self.config, now)
-        self.set_endpoints(old.catalog_endpoints, now)
-        self.refresh(now)
+        if not self.set_endpoints(old.catalog_endpoints, now):
+            self.refresh(now)  # same (empty) set: set_endpoints did not build the policy
 
     # Health inputs: each returns True when eligibility or panic changed (and refreshed).
 
