@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python examples/demo.py
 
 test: $(STAMP)
+	scripts/ensure-packages
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
