@@ -36,6 +36,7 @@ from .consul_http import consul_settings
 from .consul_register import ProviderRegistrar
 from .file_source import FileSource
 from .ipc_server import serve_listener
+from .listeners import ConnectionBudget, ConnectionLimits
 from .prober import Prober
 from .runtime import Runtime
 from .service_manager import ServiceManager, status_line
@@ -78,8 +79,9 @@ def socket_path(config: AgentConfig) -> str:
     return config.socket or default_socket_path()
 
 
-def bind_unix(path: str) -> socket.socket:
-    """Bind the Unix socket with owner/group-only permissions.
+def bind_unix(path: str, mode: int = 0o660, group: str = "") -> socket.socket:
+    """Bind the Unix socket with owner/group-only permissions (`agent.socket_mode`), owned
+    by `agent.socket_group` when set.
 
     A leftover socket file from a crashed agent is removed; a live agent on the path is an
     error (two agents must never share a socket).
@@ -109,9 +111,25 @@ def bind_unix(path: str) -> socket.socket:
         s.bind(path)
     finally:
         os.umask(old)
-    os.chmod(path, 0o660)
+    try:
+        if group:
+            os.chown(path, -1, _gid(group))
+        os.chmod(path, mode)
+    except (OSError, ConfigError):
+        s.close()
+        os.unlink(path)
+        raise
     s.listen(1024)
     return s
+
+
+def _gid(group: str) -> int:
+    import grp
+
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"agent.socket_group: no group named \"{group}\"") from None
 
 
 def bind_tcp(addr: str) -> socket.socket:
@@ -246,11 +264,15 @@ async def run_agent(
                 what = rt.source_status if config.source == "consul" else f"file {config.catalog_file}"
                 sm.status(f"starting: loading catalog ({what})")
                 await nursery.start(source.run)
-                ipc = [listen("unix", "socket", socket_path(config), bind_unix)]
+                bind_sock = partial(bind_unix, mode=config.socket_mode, group=config.socket_group)
+                ipc = [listen("unix", "socket", socket_path(config), bind_sock)]
                 if config.listen:
                     ipc.append(listen("tcp", "listen", config.listen, bind_tcp))
+                # One budget: the connection caps span the socket and the port together.
+                budget = ConnectionBudget(ConnectionLimits.from_config(config), rt.stats)
                 for sock in ipc:
-                    await nursery.start(partial(serve_listener, draining=draining), rt, sock)
+                    await nursery.start(partial(serve_listener, draining=draining, budget=budget,
+                                                name="socket" if sock.family == socket.AF_UNIX else "listen"), rt, sock)
                 if config.admin:
                     await nursery.start(admin.serve_admin, rt, listen("admin", "admin", config.admin, bind_tcp))
                 sm.close_unclaimed()

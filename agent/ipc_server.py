@@ -1,5 +1,8 @@
 """The IPC server: wire protocol v1 on the Unix socket and the loopback port.
 
+Accepting, connection caps, idle timeouts and the drain are agent/listeners.py's; this module
+is the per-connection handler.
+
 Why raw non-blocking sockets instead of trio.SocketStream: a resolve is a ~40-byte request
 answered from memory, so the cost per call is all overhead. The reader tries `recv` first and
 parks in `wait_readable` only when there is nothing to read, answers every complete frame in
@@ -7,25 +10,37 @@ the buffer with a single `send` (pipelined requests cost one syscall per batch),
 connection is the only one talking, spins on `recv` for `busy_poll` seconds after answering:
 on small VMs a cross-core wakeup costs ~30 µs, more than the whole resolve (docs/BENCHMARKS.md).
 
+Fair sharing of the loop: a reader that always finds data never parks, and trio only switches
+tasks at a checkpoint. So each connection answers at most MAX_TURN_FRAMES frames (or
+MAX_TURN_BYTES bytes of answers) and then yields (`checkpoint`) before reading on; the frames
+left in its buffer wait for its next turn and nothing more is read meanwhile, so one client's
+pipeline costs the others at most one turn (~1 ms), and the watchdog pings keep going. A
+sequential caller parks between requests anyway and never reaches the bound.
+
+Watches: at most `max_watches_per_connection` per connection and `max_watches` in all. On a
+change, the service's description is encoded once (not once per watch) and the woken watches
+send it in slices of WATCH_SLICE per scheduler turn (`_Pacer`), so a service with thousands of
+watchers changing costs every other client at most a slice's worth of sends at a time.
+
 Error policy: a frame that is not a msgpack map, an unknown op or a bad argument gets an error
 answer and the connection goes on; a length prefix over max_frame gets FRAME_TOO_LARGE and the
 connection is closed (framing is lost). A connection's failure never touches another's.
 
-Stopping (`draining` set): accepting stops at once (under systemd, connections that arrive
-now wait in its socket for the next agent), each connection is closed as soon as it has no
-request left unanswered, streaming watches end, and resolves still waiting on a catalog
+Stopping (`draining` set): accepting stops at once, each connection is closed as soon as it has
+no request left unanswered, streaming watches end, and resolves still waiting on a catalog
 source get their answer first.
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import logging
 import socket
-import struct
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import trio
 
 from softlb import ErrorCode
@@ -33,23 +48,29 @@ from softlb._errors import RemoteProtocolError, RequestError
 from softlb._protocol import error_frame, ok_frame
 from softlb._wire import NEED_DATA, FrameDecoder, decode_body
 
+from . import listeners
+from .listeners import ConnectionBudget, ConnectionLimits
+
 if TYPE_CHECKING:
     from .runtime import Runtime
 
 log = logging.getLogger("softlb.ipc")
 
-#: Out of file descriptors or buffers: log, back off and keep accepting (trio's own policy).
-ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-#: Errors about one connection that died before we accepted it (or that a security module
-#: refused): skip it and accept the next. Anything else is a broken listener and propagates.
-ACCEPT_SKIP_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET}
-ACCEPT_BACKOFF = 0.1
 RECV_SIZE = 65536
 #: A connection must be the only one sending for this long before its reader may spin:
 #: with several busy clients, spinning on one would starve the others' epoll wakeups.
 SOLO_WINDOW = 0.002
 #: A peer that reads nothing of an answer for this long is hung up on.
 WRITE_STALL_TIMEOUT = 30.0
+#: Frames one connection answers per turn before it yields to the others: ~0.5-1 ms of work,
+#: above the pipelined benchmark's batch of 100 so that one costs no extra turn.
+MAX_TURN_FRAMES = 128
+#: Answer bytes per turn (an `endpoints` listing of a big service is one frame, but large).
+MAX_TURN_BYTES = 256 * 1024
+#: Requests waiting on a catalog source (resolves of a service being fetched) per connection.
+MAX_DEFERRED = 256
+#: Watch updates sent per scheduler turn, over all connections.
+WATCH_SLICE = 64
 
 
 class _Spin:
@@ -69,56 +90,22 @@ class _Spin:
         return t - self.since > SOLO_WINDOW
 
 
-class _Drain:
-    """Where the accept loop and the readers park, so a stop can wake them: the accept loop
-    to stop, idle readers to close their connection.
-
-    Parking costs a set insert and removal, not a cancel scope: this wraps every wait of
-    every connection, and the drain wakes the parked ones with `notify_closing`.
-    """
-
-    __slots__ = ("event", "parked")
-
-    def __init__(self, event: trio.Event | None) -> None:
-        self.event = event
-        self.parked: set[socket.socket] = set()
-
-    @property
-    def started(self) -> bool:
-        return self.event is not None and self.event.is_set()
-
-    async def wait_readable(self, sock: socket.socket) -> None:
-        """Wait for data; return early (nothing read) when the drain starts."""
-        parked = self.parked
-        parked.add(sock)
-        try:
-            await trio.lowlevel.wait_readable(sock)
-        except trio.ClosedResourceError:
-            if not self.started:
-                raise
-        finally:
-            parked.discard(sock)
-
-    async def run(self) -> None:
-        assert self.event is not None
-        await self.event.wait()
-        for sock in list(self.parked):
-            trio.lowlevel.notify_closing(sock)
-
-
 class Connection:
-    """One client connection: its socket, decoder, writer lock and streaming watches."""
+    """One client connection: its socket, writer lock, streaming watches and deferred ops."""
 
     _ids = 0
 
-    def __init__(self, sock: socket.socket, source: str) -> None:
+    def __init__(self, sock: socket.socket, source: str, lc: listeners.Connection | None = None) -> None:
         Connection._ids += 1
-        self.id = Connection._ids
+        self.id = lc.id if lc is not None else -Connection._ids
         self.sock = sock
         self.source = source
+        self.lc = lc
         self._busy = False
         self._lot = trio.lowlevel.ParkingLot()
         self.watches: dict[Any, _Watch] = {}
+        self.deferred = 0
+        self.watch_slots = 0
         #: Set when the reader has ended during a drain: a watch that starts now must not.
         self.closing = False
 
@@ -162,61 +149,40 @@ class Connection:
 
 def peer_source(sock: socket.socket) -> str:
     """Who is calling, for affinity policies: "uid:pid" on a Unix socket, the IP on TCP."""
-    if sock.family == socket.AF_UNIX:
-        try:
-            pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-            return f"{uid}:{pid}"
-        except OSError:
-            return "unix"
-    try:
-        return str(sock.getpeername()[0])
-    except OSError:
-        return "tcp"
+    return listeners.Peer.of(sock).source
+
+
+def _goodbye(why: str) -> bytes:
+    return error_frame(None, ErrorCode.UNAVAILABLE, f"connection refused: {listeners.refusal_text(why)}")
 
 
 async def serve_listener(
     rt: Runtime, listener: socket.socket, *, draining: trio.Event | None = None,
+    budget: ConnectionBudget | None = None, name: str = "ipc",
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept connections until `draining` is set, each in its own task in a nursery this
-    call owns; then returns once every connection has drained (see the module doc)."""
-    listener.setblocking(False)
+    """Serve wire protocol v1 on `listener` until `draining` is set (see the module doc and
+    agent/listeners.py). Listeners that share `budget` share its connection caps."""
+    if budget is None:
+        budget = ConnectionBudget(ConnectionLimits.from_config(rt.config), rt.stats)
     spin = _Spin()
-    drain = _Drain(draining)
-    async with trio.open_nursery() as nursery:
-        if draining is not None:
-            nursery.start_soon(drain.run)
-        task_status.started()
-        while not drain.started:
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                await drain.wait_readable(listener)
-                continue
-            except OSError as e:
-                if e.errno in ACCEPT_SKIP_ERRNOS:
-                    continue
-                if e.errno in ACCEPT_CAPACITY_ERRNOS:
-                    log.error("accept failed (%s); retrying in %.1fs", e, ACCEPT_BACKOFF)
-                    await trio.sleep(ACCEPT_BACKOFF)
-                    continue
-                raise
-            sock.setblocking(False)
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            nursery.start_soon(_run_connection, rt, sock, spin, drain)
+
+    async def handler(lc: listeners.Connection) -> None:
+        await _run_connection(rt, lc, spin)
+
+    await listeners.serve_listener(listener, handler, budget, name=name, draining=draining,
+                                   refuse=_goodbye, task_status=task_status)
 
 
-async def _run_connection(rt: Runtime, sock: socket.socket, spin: _Spin, drain: _Drain) -> None:
-    conn = Connection(sock, peer_source(sock))
-    rt.stats.connections_open += 1
-    rt.stats.connections_total += 1
+async def _run_connection(rt: Runtime, lc: listeners.Connection, spin: _Spin) -> None:
+    conn = Connection(lc.sock, lc.peer.source, lc)
+    log.debug("connection %d from %s", conn.id, lc.peer)
     try:
         async with trio.open_nursery() as nursery:
             try:
-                await _read_loop(rt, conn, spin, nursery, drain)
+                await _read_loop(rt, conn, lc, spin, nursery)
             finally:
-                if drain.started:  # watches end; deferred resolves still answer
+                if lc.draining:  # watches end; deferred resolves still answer
                     conn.closing = True
                     for w in list(conn.watches.values()):
                         w.stop()
@@ -227,12 +193,9 @@ async def _run_connection(rt: Runtime, sock: socket.socket, spin: _Spin, drain: 
         # (Cancellation is a BaseException and still propagates: shutdown stays one cancel.)
         peer_gone = _only(e, OSError)
         log.log(logging.DEBUG if peer_gone else logging.ERROR, "connection %d (%s) ended: %r",
-                conn.id, conn.source, e, exc_info=not peer_gone)
+                conn.id, lc.peer, e, exc_info=not peer_gone)
         if not peer_gone:
             rt.stats.errors["INTERNAL"] += 1
-    finally:
-        rt.stats.connections_open -= 1
-        sock.close()
 
 
 def _only(e: BaseException, kind: type[BaseException]) -> bool:
@@ -241,7 +204,7 @@ def _only(e: BaseException, kind: type[BaseException]) -> bool:
     return isinstance(e, kind)
 
 
-async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.Nursery, drain: _Drain) -> None:
+async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, spin: _Spin, nursery: trio.Nursery) -> None:
     sock = conn.sock
     engine = rt.engine
     dec = FrameDecoder(rt.config.max_frame)
@@ -250,41 +213,54 @@ async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.N
     perf = time.perf_counter
     stats = rt.stats
     recv = sock.recv
+    checkpoint = trio.lowlevel.checkpoint
     # Spin only while it pays: after a spin that found nothing, wait in epoll and spin again
     # only if the next request came back within the spin window (a caller in a tight loop).
     may_spin = False
     spin_ok = True
     answered_at = 0.0
+    # Work done since this task last yielded; and whether the buffer still holds frames
+    # left for the next turn (then nothing more is read until they are answered).
+    turn_frames = turn_bytes = 0
+    backlog = False
     while True:
-        try:
-            data = recv(RECV_SIZE)
-        except BlockingIOError:
-            data = None
-            if may_spin:
-                end = perf() + busy_poll
-                while perf() < end:
-                    try:
-                        data = recv(RECV_SIZE)
-                        break
-                    except BlockingIOError:
-                        pass
+        if not backlog:
+            try:
+                data = recv(RECV_SIZE)
+            except BlockingIOError:
+                data = None
+                if may_spin:
+                    end = perf() + busy_poll
+                    while perf() < end:
+                        try:
+                            data = recv(RECV_SIZE)
+                            break
+                        except BlockingIOError:
+                            pass
+                    if data is None:
+                        stats.busy_poll_misses += 1
+                    else:
+                        stats.busy_poll_hits += 1
                 if data is None:
-                    stats.busy_poll_misses += 1
-                else:
-                    stats.busy_poll_hits += 1
-            if data is None:
-                if drain.started and not dec.buffered:
-                    return  # between requests: closing now loses nothing
-                await drain.wait_readable(sock)
-                # The gap includes the epoll wakeup itself (~30 µs here), hence the 2x.
-                spin_ok = perf() - answered_at <= 2 * busy_poll
-                continue
-        if not data:
-            return
-        dec.feed(data)
+                    if lc.draining and not dec.buffered:
+                        return  # between requests: closing now loses nothing
+                    await lc.wait_readable()
+                    turn_frames = turn_bytes = 0
+                    # The gap includes the epoll wakeup itself (~30 µs here), hence the 2x.
+                    spin_ok = perf() - answered_at <= 2 * busy_poll
+                    continue
+            if not data:
+                return
+            dec.feed(data)
         out = []
         now = clock()
+        lc.last_active = now
+        backlog = False
+        size = 0
         while True:
+            if turn_frames >= MAX_TURN_FRAMES or turn_bytes + size >= MAX_TURN_BYTES:
+                backlog = True
+                break
             try:
                 body = dec.next_body()
             except RemoteProtocolError as e:  # fatal: framing lost
@@ -294,6 +270,7 @@ async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.N
                 return
             if body is NEED_DATA:
                 break
+            turn_frames += 1
             stats.requests += 1
             try:
                 msg = decode_body(body)  # type: ignore[arg-type]
@@ -303,13 +280,130 @@ async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.N
                 continue
             frame = engine.handle(msg, now, conn.source)
             if frame is None:
-                nursery.start_soon(_handle_deferred, rt, conn, msg)
-            else:
-                out.append(frame)
+                frame = _defer(rt, conn, msg, nursery)
+                if frame is None:
+                    continue
+            out.append(frame)
+            size += len(frame)
         if out:
             await conn.send(out[0] if len(out) == 1 else b"".join(out))
+        turn_bytes += size
+        if backlog:
+            stats.turns_yielded += 1
+            await checkpoint()
+            turn_frames = turn_bytes = 0
+            may_spin = False
+            continue
         answered_at = perf()
         may_spin = spin_ok and busy_poll > 0 and spin.allowed(conn.id, answered_at)
+
+
+def _defer(rt: Runtime, conn: Connection, msg: dict[str, Any], nursery: trio.Nursery) -> bytes | None:
+    """Start a task for an op the engine leaves to the connection, or refuse it at once
+    (an error frame) when this connection already has too many waiting or watching."""
+    rid, op = msg["id"], msg["op"]
+    if op == "watch":
+        cfg = rt.config
+        hub = _hub(rt)
+        # Counted here, not in the task: a pipeline of watches is answered before any runs.
+        if conn.watch_slots >= cfg.max_watches_per_connection:
+            rt.stats.watches_refused += 1
+            return error_frame(rid, ErrorCode.UNAVAILABLE,
+                               f"this connection has {conn.watch_slots} watches, the limit "
+                               "(agent.max_watches_per_connection); unwatch some first")
+        if hub.count >= cfg.max_watches:
+            rt.stats.watches_refused += 1
+            return error_frame(rid, ErrorCode.UNAVAILABLE,
+                               f"the agent runs {hub.count} watches, the limit (agent.max_watches)")
+        hub.count += 1
+        conn.watch_slots += 1
+    elif op != "unwatch":
+        if conn.deferred >= MAX_DEFERRED:
+            rt.stats.deferred_refused += 1
+            return error_frame(rid, ErrorCode.UNAVAILABLE,
+                               f"{conn.deferred} requests on this connection already wait for the catalog source")
+    nursery.start_soon(_handle_deferred, rt, conn, msg)
+    return None
+
+
+class _Pacer:
+    """Lets at most `per_turn` woken watch senders through per scheduler turn.
+
+    A change wakes every watch of a service at once, and trio runs every task woken in one
+    batch before it polls for I/O again. The first `per_turn` go; later ones park here; the
+    one that filled the slice yields once per turn and lets the next slice through, until
+    nobody is left."""
+
+    def __init__(self, per_turn: int) -> None:
+        self.per_turn = per_turn
+        self.used = 0
+        self.lot = trio.lowlevel.ParkingLot()
+
+    async def turn(self) -> bool:
+        """Wait for a slot; True if the caller must run `drive()` after its work."""
+        if self.used < self.per_turn:
+            self.used += 1
+            return self.used == self.per_turn
+        await self.lot.park()
+        return False
+
+    async def drive(self) -> None:
+        done = False
+        try:
+            while True:
+                await trio.lowlevel.checkpoint()
+                k = min(len(self.lot), self.per_turn)
+                if k == 0:
+                    self.used = 0
+                    done = True
+                    return
+                self.lot.unpark(count=k)
+                self.used = k
+                if k < self.per_turn:
+                    done = True
+                    return
+        finally:
+            if not done:  # cancelled while driving: let everyone through rather than strand them
+                self.used = 0
+                self.lot.unpark_all()
+
+
+class _Hub:
+    """Per runtime: the watch count, the pacer, and each service's description encoded
+    once per change."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.pacer = _Pacer(WATCH_SLICE)
+        self.encoded: dict[str, tuple[object, int, bytes]] = {}
+
+    def packed(self, service: str, b: Any, now: float) -> bytes:
+        got = self.encoded.get(service)
+        if got is not None and got[0] is b and got[1] == b.version:
+            return got[2]
+        body = _packb(b.describe(now))
+        self.encoded[service] = (b, b.version, body)
+        return body
+
+
+_hubs: weakref.WeakKeyDictionary[Any, _Hub] = weakref.WeakKeyDictionary()
+_packb = msgpack.Packer(use_bin_type=True).pack
+_HEAD_ID = b"\x82" + _packb("id")
+_K_RESULT = _packb("result")
+
+
+def _hub(rt: Runtime) -> _Hub:
+    h = _hubs.get(rt)
+    if h is None:
+        h = _hubs[rt] = _Hub()
+    return h
+
+
+def ok_frame_packed(rid: Any, packed_result: bytes) -> bytes:
+    """ok_frame(rid, result) with the result already packed: the same bytes, since the
+    map is {"id": rid, "result": result} in that order."""
+    body = b"".join((_HEAD_ID, _packb(rid), _K_RESULT, packed_result))
+    return len(body).to_bytes(4, "big") + body
 
 
 async def _handle_deferred(rt: Runtime, conn: Connection, msg: dict[str, Any]) -> None:
@@ -318,7 +412,11 @@ async def _handle_deferred(rt: Runtime, conn: Connection, msg: dict[str, Any]) -
     rid, op = msg["id"], msg["op"]
     try:
         if op == "watch":
-            await _watch(rt, conn, rid, msg)
+            try:
+                await _watch(rt, conn, rid, msg)
+            finally:
+                _hub(rt).count -= 1
+                conn.watch_slots -= 1
         elif op == "unwatch":
             target = msg.get("watch")
             w = conn.watches.pop(target, None) if isinstance(target, (int, str)) and not isinstance(target, bool) else None
@@ -329,7 +427,11 @@ async def _handle_deferred(rt: Runtime, conn: Connection, msg: dict[str, Any]) -
                 await conn.send(ok_frame(rid, {}))
         else:  # resolve of a service being fetched
             service = msg["service"]
-            await rt.wait_for_service(service)
+            conn.deferred += 1
+            try:
+                await rt.wait_for_service(service)
+            finally:
+                conn.deferred -= 1
             frame = rt.engine.handle(msg, trio.current_time(), conn.source)
             if frame is None:
                 frame = error_frame(rid, ErrorCode.UNAVAILABLE, f"no answer for \"{service}\" from the catalog source yet")
@@ -377,37 +479,11 @@ async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any]) -
     if conn.closing:
         w.stop()  # requested just as the drain closed this connection: end with it
     rt.engine.watchers[service] += 1
+    hub = _hub(rt)
+    busy = conn.lc.busy() if conn.lc is not None else contextlib.nullcontext()
     try:
-        if service not in rt.engine.services:
-            try:
-                fetching = rt.engine.on_unknown_service is not None and rt.engine.on_unknown_service(service)
-            except RequestError as e:  # the source refuses the name (bad name, on-demand limit)
-                await conn.send(error_frame(rid, e.code, e.message))
-                return
-            if fetching:
-                with trio.CancelScope() as w.waiting:
-                    await rt.wait_for_service(service)
-            if service not in rt.engine.services:
-                if not w.stopped:
-                    await conn.send(error_frame(rid, ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\""))
-                return
-        # What was last sent: the balancer object and its version. A service removed and
-        # added again is a new balancer whose versions restart, so identity counts too.
-        sent: tuple[object, int] | None = None
-        while not w.stopped:
-            changed = rt.change_event(service)
-            b = rt.engine.services.get(service)
-            if b is None:
-                if sent != (None, 0):
-                    sent = (None, 0)
-                    await conn.send(ok_frame(rid, {"service": service, "version": 0, "removed": True, "endpoints": []}))
-            elif sent != (b, b.version):
-                sent = (b, b.version)
-                await conn.send(ok_frame(rid, b.describe(trio.current_time())))
-            with trio.CancelScope() as w.waiting:
-                if not w.stopped:
-                    await changed.wait()
-            w.waiting = None
+        with busy:  # a connection that only watches is not idle
+            await _stream(rt, conn, rid, service, w, hub)
     finally:
         if conn.watches.get(rid) is w:
             del conn.watches[rid]
@@ -418,5 +494,48 @@ async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any]) -
             # service for its idle timeout from now, as after a resolve.
             if service in rt.engine.services:
                 rt.engine.last_resolved[service] = trio.current_time()
+
+
+async def _stream(rt: Runtime, conn: Connection, rid: Any, service: str, w: _Watch, hub: _Hub) -> None:
+    if service not in rt.engine.services:
+        try:
+            fetching = rt.engine.on_unknown_service is not None and rt.engine.on_unknown_service(service)
+        except RequestError as e:  # the source refuses the name (bad name, on-demand limit)
+            await conn.send(error_frame(rid, e.code, e.message))
+            return
+        if fetching:
+            with trio.CancelScope() as w.waiting:
+                await rt.wait_for_service(service)
+        if service not in rt.engine.services:
+            if not w.stopped:
+                await conn.send(error_frame(rid, ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\""))
+            return
+    # What was last sent: the balancer object and its version. A service removed and
+    # added again is a new balancer whose versions restart, so identity counts too.
+    sent: tuple[object, int] | None = None
+    while not w.stopped:
+        changed = rt.change_event(service)
+        b = rt.engine.services.get(service)
+        if b is None:
+            if sent != (None, 0):
+                sent = (None, 0)
+                await conn.send(ok_frame(rid, {"service": service, "version": 0, "removed": True, "endpoints": []}))
+        elif sent != (b, b.version):
+            drive = await hub.pacer.turn()
+            try:
+                # Read again after the wait for a slot: send the newest state (changes
+                # while this watch waited coalesce into one update).
+                b = rt.engine.services.get(service)
+                if b is None or w.stopped:
+                    continue
+                sent = (b, b.version)
+                await conn.send(ok_frame_packed(rid, hub.packed(service, b, trio.current_time())))
+            finally:
+                if drive:
+                    await hub.pacer.drive()
+        with trio.CancelScope() as w.waiting:
+            if not w.stopped and changed is rt.change_event(service):
+                await changed.wait()
+        w.waiting = None
 
 

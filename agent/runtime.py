@@ -29,6 +29,14 @@ class Stats:
     config_reload_errors: int = 0
     last_catalog_error: str = ""
     started: float = 0.0
+    # -- isolation: a bound was hit (docs/RELIABILITY.md)
+    connections_refused: collections.Counter[str] = field(default_factory=collections.Counter)  # by reason
+    connections_idle_closed: int = 0
+    accept_capacity_errors: int = 0  # accept() failed with EMFILE/ENFILE/ENOBUFS/ENOMEM
+    turns_yielded: int = 0  # a connection used its turn and yielded with requests still buffered
+    watches_refused: int = 0
+    deferred_refused: int = 0
+    probe_local_failures: int = 0  # probes not run for the agent's own lack of fds/memory
 
 
 health_log = logging.getLogger("softlb.health")

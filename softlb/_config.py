@@ -119,6 +119,27 @@ class AgentConfig:
     consul: ConsulConfig = field(default_factory=ConsulConfig)
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
     provide: tuple[ProvideConfig, ...] = ()
+    # -- isolation: bounds on what local callers can make the agent hold (docs/RELIABILITY.md)
+    #: Client connections over the IPC socket and port together; lowered at start to fit the
+    #: fd limit minus fd_reserve.
+    max_connections: int = 4096
+    #: Per peer uid (SO_PEERCRED) on the Unix socket; every TCP peer counts as one peer.
+    max_connections_per_uid: int = 1024
+    #: A connection with no request and no watch for this long is closed; 0 disables.
+    idle_timeout: float = 300.0
+    #: File descriptors kept free of client connections for probes, Consul and snapshots.
+    fd_reserve: int = 128
+    #: When either is non-empty, only these peer uids / primary gids (plus root and the
+    #: agent's own uid) may use the Unix socket.
+    allow_uids: tuple[int, ...] = ()
+    allow_gids: tuple[int, ...] = ()
+    #: The Unix socket's permission bits and group (name or number; "" keeps the default).
+    socket_mode: int = 0o660
+    socket_group: str = ""
+    max_watches: int = 10_000
+    max_watches_per_connection: int = 256
+    #: A catalog file larger than this is refused (the last good catalog keeps serving).
+    max_catalog_bytes: int = 64 << 20
 
     def service(self, name: str) -> ServiceConfig:
         return self.services.get(name) or _DEFAULT_SERVICE
@@ -389,10 +410,39 @@ def parse_agent_config(data: Mapping[str, Any], known_policies: frozenset[str] =
         consul=parse_consul(consul) if consul else d.consul,
         services=services,
         provide=provide,
+        **_isolation_settings(agent, catalog, d),
     )
     for t in (agent, catalog, root):
         t.done()
     return finalize(cfg)
+
+
+def _ids(t: _Table, key: str) -> tuple[int, ...]:
+    v = t.raw(key, [])
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in v):
+        raise ConfigError(f"{t._where(key)}: expected a list of numeric ids")
+    return tuple(v)
+
+
+def _isolation_settings(agent: _Table, catalog: _Table, d: AgentConfig) -> dict[str, Any]:
+    mode = agent.str("socket_mode", f"{d.socket_mode:04o}")
+    if not (1 <= len(mode) <= 4 and all(c in "01234567" for c in mode)) or int(mode, 8) & ~0o777:
+        raise ConfigError(f"agent.socket_mode: expected octal permission bits like \"0660\", got \"{mode}\"")
+    if int(mode, 8) & 0o007:
+        raise ConfigError("agent.socket_mode: other users may not have access (use socket_group or allow_uids)")
+    return dict(
+        max_connections=agent.int("max_connections", d.max_connections, 1, 1_000_000),
+        max_connections_per_uid=agent.int("max_connections_per_uid", d.max_connections_per_uid, 1, 1_000_000),
+        idle_timeout=agent.duration("idle_timeout", d.idle_timeout),
+        fd_reserve=agent.int("fd_reserve", d.fd_reserve, 0, 1_000_000),
+        allow_uids=_ids(agent, "allow_uids"),
+        allow_gids=_ids(agent, "allow_gids"),
+        socket_mode=int(mode, 8),
+        socket_group=agent.str("socket_group", d.socket_group),
+        max_watches=agent.int("max_watches", d.max_watches, 1, 10_000_000),
+        max_watches_per_connection=agent.int("max_watches_per_connection", d.max_watches_per_connection, 1, 1_000_000),
+        max_catalog_bytes=catalog.int("max_bytes", d.max_catalog_bytes, 1024, 1 << 34),
+    )
 
 
 def finalize(cfg: AgentConfig) -> AgentConfig:
