@@ -205,6 +205,24 @@ def render_metrics(rt: Runtime) -> str:
            [("", s.catalog_errors)])
     metric("softlb_config_reload_errors_total", "counter", "Config reloads refused; the running config stayed.",
            [("", s.config_reload_errors)])
+    # -- isolation: bounds hit (docs/RELIABILITY.md)
+    metric("softlb_connections_refused_total", "counter", "Connections refused at accept, by reason "
+           "(limit: max_connections, peer_limit: max_connections_per_uid, denied: allow_uids/allow_gids).",
+           [(f'{{reason="{r}"}}', s.connections_refused[r]) for r in ("limit", "peer_limit", "denied")])
+    metric("softlb_connections_idle_closed_total", "counter", "Connections closed after idle_timeout.",
+           [("", s.connections_idle_closed)])
+    metric("softlb_accept_capacity_errors_total", "counter", "accept() failures for lack of fds or memory.",
+           [("", s.accept_capacity_errors)])
+    metric("softlb_turns_yielded_total", "counter", "Times a connection used its turn and yielded with requests left.",
+           [("", s.turns_yielded)])
+    metric("softlb_watches_refused_total", "counter", "watch requests refused by max_watches(_per_connection).",
+           [("", s.watches_refused)])
+    metric("softlb_deferred_refused_total", "counter", "Requests refused: too many waiting on the catalog source.",
+           [("", s.deferred_refused)])
+    metric("softlb_probe_local_failures_total", "counter", "Probe rounds skipped: the agent was out of fds or memory.",
+           [("", s.probe_local_failures)])
+    metric("softlb_catalog_refused_total", "counter", "Catalog files refused for their type or size.",
+           [("", s.catalog_refused)])
     metric("softlb_leases_open", "gauge", "Leases handed out by resolve and not yet reported or expired.",
            [("", len(rt.engine.leases))])
 

@@ -156,7 +156,10 @@ def attach_prober(rt: Runtime, rng: random.Random) -> Prober:
     service changes (catalog, config reload, health), its probe targets are re-synced, so
     exactly the endpoints the catalog lists are probed, with the current probe config."""
     engine = rt.engine
-    prober = Prober(engine.probe_result, rng=rng)
+    def local_failure() -> None:
+        rt.stats.probe_local_failures += 1
+
+    prober = Prober(engine.probe_result, rng=rng, on_local_failure=local_failure)
     notify = engine.on_change
 
     def on_change(name: str) -> None:

@@ -317,13 +317,26 @@ def _defer(rt: Runtime, conn: Connection, msg: dict[str, Any], nursery: trio.Nur
                                f"the agent runs {hub.count} watches, the limit (agent.max_watches)")
         hub.count += 1
         conn.watch_slots += 1
-    elif op != "unwatch":
+    elif op == "unwatch":
+        # Answered in line, so a watch pipelined right after it finds the slot free.
+        return _unwatch(conn, rid, msg)
+    else:
         if conn.deferred >= MAX_DEFERRED:
             rt.stats.deferred_refused += 1
             return error_frame(rid, ErrorCode.UNAVAILABLE,
                                f"{conn.deferred} requests on this connection already wait for the catalog source")
     nursery.start_soon(_handle_deferred, rt, conn, msg)
     return None
+
+
+def _unwatch(conn: Connection, rid: Any, msg: dict[str, Any]) -> bytes:
+    target = msg.get("watch")
+    w = conn.watches.pop(target, None) if isinstance(target, (int, str)) and not isinstance(target, bool) else None
+    if w is None:
+        return error_frame(rid, ErrorCode.BAD_ARGUMENT, f"no watch with id {target!r} on this connection")
+    w.stop()
+    w.slot.release()
+    return ok_frame(rid, {})
 
 
 class _Pacer:
@@ -412,19 +425,13 @@ async def _handle_deferred(rt: Runtime, conn: Connection, msg: dict[str, Any]) -
     rid, op = msg["id"], msg["op"]
     try:
         if op == "watch":
+            slot = _Slot(_hub(rt), conn)
             try:
-                await _watch(rt, conn, rid, msg)
+                await _watch(rt, conn, rid, msg, slot)
             finally:
-                _hub(rt).count -= 1
-                conn.watch_slots -= 1
+                slot.release()
         elif op == "unwatch":
-            target = msg.get("watch")
-            w = conn.watches.pop(target, None) if isinstance(target, (int, str)) and not isinstance(target, bool) else None
-            if w is None:
-                await conn.send(error_frame(rid, ErrorCode.BAD_ARGUMENT, f"no watch with id {target!r} on this connection"))
-            else:
-                w.stop()
-                await conn.send(ok_frame(rid, {}))
+            await conn.send(_unwatch(conn, rid, msg))
         else:  # resolve of a service being fetched
             service = msg["service"]
             conn.deferred += 1
@@ -453,9 +460,10 @@ class _Watch:
     a task in the middle of a send would leave half a frame on the wire, and the next frame
     (the unwatch answer, say) would land inside it."""
 
-    __slots__ = ("stopped", "waiting")
+    __slots__ = ("stopped", "waiting", "slot")
 
-    def __init__(self) -> None:
+    def __init__(self, slot: _Slot) -> None:
+        self.slot = slot
         self.stopped = False
         self.waiting: trio.CancelScope | None = None
 
@@ -465,7 +473,22 @@ class _Watch:
             self.waiting.cancel()
 
 
-async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any]) -> None:
+class _Slot:
+    """One watch's place in the per-connection and total counts, given back once."""
+
+    __slots__ = ("hub", "conn", "held")
+
+    def __init__(self, hub: _Hub, conn: Connection) -> None:
+        self.hub, self.conn, self.held = hub, conn, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.hub.count -= 1
+            self.conn.watch_slots -= 1
+
+
+async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any], slot: _Slot) -> None:
     service = msg.get("service")
     if not isinstance(service, str) or not service:
         await conn.send(error_frame(rid, ErrorCode.BAD_ARGUMENT, "\"service\" must be a non-empty string"))
@@ -475,7 +498,7 @@ async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any]) -
         return
     # Registered before any wait, so a pipelined duplicate id is refused and an unwatch that
     # arrives while the catalog source is still fetching the service finds it.
-    w = conn.watches[rid] = _Watch()
+    w = conn.watches[rid] = _Watch(slot)
     if conn.closing:
         w.stop()  # requested just as the drain closed this connection: end with it
     rt.engine.watchers[service] += 1

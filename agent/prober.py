@@ -30,10 +30,18 @@ The timeout covers the probe itself, not the wait for a slot.
 Error handling: any OSError (refused, unreachable, DNS failure), a connection broken
 mid-request (trio.BrokenResourceError) and any timeout is a failed probe with a one-line detail for `softlb endpoints`. Everything else is a bug and
 propagates, cancelling the agent's nursery.
+
+Except the agent's own failures: a probe that cannot even start because *this process* is out
+of file descriptors or kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM, LOCAL_ERRNOS) says
+nothing about the backend. It raises LocalResourceError, the round is skipped (counted and
+logged, at most once a minute), and the endpoint keeps its state: a busy host must never mark
+its healthy backends down (issue 10, item 2). The agent also keeps a reserve of fds out of the
+clients' reach (agent.fd_reserve, agent/listeners.py) so this stays rare.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -61,6 +69,16 @@ ROUND_JITTER = 0.05
 MAX_STATUS_LINE = 4096
 
 USER_AGENT = "softlb-probe/1"
+
+#: Errors that are the agent's own lack of resources, not the backend's fault.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: A skipped round is logged at most this often (a host out of fds would otherwise flood).
+LOCAL_LOG_INTERVAL = 60.0
+
+
+class LocalResourceError(Exception):
+    """A probe could not run for the agent's own lack of fds or memory."""
+
 
 #: (service, endpoint_id, ok, now, detail)
 ResultCallback = Callable[[str, str, bool, float, str], None]
@@ -103,9 +121,13 @@ async def probe_once(probe: ProbeConfig, address: str, port: int) -> tuple[bool,
         return False, f"timeout after {format_duration(probe.timeout)}"
     except OSError as e:
         # Only connecting (or resolving) raises OSError; trio wraps errors on an open stream.
+        if _first(e).errno in LOCAL_ERRNOS:
+            raise LocalResourceError(_describe(e)) from e
         return False, f"connect: {_describe(e)}"
     except trio.BrokenResourceError as e:
         cause = e.__cause__
+        if isinstance(cause, OSError) and cause.errno in LOCAL_ERRNOS:
+            raise LocalResourceError(_describe(cause)) from e
         return False, f"broken: {_describe(cause) if isinstance(cause, OSError) else e}"
     except (UnicodeError, ValueError) as e:
         # The name resolver refuses malformed host names ("db..internal", a label over
@@ -146,14 +168,19 @@ async def _http_get(
     return 200 <= status < 400, f"HTTP {status}"
 
 
-def _describe(e: OSError) -> str:
+def _first(e: OSError) -> OSError:
     # trio.open_tcp_stream wraps per-address failures in a generic "all attempts failed";
     # the first underlying error ("Connection refused") is what an operator wants to see.
     cause = e.__cause__
     if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
         first = cause.exceptions[0]
         if isinstance(first, OSError):
-            e = first
+            return first
+    return e
+
+
+def _describe(e: OSError) -> str:
+    e = _first(e)
     # Positive errnos have the short standard text; resolver errors (negative) carry their own.
     text = os.strerror(e.errno) if e.errno and e.errno > 0 else e.strerror or str(e)
     return text
@@ -189,8 +216,11 @@ class Prober:
         rng: random.Random,
         max_concurrent: int = MAX_CONCURRENT_PROBES,
         probe_fn: ProbeFunction | None = None,
+        on_local_failure: Callable[[], None] | None = None,
     ) -> None:
         self._on_result = on_result
+        self._on_local_failure = on_local_failure
+        self._local_logged = float("-inf")
         self._probe_fn = probe_fn or probe_once
         self._rng = rng
         self._limiter = trio.CapacityLimiter(max_concurrent)
@@ -255,18 +285,31 @@ class Prober:
                 async with self._limiter:
                     try:
                         ok, detail = await self._probe_fn(t.probe, t.address, t.port)
+                    except LocalResourceError as e:
+                        self._local_failure(t, e)
+                        ok, detail = None, ""
                     except Exception as e:
                         # A probe failing in a way nobody foresaw is a failed probe of this
                         # endpoint, never the end of the agent.
                         log.exception("probe of %s %s:%d failed unexpectedly", t.service, t.address, t.port)
                         ok, detail = False, f"probe error: {type(e).__name__}: {e}"
-                self._deliver(t, ok, detail)
+                if ok is not None:
+                    self._deliver(t, ok, detail)
                 due = next(slots)
                 # An overrun (slow probe, long wait for a slot) leaves at most one overdue
                 # round to run at once; the others are skipped, never fired in a burst.
                 elapsed = trio.current_time() - start
                 while due + interval <= elapsed:
                     due = next(slots)
+
+    def _local_failure(self, t: _Target, e: LocalResourceError) -> None:
+        if self._on_local_failure is not None:
+            self._on_local_failure()
+        now = trio.current_time()
+        if now - self._local_logged >= LOCAL_LOG_INTERVAL:
+            self._local_logged = now
+            log.error("probe of %s %s:%d not run: the agent is out of resources (%s); the endpoint keeps "
+                      "its state (agent.fd_reserve, agent.max_connections)", t.service, t.address, t.port, e)
 
     def _deliver(self, t: _Target, ok: bool, detail: str) -> None:
         current = self._services.get(t.service, {}).get(t.endpoint_id)

@@ -36,6 +36,7 @@ class Stats:
     turns_yielded: int = 0  # a connection used its turn and yielded with requests still buffered
     watches_refused: int = 0
     deferred_refused: int = 0
+    catalog_refused: int = 0  # a catalog file of the wrong type or size
     probe_local_failures: int = 0  # probes not run for the agent's own lack of fds/memory
 
 

@@ -38,7 +38,9 @@ THREE = "".join(endpoint_toml("web", "127.0.0.1", 18000 + i, id=f"web-{i}") for 
 
 class AgentProcess:
     def __init__(self, tmp: str, catalog: str, config: str = "", extra_args: list[str] | None = None,
-                 admin: bool = True) -> None:
+                 admin: bool = True, nofile: int | None = None) -> None:
+        #: RLIMIT_NOFILE (soft and hard) for the agent process, to test fd exhaustion.
+        self.nofile = nofile
         self.tmp = tmp
         self.catalog_path = os.path.join(tmp, "catalog.toml")
         self.config_path = os.path.join(tmp, "agent.toml")
@@ -73,7 +75,15 @@ class AgentProcess:
 
     def start(self, wait: bool = True) -> AgentProcess:
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
+        preexec = None
+        if self.nofile is not None:
+            import resource
+
+            n = self.nofile
+
+            def preexec() -> None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=preexec)
         if wait:
             self.wait_ready()
         return self
