@@ -19,6 +19,7 @@ import random
 import signal
 import socket
 import stat
+import sys
 import tomllib
 from dataclasses import replace
 from functools import partial
@@ -233,6 +234,9 @@ async def run_agent(
 ) -> None:
     """Run until SIGINT/SIGTERM or cancellation. Raises ConfigError for startup problems."""
     sm = ServiceManager()
+    # Worker threads (catalog parsing) hand the GIL back to the loop within this, not the
+    # default 5 ms: a bystander's resolve waits at most this long behind a big reload.
+    sys.setswitchinterval(0.0005)
     rt = Runtime(config, config_path, random.Random())
     source: FileSource | ConsulCatalog
     if config.source == "consul":

@@ -3,12 +3,20 @@
 Changes are noticed by polling the file's (mtime, size, inode) every POLL_INTERVAL seconds:
 stdlib-only, works on every filesystem, and catches editors that replace the file by rename.
 A reload that fails to parse is logged and counted; the last good catalog keeps serving.
+
+The file is not trusted (issue 10, item 6): it is opened non-blocking, so a FIFO put in its
+place cannot block the agent in open(); anything but a regular file (a FIFO, a device such as
+a symlink to /dev/zero) is refused, and so is a file over `catalog.max_bytes`, before it is
+read. Reading and parsing run in a worker thread (tomllib takes ~10 s for 100,000 endpoints
+here), and the services are applied to the engine a slice at a time with a checkpoint
+between, so a big catalog never holds the loop for long (item 9).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 
 import trio
 
@@ -30,17 +38,84 @@ def _fingerprint(path: str) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def load_catalog(rt: Runtime, path: str) -> bool:
+#: Endpoints applied to the engine between two checkpoints.
+APPLY_SLICE = 2000
+
+
+class CatalogFileError(Exception):
+    """The catalog path is not a regular file of a sane size."""
+
+
+def read_catalog_file(path: str, max_bytes: int) -> str:
+    """The file's text; CatalogFileError for a FIFO, a device, a directory or a file over
+    `max_bytes`. Never blocks on a FIFO (O_NONBLOCK) and never reads more than max_bytes+1."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                    else "a directory" if stat.S_ISDIR(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file")
+            raise CatalogFileError(f"is {kind}, not a regular file")
+        if st.st_size > max_bytes:
+            raise CatalogFileError(f"is {st.st_size} bytes, over catalog.max_bytes = {max_bytes}")
+        chunks, n = [], 0
+        while n <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - n))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n += len(chunk)
+        if n > max_bytes:  # grew while being read
+            raise CatalogFileError(f"is over catalog.max_bytes = {max_bytes}")
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8")
+
+
+def _read_and_parse(path: str, max_bytes: int) -> dict:
+    return parse_catalog_text(read_catalog_file(path, max_bytes))
+
+
+async def apply_in_slices(rt: Runtime, services: dict, now: float) -> list[str]:
+    """engine.replace_all, a few services at a time with a checkpoint between, so other
+    clients are answered while a big catalog is applied. Each service changes atomically;
+    callers may see some services new and others old for a moment, as with any reload."""
+    engine = rt.engine
+    changed = [n for n in list(engine.services) if n not in services]
+    for name in changed:
+        engine.remove_service(name, now)
+    done = 0
+    for name, eps in services.items():
+        if engine.set_service(name, eps, now):
+            changed.append(name)
+        done += len(eps) + 1
+        if done >= APPLY_SLICE:
+            done = 0
+            await trio.lowlevel.checkpoint()
+    return changed
+
+
+async def load_catalog(rt: Runtime, path: str) -> bool:
     """Parse and apply the catalog; on error keep the current one. True on success."""
     try:
-        with open(path, encoding="utf-8") as f:
-            services = parse_catalog_text(f.read())
+        services = await trio.to_thread.run_sync(_read_and_parse, path, rt.config.max_catalog_bytes)
+    except CatalogFileError as e:
+        rt.stats.catalog_refused += 1
+        return _refused(rt, path, e)
     except (OSError, UnicodeDecodeError, ConfigError) as e:
-        rt.stats.catalog_errors += 1
-        rt.stats.last_catalog_error = f"{path}: {e}"
-        if rt.catalog_ready.is_set():
-            log.error("catalog %s not reloaded, still serving the last good one: %s", path, e)
-        return False
+        return _refused(rt, path, e)
+    return await _apply(rt, path, services)
+
+
+def _refused(rt: Runtime, path: str, e: Exception) -> bool:
+    rt.stats.catalog_errors += 1
+    rt.stats.last_catalog_error = f"{path}: {e}"
+    if rt.catalog_ready.is_set():
+        log.error("catalog %s not reloaded, still serving the last good one: %s", path, e)
+    return False
+
+
+async def _apply(rt: Runtime, path: str, services: dict) -> bool:
     if not services and rt.engine.services:
         # Truncate-then-write tools and half-finished edits produce exactly this; dropping
         # every service would fail every caller on the host. Removing a service one by one
@@ -49,7 +124,7 @@ def load_catalog(rt: Runtime, path: str) -> bool:
         rt.stats.last_catalog_error = f"{path}: the catalog is empty"
         log.error("catalog %s is empty: not reloaded, still serving the last good %d services", path, len(rt.engine.services))
         return False
-    changed = rt.engine.replace_all(services, trio.current_time())
+    changed = await apply_in_slices(rt, services, trio.current_time())
     rt.stats.catalog_reloads += 1
     rt.stats.last_catalog_error = ""
     n_eps = sum(len(v) for v in services.values())
@@ -70,7 +145,7 @@ class FileSource:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         seen = _fingerprint(self.path)
-        if not load_catalog(self.rt, self.path):
+        if not await load_catalog(self.rt, self.path):
             raise ConfigError(self.rt.stats.last_catalog_error)
         self.rt.catalog_ready.set()
         task_status.started()
@@ -82,4 +157,4 @@ class FileSource:
             fp = _fingerprint(self.path)
             if forced or (fp != seen and fp is not None):
                 seen = fp
-                load_catalog(self.rt, self.path)
+                await load_catalog(self.rt, self.path)

@@ -255,3 +255,56 @@ def test_allow_uids_admits_only_listed_peers(make_agent, tmp_path):
     assert run(23456) == "UNAVAILABLE"
     assert metric(agent, 'softlb_connections_refused_total{reason="denied"}') == 1
     assert "uid 23456" in agent.log()
+
+
+def test_catalog_path_turned_fifo_or_dev_zero_is_refused_and_the_agent_serves_on(agent):
+    """Item 6: a FIFO at the catalog path blocked the whole agent in open() (SIGTERM
+    included); a symlink to /dev/zero ended it with MemoryError."""
+    os.unlink(agent.catalog_path)
+    os.mkfifo(agent.catalog_path)
+    with agent.client(timeout=2) as c:
+        wait_until(lambda: metric(agent, "softlb_catalog_refused_total") >= 1)
+        assert c.resolve("web", lease=False).port in (18001, 18002, 18003)
+        os.unlink(agent.catalog_path)
+        os.symlink("/dev/zero", agent.catalog_path)
+        wait_until(lambda: metric(agent, "softlb_catalog_refused_total") >= 2)
+        assert c.resolve("web", lease=False).port in (18001, 18002, 18003)
+    assert "is a FIFO, not a regular file" in agent.log() and "is a device" in agent.log()
+    os.unlink(agent.catalog_path)
+    os.mkfifo(agent.catalog_path)
+    time.sleep(0.7)
+    assert agent.stop(timeout=5) == 0  # SIGTERM still works
+
+
+def test_an_oversized_catalog_is_refused_before_it_is_read(make_agent):
+    agent = make_agent(config="[catalog]\nmax_bytes = 2048\n").start()
+    agent.write_catalog(THREE + "# " + "x" * 4096 + "\n")
+    wait_until(lambda: metric(agent, "softlb_catalog_refused_total") >= 1)
+    assert "over catalog.max_bytes = 2048" in agent.log()
+    with agent.client(timeout=2) as c:
+        assert c.resolve("web", lease=False).port in (18001, 18002, 18003)
+
+
+def big_catalog(services: int, per: int) -> str:
+    return "".join(
+        f'[[services.s{s}.endpoints]]\naddress = "10.{s % 250}.{i // 250}.{i % 250 + 1}"\nport = {1000 + i}\n'
+        for s in range(services) for i in range(per)) + THREE
+
+
+def test_a_big_catalog_reload_does_not_stall_other_clients(agent):
+    """Item 9: a 100,000-endpoint reload stalled every client for 3.8 s. Parsing now runs
+    in a worker thread and the services are applied in slices. (30,000 endpoints here to
+    keep the test short; bench/bystander.py runs 100,000.)"""
+    text = big_catalog(300, 100)
+    with agent.client(timeout=2) as c:
+        reloads = metric(agent, "softlb_catalog_reloads_total")
+        agent.write_catalog(text)
+        worst, t_end = 0.0, time.monotonic() + 60
+        while metric(agent, "softlb_catalog_reloads_total") == reloads and time.monotonic() < t_end:
+            for _ in range(20):
+                t0 = time.perf_counter()
+                c.resolve("web", lease=False)
+                worst = max(worst, time.perf_counter() - t0)
+        assert metric(agent, "softlb_catalog_reloads_total") > reloads
+        assert c.resolve("s299", lease=False).port >= 1000
+        assert worst < 1.0, worst  # the old code: ~4 s here
