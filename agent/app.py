@@ -250,7 +250,8 @@ async def run_agent(
     draining = trio.Event()
 
     def listen(kind: str, role: str, address: str, bind: Callable[[str], socket.socket]) -> socket.socket:
-        sock, where, inherited = sm.listener(role, address, bind, sole_unix=kind == "unix" and not config.socket)
+        sock, where, inherited = sm.listener(role, address, bind, sole_unix=kind == "unix" and not config.socket,
+                                             allow_non_loopback=config.allow_non_loopback)
         listeners.append((f"{kind}:{where}", sock))
         if inherited:
             systemds.add(sock)

@@ -21,6 +21,7 @@ from typing import Callable, Mapping, MutableMapping, NoReturn
 import trio
 
 from softlb import ConfigError
+from softlb._config import check_listen
 from softlb._balancer import ServiceBalancer
 from softlb._durations import format_duration
 
@@ -53,13 +54,25 @@ class ServiceManager:
     # ------------------------------------------------------------------ sockets
 
     def listener(
-        self, role: str, address: str, bind: Callable[[str], socket.socket], *, sole_unix: bool = False
+        self, role: str, address: str, bind: Callable[[str], socket.socket], *, sole_unix: bool = False,
+        allow_non_loopback: bool = False,
     ) -> tuple[socket.socket, str, bool]:
         """(socket, address, inherited?) for one configured listener: systemd's if it passed
-        one for this role or address, else `bind(address)`."""
+        one for this role or address, else `bind(address)`.
+
+        An inherited TCP socket obeys the loopback rule a bound one does (agent.listen,
+        agent.admin): one bound to 0.0.0.0 or a LAN address is refused (ConfigError, exit 2)
+        unless allow_non_loopback is set, whatever its name."""
         got = self.inherited.claim(role, address, sole_unix=sole_unix)
         if got is None:
             return bind(address), address, False
+        if not got.is_unix:
+            try:
+                check_listen(got.address, f"{role}: the socket passed by the service manager ({got.describe()})",
+                             allow_non_loopback)
+            except ConfigError:
+                got.sock.close()
+                raise
         log.info("%s: using the socket passed by the service manager, %s", role, got.describe())
         return got.sock, got.address, True
 

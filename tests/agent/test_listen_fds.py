@@ -217,3 +217,38 @@ def test_a_socket_that_is_not_listening_is_refused():
         out = json.loads(child.stdout.readline())
         assert child.wait(10) == 2
         assert "not listening" in out["error"]
+
+
+# --------------------------------------------------------------------------- loopback rule
+
+
+@pytest.mark.parametrize("role", ["listen", "admin", "proxy-web"])
+def test_an_inherited_socket_on_a_non_loopback_address_is_refused(role):
+    """Issue 10, item 8: sockets passed by systemd skipped the loopback rule that
+    agent.listen and agent.admin obey when the agent binds them itself."""
+    from softlb import ConfigError
+    from softlb_agent.service_manager import ServiceManager
+
+    wide = bind_tcp("0.0.0.0:0")
+    sm = ServiceManager({})
+    sm.inherited = InheritedListeners([InheritedSocket(wide, role, socket.AF_INET, format_address(socket.AF_INET, wide.getsockname()))])
+    with pytest.raises(ConfigError, match="0.0.0.0 is not a loopback address"):
+        sm.listener(role, "127.0.0.1:7070", bind_tcp)
+    assert wide.fileno() == -1  # closed: systemd keeps its own copy
+    # ...unless the operator allowed it, as for a bound socket.
+    wide2 = bind_tcp("0.0.0.0:0")
+    sm.inherited = InheritedListeners([InheritedSocket(wide2, role, socket.AF_INET, format_address(socket.AF_INET, wide2.getsockname()))])
+    sock, _, inherited = sm.listener(role, "127.0.0.1:7070", bind_tcp, allow_non_loopback=True)
+    assert inherited and sock is wide2
+    sock.close()
+
+
+def test_an_inherited_loopback_socket_is_used():
+    from softlb_agent.service_manager import ServiceManager
+
+    lo = bind_tcp("127.0.0.1:0")
+    sm = ServiceManager({})
+    sm.inherited = InheritedListeners([InheritedSocket(lo, "listen", socket.AF_INET, format_address(socket.AF_INET, lo.getsockname()))])
+    sock, _, inherited = sm.listener("listen", "127.0.0.1:7070", bind_tcp)
+    assert inherited and sock is lo
+    sock.close()
