@@ -39,7 +39,7 @@ def _fingerprint(path: str) -> tuple[int, int, int] | None:
 
 
 #: Endpoints applied to the engine between two checkpoints.
-APPLY_SLICE = 2000
+APPLY_SLICE = 500
 
 
 class CatalogFileError(Exception):

@@ -68,6 +68,8 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, er
 #: skip it and accept the next. Anything else is a broken listener and propagates.
 ACCEPT_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET})
 ACCEPT_BACKOFF = 0.1
+#: Connections accepted in a row before the accept loop yields to the connections' tasks.
+ACCEPT_BATCH = 16
 #: Below this many connections the fd limit is too low to serve; say so at start.
 MIN_USEFUL_CONNECTIONS = 16
 
@@ -320,6 +322,7 @@ async def serve_listener(
         if budget.limits.idle_timeout > 0:
             nursery.start_soon(_sweep_idle, live, budget, name, sweeper)
         task_status.started()
+        accepted = 0
         while not drain.started:
             try:
                 sock, _ = listener.accept()
@@ -349,6 +352,9 @@ async def serve_listener(
             conn = Connection(sock, peer, drain)
             live.conns.add(conn)
             nursery.start_soon(_run, handler, conn, budget, live, name)
+            accepted += 1
+            if accepted % ACCEPT_BATCH == 0:
+                await trio.lowlevel.checkpoint()  # a connection flood takes turns too
         sweeper.cancel()  # draining: what is left closes as it goes idle
 
 

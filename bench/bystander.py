@@ -1,0 +1,293 @@
+"""Benchmark: one well-behaved client's resolve latency alone, then while each attack runs
+(issue 10), all in one run against one real agent subprocess (loopback and Unix socket only).
+
+    .venv/bin/python bench/bystander.py [--phase 5] [--big 100000] [--json] [--only NAME ...]
+
+The bystander is its own process: one connection on the Unix socket, one sequential
+`resolve` every millisecond, each timed. Phases, each --phase seconds:
+
+  alone          nothing else runs
+  pipelining     a client writing 4,000 pipelined resolves per send and reading in a thread
+  watch_flood    10,000 watches (40 connections x 250) on the service the bystander resolves,
+                 while the catalog changes every 250 ms
+  conn_flood     4 processes opening Unix-socket connections as fast as they can, to the caps
+  big_reload     a --big endpoint catalog (1,000 services) is written; phase lasts until it
+                 is applied (at least --phase seconds)
+  maglev_flap    a 1,000-endpoint maglev service whose endpoints flap (catalog rewritten
+                 every 200 ms with one endpoint toggled to critical)
+
+Reported per phase: bystander calls, p50, p99, max, errors, and p99 / alone p99. The issue's
+target is bystander p99 <= 5 ms under every attack. The attacker processes are stopped by pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from agentproc import THREE, AgentProcess, endpoint_toml  # noqa: E402
+from helpers.frames import frame  # noqa: E402
+
+CONFIG = """
+[agent]
+max_watches = 10000
+max_watches_per_connection = 256
+[services.mg]
+policy = "maglev"
+"""
+
+
+def maglev_catalog(flap: int | None) -> str:
+    return "".join(
+        endpoint_toml("mg", f"10.1.{i // 250}.{i % 250 + 1}", 8000, id=f"mg-{i}",
+                      **({"registry": "critical"} if i == flap else {}))
+        for i in range(1000))
+
+
+def base_catalog(web_extra: bool = False, flap: int | None = None) -> str:
+    extra = endpoint_toml("web", "127.0.0.1", 18004, id="web-4") if web_extra else ""
+    return THREE + extra + maglev_catalog(flap)
+
+
+def big_catalog(n: int) -> str:
+    per = max(1, n // 1000)
+    return base_catalog() + "".join(
+        f'[[services.big{s}.endpoints]]\naddress = "10.{s % 250}.{i // 250 % 250}.{i % 250 + 1}"\nport = {1000 + i}\n'
+        for s in range(1000) for i in range(per))
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def bystander(sock_path: str, out: mp.Queue, stop: mp.Event) -> None:
+    from softlb_client import Client
+
+    samples: list[tuple[float, float, bool]] = []
+    with Client(socket_path=sock_path, timeout=5) as c:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            ok = True
+            try:
+                c.resolve("web", lease=False)
+            except Exception:
+                ok = False
+            samples.append((t0, time.monotonic() - t0, ok))
+            time.sleep(0.001)
+    out.put(samples)
+
+
+def pipeliner(sock_path: str, stop: mp.Event) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock_path)
+    batch = b"".join(frame({"id": i, "op": "resolve", "service": "web", "lease": False}) for i in range(4000))
+
+    def read() -> None:
+        try:
+            while s.recv(1 << 20):
+                pass
+        except OSError:
+            pass
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        while not stop.is_set():
+            s.sendall(batch)
+    except OSError:
+        pass
+
+
+def watcher(sock_path: str, n_conns: int, per: int, stop: mp.Event) -> None:
+    socks = []
+    for _ in range(n_conns):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sock_path)
+        s.sendall(b"".join(frame({"id": i, "op": "watch", "service": "web"}) for i in range(per)))
+        socks.append(s)
+    # Read (and drop) every update, as a real watcher would, so the agent's sends go through.
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+    while not stop.is_set():
+        for key, _ in sel.select(0.1):
+            try:
+                key.fileobj.recv(1 << 20)  # type: ignore[union-attr]
+            except OSError:
+                pass
+
+
+def connector(sock_path: str, stop: mp.Event) -> None:
+    held: list[socket.socket] = []
+    while not stop.is_set():
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(sock_path)
+            held.append(s)
+        except OSError:
+            time.sleep(0.001)
+        if len(held) > 2000:  # keep churning: close the oldest half
+            for s in held[:1000]:
+                s.close()
+            del held[:1000]
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def run(args: argparse.Namespace) -> dict:
+    ctx = mp.get_context("fork")
+    tmp = tempfile.mkdtemp(prefix="softlb-bystander-")
+    agent = AgentProcess(tmp, base_catalog(), CONFIG, extra_args=["--log-level", "warning"])
+    agent.start()
+    procs: list[mp.Process] = []
+    try:
+        out = ctx.Queue()
+        stop_all = ctx.Event()
+        by = ctx.Process(target=bystander, args=(agent.socket, out, stop_all))
+        by.start()
+        procs.append(by)
+        time.sleep(1.0)
+        phases: list[tuple[str, float, float]] = []
+
+        def phase(name: str, start_attack, stop_attack=None, until=None) -> None:
+            if args.only and name not in args.only and name != "alone":
+                return
+            stop = ctx.Event()
+            workers = start_attack(stop) if start_attack else []
+            procs.extend(workers)
+            time.sleep(0.5)  # the attack is under way
+            t0 = time.monotonic()
+            deadline = t0 + args.phase
+            while time.monotonic() < deadline or (until is not None and not until() and time.monotonic() < t0 + 120):
+                time.sleep(0.05)
+            t1 = time.monotonic()
+            stop.set()
+            if stop_attack:
+                stop_attack()
+            for w in workers:
+                w.join(timeout=5)
+                if w.is_alive():
+                    os.kill(w.pid, signal.SIGKILL)
+                    w.join(timeout=5)
+            phases.append((name, t0, t1))
+            time.sleep(1.0)  # let it settle before the next
+
+        def spawn(target, *a, n=1):
+            def start(stop):
+                ps = [ctx.Process(target=target, args=(*a, stop)) for _ in range(n)]
+                for p in ps:
+                    p.start()
+                return ps
+            return start
+
+        phase("alone", None)
+        phase("pipelining", spawn(pipeliner, agent.socket))
+
+        churn_stop = threading.Event()
+
+        def churn(make, every):
+            def loop():
+                i = 0
+                while not churn_stop.is_set():
+                    agent.write_catalog(make(i))
+                    i += 1
+                    churn_stop.wait(every)
+            t = threading.Thread(target=loop, daemon=True)
+            t.start()
+            return t
+
+        def watch_start(stop):
+            ps = spawn(watcher, agent.socket, 10, 250, n=4)(stop)
+            time.sleep(2.0)  # the watches are in place
+            churn_stop.clear()
+            churn(lambda i: base_catalog(web_extra=i % 2 == 0), 0.25)
+            return ps
+
+        phase("watch_flood", watch_start, churn_stop.set)
+        agent.write_catalog(base_catalog())
+        phase("conn_flood", spawn(connector, agent.socket, n=4))
+
+        reloads = {"n": 0}
+
+        def metric(name: str) -> float:
+            import urllib.request
+            with urllib.request.urlopen(f"http://127.0.0.1:{agent.admin_port}/metrics", timeout=5) as r:
+                return sum(float(x.rsplit(" ", 1)[1]) for x in r.read().decode().splitlines() if x.startswith(name))
+
+        def big_start(stop):
+            reloads["n"] = metric("softlb_catalog_reloads_total")
+            agent.write_catalog(big_catalog(args.big))
+            return []
+
+        phase("big_reload", big_start, until=lambda: metric("softlb_catalog_reloads_total") > reloads["n"])
+        agent.write_catalog(base_catalog())
+        time.sleep(3)
+
+        def flap_start(stop):
+            churn_stop.clear()
+            churn(lambda i: base_catalog(flap=i % 1000 if i % 2 else None), 0.2)
+            return []
+
+        phase("maglev_flap", flap_start, churn_stop.set)
+        stop_all.set()
+        samples = out.get(timeout=60)
+        by.join(timeout=10)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+                p.join(timeout=5)
+        agent.stop()
+    result = {}
+    for name, t0, t1 in phases:
+        lat = sorted(d for t, d, ok in samples if t0 <= t < t1 and ok)
+        errors = sum(1 for t, d, ok in samples if t0 <= t < t1 and not ok)
+        if not lat:
+            result[name] = {"calls": 0, "errors": errors}
+            continue
+        q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
+        result[name] = {"calls": len(lat), "errors": errors, "p50_ms": round(q[49] * 1e3, 3),
+                        "p99_ms": round(q[98] * 1e3, 3), "max_ms": round(lat[-1] * 1e3, 3),
+                        "seconds": round(t1 - t0, 1)}
+    alone = result.get("alone", {}).get("p99_ms")
+    for r in result.values():
+        if alone and "p99_ms" in r:
+            r["p99_ratio"] = round(r["p99_ms"] / alone, 1)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phase", type=float, default=5.0, help="seconds per phase (default 5)")
+    ap.add_argument("--big", type=int, default=100_000, help="endpoints in the big reload (default 100000)")
+    ap.add_argument("--only", nargs="*", default=[], help="run only these attack phases (and alone)")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = ap.parse_args()
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"{'phase':<14}{'calls':>7}{'errors':>7}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'p99/alone':>10}")
+    for name, r in result.items():
+        print(f"{name:<14}{r['calls']:>7}{r['errors']:>7}{r.get('p50_ms', '-'):>9}{r.get('p99_ms', '-'):>9}"
+              f"{r.get('max_ms', '-'):>9}{r.get('p99_ratio', '-'):>10}")
+    bad = [n for n, r in result.items() if r.get("errors") or r.get("p99_ms", 0) > 5.0]
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
