@@ -256,9 +256,11 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
         now = clock()
         lc.last_active = now
         backlog = False
-        size = 0
+        size = n = 0
         while True:
-            if turn_frames >= MAX_TURN_FRAMES or turn_bytes + size >= MAX_TURN_BYTES:
+            # One pass answers at most a turn's worth; a pipelined batch is never split
+            # across turns unless it is bigger than that.
+            if n >= MAX_TURN_FRAMES or size >= MAX_TURN_BYTES:
                 backlog = True
                 break
             try:
@@ -270,7 +272,7 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                 return
             if body is NEED_DATA:
                 break
-            turn_frames += 1
+            n += 1
             stats.requests += 1
             try:
                 msg = decode_body(body)  # type: ignore[arg-type]
@@ -287,13 +289,16 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
             size += len(frame)
         if out:
             await conn.send(out[0] if len(out) == 1 else b"".join(out))
+        turn_frames += n
         turn_bytes += size
-        if backlog:
+        if backlog or turn_frames >= MAX_TURN_FRAMES or turn_bytes >= MAX_TURN_BYTES:
+            # This task has had its turn without parking (a pipeline, or a spin that kept
+            # finding data): let the others run before reading on.
             stats.turns_yielded += 1
             await checkpoint()
             turn_frames = turn_bytes = 0
-            may_spin = False
-            continue
+            if backlog:
+                continue  # answer what is buffered before reading more
         answered_at = perf()
         may_spin = spin_ok and busy_poll > 0 and spin.allowed(conn.id, answered_at)
 
