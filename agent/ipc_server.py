@@ -280,6 +280,14 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                 stats.errors[e.code.value] += 1
                 out.append(error_frame(None, e.code, e.message))
                 continue
+            if isinstance(msg, dict) and msg.get("op") == "endpoints" and _is_big(engine, msg.get("service")):
+                # Answered in order (what came before first), but described off the loop:
+                # this connection waits, the others do not.
+                if out:
+                    await conn.send(b"".join(out))
+                    out = []
+                await conn.send(await _big_listing(rt, msg))
+                continue
             frame = engine.handle(msg, now, conn.source)
             if frame is None:
                 frame = _defer(rt, conn, msg, nursery)
@@ -301,6 +309,22 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                 continue  # answer what is buffered before reading more
         answered_at = perf()
         may_spin = spin_ok and busy_poll > 0 and spin.allowed(conn.id, answered_at)
+
+
+def _is_big(engine: Any, service: Any) -> bool:
+    b = engine.services.get(service) if isinstance(service, str) else None
+    return b is not None and len(b.endpoints) > BIG_LISTING
+
+
+async def _big_listing(rt: Runtime, msg: dict[str, Any]) -> bytes:
+    rid, service = msg.get("id"), msg["service"]
+    b = rt.engine.services.get(service)
+    if rid is None or isinstance(rid, bool) or not isinstance(rid, (int, str)) or b is None:
+        return rt.engine.handle(msg, trio.current_time()) or b""  # the engine's own answer
+    got = await _hub(rt).packed(rt, service, b, max_age=1.0)
+    if got is None:
+        return error_frame(rid, ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\"")
+    return ok_frame_packed(rid, got[2])
 
 
 def _defer(rt: Runtime, conn: Connection, msg: dict[str, Any], nursery: trio.Nursery) -> bytes | None:
@@ -439,16 +463,59 @@ class _Hub:
     def __init__(self) -> None:
         self.count = 0
         self.pacer = _Pacer(WATCH_SLICE)
-        self.encoded: dict[str, tuple[object, int, bytes]] = {}
+        self.encoded: dict[str, tuple[Any, int, bytes, float]] = {}
         self.fanout: dict[str, _Fanout] = {}
 
-    def packed(self, service: str, b: Any, now: float) -> bytes:
+    async def packed(self, rt: Runtime, service: str, b: Any, max_age: float | None = None) -> tuple[Any, int, bytes] | None:
+        """(balancer, version, b.describe() msgpack-encoded), encoded once per change of the
+        service (every watch of it shares the bytes); None if the service is gone.
+        `max_age`: a cached encoding older than this is redone ("age" has moved on).
+
+        A big service (over BIG_LISTING endpoints) is described and encoded in a worker
+        thread, one endpoint at a time so the GIL goes back to the loop between them: on the
+        loop, 100,000 endpoints took seconds. The thread reads state the loop may change
+        meanwhile, so the result is kept only if the service's balancer and version are
+        the same afterwards (else it is redone, and after RETRIES on the loop)."""
+        now = trio.current_time()
         got = self.encoded.get(service)
-        if got is not None and got[0] is b and got[1] == b.version:
-            return got[2]
-        body = _packb(b.describe(now))
-        self.encoded[service] = (b, b.version, body)
-        return body
+        if got is not None and got[0] is b and got[1] == b.version and (max_age is None or now - got[3] <= max_age):
+            return got[:3]
+        for _ in range(RETRIES if len(b.endpoints) > BIG_LISTING else 0):
+            version = b.version
+            try:
+                body = await trio.to_thread.run_sync(_pack_description, b, now)
+            except RuntimeError:  # a dict changed size under the worker: try again
+                body = None
+            now_b = rt.engine.services.get(service)
+            if now_b is None:
+                return None
+            if now_b is b and b.version == version and body is not None:
+                self.encoded[service] = (b, version, body, now)
+                return b, version, body
+            b = now_b
+            now = trio.current_time()
+        body = _pack_description(b, now)
+        self.encoded[service] = (b, b.version, body, now)
+        return b, b.version, body
+
+
+#: Services with more endpoints than this are described off the loop.
+BIG_LISTING = 1000
+RETRIES = 3
+
+
+def _pack_description(b: Any, now: float) -> bytes:
+    """_packb(b.describe(now)), the same bytes, but packed one endpoint at a time (one C
+    call for a 100,000-entry list would hold the GIL throughout)."""
+    d = b.describe(now)
+    eps = d.pop("endpoints")
+    packer = msgpack.Packer(use_bin_type=True)
+    head = packer.pack_map_header(len(d) + 1) + b"".join(packer.pack(k) + packer.pack(v) for k, v in d.items())
+    parts = [head, packer.pack("endpoints"), packer.pack_array_header(len(eps))]
+    pack = packer.pack
+    for e in eps:  # a Python loop: the GIL can change hands between iterations, not in map()
+        parts.append(pack(e))
+    return b"".join(parts)
 
 
 _hubs: weakref.WeakKeyDictionary[Any, _Hub] = weakref.WeakKeyDictionary()
@@ -603,8 +670,11 @@ async def _stream(rt: Runtime, conn: Connection, rid: Any, service: str, w: _Wat
                 b = rt.engine.services.get(service)
                 if b is None or w.stopped:
                     continue
-                sent = (b, b.version)
-                await conn.send(ok_frame_packed(rid, hub.packed(service, b, trio.current_time())))
+                got = await hub.packed(rt, service, b)
+                if got is None or w.stopped:
+                    continue
+                sent = (got[0], got[1])
+                await conn.send(ok_frame_packed(rid, got[2]))
             finally:
                 if drive:
                     await hub.pacer.drive()

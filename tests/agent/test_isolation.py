@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.request
 
+import msgpack
 import pytest
 
 from agentproc import THREE, endpoint_toml, wait_until
@@ -293,9 +294,10 @@ def big_catalog(services: int, per: int) -> str:
 
 def test_a_big_catalog_reload_does_not_stall_other_clients(agent):
     """Item 9: a 100,000-endpoint reload stalled every client for 3.8 s. Parsing now runs
-    in a worker thread and the services are applied in slices. (30,000 endpoints here to
-    keep the test short; bench/bystander.py runs 100,000.)"""
-    text = big_catalog(300, 100)
+    in a worker thread and the services are applied in slices. (50,000 endpoints here to
+    keep the test short; bench/bystander.py runs 100,000.) The bound is loose: this is a
+    shared 2-core machine, and a GIL handoff under load can take 100+ ms."""
+    text = big_catalog(500, 100)
     with agent.client(timeout=2) as c:
         reloads = metric(agent, "softlb_catalog_reloads_total")
         agent.write_catalog(text)
@@ -307,7 +309,7 @@ def test_a_big_catalog_reload_does_not_stall_other_clients(agent):
                 worst = max(worst, time.perf_counter() - t0)
         assert metric(agent, "softlb_catalog_reloads_total") > reloads
         assert c.resolve("s299", lease=False).port >= 1000
-        assert worst < 1.0, worst  # the old code: ~4 s here
+        assert worst < 2.0, worst  # the old code: ~6 s here
 
 
 def test_every_one_of_many_watches_gets_every_change(make_agent):
@@ -324,3 +326,30 @@ def test_every_one_of_many_watches_gets_every_change(make_agent):
         assert sorted(m["id"] for m in got) == list(range(n))
         assert all({e["id"] for e in m["result"]["endpoints"]} >= {f"web-{extra}"} for m in got)
     s.close()
+
+
+def test_a_big_endpoints_listing_is_answered_in_order_without_stalling_others(make_agent):
+    """Item 9: `endpoints` on a 100,000-endpoint service held the loop 3.7 s per call. It is
+    now described and encoded in a worker thread; the asking connection waits (its answers
+    stay in request order), the others do not: a resolve sent just after the listing request
+    is answered before the listing (on the old code, after it). 20,000 endpoints here."""
+    import select
+
+    text = THREE + "".join(endpoint_toml("big", f"10.0.{i // 250}.{i % 250 + 1}", 9000, id=f"b{i}") for i in range(20000))
+    agent = make_agent(catalog=text).start()
+    s, r = raw(agent, timeout=30), raw(agent)
+    s.sendall(frame({"id": 1, "op": "hello"}) + frame({"id": 2, "op": "endpoints", "service": "big"})
+              + frame({"id": 3, "op": "hello"}))
+    assert read_frames(s, 1)[0]["id"] == 1
+    r.sendall(frame({"id": 9, "op": "resolve", "service": "web", "lease": False}))
+    readable, _, _ = select.select([s, r], [], [], 30)
+    assert readable == [r], "the bystander waited for the listing"
+    assert read_frames(r, 1)[0]["id"] == 9
+    got = read_frames(s, 2)
+    assert [m["id"] for m in got] == [2, 3]
+    assert len(got[0]["result"]["endpoints"]) == 20000 and got[0]["result"]["service"] == "big"
+    # A second listing of the unchanged service is the cached encoding.
+    s.sendall(frame({"id": 4, "op": "endpoints", "service": "big"}))
+    assert len(read_frames(s, 1)[0]["result"]["endpoints"]) == 20000
+    s.close()
+    r.close()
