@@ -263,9 +263,10 @@ def run(args: argparse.Namespace) -> dict:
         result[name] = {"calls": len(lat), "errors": errors, "p50_ms": round(q[49] * 1e3, 3),
                         "p99_ms": round(q[98] * 1e3, 3), "max_ms": round(lat[-1] * 1e3, 3),
                         "seconds": round(t1 - t0, 1)}
+    result["machine"] = {"loadavg_1m": round(os.getloadavg()[0], 1), "cpus": os.cpu_count()}
     alone = result.get("alone", {}).get("p99_ms")
     for r in result.values():
-        if alone and "p99_ms" in r:
+        if alone and "p99_ms" in r:  # (the "machine" entry has none)
             r["p99_ratio"] = round(r["p99_ms"] / alone, 1)
     return result
 
@@ -283,6 +284,9 @@ def main() -> None:
         return
     print(f"{'phase':<14}{'calls':>7}{'errors':>7}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'p99/alone':>10}")
     for name, r in result.items():
+        if name == "machine":
+            print(f"load average {r['loadavg_1m']} on {r['cpus']} CPUs")
+            continue
         print(f"{name:<14}{r['calls']:>7}{r['errors']:>7}{r.get('p50_ms', '-'):>9}{r.get('p99_ms', '-'):>9}"
               f"{r.get('max_ms', '-'):>9}{r.get('p99_ratio', '-'):>10}")
     bad = [n for n, r in result.items() if r.get("errors") or r.get("p99_ms", 0) > 5.0]
