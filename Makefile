@@ -1,6 +1,6 @@
 # make demo   set up .venv and run the agent with the demo backends (Ctrl-C stops it)
 # make test   set up .venv and run the whole test suite
-# make bench  run every benchmark (several minutes; results: docs/BENCHMARKS.md)
+# make bench  run every benchmark (~10 minutes; results: docs/BENCHMARKS.md, docs/RELIABILITY.md)
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
@@ -25,3 +25,5 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/resolve.py
 	$(VENV)/bin/python bench/policies.py
 	$(VENV)/bin/python bench/consul_propagation.py
+	-$(VENV)/bin/python bench/bystander.py  # exits 1 when a target (p99 <= 5 ms) is missed
+	-$(VENV)/bin/python bench/soak.py
