@@ -21,7 +21,7 @@ import stat
 import trio
 
 from softlb import ConfigError
-from softlb._filecatalog import parse_catalog_text
+from softlb import parse_catalog_text
 
 from .runtime import Runtime
 
@@ -76,23 +76,28 @@ def _read_and_parse(path: str, max_bytes: int) -> dict:
     return parse_catalog_text(read_catalog_file(path, max_bytes))
 
 
-async def apply_in_slices(rt: Runtime, services: dict, now: float) -> list[str]:
+async def apply_in_slices(rt: Runtime, services: dict, now: float) -> set[str]:
     """engine.replace_all, a few services at a time with a checkpoint between, so other
-    clients are answered while a big catalog is applied. Each service changes atomically;
-    callers may see some services new and others old for a moment, as with any reload."""
+    clients are answered while a big catalog is applied; each slice's changes are
+    dispatched before the checkpoint. Each service changes atomically; callers may see some
+    services new and others old for a moment, as with any reload."""
     engine = rt.engine
-    changed = [n for n in list(engine.services) if n not in services]
-    for name in changed:
-        engine.remove_service(name, now)
+    changed: set[str] = set()
+    pending: set[str] = set()
+    for name in [n for n in engine.services if n not in services]:
+        pending |= engine.remove_service(name, now)
     done = 0
     for name, eps in services.items():
-        if engine.set_service(name, eps, now):
-            changed.append(name)
+        pending |= engine.set_service(name, eps, now)
         done += len(eps) + 1
         if done >= APPLY_SLICE:
             done = 0
+            rt.dispatch(frozenset(pending))
+            changed |= pending
+            pending = set()
             await trio.lowlevel.checkpoint()
-    return changed
+    rt.dispatch(frozenset(pending))
+    return changed | pending
 
 
 async def load_catalog(rt: Runtime, path: str) -> bool:

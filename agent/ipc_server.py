@@ -43,10 +43,24 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import trio
 
-from softlb import ErrorCode
-from softlb._errors import RemoteProtocolError, RequestError
-from softlb._protocol import error_frame, ok_frame
-from softlb._wire import NEED_DATA, FrameDecoder, decode_body
+from softlb import (
+    CLOSED,
+    NEED_DATA,
+    Endpoints,
+    ErrorCode,
+    LeaseScope,
+    Pending,
+    Pick,
+    Rejected,
+    Reported,
+    Request,
+    RequestError,
+    Resolve,
+    ServerConnection,
+    Unwatch,
+    Watch,
+    respond,
+)
 
 from . import listeners
 from .listeners import ConnectionBudget, ConnectionLimits
@@ -153,7 +167,7 @@ def peer_source(sock: socket.socket) -> str:
 
 
 def _goodbye(why: str) -> bytes:
-    return error_frame(None, ErrorCode.UNAVAILABLE, f"connection refused: {listeners.refusal_text(why)}")
+    return ServerConnection.send_error(None, ErrorCode.UNAVAILABLE, f"connection refused: {listeners.refusal_text(why)}")
 
 
 async def serve_listener(
@@ -207,7 +221,8 @@ def _only(e: BaseException, kind: type[BaseException]) -> bool:
 async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, spin: _Spin, nursery: trio.Nursery) -> None:
     sock = conn.sock
     engine = rt.engine
-    dec = FrameDecoder(rt.config.max_frame)
+    proto = ServerConnection(rt.config.max_frame)
+    source = conn.source
     busy_poll = rt.config.busy_poll
     clock = trio.current_time
     perf = time.perf_counter
@@ -242,16 +257,16 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                     else:
                         stats.busy_poll_hits += 1
                 if data is None:
-                    if lc.draining and not dec.buffered:
+                    if lc.draining and not proto.buffered:
                         return  # between requests: closing now loses nothing
                     await lc.wait_readable()
                     turn_frames = turn_bytes = 0
                     # The gap includes the epoll wakeup itself (~30 µs here), hence the 2x.
                     spin_ok = perf() - answered_at <= 2 * busy_poll
                     continue
+            proto.receive_data(data)
             if not data:
                 return
-            dec.feed(data)
         out = []
         now = clock()
         lc.last_active = now
@@ -263,38 +278,50 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
             if n >= MAX_TURN_FRAMES or size >= MAX_TURN_BYTES:
                 backlog = True
                 break
-            try:
-                body = dec.next_body()
-            except RemoteProtocolError as e:  # fatal: framing lost
-                stats.errors[e.code.value] += 1
-                out.append(error_frame(None, e.code, e.message))
-                await conn.send(b"".join(out))
-                return
-            if body is NEED_DATA:
+            ev = proto.next_event()
+            if ev is NEED_DATA or ev is CLOSED:
                 break
             n += 1
             stats.requests += 1
-            try:
-                msg = decode_body(body)  # type: ignore[arg-type]
-            except RemoteProtocolError as e:
-                stats.errors[e.code.value] += 1
-                out.append(error_frame(None, e.code, e.message))
+            t = type(ev)
+            if t is Rejected:
+                if ev.id is None:  # frame-level: not a request at all
+                    stats.errors[ev.code.value] += 1
+                out.append(proto.send_error(ev.id, ev.code, ev.message))
+                if ev.fatal:  # framing lost
+                    await conn.send(b"".join(out))
+                    return
                 continue
-            if isinstance(msg, dict) and msg.get("op") == "endpoints" and _is_big(engine, msg.get("service")):
+            if t is Watch or t is Unwatch:
+                frame = _defer(rt, conn, ev, nursery)
+            elif t is Endpoints and _is_big(engine, ev.service):
                 # Answered in order (what came before first), but described off the loop:
                 # this connection waits, the others do not.
                 if out:
                     await conn.send(b"".join(out))
                     out = []
-                await conn.send(await _big_listing(rt, msg))
-                continue
-            frame = engine.handle(msg, now, conn.source)
-            if frame is None:
-                frame = _defer(rt, conn, msg, nursery)
-                if frame is None:
+                frame = await _big_listing(rt, ev)
+            else:
+                try:
+                    r = respond(engine, ev, now, source)
+                except RequestError as e:
+                    out.append(proto.send_error(ev.id, e.code, e.message))
                     continue
+                rt_ = type(r)
+                if rt_ is Pick:
+                    frame = proto.send_pick(ev.id, r)
+                elif rt_ is Pending:
+                    frame = _defer(rt, conn, ev, nursery)
+                elif rt_ is Reported:
+                    rt.dispatch(r.changes)
+                    frame = proto.send_result(ev.id, {})
+                else:
+                    frame = proto.send_result(ev.id, r)
+            if frame is None:
+                continue
             out.append(frame)
             size += len(frame)
+        rt.flush()
         if out:
             await conn.send(out[0] if len(out) == 1 else b"".join(out))
         turn_frames += n
@@ -316,22 +343,22 @@ def _is_big(engine: Any, service: Any) -> bool:
     return b is not None and len(b.endpoints) > BIG_LISTING
 
 
-async def _big_listing(rt: Runtime, msg: dict[str, Any]) -> bytes:
-    rid, service = msg.get("id"), msg["service"]
+async def _big_listing(rt: Runtime, req: Endpoints) -> bytes:
+    rid, service = req.id, req.service
     b = rt.engine.services.get(service)
-    if rid is None or isinstance(rid, bool) or not isinstance(rid, (int, str)) or b is None:
-        return rt.engine.handle(msg, trio.current_time()) or b""  # the engine's own answer
-    got = await _hub(rt).packed(rt, service, b, max_age=1.0)
+    got = None if b is None else await _hub(rt).packed(rt, service, b, max_age=1.0)
     if got is None:
-        return error_frame(rid, ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\"")
+        return ServerConnection.send_error(rid, ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\"")
     return ok_frame_packed(rid, got[2])
 
 
-def _defer(rt: Runtime, conn: Connection, msg: dict[str, Any], nursery: trio.Nursery) -> bytes | None:
-    """Start a task for an op the engine leaves to the connection, or refuse it at once
-    (an error frame) when this connection already has too many waiting or watching."""
-    rid, op = msg["id"], msg["op"]
-    if op == "watch":
+def _defer(rt: Runtime, conn: Connection, req: Request, nursery: trio.Nursery) -> bytes | None:
+    """Start a task for a request the connection answers itself (watch, a resolve waiting
+    on a catalog source), or answer at once: an unwatch, or an error frame when this
+    connection already has too many waiting or watching."""
+    rid = req.id
+    error_frame = ServerConnection.send_error
+    if type(req) is Watch:
         cfg = rt.config
         hub = _hub(rt)
         # Counted here, not in the task: a pipeline of watches is answered before any runs.
@@ -346,26 +373,25 @@ def _defer(rt: Runtime, conn: Connection, msg: dict[str, Any], nursery: trio.Nur
                                f"the agent runs {hub.count} watches, the limit (agent.max_watches)")
         hub.count += 1
         conn.watch_slots += 1
-    elif op == "unwatch":
+    elif type(req) is Unwatch:
         # Answered in line, so a watch pipelined right after it finds the slot free.
-        return _unwatch(conn, rid, msg)
+        return _unwatch(conn, rid, req.watch)
     else:
         if conn.deferred >= MAX_DEFERRED:
             rt.stats.deferred_refused += 1
             return error_frame(rid, ErrorCode.UNAVAILABLE,
                                f"{conn.deferred} requests on this connection already wait for the catalog source")
-    nursery.start_soon(_handle_deferred, rt, conn, msg)
+    nursery.start_soon(_handle_deferred, rt, conn, req)
     return None
 
 
-def _unwatch(conn: Connection, rid: Any, msg: dict[str, Any]) -> bytes:
-    target = msg.get("watch")
+def _unwatch(conn: Connection, rid: Any, target: Any) -> bytes:
     w = conn.watches.pop(target, None) if isinstance(target, (int, str)) and not isinstance(target, bool) else None
     if w is None:
-        return error_frame(rid, ErrorCode.BAD_ARGUMENT, f"no watch with id {target!r} on this connection")
+        return ServerConnection.send_error(rid, ErrorCode.BAD_ARGUMENT, f"no watch with id {target!r} on this connection")
     w.stop()
     w.slot.release()
-    return ok_frame(rid, {})
+    return ServerConnection.send_result(rid, {})
 
 
 class _Pacer:
@@ -538,38 +564,38 @@ def ok_frame_packed(rid: Any, packed_result: bytes) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-async def _handle_deferred(rt: Runtime, conn: Connection, msg: dict[str, Any]) -> None:
-    """Ops the engine leaves to the connection: watch/unwatch, and resolves of services a
-    catalog source is still fetching (answered once it has, or UNAVAILABLE)."""
-    rid, op = msg["id"], msg["op"]
+async def _handle_deferred(rt: Runtime, conn: Connection, req: Request) -> None:
+    """Requests the connection answers in a task of their own: watches, and resolves of
+    services a catalog source is still fetching (answered once it has, or UNAVAILABLE)."""
+    rid = req.id
+    send_error = ServerConnection.send_error
     try:
-        if op == "watch":
-            slot = _Slot(_hub(rt), conn)
-            try:
-                await _watch(rt, conn, rid, msg, slot)
-            finally:
-                slot.release()
-        elif op == "unwatch":
-            await conn.send(_unwatch(conn, rid, msg))
-        else:  # resolve of a service being fetched
-            service = msg["service"]
-            conn.deferred += 1
-            try:
-                await rt.wait_for_service(service)
-            finally:
-                conn.deferred -= 1
-            frame = rt.engine.handle(msg, trio.current_time(), conn.source)
-            if frame is None:
-                frame = error_frame(rid, ErrorCode.UNAVAILABLE, f"no answer for \"{service}\" from the catalog source yet")
-            await conn.send(frame)
+        try:
+            if type(req) is Watch:
+                slot = _Slot(_hub(rt), conn)
+                try:
+                    await _watch(rt, conn, rid, req.service, slot)
+                finally:
+                    slot.release()
+            else:
+                assert type(req) is Resolve
+                conn.deferred += 1
+                try:
+                    pick = await rt.pick(req.service, key=req.key, tags=req.tags, source=conn.source,
+                                         scope=LeaseScope.REQUEST if req.lease else LeaseScope.NONE)
+                finally:
+                    conn.deferred -= 1
+                await conn.send(ServerConnection.send_pick(rid, pick))
+        except RequestError as e:
+            await conn.send(send_error(rid, e.code, e.message))
     except (ConnectionError, OSError, trio.BrokenResourceError):
         pass
     except Exception as e:
         # A bug behind one request: answer it as INTERNAL and keep the connection.
-        log.exception("%s request %r on connection %d failed", op, rid, conn.id)
+        log.exception("%s request %r on connection %d failed", type(req).__name__, rid, conn.id)
         rt.stats.errors["INTERNAL"] += 1
         try:
-            await conn.send(error_frame(rid, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"))
+            await conn.send(send_error(rid, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"))
         except (ConnectionError, OSError):
             pass
 
@@ -607,20 +633,16 @@ class _Slot:
             self.conn.watch_slots -= 1
 
 
-async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any], slot: _Slot) -> None:
-    service = msg.get("service")
-    if not isinstance(service, str) or not service:
-        await conn.send(error_frame(rid, ErrorCode.BAD_ARGUMENT, "\"service\" must be a non-empty string"))
-        return
+async def _watch(rt: Runtime, conn: Connection, rid: Any, service: str, slot: _Slot) -> None:
     if rid in conn.watches:
-        await conn.send(error_frame(rid, ErrorCode.BAD_ARGUMENT, f"a watch with id {rid!r} is already running"))
+        await conn.send(ServerConnection.send_error(rid, ErrorCode.BAD_ARGUMENT, f"a watch with id {rid!r} is already running"))
         return
     # Registered before any wait, so a pipelined duplicate id is refused and an unwatch that
     # arrives while the catalog source is still fetching the service finds it.
     w = conn.watches[rid] = _Watch(slot)
     if conn.closing:
         w.stop()  # requested just as the drain closed this connection: end with it
-    rt.engine.watchers[service] += 1
+    rt.watchers[service] += 1
     hub = _hub(rt)
     busy = conn.lc.busy() if conn.lc is not None else contextlib.nullcontext()
     try:
@@ -629,28 +651,21 @@ async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any], s
     finally:
         if conn.watches.get(rid) is w:
             del conn.watches[rid]
-        rt.engine.watchers[service] -= 1
-        if rt.engine.watchers[service] <= 0:
-            del rt.engine.watchers[service]
+        rt.watchers[service] -= 1
+        if rt.watchers[service] <= 0:
+            del rt.watchers[service]
             # The end of the last watch counts as a use: an on-demand source keeps the
             # service for its idle timeout from now, as after a resolve.
-            if service in rt.engine.services:
-                rt.engine.last_resolved[service] = trio.current_time()
+            rt.engine.mark_used(service, trio.current_time())
 
 
 async def _stream(rt: Runtime, conn: Connection, rid: Any, service: str, w: _Watch, hub: _Hub) -> None:
     if service not in rt.engine.services:
-        try:
-            fetching = rt.engine.on_unknown_service is not None and rt.engine.on_unknown_service(service)
-        except RequestError as e:  # the source refuses the name (bad name, on-demand limit)
-            await conn.send(error_frame(rid, e.code, e.message))
-            return
-        if fetching:
-            with trio.CancelScope() as w.waiting:
-                await rt.wait_for_service(service)
+        with trio.CancelScope() as w.waiting:
+            await rt.await_source(service)  # raises RequestError if the source refuses
         if service not in rt.engine.services:
             if not w.stopped:
-                await conn.send(error_frame(rid, ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\""))
+                await conn.send(ServerConnection.send_error(rid, ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\""))
             return
     # What was last sent: the balancer object and its version. A service removed and
     # added again is a new balancer whose versions restart, so identity counts too.
@@ -661,7 +676,7 @@ async def _stream(rt: Runtime, conn: Connection, rid: Any, service: str, w: _Wat
         if b is None:
             if sent != (None, 0):
                 sent = (None, 0)
-                await conn.send(ok_frame(rid, {"service": service, "version": 0, "removed": True, "endpoints": []}))
+                await conn.send(ServerConnection.send_result(rid, {"service": service, "version": 0, "removed": True, "endpoints": []}))
         elif sent != (b, b.version):
             drive = await hub.pacer.turn()
             try:
