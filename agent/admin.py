@@ -226,6 +226,9 @@ def render_metrics(rt: Runtime) -> str:
            [("", s.deferred_refused)])
     metric("softlb_probe_local_failures_total", "counter", "Probe rounds skipped: the agent was out of fds or memory.",
            [("", s.probe_local_failures)])
+    metric("softlb_table_builds_total", "counter", "Consistent-hash tables rebuilt in steps (maglev, ring_hash), "
+           "and builds dropped because a newer change superseded them.",
+           [('{result="installed"}', s.table_builds), ('{result="superseded"}', s.table_builds_superseded)])
     metric("softlb_catalog_refused_total", "counter", "Catalog files refused for their type or size.",
            [("", s.catalog_refused)])
     metric("softlb_leases_open", "gauge", "Leases handed out by resolve and not yet reported or expired.",

@@ -41,6 +41,7 @@ from .listeners import ConnectionBudget, ConnectionLimits
 from .prober import Prober
 from .runtime import Runtime
 from .service_manager import ServiceManager, status_line
+from .table_builds import run_table_builds
 
 log = logging.getLogger("softlb.agent")
 
@@ -271,6 +272,7 @@ async def run_agent(
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(attach_prober(rt, random.Random()).run)
+                await nursery.start(run_table_builds, rt)
                 what = rt.source_status if config.source == "consul" else f"file {config.catalog_file}"
                 sm.status(f"starting: loading catalog ({what})")
                 await nursery.start(source.run)

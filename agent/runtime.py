@@ -43,6 +43,8 @@ class Stats:
     watches_refused: int = 0
     deferred_refused: int = 0
     catalog_refused: int = 0  # a catalog file of the wrong type or size
+    table_builds: int = 0  # consistent-hash tables rebuilt in steps off the engine call
+    table_builds_superseded: int = 0
     probe_local_failures: int = 0  # probes not run for the agent's own lack of fds/memory
 
 
@@ -63,7 +65,11 @@ class Runtime:
     def __init__(self, config: AgentConfig, config_path: str | None = None, rng: random.Random | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.engine = Engine(config, rng or random.Random(), on_demand=config.source == "consul")
+        # Consistent-hash rebuilds run in steps in agent/table_builds.py, not inside the
+        # engine call that caused them (issue 10, item 9).
+        self.engine = Engine(config, rng or random.Random(), on_demand=config.source == "consul", defer_builds=True)
+        #: Set when the engine has table builds waiting (agent/table_builds.py).
+        self.builds_waiting = trio.Event()
         self.stats = Stats(started=trio.current_time())
         self._events: dict[str, trio.Event] = {}
         #: Shell modules that follow changes (the prober), called by `dispatch`.
@@ -82,6 +88,8 @@ class Runtime:
         self.source_status = "starting"
 
     def dispatch(self, changes: Changes) -> None:
+        if self.engine.table_builds:
+            self.builds_waiting.set()
         for name in changes:
             ev = self._events.pop(name, None)
             if ev is not None:

@@ -23,6 +23,7 @@ from ._protocol import pack_endpoint_fields
 from ._slowstart import SlowStart
 from ._types import Endpoint
 from .policies import POLICIES, LoadBoard, Policy
+from .policies._consistent import ConsistentHash, TableBuild
 
 
 #: Distinct tag filters whose policy instances are kept per service (least recently used
@@ -31,8 +32,11 @@ MAX_TAG_POLICIES = 64
 
 
 class ServiceBalancer:
-    def __init__(self, name: str, config: ServiceConfig, rng: random.Random, here: Locality = Locality()) -> None:
+    def __init__(self, name: str, config: ServiceConfig, rng: random.Random, here: Locality = Locality(),
+                 builds: list[TableBuild] | None = None) -> None:
         self.name = name
+        #: Where the service's policy leaves consistent-hash table rebuilds (None: in line).
+        self.builds = builds
         self.config = config
         self.rng = rng
         self.here = here
@@ -70,8 +74,11 @@ class ServiceBalancer:
 
     # ----------------------------------------------------------------- inputs
 
-    def _new_policy(self) -> Policy:
-        return POLICIES[self.config.policy](rng=self.rng, options=self.config.options, load=self.load)
+    def _new_policy(self, *, main: bool = True) -> Policy:
+        policy = POLICIES[self.config.policy](rng=self.rng, options=self.config.options, load=self.load)
+        if main and isinstance(policy, ConsistentHash):
+            policy.defer = self.builds  # tag views are small and cached: they build in line
+        return policy
 
     def set_endpoints(self, endpoints: Sequence[Endpoint], now: float, *, force: bool = False) -> bool:
         """Replace the catalog's endpoint set. True when anything changed.
@@ -236,7 +243,7 @@ class ServiceBalancer:
             subset = tuple(e for e in self.served if need.issubset(e.tags))
             if not subset:
                 return None  # not cached: callers choose tag sets, so misses must cost nothing
-            policy = self._new_policy()  # a view: same load board, its own index
+            policy = self._new_policy(main=False)  # a view: same load board, its own index
             policy.update(subset, now, self.weights)
             if len(cache) >= MAX_TAG_POLICIES:
                 del cache[next(iter(cache))]  # least recently used

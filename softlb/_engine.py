@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ._balancer import ServiceBalancer
+from .policies._consistent import TableBuild
 from ._config import AgentConfig
 from ._errors import ErrorCode, RequestError
 from ._leases import Lease, LeaseScope, LeaseTable
@@ -74,8 +75,12 @@ class Pending:
 
 
 class Engine:
-    def __init__(self, config: AgentConfig, rng: random.Random, *, on_demand: bool = False) -> None:
+    def __init__(self, config: AgentConfig, rng: random.Random, *, on_demand: bool = False,
+                 defer_builds: bool = False) -> None:
         self.config = config
+        #: With defer_builds, consistent-hash table rebuilds are left here for the caller to
+        #: run in steps (`take_builds`); the old table serves meanwhile (policies/_consistent).
+        self.table_builds: list[TableBuild] | None = [] if defer_builds else None
         self.rng = rng
         #: Whether an unknown service may still exist at the source (Consul: fetched on the
         #: first pick). Without it, an unknown name is UNKNOWN_SERVICE at once.
@@ -89,12 +94,22 @@ class Engine:
         # that fell due before the ticker woke): handed out by the next `take_changes`.
         self._deferred: set[str] = set()
 
+    def take_builds(self) -> list[TableBuild]:
+        """Table rebuilds left since the last call, the superseded ones dropped: run each
+        one's `steps()` (yielding between them, or whole in a worker thread), then
+        `install()` it. Empty unless the engine was made with defer_builds."""
+        if not self.table_builds:
+            return []
+        jobs = [j for j in self.table_builds if j.current]
+        self.table_builds.clear()
+        return jobs
+
     # ----------------------------------------------------------------- catalog input
 
     def _balancer(self, name: str) -> ServiceBalancer:
         b = self.services.get(name)
         if b is None:
-            b = self.services[name] = ServiceBalancer(name, self.config.service(name), self.rng, self._here())
+            b = self.services[name] = ServiceBalancer(name, self.config.service(name), self.rng, self._here(), self.table_builds)
         return b
 
     def _here(self) -> Locality:
@@ -138,7 +153,7 @@ class Engine:
         changed = set()
         for name, b in list(self.services.items()):
             if moved or old.service(name) != config.service(name):
-                nb = ServiceBalancer(name, config.service(name), self.rng, self._here())
+                nb = ServiceBalancer(name, config.service(name), self.rng, self._here(), self.table_builds)
                 nb.adopt(b, now)
                 self.services[name] = nb
                 changed.add(name)

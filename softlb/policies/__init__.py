@@ -2,6 +2,8 @@
 
 from ._base import Policy as Policy
 from ._base import effective_weights as effective_weights
+from ._consistent import ConsistentHash as ConsistentHash
+from ._consistent import TableBuild as TableBuild
 from ._load import LoadBoard as LoadBoard
 from .least_connections import LeastConnections as LeastConnections
 from .least_request import LeastRequest as LeastRequest

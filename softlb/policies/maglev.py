@@ -14,13 +14,15 @@ well above the endpoint count (100x is the paper's advice for an even spread).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Generator, Mapping
 
 from .._errors import ConfigError
 from .._types import Endpoint
 from ._consistent import ConsistentHash
 from ._hashing import hash128
 
+#: Slots filled between two yields of a deferred build.
+STEP_FILLS = 4096
 #: Building the table is O(M log M) in pure Python; above this it takes seconds.
 _MAX_TABLE_SIZE = 5_000_011
 
@@ -52,10 +54,9 @@ class Maglev(ConsistentHash):
             raise ConfigError(f"options.table_size: must be a prime no larger than {_MAX_TABLE_SIZE}, got {m}")
         return merged
 
-    def _build(self, endpoints: list[Endpoint], weights: list[int]) -> None:
+    def _build_steps(self, endpoints: list[Endpoint], weights: list[int]) -> Generator[None, None, list[Endpoint]]:
         if not endpoints:
-            self._table = []
-            return
+            return []
         size = int(self.options["table_size"])
         n = len(endpoints)
         position: list[int] = []
@@ -68,6 +69,7 @@ class Maglev(ConsistentHash):
         credit = [0] * n
         slots = [-1] * size
         filled = 0
+        next_yield = STEP_FILLS
         while True:
             for i in range(n):
                 credit[i] += weights[i]
@@ -84,8 +86,14 @@ class Maglev(ConsistentHash):
                 position[i] = c - size if c >= size else c
                 filled += 1
                 if filled == size:
-                    self._table = [endpoints[i] for i in slots]
-                    return
+                    return [endpoints[i] for i in slots]
+            if filled >= next_yield:  # ~1 ms of work per step
+                next_yield = filled + STEP_FILLS
+                yield
 
-    def _lookup(self, h: int) -> Endpoint:
-        return self._table[h % len(self._table)]
+    def _install(self, table: list[Endpoint]) -> None:
+        self._table = table
+
+    def _lookup(self, h: int) -> Endpoint | None:
+        t = self._table
+        return t[h % len(t)] if t else None

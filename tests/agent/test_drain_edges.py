@@ -55,9 +55,12 @@ def test_drain_lets_a_half_sent_watch_frame_finish(tmp_path):
                     rt, lsock, draining=draining, task_status=task_status))
                 c.connect(str(tmp_path / "s.sock"))
                 c.send(frame({"id": 1, "op": "watch", "service": "web"}))
-                await trio.sleep(0.3)  # the watch is blocked mid-frame on our full buffer
+                # Wait until the frame has started (a big description is encoded off the
+                # loop first), then leave it blocked mid-frame on our full buffer.
+                await trio.lowlevel.wait_readable(c)
+                buf = c.recv(4)
+                await trio.sleep(0.3)
                 draining.set()
-                buf = b""
                 while True:
                     await trio.lowlevel.wait_readable(c)
                     data = c.recv(1 << 20)
