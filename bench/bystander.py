@@ -2,6 +2,8 @@
 (issue 10), all in one run against one real agent subprocess (loopback and Unix socket only).
 
     .venv/bin/python bench/bystander.py [--phase 5] [--big 100000] [--json] [--only NAME ...]
+    PYTHONPATH=/tmp/base .venv/bin/python bench/bystander.py --baseline   # an older agent
+                          # (/tmp/base: `git archive REV | tar -x`, plus softlb_agent -> agent)
 
 The bystander is its own process: one connection on the Unix socket, one sequential
 `resolve` every millisecond, each timed. Phases, each --phase seconds:
@@ -40,10 +42,12 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from agentproc import THREE, AgentProcess, endpoint_toml  # noqa: E402
 from helpers.frames import frame  # noqa: E402
 
-CONFIG = """
+LIMITS = """
 [agent]
 max_watches = 10000
 max_watches_per_connection = 256
+"""
+CONFIG = """
 [services.mg]
 policy = "maglev"
 """
@@ -151,7 +155,8 @@ def connector(sock_path: str, stop: mp.Event) -> None:
 def run(args: argparse.Namespace) -> dict:
     ctx = mp.get_context("fork")
     tmp = tempfile.mkdtemp(prefix="softlb-bystander-")
-    agent = AgentProcess(tmp, base_catalog(), CONFIG, extra_args=["--log-level", "warning"])
+    agent = AgentProcess(tmp, base_catalog(), ("" if args.baseline else LIMITS) + CONFIG,
+                         extra_args=["--log-level", "warning"])
     agent.start()
     procs: list[mp.Process] = []
     try:
@@ -277,6 +282,9 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=100_000, help="endpoints in the big reload (default 100000)")
     ap.add_argument("--only", nargs="*", default=[], help="run only these attack phases (and alone)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument("--baseline", action="store_true",
+                    help="leave out the settings older agents lack (run with PYTHONPATH=<an older checkout> "
+                         "to measure that revision's agent)")
     args = ap.parse_args()
     result = run(args)
     if args.json:

@@ -381,3 +381,33 @@ def test_maglev_rebuilds_run_in_steps_and_keys_stay_on_live_endpoints(make_agent
             # Keys of the endpoints that stayed stay (maglev moves a few percent more).
             moved = sum(now[k] != v for k, v in before.items() if v not in ("mg-7", "mg-8", "mg-9"))
             assert moved <= 10, moved
+
+
+def test_the_watchdog_keeps_pinging_during_a_pipelining_flood(make_agent, tmp_path, monkeypatch):
+    """Item 1: under systemd (WatchdogSec=30s) the flood stopped the watchdog pings and got
+    the agent killed. A datagram socket plays the service manager here."""
+    path = str(tmp_path / "notify.sock")
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(path)
+    manager.settimeout(0.05)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a ping every 0.2 s
+    agent = make_agent().start()
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    monkeypatch.delenv("WATCHDOG_USEC")
+
+    def pings(seconds):
+        n, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                n += manager.recv(4096).decode().split("\n").count("WATCHDOG=1")
+            except socket.timeout:
+                pass
+        return n
+
+    assert pings(1.0) >= 3
+    with Flood(agent):
+        time.sleep(0.3)
+        during = pings(2.0)
+    manager.close()
+    assert during >= 4, during  # 10 expected; none on the old code
