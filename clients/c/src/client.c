@@ -441,3 +441,15 @@ softlb_status softlb_hello(softlb_client *c, const int *versions, size_t nversio
     free(b.v);
     return st;
 }
+
+/* For the preload shim (same source tree): one request, the raw answer handed over. */
+softlb_status slb_call_raw(softlb_client *c, const softlb_request *r, int timeout_ms, slb_msg **answer, softlb_error *err) {
+    *answer = NULL;
+    softlb_batch b = {0};
+    softlb_status st = call(c, r, timeout_ms, &b, err);
+    if (st == SOFTLB_OK) *answer = b.v[0].answer, b.v[0].answer = NULL;
+    clear_answers(&b);
+    for (size_t i = 0; i < b.n; i++) free(b.v[i].strings);
+    free(b.v);
+    return st;
+}

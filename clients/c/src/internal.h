@@ -57,4 +57,7 @@ int slb_send_all(int fd, const void *p, size_t n, int64_t deadline_ms);
 /* Read the next frame into rb / *m: OK, TIMEOUT, AGENT_UNAVAILABLE (closed: *closed = 1),
  * or a rejection (the connection must be dropped). deadline_ms < 0: wait forever. */
 softlb_status slb_read_frame(int fd, slb_buf *rb, int64_t deadline_ms, slb_msg **m, int *closed, softlb_error *err);
+/* One request on a handle; the answer (free with slb_msg_free) is the caller's: check it
+ * with slb_result (SOFTLB_OK here means only that an answer came). */
+softlb_status slb_call_raw(softlb_client *c, const softlb_request *r, int timeout_ms, slb_msg **answer, softlb_error *err);
 #endif
