@@ -238,3 +238,87 @@ def test_vip_connect(tmp_path, shim):
         agent.stop()
         for b in backends:
             b.stop()
+
+
+class VipAgent:
+    """A stand-in agent on a Unix socket that announces VIPs (VIP-API.md's wire shape) and
+    picks round robin: the shim's VIP path, tested before the real agent has VIPs."""
+
+    def __init__(self, path: str, backends: list[Backend], vip: dict) -> None:
+        import socket
+
+        self.backends, self.vip, self.rr, self.reports = backends, vip, 0, []
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(path)
+        self.sock.listen(64)
+        self.path = path
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _answer(self, req: dict) -> dict:
+        op = req.get("op")
+        if op == "services":
+            return {"result": [{"name": "web", "policy": "round_robin", "endpoints": 2, "eligible": 2,
+                                "panic": False, "stale": False, "vip": self.vip}]}
+        if op == "resolve":
+            b = self.backends[self.rr % len(self.backends)]
+            self.rr += 1
+            return {"result": {"address": "127.0.0.1", "port": b.port, "id": f"web-{self.backends.index(b) + 1}",
+                               "tags": [], "meta": {}, "weight": 1, "node": "", "zone": "", "region": "",
+                               "lease": None, "panic": False, "stale": False}}
+        if op == "report":
+            self.reports.append(req)
+            return {"result": {}}
+        return {"error": {"code": "UNKNOWN_OP", "message": op}}
+
+    def _serve(self, c) -> None:
+        import msgpack
+
+        buf = b""
+        with c:
+            while True:
+                data = c.recv(65536)
+                if not data:
+                    return
+                buf += data
+                while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+                    k = int.from_bytes(buf[:4], "big")
+                    req = msgpack.unpackb(buf[4:4 + k])
+                    buf = buf[4 + k:]
+                    body = msgpack.packb({"id": req.get("id"), **self._answer(req)})
+                    c.sendall(len(body).to_bytes(4, "big") + body)
+
+    def close(self) -> None:
+        self.sock.close()
+        os.unlink(self.path)
+
+
+@pytest.mark.parametrize("vip, other_port_balanced", [({"address": "127.77.0.5", "port": 8080}, False),
+                                                      ({"address": "127.77.0.6", "port": 0}, True)])
+def test_vip_connects_are_balanced(tmp_path, shim, vip, other_port_balanced):
+    backends = [Backend(f"web-{i}") for i in (1, 2)]
+    agent = VipAgent(str(tmp_path / "agent.sock"), backends, vip)
+    url = f"http://{vip['address']}:8080/"
+    try:
+        seen = [run(agent.path, ["curl", "-sS", "--noproxy", "*", "--max-time", "5", url]).stdout for _ in range(6)]
+        assert seen == ["web-1", "web-2"] * 3, seen
+        # A VIP with a port is that port only: another port on the address is not the service.
+        r = run(agent.path, ["curl", "-sS", "--noproxy", "*", "--max-time", "5", f"http://{vip['address']}:8081/"])
+        assert (r.returncode == 0) == other_port_balanced, r.stderr
+        # A dead endpoint behind a VIP: reported, and the next pick serves the run.
+        backends[0].stop()
+        agent.rr = 0
+        r = run(agent.path, ["curl", "-sS", "--noproxy", "*", "--max-time", "5", url])
+        assert r.returncode == 0 and r.stdout == "web-2", r.stderr
+        assert agent.reports and agent.reports[-1]["endpoint"] == "web-1" and agent.reports[-1]["ok"] is False
+    finally:
+        agent.close()
+        for b in backends[1:]:
+            b.stop()
