@@ -303,7 +303,7 @@ static int balanced_connect(int fd, const char *service) {
             }
             return 0;
         }
-        if (e != EAFNOSUPPORT) {   /* the endpoint failed us: tell the agent (passive ejection) */
+        if (retry_worthy(e) && e != EAFNOSUPPORT) {   /* the endpoint failed us: tell the agent */
             softlb_report_args r = {.service = service, .endpoint = p.id, .ok = 0, .latency = -1};
             pthread_mutex_lock(&mu);
             if ((c = client())) softlb_report(c, &r, -1, &err);
