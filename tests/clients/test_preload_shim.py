@@ -186,7 +186,7 @@ def test_no_agent_at_connect_fails_the_connect_with_refused_and_says_so_once(wor
             p.wait()
     lines = out.split()
     assert lines[0::2] == ["111", "111"], out   # ECONNREFUSED, as an address with no listener
-    assert all(float(t) < 1.5 for t in lines[1::2]), out
+    assert all(float(t) < 3 for t in lines[1::2]), out   # bounded by the 300 ms timeout
     assert err.count("softlb-preload: the softlb agent is unreachable") == 1, err
 
 
