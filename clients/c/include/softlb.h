@@ -52,7 +52,7 @@ typedef struct softlb_client softlb_client;
 
 /* addr: NULL for the default socket (SOFTLB_SOCKET, else as the agent chooses: see
  * softlb_default_socket), a Unix socket path, or "HOST:PORT" for loopback TCP.
- * timeout_ms: the default per-call timeout. Connecting is lazy; never fails on a missing
+ * timeout_ms: the default per-call timeout (<= 0: 1000). Connecting is lazy; never fails on a missing
  * agent. Returns NULL only for a bad addr or no memory (err says which). */
 softlb_client *softlb_open(const char *addr, int timeout_ms, softlb_error *err);
 void softlb_close(softlb_client *c);
@@ -104,7 +104,7 @@ typedef struct softlb_resolve_args {
 
 softlb_status softlb_resolve(softlb_client *c, const softlb_resolve_args *a, int timeout_ms,
                              softlb_pick *out, softlb_error *err);
-void softlb_pick_clear(softlb_pick *p);
+void softlb_pick_clear(softlb_pick *p);   /* safe on a zeroed or already cleared pick */
 /* The pick's whole result as JSON (meta and fields newer agents add); free with softlb_free. */
 char *softlb_pick_json(const softlb_pick *p);
 
@@ -144,7 +144,7 @@ softlb_status softlb_batch_json(softlb_batch *b, int i, char **json_out, softlb_
  * delivers the set only if it differs from the last one delivered (ignoring "version" and
  * "age", which restart with the agent or move with the clock). */
 
-typedef struct softlb_watch softlb_watch;
+typedef struct softlb_watch softlb_watch;   /* one consumer thread at a time */
 /* Connects and sends the watch; fails at once (AGENT_UNAVAILABLE) if there is no agent. */
 softlb_watch *softlb_watch_open(softlb_client *c, const char *service, softlb_error *err);
 /* Wait up to timeout_ms (< 0: forever) for the next update: SOFTLB_OK with *json_out set,
@@ -179,12 +179,13 @@ typedef struct softlb_request {
 
 /* Encode one whole frame (length prefix + body) into a malloc'd buffer. */
 softlb_status softlb_encode(const softlb_request *r, uint8_t **out, size_t *len, softlb_error *err);
-/* Decode the first frame in buf as an answer. Returns SOFTLB_OK with *consumed set and
- * *json_out = the whole frame's value as JSON; SOFTLB_TIMEOUT never; *consumed = 0 and
- * SOFTLB_OK with *json_out = NULL if the frame is incomplete. Rejections: FRAME_TOO_LARGE
+/* Decode the first frame in buf as an answer: SOFTLB_OK with *consumed = the frame's size
+ * and *json_out = the whole frame's value as JSON (free with softlb_free), or SOFTLB_OK with
+ * *consumed = 0 and *json_out = NULL while the frame is incomplete. Rejections: FRAME_TOO_LARGE
  * (cannot be re-framed: the connection must close), BAD_FRAME (body not msgpack or not a
  * map; the frame is consumed), BAD_ARGUMENT (no id: matches no request), UNKNOWN_OP (a
- * request where an answer belongs), or the answer's own error code with err filled. */
+ * request where an answer belongs), or the answer's own error code with err filled (then
+ * *json_out is set too). */
 softlb_status softlb_decode(const uint8_t *buf, size_t len, size_t *consumed, char **json_out,
                             softlb_error *err);
 
