@@ -152,8 +152,9 @@ softlb_watch *softlb_watch_open(softlb_client *c, const char *service, softlb_er
 softlb_status softlb_watch_next(softlb_watch *w, int timeout_ms, char **json_out, softlb_error *err);
 void softlb_watch_close(softlb_watch *w);
 
-/* Callback flavour: a thread calls cb(update_json, user) for every update (the json is
- * freed after cb returns), or cb(NULL, user) once with a final error. */
+/* Callback flavour: a thread calls cb(update_json, NULL, user) for every update (the json
+ * is freed after cb returns), and cb(NULL, &err, user) for an error answer (UNKNOWN_SERVICE:
+ * the watch keeps trying, once a second, in case the service appears). */
 typedef void (*softlb_watch_cb)(const char *json, const softlb_error *err, void *user);
 softlb_watch *softlb_watch_start(softlb_client *c, const char *service, softlb_watch_cb cb, void *user,
                                  softlb_error *err);
