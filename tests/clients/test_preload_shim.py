@@ -151,6 +151,19 @@ def test_other_connections_pass_through(world):
     assert r.returncode == 0 and r.stdout == "web-3", r.stderr
 
 
+def test_other_connections_pass_through_silently_without_an_agent(world, tmp_path):
+    _, backends = world
+    cmd = [PY, "-c", "import socket, time, urllib.request as u\n"
+           "t0 = time.monotonic()\n"
+           f"body = [u.urlopen('http://127.0.0.1:{backends[0].port}/', timeout=5).read().decode() for _ in range(5)]\n"
+           "print(body[0], time.monotonic() - t0)"]
+    r = run(str(tmp_path / "nowhere.sock"), cmd)
+    body, secs = r.stdout.split()
+    assert r.returncode == 0 and body == "web-1", r.stderr
+    assert r.stderr == ""   # not a service: nothing to say about the agent
+    assert float(secs) < 3
+
+
 def test_no_agent_at_name_lookup_says_so_once_and_fails_as_without_the_shim(world, tmp_path):
     t0 = time.monotonic()
     r = run(str(tmp_path / "nowhere.sock"), ["curl", "-sS", "--max-time", "5", URL])

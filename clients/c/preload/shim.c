@@ -183,7 +183,9 @@ int getaddrinfo(const char *node, const char *service, const struct addrinfo *hi
 /* ------------------------------------------------------------------ VIPs */
 
 /* With mu held: reload the VIP table from "services" if it is older than vip_refresh_ms.
- * Short timeout: this runs for loopback connects that may have nothing to do with us. */
+ * This runs for loopback connects that may have nothing to do with us, so an absent agent
+ * must cost nothing: one connect attempt, no backoff. A present but slow agent gets the
+ * pick timeout: a VIP connect must not fail because the table came late. */
 static void refresh_vips(void) {
     int64_t now = slb_now_ms();
     if (now - vips_at < vip_refresh_ms) return;
@@ -192,8 +194,10 @@ static void refresh_vips(void) {
     softlb_request r = {.kind = SOFTLB_REQ_SERVICES};
     slb_msg *m = NULL;
     const msgpack_object *res;
-    if (!c || slb_call_raw(c, &r, 50, &m, NULL) != SOFTLB_OK || slb_result(m, &res, NULL) != SOFTLB_OK ||
-        res->type != MSGPACK_OBJECT_ARRAY) {
+    if (c) slb_set_backoff(c, 0);
+    softlb_status st = c ? slb_call_raw(c, &r, -1, &m, NULL) : SOFTLB_AGENT_UNAVAILABLE;
+    if (c) slb_set_backoff(c, 1);
+    if (st != SOFTLB_OK || slb_result(m, &res, NULL) != SOFTLB_OK || res->type != MSGPACK_OBJECT_ARRAY) {
         slb_msg_free(m);
         return;   /* keep what we knew */
     }

@@ -28,7 +28,14 @@ struct softlb_client {
     pid_t pid;          /* the process that made fd: a forked child must not share it */
     slb_buf rbuf;
     int64_t next_id;
+    int no_backoff;
 };
+
+void slb_set_backoff(softlb_client *c, int on) {
+    pthread_mutex_lock(&c->mu);
+    c->no_backoff = !on;
+    pthread_mutex_unlock(&c->mu);
+}
 
 static int parse_target(const char *addr, slb_target *t) {
     memset(t, 0, sizeof *t);
@@ -291,7 +298,7 @@ softlb_status softlb_batch_run(softlb_client *c, softlb_batch *b, int timeout_ms
     for (int attempt = 0; st == SOFTLB_OK && attempt < 2; attempt++) {
         if (c->fd >= 0 && c->pid != getpid()) drop(c);   /* forked: the parent owns that socket */
         if (c->fd < 0) {
-            if ((c->fd = slb_connect(&c->target, deadline, err)) < 0) {
+            if ((c->fd = slb_connect(&c->target, deadline, !c->no_backoff, err)) < 0) {
                 st = err ? err->status : SOFTLB_AGENT_UNAVAILABLE;
                 break;
             }

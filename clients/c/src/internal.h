@@ -49,8 +49,11 @@ typedef struct slb_target {
     char where[128];
 } slb_target;
 int64_t slb_now_ms(void);
-/* Connect with backoff until deadline_ms (monotonic); returns fd or -1 with err set. */
-int slb_connect(const slb_target *t, int64_t deadline_ms, softlb_error *err);
+/* Connect with backoff until deadline_ms (monotonic), or once if !backoff; returns fd or
+ * -1 with err set. */
+int slb_connect(const slb_target *t, int64_t deadline_ms, int backoff, softlb_error *err);
+/* The preload shim's probes: one connect attempt, no backoff (an absent agent fails fast). */
+void slb_set_backoff(softlb_client *c, int on);
 /* Send everything before the deadline: 0, or -1 with errno (EPIPE/ECONNRESET: closed,
  * ETIMEDOUT). */
 int slb_send_all(int fd, const void *p, size_t n, int64_t deadline_ms);

@@ -71,7 +71,7 @@ fail: {
 }
 }
 
-int slb_connect(const slb_target *t, int64_t deadline_ms, softlb_error *err) {
+int slb_connect(const slb_target *t, int64_t deadline_ms, int backoff, softlb_error *err) {
     int delay = 5;
     for (;;) {
         int timed_out;
@@ -82,7 +82,7 @@ int slb_connect(const slb_target *t, int64_t deadline_ms, softlb_error *err) {
             slb_err(err, SOFTLB_TIMEOUT, "connecting to %s timed out", t->where);
             return -1;
         }
-        if (!retryable(e) || slb_now_ms() + delay >= deadline_ms) {
+        if (!backoff || !retryable(e) || slb_now_ms() + delay >= deadline_ms) {
             slb_err(err, SOFTLB_AGENT_UNAVAILABLE, "cannot connect to the softlb agent at %s: %s", t->where, strerror(e));
             return -1;
         }

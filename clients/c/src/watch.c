@@ -37,7 +37,7 @@ static void wdrop(softlb_watch *w) {
 static int wconnect(softlb_watch *w, int64_t deadline, softlb_error *err) {
     int64_t d = slb_now_ms() + w->timeout_ms;
     if (deadline >= 0 && deadline < d) d = deadline;
-    int fd = slb_connect(&w->target, d, err);
+    int fd = slb_connect(&w->target, d, 1, err);
     if (fd < 0) return -1;
     softlb_request r = {.kind = SOFTLB_REQ_WATCH, .id = 1, .resolve = {.service = w->service}};
     msgpack_sbuffer sb;
