@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -26,6 +27,8 @@ struct softlb_client {
     int timeout_ms;
     int fd;
     pid_t pid;          /* the process that made fd: a forked child must not share it */
+    dev_t dev;          /* fd's identity: a program that closed every descriptor (daemons, */
+    ino_t ino;          /* the preload shim's hosts) may have reused the number */
     slb_buf rbuf;
     int64_t next_id;
     int no_backoff;
@@ -221,7 +224,10 @@ int softlb_batch_services(softlb_batch *b) {
     return add(b, &r);
 }
 
-enum { SENT_OK, CLOSED_UNANSWERED };
+static int still_ours(const softlb_client *c) {
+    struct stat sb;
+    return fstat(c->fd, &sb) == 0 && sb.st_dev == c->dev && sb.st_ino == c->ino;
+}
 
 /* Send the frames, read until every id in [first, first+n) has an answer. */
 static softlb_status exchange(softlb_client *c, softlb_batch *b, const msgpack_sbuffer *frames, int64_t first,
@@ -296,13 +302,18 @@ softlb_status softlb_batch_run(softlb_client *c, softlb_batch *b, int timeout_ms
         }
     }
     for (int attempt = 0; st == SOFTLB_OK && attempt < 2; attempt++) {
-        if (c->fd >= 0 && c->pid != getpid()) drop(c);   /* forked: the parent owns that socket */
+        if (c->fd >= 0 && (c->pid != getpid() || !still_ours(c))) {
+            c->pid = 0;   /* forked (the parent owns that socket) or the number was reused: */
+            drop(c);      /* forget it, close nothing */
+        }
         if (c->fd < 0) {
             if ((c->fd = slb_connect(&c->target, deadline, !c->no_backoff, err)) < 0) {
                 st = err ? err->status : SOFTLB_AGENT_UNAVAILABLE;
                 break;
             }
+            struct stat sb;
             c->pid = getpid();
+            c->dev = fstat(c->fd, &sb) == 0 ? sb.st_dev : 0, c->ino = sb.st_ino;
         }
         int closed_unanswered;
         st = exchange(c, b, &frames, first, deadline, &closed_unanswered, err);

@@ -1,7 +1,9 @@
 /* The client against the in-process fake agent: real Unix sockets, real restarts. */
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -340,6 +342,27 @@ static void test_fork_child_gets_its_own_connection(void) {
     down();
 }
 
+static void test_a_reused_descriptor_is_never_written(void) {
+    up();
+    char id[32];
+    int probe = dup(0);   /* the lowest free number: the handle's socket will get it */
+    close(probe);
+    CHECK(resolve_id(cli, id, sizeof id, NULL) == 0);
+    /* A daemon closes every descriptor, then opens a file that gets the same number. */
+    close(probe);
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/softlb-ctest-%d.reuse", (int)getpid());
+    int f = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    CHECK(f == probe);
+    CHECK(resolve_id(cli, id, sizeof id, NULL) == 0);   /* a fresh connection */
+    struct stat sb, file;
+    CHECK(stat(path, &file) == 0 && file.st_size == 0);  /* not a byte of ours in the file */
+    CHECK(fstat(f, &sb) == 0 && sb.st_ino == file.st_ino && sb.st_dev == file.st_dev);   /* still open */
+    close(f);
+    unlink(path);
+    down();
+}
+
 const test_case live_tests[] = {
     {"live: hello negotiates a version and ignores new ops", test_hello_negotiates},
     {"live: resolve fields, keys, tags and error codes", test_resolve_fields_and_errors},
@@ -353,5 +376,6 @@ const test_case live_tests[] = {
     {"live: watch callback flavour", test_watch_callback},
     {"live: threads share one handle", test_threads_share_a_handle},
     {"live: a forked child gets its own connection", test_fork_child_gets_its_own_connection},
+    {"live: a descriptor reused behind the handle's back is never written", test_a_reused_descriptor_is_never_written},
     {NULL, NULL},
 };
