@@ -335,3 +335,27 @@ def test_vip_connects_are_balanced(tmp_path, shim, vip, other_port_balanced):
         agent.close()
         for b in backends[1:]:
             b.stop()
+
+
+def test_pool_vip_connect(tmp_path, shim):
+    """A service with a pool VIP (agent.vip_pool: an address, every port) is balanced at connect."""
+    backends = [Backend(f"web-{i}") for i in (1, 2)]
+    catalog = "".join(endpoint_toml("web", "127.0.0.1", b.port, id=f"web-{i}") for i, b in enumerate(backends, 1))
+    agent = AgentProcess(str(tmp_path), catalog, config='[agent]\nvip_pool = "127.77.0.0/16"\n')
+    try:
+        try:
+            agent.start()
+        except RuntimeError as e:
+            pytest.skip(f"this agent has no VIP pool yet (issue 15, dns branch): {str(e)[-200:]}")
+        with agent.client() as c:
+            vip = c.services()[0].get("vip")
+        if not vip:
+            pytest.skip("this agent does not announce VIPs yet (issue 15, dns branch)")
+        assert vip["port"] == 0
+        seen = [run(agent.socket, ["curl", "-sS", "--noproxy", "*", "--max-time", "5",
+                                   f"http://{vip['address']}:{port}/"]).stdout for port in (80, 8080, 9999, 1234)]
+        assert seen == ["web-1", "web-2"] * 2, seen
+    finally:
+        agent.stop()
+        for b in backends:
+            b.stop()
