@@ -11,7 +11,10 @@ that accepts and closes). Clients are short Python processes:
                direct      no LD_PRELOAD, connects to 127.0.0.1:PORT
                passthru    LD_PRELOAD, connects to 127.0.0.1:PORT (not a service: untouched)
                shim        LD_PRELOAD, connects to bulk.service.softlb (a pick, then direct)
-               Runs interleave direct/passthru/shim; each figure is the median of --runs.
+               proxy       the agent's loopback proxy in tcp mode (`[services.bulk.proxy]`),
+                           when this agent has one (else left out, said on stderr)
+               Rounds run every path once, rotating which goes first; each figure is the
+               median of --runs rounds.
   connect      one process does --connects connect()+close() in a loop, each connect timed
                (getaddrinfo once, outside the loop); p50/p99 for direct and shim, and
                the difference (the agent round trip a pick costs).
@@ -33,7 +36,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from agentproc import AgentProcess, endpoint_toml  # noqa: E402
+from agentproc import AgentProcess, endpoint_toml, free_port  # noqa: E402
 
 SHIM = os.path.join(ROOT, "clients", "c", "build", "libsoftlb-preload.so")
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
@@ -124,15 +127,26 @@ def main() -> int:
         tmp = tempfile.mkdtemp(prefix="softlb-bench-shim-")
         catalog = endpoint_toml("bulk", "127.0.0.1", bulk_port, id="bulk-1") + \
             endpoint_toml("tick", "127.0.0.1", tick_port, id="tick-1")
-        agent = AgentProcess(tmp, catalog, admin=False).start()
         kinds = {
             "direct": (False, "127.0.0.1", bulk_port),
             "passthru": (True, "127.0.0.1", bulk_port),
             "shim": (True, "bulk.service.softlb", bulk_port),
         }
+        proxy_port = free_port()
+        agent = AgentProcess(tmp, catalog, f'[services.bulk.proxy]\nlisten = "127.0.0.1:{proxy_port}"\nmode = "tcp"\n',
+                             admin=False)
+        try:
+            agent.start()
+            kinds["proxy"] = (False, "127.0.0.1", proxy_port)
+        except RuntimeError:
+            print("this agent has no loopback proxy: the proxy column is left out", file=sys.stderr)
+            agent = AgentProcess(tempfile.mkdtemp(prefix="softlb-bench-shim-"), catalog, admin=False).start()
         gbps: dict[str, list[float]] = {k: [] for k in kinds}
-        for _ in range(a.runs):
-            for k, (shim, host, port) in kinds.items():
+        names = list(kinds)
+        for rnd in range(a.runs):
+            # Rotate who goes first: a position in the round must not favour anyone.
+            for k in names[rnd % len(names):] + names[:rnd % len(names)]:
+                shim, host, port = kinds[k]
                 n, secs = run_client(READER, [host, str(port)], shim, agent.socket)
                 assert n == a.mib << 20, n
                 gbps[k].append(n / secs / 1e9)
@@ -158,6 +172,9 @@ def main() -> int:
         # Each round's own ratio (same minute, same load), then the median: drift cancels.
         "paired_ratio_shim": statistics.median(s / d for s, d in zip(gbps["shim"], gbps["direct"])),
         "paired_ratio_passthru": statistics.median(s / d for s, d in zip(gbps["passthru"], gbps["direct"])),
+        **({"ratio_proxy_vs_direct": med["proxy"] / med["direct"],
+            "paired_ratio_proxy": statistics.median(s / d for s, d in zip(gbps["proxy"], gbps["direct"]))}
+           if "proxy" in med else {}),
         "connect_us": {"p50": p50, "p99": p99,
                        "added_p50": p50["shim"] - p50["direct"], "added_p99": p99["shim"] - p99["direct"]},
     }
