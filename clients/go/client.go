@@ -87,15 +87,15 @@ type Arg = wire.Field
 
 // Pending is a request sent and not yet answered (see Send).
 type Pending struct {
-	c       *Client
-	ctx     context.Context
-	cancel  context.CancelFunc
-	id      uint64
-	frame   []byte
-	cn      *conn
-	ch      chan answer
-	err     error
-	retried bool
+	c        *Client
+	ctx      context.Context
+	deadline time.Time // the context's, or now + Options.Timeout
+	id       uint64
+	frame    []byte
+	cn       *conn
+	ch       chan answer
+	err      error
+	retried  bool
 }
 
 // Send writes a request now and returns without waiting for its answer: requests sent
@@ -104,8 +104,12 @@ type Pending struct {
 // context bounds the whole call, Wait included.
 func (c *Client) Send(ctx context.Context, op string, args ...Arg) *Pending {
 	p := &Pending{c: c, ctx: ctx, id: atomic.AddUint64(&c.nextID, 1)}
-	if _, ok := ctx.Deadline(); !ok {
-		p.ctx, p.cancel = context.WithTimeout(ctx, c.timeout)
+	// A deadline, not a derived context: a call that finds the connection idle reads its
+	// own answer under a read deadline and needs no timer at all.
+	if d, ok := ctx.Deadline(); ok {
+		p.deadline = d
+	} else {
+		p.deadline = time.Now().Add(c.timeout)
 	}
 	p.frame, p.err = encodeRequest(p.id, op, args)
 	if p.err == nil {
@@ -115,7 +119,7 @@ func (c *Client) Send(ctx context.Context, op string, args ...Arg) *Pending {
 }
 
 func (p *Pending) issue() error {
-	cn, err := p.c.conn(p.ctx)
+	cn, err := p.c.conn(p.ctx, p.deadline)
 	if err != nil {
 		return err
 	}
@@ -123,8 +127,7 @@ func (p *Pending) issue() error {
 	if p.ch, err = cn.register(p.id); err != nil {
 		return err
 	}
-	deadline, _ := p.ctx.Deadline()
-	return cn.write(p.frame, deadline)
+	return cn.write(p.frame, p.deadline)
 }
 
 // encodeRequest frames {"id", "op", ...args}, keys in that order.
@@ -137,9 +140,6 @@ func encodeRequest(id uint64, op string, args []Arg) ([]byte, error) {
 // Wait returns the answer's error, or decodes its result into out (a pointer; nil to
 // discard it).
 func (p *Pending) Wait(out interface{}) error {
-	if p.cancel != nil {
-		defer p.cancel()
-	}
 	for {
 		var res msgpack.RawMessage
 		err := p.err
@@ -167,26 +167,70 @@ func (p *Pending) Wait(out interface{}) error {
 }
 
 func (p *Pending) wait() (msgpack.RawMessage, error) {
-	select {
-	case a := <-p.ch:
-		return a.result, a.err
-	case <-p.cn.done:
-		select { // an answer that came in just before the end still counts
+	cn := p.cn
+	select { // nobody reading (a sequential call): read at once, no timer needed
+	case cn.readTok <- struct{}{}:
+		if res, err, done := p.read(); done {
+			return res, err
+		}
+	default:
+	}
+	timer := time.NewTimer(time.Until(p.deadline))
+	defer timer.Stop()
+	for {
+		select {
 		case a := <-p.ch:
 			return a.result, a.err
-		default:
+		case cn.readTok <- struct{}{}:
+			if res, err, done := p.read(); done {
+				return res, err
+			}
+		case <-cn.done:
+			select { // an answer that came in just before the end still counts
+			case a := <-p.ch:
+				return a.result, a.err
+			default:
+			}
+			cn.mu.Lock()
+			err := cn.err
+			cn.mu.Unlock()
+			return nil, err
+		case <-timer.C:
+			return nil, p.giveUp(&Error{Code: CodeTimeout, Message: "no answer from the agent in time",
+				Err: context.DeadlineExceeded})
+		case <-p.ctx.Done():
+			return nil, p.giveUp(ctxError(p.ctx, "no answer from the agent in time"))
 		}
-		p.cn.mu.Lock()
-		err := p.cn.err
-		p.cn.mu.Unlock()
-		return nil, err
-	case <-p.ctx.Done():
-		p.cn.forget(p.id)
-		// Its answer may still come: drop the connection so nothing waits on a stuck
-		// agent. Other calls on it were not answered either; they retry once.
-		p.c.drop(p.cn, errClosed)
-		return nil, ctxError(p.ctx, "no answer from the agent in time")
 	}
+}
+
+// read reads, holding readTok, until this call's answer (done) or the connection's end
+// (not done: the caller's loop then sees cn.done, or an answer handed over before).
+func (p *Pending) read() (msgpack.RawMessage, error, bool) {
+	// Only the token holder hands answers over, and that is us now: an answer handed over
+	// before we took the token is in p.ch already and will not come off the socket.
+	select {
+	case a := <-p.ch:
+		<-p.cn.readTok
+		return a.result, a.err, true
+	default:
+	}
+	a, mine := p.cn.readFor(p.id, p.deadline)
+	<-p.cn.readTok
+	if a.err == errDeadline {
+		return nil, p.giveUp(&Error{Code: CodeTimeout, Message: "no answer from the agent in time",
+			Err: context.DeadlineExceeded}), true
+	}
+	return a.result, a.err, mine
+}
+
+// giveUp ends a call without its answer. The answer may still come: drop the connection
+// so nothing waits on a stuck agent. Other calls on it were not answered either; they
+// retry once.
+func (p *Pending) giveUp(err error) error {
+	p.cn.forget(p.id)
+	p.c.drop(p.cn, errClosed)
+	return err
 }
 
 // Call sends a request and waits for its answer: Send then Wait.
@@ -215,7 +259,15 @@ func (c *Client) drop(cn *conn, why error) {
 }
 
 // conn returns the live connection, dialing one if needed.
-func (c *Client) conn(ctx context.Context) (*conn, error) {
+func (c *Client) conn(ctx context.Context, deadline time.Time) (*conn, error) {
+	c.mu.Lock()
+	cur, closed := c.cur, c.closed
+	c.mu.Unlock()
+	if cur != nil && !closed && !cur.dead() {
+		return cur, nil
+	}
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
 	for {
 		c.mu.Lock()
 		cur, closed := c.cur, c.closed
@@ -264,15 +316,19 @@ const (
 func dial(ctx context.Context, network, address string) (net.Conn, error) {
 	delay := firstBackoff
 	var d net.Dialer
+	var unavailable *Error
 	for {
 		nc, err := d.DialContext(ctx, network, address)
 		if err == nil {
 			return nc, nil
 		}
 		if ctx.Err() != nil {
+			if unavailable != nil { // out of time while the agent was not there: say that
+				return nil, unavailable
+			}
 			return nil, ctxError(ctx, "connecting to the agent at "+address+" timed out")
 		}
-		unavailable := &Error{Code: CodeAgentUnavailable, Err: err,
+		unavailable = &Error{Code: CodeAgentUnavailable, Err: err,
 			Message: fmt.Sprintf("cannot connect to the softlb agent at %s: %v", address, unwrapOp(err))}
 		if !isAny(err, retryableDial) {
 			return nil, unavailable

@@ -19,7 +19,7 @@ import (
 // sets it). The test appends --catalog-file, --socket, --listen and --admin.
 
 type liveAgent struct {
-	t       *testing.T
+	t       testing.TB
 	dir     string
 	socket  string
 	addr    string
@@ -38,7 +38,7 @@ func catalogOf(n int) string {
 	return s
 }
 
-func startLiveAgent(t *testing.T) *liveAgent {
+func startLiveAgent(t testing.TB) *liveAgent {
 	cmdline := os.Getenv("SOFTLB_TEST_AGENT")
 	if cmdline == "" {
 		t.Skip("SOFTLB_TEST_AGENT is not set: no real agent to test against (tests/clients/test_go_client.py sets it)")

@@ -121,7 +121,8 @@ func ParseEnvelope(body []byte) (Envelope, error) {
 	var env Envelope
 	dec := msgpack.GetDecoder()
 	defer msgpack.PutDecoder(dec)
-	dec.Reset(bytes.NewReader(body))
+	br := bytes.NewReader(body)
+	dec.Reset(br) // a bytes.Reader is read directly, unbuffered: br's offset is dec's
 	dec.UseLooseInterfaceDecoding(true)
 	n, err := dec.DecodeMapLen()
 	if err != nil || n < 0 {
@@ -136,7 +137,11 @@ func ParseEnvelope(body []byte) (Envelope, error) {
 		case "id":
 			env.ID, err = dec.DecodeInterfaceLoose()
 		case "result":
-			env.Result, err = dec.DecodeRaw()
+			// A slice of body, not a copy: body is this frame's own buffer.
+			start := len(body) - br.Len()
+			if err = dec.Skip(); err == nil {
+				env.Result = body[start : len(body)-br.Len()]
+			}
 		case "error":
 			env.IsError = true
 			err = decodeError(dec, &env)
