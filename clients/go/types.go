@@ -64,4 +64,3 @@ type Hello struct {
 	Ops      []string `msgpack:"ops" json:"ops"`
 	MaxFrame int      `msgpack:"max_frame" json:"max_frame"`
 }
-
