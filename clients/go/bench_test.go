@@ -5,12 +5,15 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"syscall"
 	"testing"
+	"time"
 )
 
-// BenchmarkLiveResolve: sequential resolve round trips (lease false) through the client,
-// beside a raw blocking socket writing the same frame and reading the answer frame (no
-// decoding: the floor). Needs SOFTLB_TEST_AGENT; compare the two in one run:
+// BenchmarkLiveResolve: sequential resolve round trips (lease false) through the client
+// (with and without a context.WithTimeout per call), beside raw sockets writing the same
+// frame and reading the answer frame without decoding it: a blocking socket on syscalls
+// (the floor), and a Go net.Conn (parked in the runtime's poller between the two). Needs SOFTLB_TEST_AGENT; compare the two in one run:
 //
 //	SOFTLB_TEST_AGENT="$PWD/../../.venv/bin/softlb agent" go test -run '^$' -bench LiveResolve -benchtime 2000x
 func BenchmarkLiveResolve(b *testing.B) {
@@ -33,6 +36,58 @@ func benchRound(b *testing.B, a *liveAgent) {
 			if _, err := c.Resolve(ctx, "web", NoLease()); err != nil {
 				b.Fatal(err)
 			}
+		}
+	})
+	b.Run("client-netpoll", func(b *testing.B) {
+		pollBeforeRead = false
+		defer func() { pollBeforeRead = true }()
+		c := New(Options{Socket: a.socket})
+		defer c.Close()
+		for i := 0; i < b.N; i++ {
+			if _, err := c.Resolve(context.Background(), "web", NoLease()); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("clientctx", func(b *testing.B) {
+		c := New(Options{Socket: a.socket})
+		defer c.Close()
+		for i := 0; i < b.N; i++ {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			if _, err := c.Resolve(ctx, "web", NoLease()); err != nil {
+				b.Fatal(err)
+			}
+			cancel()
+		}
+	})
+	b.Run("blocking", func(b *testing.B) {
+		// The floor: a blocking socket straight on syscalls, as a C or Python caller has.
+		fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer syscall.Close(fd)
+		if err := syscall.Connect(fd, &syscall.SockaddrUnix{Name: a.socket}); err != nil {
+			b.Fatal(err)
+		}
+		frame, _ := encodeRequest(1, "resolve", resolveArgs("web", []ResolveOption{NoLease()}))
+		buf := make([]byte, 64<<10)
+		roundTrip := func() {
+			if _, err := syscall.Write(fd, frame); err != nil {
+				b.Fatal(err)
+			}
+			for got := 0; got < 4 || got < 4+int(binary.BigEndian.Uint32(buf[:4])); {
+				n, err := syscall.Read(fd, buf[got:])
+				if err != nil || n == 0 {
+					b.Fatal(err)
+				}
+				got += n
+			}
+		}
+		roundTrip()
+		b.ResetTimer()
+		for i := 0; i < b.N; i++ {
+			roundTrip()
 		}
 	})
 	b.Run("raw", func(b *testing.B) {

@@ -37,7 +37,7 @@ type Options struct {
 // Client talks to one agent. Safe for concurrent use; create it once and share it.
 type Client struct {
 	network, address string
-	timeout          time.Duration
+	timeout          int64 // atomic, nanoseconds: see SetTimeout
 	name             string
 
 	nextID  uint64 // atomic
@@ -51,7 +51,7 @@ type Client struct {
 
 // New makes a client. It connects lazily, on the first call.
 func New(o Options) *Client {
-	c := &Client{network: "unix", address: o.Socket, timeout: o.Timeout, name: o.Name,
+	c := &Client{network: "unix", address: o.Socket, timeout: int64(o.Timeout), name: o.Name,
 		version: 1, dialing: make(chan struct{}, 1)}
 	if o.Addr != "" {
 		c.network, c.address = "tcp", o.Addr
@@ -59,7 +59,7 @@ func New(o Options) *Client {
 		c.address = DefaultSocketPath()
 	}
 	if c.timeout <= 0 {
-		c.timeout = time.Second
+		c.timeout = int64(time.Second)
 	}
 	if c.name == "" {
 		c.name = "softlb-go/0.1"
@@ -78,6 +78,18 @@ func (c *Client) Close() error {
 	}
 	return nil
 }
+
+// SetTimeout changes the per-call timeout for contexts without a deadline, from the next
+// call on. Prefer it to a context.WithTimeout per call on hot paths: a context's timer
+// costs a wakeup of the runtime's network poller per call (measured: +15 us a resolve).
+func (c *Client) SetTimeout(d time.Duration) {
+	if d > 0 {
+		atomic.StoreInt64(&c.timeout, int64(d))
+	}
+}
+
+// Timeout is the per-call timeout for contexts without a deadline.
+func (c *Client) Timeout() time.Duration { return time.Duration(atomic.LoadInt64(&c.timeout)) }
 
 // Version is the protocol version Hello negotiated (1 before any Hello).
 func (c *Client) Version() int { return int(atomic.LoadInt64(&c.version)) }
@@ -109,7 +121,7 @@ func (c *Client) Send(ctx context.Context, op string, args ...Arg) *Pending {
 	if d, ok := ctx.Deadline(); ok {
 		p.deadline = d
 	} else {
-		p.deadline = time.Now().Add(c.timeout)
+		p.deadline = time.Now().Add(c.Timeout())
 	}
 	p.frame, p.err = encodeRequest(p.id, op, args)
 	if p.err == nil {

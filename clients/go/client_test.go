@@ -308,3 +308,31 @@ func TestDefaultSocketPath(t *testing.T) {
 		t.Errorf("fallback: %s", p)
 	}
 }
+
+// Close wakes a call waiting for its answer (blocked in the kernel on Linux) at once,
+// not at its deadline.
+func TestCloseWakesAWaitingCall(t *testing.T) {
+	a := newFakeAgent(t, func(fc *fakeConn, req map[string]interface{}) {}).start()
+	c := New(Options{Socket: a.path})
+	done := make(chan error, 1)
+	go func() { _, err := c.Services(ctxFor(t, 30*time.Second)); done <- err }()
+	for a.count() == 0 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond) // let it reach its wait
+	closed := make(chan struct{})
+	go func() { c.Close(); close(closed) }() // net.Conn.Close itself waits for the fd's users
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close hung behind the waiting call")
+	}
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrAgentUnavailable) {
+			t.Errorf("got %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not wake the waiting call")
+	}
+}

@@ -40,7 +40,7 @@ type Watch struct {
 func (c *Client) Watch(ctx context.Context, service string) (*Watch, error) {
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, c.timeout)
+		ctx, cancel = context.WithTimeout(ctx, c.Timeout())
 		defer cancel()
 	}
 	w := &Watch{client: c, service: service, c: make(chan *Endpoints),
@@ -180,7 +180,7 @@ func (w *Watch) reconnect() (*bufio.Reader, *Endpoints, error) {
 			return nil, nil, errStopped
 		default:
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), w.client.timeout)
+		ctx, cancel := context.WithTimeout(context.Background(), w.client.Timeout())
 		go func() { // Close must not wait out a slow dial
 			select {
 			case <-w.stop:

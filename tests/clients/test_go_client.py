@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import selectors
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -76,15 +77,23 @@ class Runner:
 
     def __init__(self, path: pathlib.Path) -> None:
         self.proc = subprocess.Popen([str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.proc.stdout, selectors.EVENT_READ)
+        # A reader thread, not select() on the pipe: a reply and an event often arrive in
+        # one read, and the second would sit in the file's buffer, invisible to select().
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
         self.events: list[dict] = []
         self.seq = 0
 
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put("")
+
     def _line(self, timeout: float) -> dict:
-        if not self.sel.select(timeout):
-            raise AssertionError(f"no line from the runner within {timeout}s")
-        line = self.proc.stdout.readline()
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line from the runner within {timeout}s") from None
         assert line, "the runner closed its stdout"
         return json.loads(line)
 

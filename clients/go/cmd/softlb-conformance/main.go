@@ -79,8 +79,10 @@ func (r *runner) emit(v interface{}) {
 	}
 }
 
+// ctx: every call is bounded by the client's own per-call timeout (Options.Timeout,
+// SetTimeout); a context.WithTimeout per call would measure a timer, not the client.
 func (r *runner) ctx() (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.Background(), r.timeout)
+	return context.Background(), func() {}
 }
 
 // do runs one command and replies; true means exit.
@@ -120,6 +122,7 @@ func (r *runner) run(c command) (interface{}, error) {
 			return nil, errors.New("set_timeout needs timeout")
 		}
 		r.timeout = seconds(*c.Timeout)
+		r.client.SetTimeout(r.timeout)
 		return empty, nil
 	case "hello":
 		ctx, cancel := r.ctx()
