@@ -1,5 +1,6 @@
 """The Go client (clients/go): its own `go test` suite against a real agent, and its
-conformance runner driven over JSON lines (a smoke test until tests/conformance/ runs it).
+conformance runner driven over JSON lines (a smoke test, skipped once tests/conformance/
+is present to run the runner through every scenario).
 
 Needs Debian's golang-go and golang-github-vmihailenco-msgpack.v5-dev (.ci/apt-packages;
 `scripts/ensure-packages` installs them); the tests skip saying which is missing. The build
@@ -136,6 +137,8 @@ def agent(tmp_path):
 
 @pytest.fixture
 def run(runner):
+    if (ROOT / "tests" / "conformance" / "test_scenarios.py").is_file():
+        pytest.skip("the conformance driver (tests/conformance/) runs the Go runner through every scenario")
     r = Runner(runner)
     yield r
     r.close()
