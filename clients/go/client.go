@@ -124,6 +124,9 @@ func (c *Client) Send(ctx context.Context, op string, args ...Arg) *Pending {
 		p.deadline = time.Now().Add(c.Timeout())
 	}
 	p.frame, p.err = encodeRequest(p.id, op, args)
+	if p.err == nil && ctx.Err() != nil {
+		p.err = ctxError(ctx, "the call's context ended before it was sent")
+	}
 	if p.err == nil {
 		p.err = p.issue()
 	}
@@ -306,7 +309,12 @@ func (c *Client) conn(ctx context.Context, deadline time.Time) (*conn, error) {
 		if err == nil {
 			cur = newConn(nc)
 			c.mu.Lock()
-			c.cur = cur
+			if c.closed { // Close ran while we dialed: it could not close this one
+				err = &Error{Code: CodeAgentUnavailable, Message: "the client is closed"}
+				defer cur.close(err)
+			} else {
+				c.cur = cur
+			}
 			c.mu.Unlock()
 		}
 		<-c.dialing

@@ -2,6 +2,7 @@ package softlb
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"net"
 	"sync"
@@ -75,7 +76,8 @@ func (cn *conn) write(frame []byte, deadline time.Time) error {
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
 			cn.close(errClosed)
-			return &Error{Code: CodeTimeout, Message: "the agent did not take the request in time", Err: err}
+			return &Error{Code: CodeTimeout, Message: "the agent did not take the request in time",
+				Err: context.DeadlineExceeded}
 		}
 		cn.close(errClosed)
 		return errClosed

@@ -171,7 +171,7 @@ func (w *Watch) run(r *bufio.Reader, first *Endpoints) {
 }
 
 // reconnect retries start until it works, backing off from 50 ms to one try a second,
-// until the watch is closed (then it returns nil error and a nil reader never read).
+// until the watch is closed (errStopped) or the new agent refuses the watch.
 func (w *Watch) reconnect() (*bufio.Reader, *Endpoints, error) {
 	delay := 50 * time.Millisecond
 	for {
@@ -202,7 +202,8 @@ func (w *Watch) reconnect() (*bufio.Reader, *Endpoints, error) {
 			return r, first, nil
 		}
 		var e *Error
-		if errors.As(err, &e) && e.Code != CodeAgentUnavailable && e.Code != CodeTimeout {
+		// UNAVAILABLE: the new agent's catalog source has not answered yet; keep trying.
+		if errors.As(err, &e) && e.Code != CodeAgentUnavailable && e.Code != CodeTimeout && e.Code != CodeUnavailable {
 			return nil, nil, err // the new agent answered, and refused
 		}
 		t := time.NewTimer(delay)
