@@ -336,3 +336,16 @@ func TestCloseWakesAWaitingCall(t *testing.T) {
 		t.Fatal("Close did not wake the waiting call")
 	}
 }
+
+func TestEndedContextFailsBeforeSending(t *testing.T) {
+	a := newFakeAgent(t, func(fc *fakeConn, req map[string]interface{}) {
+		t.Errorf("the agent got %v", req)
+	}).start()
+	c := New(Options{Socket: a.path})
+	defer c.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := c.Services(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("got %v", err)
+	}
+}

@@ -169,3 +169,35 @@ func TestWatchCloseWhileReconnecting(t *testing.T) {
 		t.Fatal("Close hung")
 	}
 }
+
+// After a restart the new agent's catalog source has not answered yet (UNAVAILABLE): the
+// watch keeps trying, and goes on once the service is there.
+func TestWatchRetriesWhileTheNewAgentIsUnavailable(t *testing.T) {
+	a := newFakeAgent(t, nil)
+	a.handle = func(fc *fakeConn, req map[string]interface{}) {
+		switch fc.n {
+		case 1:
+			fc.reply(req["id"], endpointsOf(1, "a"))
+		case 2:
+			fc.fail(req["id"], "UNAVAILABLE", "the catalog source has not answered yet")
+		default:
+			fc.reply(req["id"], endpointsOf(1, "a", "b"))
+		}
+	}
+	a.start()
+	c := New(Options{Socket: a.path})
+	w, err := c.Watch(ctxFor(t, 5*time.Second), "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	next(t, w)
+	a.stop()
+	a.start()
+	if got := ids(next(t, w)); len(got) != 2 {
+		t.Fatalf("after UNAVAILABLE then the set: %v (err %v)", got, w.Err())
+	}
+	if a.count() < 3 {
+		t.Errorf("%d connections, want 3", a.count())
+	}
+}
