@@ -7,11 +7,12 @@ import (
 )
 
 // waitReadable blocks the calling thread in ppoll(2) until fd has data or the deadline
-// passes. A call waiting on its answer this way is woken by the kernel directly; parked
-// in Go's network poller instead, it costs a round of the runtime's scheduler. Measured
-// here, a resolve round trip was 17 us over a blocking socket and 27 us through the
-// poller: that difference alone was most of the client's distance from a raw socket.
-// The fd stays non-blocking and owned by net.Conn: the read itself is an ordinary one.
+// passes, so the kernel wakes the waiting caller directly instead of the runtime's network
+// poller. Measured (BenchmarkLiveResolve, median of rounds): with a context.WithTimeout per
+// call, the idiomatic way to bound a call, 50 us a resolve through the poller and 39 us
+// with ppoll, because each new context's timer interrupts a poller blocked in epoll_wait;
+// without a per-call context both are 38 us. The fd stays non-blocking and owned by
+// net.Conn: the read itself is an ordinary one.
 func waitReadable(fd uintptr, deadline time.Time) {
 	type pollFd struct {
 		fd      int32

@@ -80,7 +80,7 @@ func (r *runner) emit(v interface{}) {
 }
 
 // ctx: every call is bounded by the client's own per-call timeout (Options.Timeout,
-// SetTimeout); a context.WithTimeout per call would measure a timer, not the client.
+// SetTimeout), so the bench command measures the client, not a context's timer.
 func (r *runner) ctx() (context.Context, context.CancelFunc) {
 	return context.Background(), func() {}
 }
