@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"os"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -19,7 +21,8 @@ import (
 // Variants, run in rounds whose order rotates (the machine's noise then hits all alike):
 // client; client with a context.WithTimeout per call; client parked in the runtime's
 // poller instead of ppoll(2); a blocking socket on syscalls (the floor, as C or Python
-// callers have it); a Go net.Conn. Compare variants within a round, not across rounds.
+// callers have it); a Go net.Conn. Compare variants within a round, not across rounds
+// (-count repeats each variant back to back; set SOFTLB_BENCH_ROUNDS for more rounds).
 func BenchmarkLiveResolve(b *testing.B) {
 	a := startLiveAgent(b)
 	frame, _ := encodeRequest(1, "resolve", resolveArgs("web", []ResolveOption{NoLease()}))
@@ -34,10 +37,19 @@ func BenchmarkLiveResolve(b *testing.B) {
 			defer func() { pollBeforeRead = true }()
 			benchClient(b, a, false)
 		}},
+		{"client-ctx-netpoll", func(b *testing.B) {
+			pollBeforeRead = false
+			defer func() { pollBeforeRead = true }()
+			benchClient(b, a, true)
+		}},
 		{"blocking", func(b *testing.B) { benchBlocking(b, a, frame) }},
 		{"netconn", func(b *testing.B) { benchNetConn(b, a, frame) }},
 	}
-	for round := 0; round < 8; round++ {
+	rounds := 8
+	if n, err := strconv.Atoi(os.Getenv("SOFTLB_BENCH_ROUNDS")); err == nil && n > 0 {
+		rounds = n
+	}
+	for round := 0; round < rounds; round++ {
 		for i := range variants {
 			v := variants[(i+round)%len(variants)]
 			b.Run(v.name, v.run)

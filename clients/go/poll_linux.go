@@ -8,10 +8,10 @@ import (
 
 // waitReadable blocks the calling thread in ppoll(2) until fd has data or the deadline
 // passes, so the kernel wakes the waiting caller directly instead of the runtime's network
-// poller. Measured (BenchmarkLiveResolve, median of rounds): with a context.WithTimeout per
-// call, the idiomatic way to bound a call, 50 us a resolve through the poller and 39 us
-// with ppoll, because each new context's timer interrupts a poller blocked in epoll_wait;
-// without a per-call context both are 38 us. The fd stays non-blocking and owned by
+// poller. Measured (BenchmarkLiveResolve, 24 rotating rounds, medians): with a
+// context.WithTimeout per call, the idiomatic way to bound a call, 54.8 us a resolve
+// through the poller and 37.7 us with ppoll (each new context's timer interrupts a poller
+// blocked in epoll_wait); without one, 38.0 and 35.4 us. The fd stays non-blocking and owned by
 // net.Conn: the read itself is an ordinary one.
 func waitReadable(fd uintptr, deadline time.Time) {
 	type pollFd struct {
