@@ -33,8 +33,9 @@ TAGPARSER_SRC = pathlib.Path("/usr/share/gocode/src/github.com/vmihailenco/tagpa
 def go_env(tmp: pathlib.Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(GOPROXY="off", GOFLAGS="-mod=mod", GOSUMDB="off", GOTOOLCHAIN="local")
-    env.setdefault("GOCACHE", str(tmp / "gocache"))  # CI may have no HOME
-    env.setdefault("GOPATH", str(tmp / "gopath"))
+    if not env.get("HOME"):  # CI may have no HOME, where Go keeps its caches
+        env.setdefault("GOCACHE", str(tmp / "gocache"))
+        env.setdefault("GOPATH", str(tmp / "gopath"))
     return env
 
 
