@@ -160,6 +160,10 @@ func (p *Pending) Wait(out interface{}) error {
 		if err == nil {
 			res, err = p.wait()
 		}
+		if err == errDropped {
+			p.err = p.issue()
+			continue
+		}
 		if err == errClosed && !p.retried {
 			// Closed before any answer: the agent restarted between calls. Once more.
 			p.retried = true
@@ -239,11 +243,10 @@ func (p *Pending) read() (msgpack.RawMessage, error, bool) {
 }
 
 // giveUp ends a call without its answer. The answer may still come: drop the connection
-// so nothing waits on a stuck agent. Other calls on it were not answered either; they
-// retry once.
+// so nothing waits on a stuck agent. Other calls on it are sent again on a new one.
 func (p *Pending) giveUp(err error) error {
 	p.cn.forget(p.id)
-	p.c.drop(p.cn, errClosed)
+	p.c.drop(p.cn, errDropped)
 	return err
 }
 

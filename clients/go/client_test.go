@@ -349,3 +349,33 @@ func TestEndedContextFailsBeforeSending(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 }
+
+// A call whose connection is dropped because another call on it timed out is sent again
+// on a new connection: the other call's timeout is not its failure, nor its one retry.
+func TestAnotherCallsTimeoutDoesNotFailThisOne(t *testing.T) {
+	a := newFakeAgent(t, nil)
+	a.handle = func(fc *fakeConn, req map[string]interface{}) {
+		switch {
+		case req["service"] == "slow": // never answered
+		case fc.n == 1: // "b" on the first connection: not answered before the drop
+		case fc.n == 2: // the agent restarts under b's second send: its one retry
+			fc.nc.Close()
+		default:
+			fc.reply(req["id"], resolved(req["service"]))
+		}
+	}
+	a.start()
+	c := New(Options{Socket: a.path})
+	defer c.Close()
+	b := c.Send(ctxFor(t, 10*time.Second), "resolve", Arg{Key: "service", Value: "b"})
+	if _, err := c.Resolve(ctxFor(t, 50*time.Millisecond), "slow"); !errors.Is(err, ErrTimeout) {
+		t.Fatalf("slow: %v", err)
+	}
+	var r Resolved
+	if err := b.Wait(&r); err != nil || r.ID != "b" {
+		t.Fatalf("b: %v %+v", err, r)
+	}
+	if a.count() != 3 {
+		t.Errorf("%d connections, want 3", a.count())
+	}
+}

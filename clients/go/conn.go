@@ -14,9 +14,14 @@ import (
 	"softlb/clients/go/internal/wire"
 )
 
-// errClosed: the connection ended before this call's answer arrived. The agent was
-// restarted (or is stopping): the call is safe to send once more on a new connection.
-var errClosed = errors.New("the agent closed the connection")
+var (
+	// errClosed: the agent closed the connection before this call's answer arrived. It was
+	// restarted (or is stopping): the call is safe to send once more on a new connection.
+	errClosed = errors.New("the agent closed the connection")
+	// errDropped: this side dropped the connection because another call on it timed out.
+	// Not the agent's doing: the call is sent again, within its own deadline.
+	errDropped = errors.New("the connection was dropped after another call timed out")
+)
 
 type answer struct {
 	result msgpack.RawMessage
@@ -75,22 +80,22 @@ func (cn *conn) write(frame []byte, deadline time.Time) error {
 	if _, err := cn.nc.Write(frame); err != nil {
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
-			cn.close(errClosed)
+			cn.close(errDropped)
 			return &Error{Code: CodeTimeout, Message: "the agent did not take the request in time",
 				Err: context.DeadlineExceeded}
 		}
-		cn.close(errClosed)
-		return errClosed
+		return cn.close(errClosed)
 	}
 	return nil
 }
 
-// close ends the connection; calls still waiting on it see err.
-func (cn *conn) close(err error) {
+// close ends the connection; calls still waiting on it see err. It returns the reason
+// the connection ended, which is err unless it had ended already.
+func (cn *conn) close(err error) error {
 	cn.mu.Lock()
 	defer cn.mu.Unlock()
 	if cn.err != nil {
-		return
+		return cn.err
 	}
 	cn.err = err
 	if cn.raw != nil { // wake a reader blocked in waitReadable now, not at its deadline
@@ -98,6 +103,7 @@ func (cn *conn) close(err error) {
 	}
 	cn.nc.Close()
 	close(cn.done)
+	return err
 }
 
 func (cn *conn) dead() bool {
@@ -126,7 +132,7 @@ func (cn *conn) readFor(id uint64, deadline time.Time) (answer, bool) {
 			switch {
 			case errors.As(err, &ne) && ne.Timeout():
 				// Maybe mid-frame: the stream cannot be trusted past this point.
-				cn.close(errClosed)
+				cn.close(errDropped)
 				return answer{err: errDeadline}, true
 			case errors.Is(err, wire.ErrFrameTooLarge):
 				cn.close(&Error{Code: CodeProtocol, Message: err.Error()})
