@@ -5,8 +5,8 @@
 // One Client holds one connection, shared by every goroutine: calls are pipelined and
 // their answers matched by id. Each call is bounded by its context's deadline, or by
 // Options.Timeout when the context has none. A timed-out call drops the connection (an
-// agent that stopped answering is not trusted with the next call); the next call
-// reconnects. A connection the agent closed before answering (a restart) is retried once,
+// agent that stopped answering is not trusted with the next call); calls in flight on it
+// are sent again on a new one. A connection the agent closed before answering (a restart) is retried once,
 // transparently, and connecting is retried with exponential backoff within the deadline.
 package softlb
 
