@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -15,7 +16,12 @@ def parse_duration(text: str | int | float) -> float:
     if isinstance(text, (int, float)):
         if text < 0:
             raise ValueError(f"negative duration: {text!r}")
+        if not math.isfinite(text):
+            raise ValueError(f"not a duration: {text!r}")
         return float(text)
+    if not isinstance(text, str):
+        # A TOML list or table where a duration belongs (found by tests/core/test_fuzz_parsers.py).
+        raise ValueError(f"not a duration: {type(text).__name__}")
     s = text.strip()
     pos, total = 0, 0.0
     if not s:

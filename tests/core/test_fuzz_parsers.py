@@ -81,6 +81,8 @@ def test_any_msgpack_value_round_trips_through_a_frame(value):
 @FUZZ
 @given(st.dictionaries(keys, tomlish, max_size=6))
 @example({"agent": {"socket_mode": "7777"}})
+@example({"agent": {"idle_timeout": []}})  # found by this test: AttributeError, not ConfigError
+@example({"agent": {"busy_poll": float("nan")}})
 @example({"agent": {"allow_uids": [True]}})
 @example({"services": {"": {}}})
 def test_config_parser_raises_only_config_error(doc):
