@@ -12,6 +12,7 @@ import trio
 from softlb import AgentConfig
 from softlb._engine import Engine
 from softlb._health import EndpointHealth
+from softlb._vip import MAX_PROBES
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Stats:
 
 
 health_log = logging.getLogger("softlb.health")
+vip_log = logging.getLogger("softlb.vip")
 
 
 def _why(r: EndpointHealth) -> str:
@@ -64,6 +66,17 @@ class Runtime:
         if ev is not None:
             ev.set()
         self._log_health(name)
+        self._log_vip_collisions()
+
+    def _log_vip_collisions(self) -> None:
+        collisions = self.engine.vips.collisions
+        for service, skipped in collisions:
+            if skipped >= MAX_PROBES:
+                vip_log.error("%s: no free address in agent.vip_pool after %d tries; the service has no VIP", service, skipped)
+            else:
+                vip_log.warning("%s: its pool VIP collided with another service's; took candidate #%d "
+                                "(set services.%s.vip to pin it)", service, skipped, service)
+        collisions.clear()
 
     def _log_health(self, name: str) -> None:
         """One log line per endpoint that stops or starts being eligible, and per panic

@@ -20,6 +20,7 @@ from ._errors import ErrorCode, RemoteProtocolError, RequestError
 from ._leases import LeaseTable
 from ._locality import Locality
 from ._types import Endpoint
+from ._vip import VipTable, parse_pool, parse_vip
 from ._wire import PROTOCOL_VERSIONS
 
 AGENT_NAME = "softlb/0.1.0"
@@ -55,6 +56,7 @@ class Engine:
         #: service -> `now` of its latest resolve; on-demand catalog sources (Consul) read
         #: it to expire services nobody uses, without a callback on every resolve.
         self.last_resolved: dict[str, float] = {}
+        self.vips = _vip_table(config)
 
     # ----------------------------------------------------------------- catalog input
 
@@ -62,6 +64,8 @@ class Engine:
         b = self.services.get(name)
         if b is None:
             b = self.services[name] = ServiceBalancer(name, self.config.service(name), self.rng, self._here())
+            self.vips.assign((name,))
+            b.set_vip(self.vips.get(name))
         return b
 
     def _here(self) -> Locality:
@@ -86,6 +90,7 @@ class Engine:
 
     def remove_service(self, name: str, now: float) -> None:
         self.last_resolved.pop(name, None)
+        self.vips.release(name)
         if self.services.pop(name, None) is not None:
             self.leases.drop_service(name)
             self._changed(name)
@@ -95,6 +100,7 @@ class Engine:
         changed = [n for n in list(self.services) if n not in services]
         for name in changed:
             self.remove_service(name, now)
+        self.vips.assign(services)  # a whole catalog at once: pool VIPs in name order
         for name, eps in services.items():
             if self.set_service(name, eps, now):
                 changed.append(name)
@@ -107,11 +113,15 @@ class Engine:
         self.config = config
         self.leases.ttl = config.lease_ttl
         moved = (old.node, old.zone, old.region) != (config.node, config.zone, config.region)
+        self.vips = self.vips.rebuilt(*_vip_settings(config), self.services)
         for name, b in list(self.services.items()):
             if moved or old.service(name) != config.service(name):
                 nb = ServiceBalancer(name, config.service(name), self.rng, self._here())
                 nb.adopt(b, now)
+                nb.set_vip(self.vips.get(name))
                 self.services[name] = nb
+                self._changed(name)
+            elif b.set_vip(self.vips.get(name)):
                 self._changed(name)
 
     # ----------------------------------------------------------------- requests
@@ -291,9 +301,21 @@ class Engine:
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"no common protocol version: client offers {list(versions)}, agent speaks {list(PROTOCOL_VERSIONS)}",
             )
-        return {
+        answer: dict[str, Any] = {
             "version": common[-1],
             "agent": AGENT_NAME,
             "ops": list(ENGINE_OPS + STREAM_OPS),
             "max_frame": self.config.max_frame,
         }
+        if self.config.vip_pool:  # optional: lets a connect-time shim pre-filter addresses
+            answer["vip_pool"] = self.config.vip_pool
+        return answer
+
+
+def _vip_settings(config: AgentConfig) -> tuple[dict[str, Any], Any]:
+    explicit = {n: parse_vip(s.vip) for n, s in config.services.items() if s.vip}
+    return explicit, parse_pool(config.vip_pool) if config.vip_pool else None
+
+
+def _vip_table(config: AgentConfig) -> VipTable:
+    return VipTable(*_vip_settings(config))
