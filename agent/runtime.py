@@ -30,6 +30,8 @@ class Stats:
     config_reload_errors: int = 0
     last_catalog_error: str = ""
     started: float = 0.0
+    #: DNS front end: "udp:NOERROR", "tcp:NXDOMAIN", "udp:dropped", "tcp:refused"...
+    dns: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 health_log = logging.getLogger("softlb.health")

@@ -1,0 +1,53 @@
+"""A UDP DNS query flood, as a separate process (tests/agent/test_dns.py, bench/dns.py).
+
+    python -m tests.helpers.dnsflood PORT SECONDS [NAME] [--garbage]
+
+Sends `NAME A` queries (or junk datagrams with --garbage) to 127.0.0.1:PORT as fast as one
+process can for SECONDS, reading whatever answers come back so its own receive buffer never
+fills, then prints one JSON line: {"sent": N, "answered": M}. It always stops on its own
+after SECONDS; callers still stop it by pid if it outlives them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+
+
+def query(name: str, qid: int = 0x4242) -> bytes:
+    header = qid.to_bytes(2, "big") + b"\x01\x00" + b"\x00\x01" + b"\x00\x00" * 3  # RD, 1 question
+    qname = b"".join(bytes((len(p),)) + p.encode() for p in name.strip(".").split(".")) + b"\x00"
+    return header + qname + b"\x00\x01\x00\x01"  # A, IN
+
+
+def flood(port: int, seconds: float, name: str = "web.service.softlb", garbage: bool = False) -> dict[str, int]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setblocking(False)
+    s.connect(("127.0.0.1", port))
+    payloads = [os.urandom(n) for n in (3, 12, 40, 300)] if garbage else [query(name, i) for i in range(1, 64)]
+    sent = answered = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for p in payloads:
+            try:
+                s.send(p)
+                sent += 1
+            except (BlockingIOError, ConnectionRefusedError):
+                break
+        while True:
+            try:
+                s.recv(65535)
+                answered += 1
+            except (BlockingIOError, ConnectionRefusedError):
+                break
+    s.close()
+    return {"sent": sent, "answered": answered}
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    out = flood(int(args[0]), float(args[1]), *(args[2:3]), garbage="--garbage" in sys.argv)
+    print(json.dumps(out), flush=True)
