@@ -10,8 +10,9 @@ resolver (systemd-resolved, dnsmasq) forwards the `~softlb` domain to it (docs/D
     HEX.addr.<domain>        A/AAAA  the address HEX encodes (the targets SRV answers name)
     <domain>                 SOA     (negative answers carry it too, minimum 0: never cached)
 
-Unknown service: NXDOMAIN. Known service, nothing eligible: SERVFAIL (a resolver then tries
-again instead of caching "no such name"). Names outside the domain: REFUSED; opcodes other
+Unknown service, or one the catalog lists with no instance (Consul's answer for a name it
+does not know): NXDOMAIN. Instances, none eligible: SERVFAIL (a resolver then tries again
+instead of caching "no such name"). Names outside the domain: REFUSED; opcodes other
 than QUERY: NOTIMP; what does not parse: FORMERR when the header can be answered, else
 dropped, as are datagrams that are themselves responses (no reflection loops).
 
@@ -282,6 +283,11 @@ class Responder:
                 return _Answer(q, asked, max_size)
             return self._negative(q, dns.rcode.NXDOMAIN, max_size)
         b = self.rt.engine.services[service]
+        if not b.endpoints:
+            # Listed with no instance at all, which is how Consul answers for a name it
+            # does not know: NXDOMAIN, as Consul's own DNS says. SERVFAIL is for instances
+            # that exist but none of which is eligible.
+            return self._negative(q, dns.rcode.NXDOMAIN, max_size)
         if qtype == _SRV:
             return self._srv(q, service, max_size)
         if qtype not in (_A, _AAAA, _ANY):

@@ -341,3 +341,45 @@ def test_a_udp_flood_does_not_starve_a_socket_caller(agent):
             break
         except dns.exception.Timeout:
             assert time.monotonic() < deadline, "no DNS answer 10 s after the flood"
+
+
+# ------------------------------------------------------------------------ Consul
+
+
+def test_consul_service_not_watched_yet_is_fetched_as_a_resolve_would(tmp_path):
+    from tests.consulsim import SimProcess
+
+    sim = SimProcess()
+    agent = None
+    try:
+        sim.control.add_instance(service="web", id="a", address="10.0.0.1", port=80)
+        sim.control.add_instance(service="db", id="d", address="10.0.0.5", port=5432)
+        port = free_port()
+        config = f"""
+[agent]
+state_dir = "{tmp_path}/state"
+vip_pool = "127.77.0.0/16"
+[consul]
+wait = "2s"
+first_answer_timeout = "3s"
+[services.web]
+"""
+        agent = AgentProcess(str(tmp_path), "", config, extra_args=["--consul", sim.url, "--dns", f"127.0.0.1:{port}"],
+                             admin=False)
+        agent.dns_port = port
+        agent.start()
+        assert ask(agent, "web.service.softlb").answer[0][0].address == "10.0.0.1"
+        # db is configured nowhere: the first query starts its watch and waits for it.
+        r = ask(agent, "db.service.softlb", "SRV")
+        assert r.rcode() == dns.rcode.NOERROR and r.answer[0][0].port == 5432
+        assert ask(agent, "db.service.softlb").answer[0][0].address == "10.0.0.5"
+        # ...and, fetched, it has a pool VIP like any other service.
+        with agent.client(timeout=5) as c:
+            assert next(s for s in c.services() if s["name"] == "db")["vip"]["port"] == 0
+        # A name Consul does not have: NXDOMAIN once Consul said so, over TCP as well.
+        assert ask(agent, "nope.service.softlb").rcode() == dns.rcode.NXDOMAIN
+        assert ask(agent, "nope2.service.softlb", tcp=True).rcode() == dns.rcode.NXDOMAIN
+    finally:
+        if agent is not None:
+            agent.stop()
+        sim.kill()

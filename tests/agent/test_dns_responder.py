@@ -1,0 +1,101 @@
+"""agent/dns.py's Responder in process: the repeated-query shortcut never answers from
+state that has moved (endpoints, families, a reload), and junk never raises."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import dns.message
+import dns.rcode
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from softlb import Endpoint, parse_agent_config
+from softlb_agent.dns import Responder
+from softlb_agent.runtime import Runtime
+
+
+def run(fn):
+    """Call fn(rt, responder) inside trio (the Runtime reads trio's clock)."""
+    out = []
+
+    async def main():
+        rt = Runtime(parse_agent_config({"agent": {"vip_pool": "127.77.0.0/16"}}), None, random.Random(7))
+        out.append(fn(rt, Responder(rt)))
+
+    trio.run(main)
+    return out[0]
+
+
+def eps(*addrs):
+    return [Endpoint(f"e{i}", a, 80 + i) for i, a in enumerate(addrs)]
+
+
+def query(name, rdtype="A", qid=1):
+    q = dns.message.make_query(name, rdtype)
+    q.id = qid
+    return q.to_wire()
+
+
+def addresses(rsp, name="web.service.softlb", rdtype="A", n=6):
+    got = []
+    for i in range(n):
+        wire = rsp.answer(query(name, rdtype, qid=100 + i), "127.0.0.1")
+        m = dns.message.from_wire(wire)
+        assert m.id == 100 + i  # the shortcut patches the id in
+        got.append(m.answer[0][0].address if m.answer else dns.rcode.to_text(m.rcode()))
+    return got
+
+
+def test_repeated_queries_still_pick_each_time_and_follow_changes():
+    def body(rt, rsp):
+        rt.engine.replace_all({"web": eps("127.0.0.1", "127.0.0.2")}, 0.0)
+        first = addresses(rsp)
+        assert set(first) == {"127.0.0.1", "127.0.0.2"} and first[0] != first[1]
+        rt.engine.replace_all({"web": eps("127.0.0.3")}, 1.0)
+        assert addresses(rsp) == ["127.0.0.3"] * 6
+        # The service moves to IPv6: an A question now has no data, an AAAA one does.
+        rt.engine.replace_all({"web": eps("::1")}, 2.0)
+        assert addresses(rsp) == ["NOERROR"] * 6
+        assert addresses(rsp, rdtype="AAAA") == ["::1"] * 6
+        rt.engine.replace_all({"web": []}, 3.0)
+        assert addresses(rsp) == ["NXDOMAIN"] * 6
+        rt.engine.replace_all({}, 4.0)
+        assert addresses(rsp) == ["NXDOMAIN"] * 6
+    run(body)
+
+
+def test_a_reload_to_vip_answers_applies_to_repeated_queries():
+    def body(rt, rsp):
+        rt.engine.replace_all({"web": eps("127.0.0.1")}, 0.0)
+        assert addresses(rsp) == ["127.0.0.1"] * 6
+        new = replace(rt.config, dns_answer="vip")
+        rt.config = new
+        rt.engine.reconfigure(new, 1.0)
+        vip = rt.engine.services["web"].vip
+        assert vip is not None and addresses(rsp) == [vip.address] * 6
+    run(body)
+
+
+def test_the_domain_follows_a_reload():
+    def body(rt, rsp):
+        rt.engine.replace_all({"web": eps("127.0.0.1")}, 0.0)
+        assert addresses(rsp, n=1) == ["127.0.0.1"]
+        rt.config = replace(rt.config, dns_domain="lb.internal")
+        assert addresses(rsp, n=1) == ["REFUSED"]
+        assert addresses(rsp, "web.service.lb.internal", n=1) == ["127.0.0.1"]
+    run(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=80), st.booleans())
+def test_junk_is_answered_or_dropped_never_raised(junk, tcp):
+    def body(rt, rsp):
+        rt.engine.replace_all({"web": eps("127.0.0.1")}, 0.0)
+        good = query("web.service.softlb")
+        for wire in (junk, good[:12] + junk, good[:2] + b"\x01\x00" + junk):
+            out = rsp.answer(wire, "127.0.0.1", tcp=tcp)
+            assert out is None or (isinstance(out, bytes) and len(out) >= 12 and out[:2] == wire[:2])
+    run(body)
