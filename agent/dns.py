@@ -94,6 +94,15 @@ class _Plan:
         self.query, self.service, self.family, self.max_size, self.config = query, service, family, max_size, config
 
 
+class _Static:
+    __slots__ = ("service", "balancer", "version", "weights", "config", "out", "srv")
+
+    def __init__(self, service: str, balancer: Any, version: int, weights: Any, config: Any) -> None:
+        self.service, self.balancer, self.version, self.weights, self.config = service, balancer, version, weights, config
+        self.out = b""
+        self.srv = False
+
+
 class _Answer:
     """A query that must wait for a catalog source before it can be answered."""
 
@@ -160,9 +169,10 @@ class Responder:
         #: Queries seen before (all but their id) that were answered with a plain pick, and
         #: the answer bytes per picked address: a repeated query costs a pick and a copy
         #: instead of ~0.5 ms of parsing and rendering. Cleared whole when full.
-        self._plans: dict[bytes, _Plan] = {}
+        self._plans: dict[bytes, _Plan | _Static] = {}
         self._rendered: dict[tuple[bytes, str], bytes] = {}
         self._plan: _Plan | None = None
+        self._static: _Static | None = None
         self._planned = ""
 
     @property
@@ -188,21 +198,37 @@ class Responder:
             out = self._replay(plan, body, wire, source)
             if out is not None:
                 return out
-        self._plan = None
+        self._plan = self._static = None
         out = self._parse_and_answer(wire, source, tcp)
-        if self._plan is not None and isinstance(out, bytes):
+        if isinstance(out, bytes) and (self._plan is not None or self._static is not None):
             if len(self._plans) >= MAX_CACHED or len(self._rendered) >= MAX_CACHED:
                 self._plans.clear()
                 self._rendered.clear()
-            self._plans[body] = self._plan
-            self._rendered[body, self._planned] = out
+            if self._plan is not None:
+                self._plans[body] = self._plan
+                self._rendered[body, self._planned] = out
+            elif self._static is not None:
+                self._static.out = out
+                self._plans[body] = self._static
         return out
 
-    def _replay(self, plan: _Plan, body: bytes, wire: bytes, source: str | None) -> bytes | None:
+    def _keep(self, service: str, b: Any) -> None:
+        """The answer being built depends on nothing but this balancer's state (SRV, NODATA,
+        a VIP): a repeat of the query gets the same bytes until that state moves."""
+        self._static = _Static(service, b, b.version, b.weights, self.rt.config)
+
+    def _replay(self, plan: _Plan | _Static, body: bytes, wire: bytes, source: str | None) -> bytes | None:
         """The answer to a query seen before, byte for byte but its id: still one fresh
         pick, but the answer to that pick rendered once by dnspython and reused. None when
         anything it depended on moved (a reload, the service gone or changed family)."""
         b = self.rt.engine.services.get(plan.service)
+        if isinstance(plan, _Static):
+            if (plan.config is self.rt.config and b is plan.balancer and b.version == plan.version
+                    and b.weights is plan.weights):
+                if plan.srv:
+                    self.rt.engine.last_resolved[plan.service] = self.rt.now()
+                return wire[:2] + plan.out[2:]
+            return None
         if plan.config is not self.rt.config or b is None or not b.served or self._served_families(plan.service, b) != {plan.family}:
             return None
         try:
@@ -232,6 +258,7 @@ class Responder:
         except Exception:
             # A bug answering one query costs that query, never the front end.
             log.exception("answering %s failed", q.question[0].to_text())
+            self._plan = self._static = None  # never replay the failure
             self.rt.stats.errors["INTERNAL"] += 1
             return self._rcode(q, dns.rcode.SERVFAIL, max_size)
 
@@ -294,12 +321,14 @@ class Responder:
             return self._negative(q, dns.rcode.NOERROR, max_size)
         family = 6 if qtype == _AAAA else 4
         if self.rt.config.dns_answer == "vip" and b.vip is not None:
+            self._keep(service, b)
             if family == 6:
                 return self._negative(q, dns.rcode.NOERROR, max_size)
             r = self._response(q, dns.rcode.NOERROR)
             r.answer.append(dns.rrset.from_rdata(q.question[0].name, TTL, A(_IN, _A, b.vip.address)))
             return self._wire(r, max_size)
         if b.served and qtype != _ANY and not ({family, 0} & self._served_families(service, b)):
+            self._keep(service, b)
             return self._negative(q, dns.rcode.NOERROR, max_size)
         # A service serving both families: pick again (bounded) until the pick suits the
         # question, so A answers keep the policy's order among the IPv4 endpoints.
@@ -334,6 +363,9 @@ class Responder:
         engine.last_resolved[service] = self.rt.now()  # a use: Consul keeps watching it
         if not b.served:
             return self._rcode(q, dns.rcode.SERVFAIL, max_size)
+        self._keep(service, b)
+        assert self._static is not None
+        self._static.srv = True
         r = self._response(q, dns.rcode.NOERROR)
         name = q.question[0].name
         weights = b.weights or {}

@@ -89,6 +89,25 @@ def test_the_domain_follows_a_reload():
     run(body)
 
 
+def test_repeated_srv_and_nodata_answers_follow_the_service():
+    def srv_ports(rsp, qid):
+        m = dns.message.from_wire(rsp.answer(query("web.service.softlb", "SRV", qid), "127.0.0.1"))
+        assert m.id == qid
+        return sorted(rd.port for rd in m.answer[0]) if m.answer else dns.rcode.to_text(m.rcode())
+
+    def body(rt, rsp):
+        rt.engine.replace_all({"web": eps("127.0.0.1", "127.0.0.2")}, 0.0)
+        assert srv_ports(rsp, 1) == srv_ports(rsp, 2) == [80, 81]
+        assert addresses(rsp, rdtype="AAAA", n=2) == ["NOERROR"] * 2
+        for _ in range(5):  # e1 fails its way out (outlier ejection)
+            rt.engine.report(1.0, ok=False, service="web", endpoint_id="e1")
+        assert srv_ports(rsp, 3) == [80]
+        rt.engine.replace_all({"web": eps("::1", "::2")}, 2.0)
+        assert srv_ports(rsp, 4) == [80, 81]
+        assert sorted(addresses(rsp, rdtype="AAAA", n=2)) == ["::1", "::2"]
+    run(body)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(min_size=0, max_size=80), st.booleans())
 def test_junk_is_answered_or_dropped_never_raised(junk, tcp):

@@ -1,8 +1,9 @@
 """A UDP DNS query flood, as a separate process (tests/agent/test_dns.py, bench/dns.py).
 
-    python -m tests.helpers.dnsflood PORT SECONDS [NAME] [--garbage]
+    python -m tests.helpers.dnsflood PORT SECONDS [NAME] [--garbage | --unique]
 
-Sends `NAME A` queries (or junk datagrams with --garbage) to 127.0.0.1:PORT as fast as one
+Sends `NAME A` queries (junk datagrams with --garbage; a new unknown name each time with
+--unique, so no answer can be reused) to 127.0.0.1:PORT as fast as one
 process can for SECONDS, reading whatever answers come back so its own receive buffer never
 fills, then prints one JSON line: {"sent": N, "answered": M}. It always stops on its own
 after SECONDS; callers still stop it by pid if it outlives them.
@@ -23,11 +24,17 @@ def query(name: str, qid: int = 0x4242) -> bytes:
     return header + qname + b"\x00\x01\x00\x01"  # A, IN
 
 
-def flood(port: int, seconds: float, name: str = "web.service.softlb", garbage: bool = False) -> dict[str, int]:
+def flood(port: int, seconds: float, name: str = "web.service.softlb", garbage: bool = False,
+          unique: bool = False) -> dict[str, int]:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setblocking(False)
     s.connect(("127.0.0.1", port))
-    payloads = [os.urandom(n) for n in (3, 12, 40, 300)] if garbage else [query(name, i) for i in range(1, 64)]
+    if garbage:
+        payloads = [os.urandom(n) for n in (3, 12, 40, 300)]
+    elif unique:
+        payloads = [query(f"u{os.urandom(6).hex()}.service.softlb", i & 0xFFFF) for i in range(20000)]
+    else:
+        payloads = [query(name, i) for i in range(1, 64)]
     sent = answered = 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -49,5 +56,6 @@ def flood(port: int, seconds: float, name: str = "web.service.softlb", garbage: 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    out = flood(int(args[0]), float(args[1]), *(args[2:3]), garbage="--garbage" in sys.argv)
+    out = flood(int(args[0]), float(args[1]), *(args[2:3]), garbage="--garbage" in sys.argv,
+                unique="--unique" in sys.argv)
     print(json.dumps(out), flush=True)
