@@ -26,7 +26,8 @@ Bounded (a query flood must not starve socket callers; the agent is one trio thr
   dropped by the kernel. Answers that wait for a catalog source run as tasks, at most
   MAX_PENDING at once (SERVFAIL beyond: the resolver retries).
 - TCP: at most MAX_TCP connections (more are closed at once), an idle timeout, one query
-  answered at a time per connection.
+  in flight per connection; every connection's questions are answered by one task under
+  the same budget as UDP's.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ log = logging.getLogger("softlb.dns")
 #: and rendered by dnspython) ~0.3-0.5 ms, so a flood delays a socket caller by about one
 #: slice (docs/BENCHMARKS.md, bench/dns.py).
 UDP_BUDGET = 64
-UDP_SLICE = 0.001
+UDP_SLICE = 0.0005
 #: Queries waiting on a catalog source (a Consul service fetched on demand) at once.
 MAX_PENDING = 64
 MAX_TCP = 32
@@ -101,6 +102,17 @@ class _Static:
         self.service, self.balancer, self.version, self.weights, self.config = service, balancer, version, weights, config
         self.out = b""
         self.srv = False
+
+
+class _Slot:
+    """One TCP question on its way to the answering task, and its answer on the way back."""
+
+    __slots__ = ("wire", "source", "out", "done")
+
+    def __init__(self, wire: bytes, source: str | None) -> None:
+        self.wire, self.source = wire, source
+        self.out: bytes | _Answer | None = None
+        self.done = trio.Event()
 
 
 class _Answer:
@@ -469,6 +481,9 @@ class DnsServer:
         self.responder = Responder(rt)
         self.pending = 0
         self.tcp_open = 0
+        #: Questions read by TCP connections, for the one task that answers them; each
+        #: connection has at most one in flight, so MAX_TCP never blocks a sender.
+        self._tcp_queries, self._tcp_queued = trio.open_memory_channel[_Slot](MAX_TCP)
 
     def _count(self, transport: str, answer: bytes | None) -> None:
         key = f"{transport}:{dns.rcode.to_text(answer[3] & 0x0F) if answer else 'dropped'}"
@@ -481,6 +496,7 @@ class DnsServer:
                 nursery.start_soon(self._serve_udp, udp, nursery)
             if tcp is not None:
                 nursery.start_soon(self._serve_tcp, tcp, nursery)
+                nursery.start_soon(self._answer_tcp)
             task_status.started()
 
     # -- UDP
@@ -548,6 +564,25 @@ class DnsServer:
             nursery.start_soon(self._tcp_conn, conn)
             await trio.lowlevel.checkpoint()
 
+    async def _answer_tcp(self) -> None:
+        """Every TCP connection's questions, answered here under the same budget as UDP's:
+        32 connections each answering for itself would get 32 turns per scheduler pass."""
+        async for slot in self._tcp_queued:
+            until = time.perf_counter() + UDP_SLICE
+            for _ in range(UDP_BUDGET):
+                try:
+                    slot.out = self.responder.answer(slot.wire, slot.source, tcp=True)
+                except Exception:  # answer() handles its own errors; this is a last resort
+                    log.exception("dns: answering over TCP failed")
+                    slot.out = None
+                slot.done.set()
+                if time.perf_counter() > until:
+                    break
+                try:
+                    slot = self._tcp_queued.receive_nowait()
+                except trio.WouldBlock:
+                    break
+
     async def _tcp_conn(self, conn: socket.socket) -> None:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
         buf = bytearray()
@@ -564,7 +599,10 @@ class DnsServer:
                     return
                 n = int.from_bytes(buf[:2], "big")
                 wire, buf = bytes(buf[2:2 + n]), buf[2 + n:]
-                out = self.responder.answer(wire, source, tcp=True)
+                slot = _Slot(wire, source)
+                await self._tcp_queries.send(slot)
+                await slot.done.wait()
+                out = slot.out
                 if isinstance(out, _Answer):
                     out = self.responder.finish(out, await fetch(self.rt, out.service), source)
                 self._count("tcp", out)

@@ -17,6 +17,7 @@ over --runs rounds:
                          unique   a new unknown name per query (each parsed and rendered: the
                                   front end's most expensive path)
                          garbage  random bytes (FORMERR or dropped)
+                         tcp-unique  16 TCP connections, 8 new names in flight on each
   flood answered/s     what the flooded front end answered meanwhile
 
 The issue's bound: the bystander's p99 within 5 ms while the DNS port is flooded.
@@ -49,7 +50,7 @@ from tests.helpers.dnsflood import query  # noqa: E402
 CATALOG = "".join(
     f'[[services.web.endpoints]]\naddress = "127.0.0.{i}"\nport = {18080 + i}\n' for i in range(1, 4)
 )
-FLOODS = ("repeat", "unique", "garbage")
+FLOODS = ("repeat", "unique", "garbage", "tcp-unique")
 
 
 def start_agent(tmp: str) -> tuple[subprocess.Popen[bytes], str, int]:
@@ -118,7 +119,7 @@ def bystander(sock: str, seconds: float) -> dict[str, float]:
 def flooded(sock: str, port: int, kind: str, seconds: float) -> dict[str, float]:
     args = [sys.executable, "-m", "tests.helpers.dnsflood", str(port), str(seconds + 0.5)]
     if kind != "repeat":
-        args.append(f"--{kind}")
+        args += [f"--{k}" for k in kind.split("-")]
     flooder = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(0.25)  # the flood is under way and the agent's buffer full

@@ -313,13 +313,15 @@ def _bystander(agent, seconds):
     return lat[int(len(lat) * 0.99)], len(lat)
 
 
-def test_a_udp_flood_does_not_starve_a_socket_caller(agent):
-    """A flooder keeps the DNS socket's buffer full for the whole window; without the
-    per-wake-up budget the agent's one thread would answer DNS only and the socket caller
-    would time out. Asserted as a ratio of the caller's own p99 without the flood (the
-    absolute figures are bench/dns.py's, in docs/BENCHMARKS.md)."""
+@pytest.mark.parametrize("how", [[], ["--tcp", "--unique"]], ids=["udp", "tcp-new-names"])
+def test_a_query_flood_does_not_starve_a_socket_caller(agent, how):
+    """A flooder keeps the DNS port busy for the whole window (UDP: its socket buffer full;
+    TCP: 16 connections with new names, each parsed and rendered, in flight); without the
+    budget the agent's one thread would answer DNS only and the socket caller would time
+    out. Asserted as a ratio of the caller's own p99 without the flood (the absolute figures
+    are bench/dns.py's, in docs/BENCHMARKS.md)."""
     quiet_p99, _ = _bystander(agent, 1.0)
-    flooder = subprocess.Popen([sys.executable, "-m", "tests.helpers.dnsflood", str(agent.dns_port), "3"],
+    flooder = subprocess.Popen([sys.executable, "-m", "tests.helpers.dnsflood", str(agent.dns_port), "3", *how],
                                cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(0.3)  # the flood is under way
@@ -330,7 +332,7 @@ def test_a_udp_flood_does_not_starve_a_socket_caller(agent):
             flooder.kill()
             flooder.wait(timeout=5)
     flood = json.loads(out)
-    assert flood["answered"] > 500, f"the flood was not answered, so it proves nothing: {flood}"
+    assert flood["answered"] > 300, f"the flood was not answered, so it proves nothing: {flood}"
     assert calls > 100, f"the socket caller got only {calls} answers in 2 s beside the flood"
     assert flood_p99 < 50 * quiet_p99, f"p99 {flood_p99 * 1e3:.2f} ms in the flood vs {quiet_p99 * 1e3:.2f} ms quiet"
     # The front end is still there once the kernel buffer the flood filled has drained.
