@@ -281,9 +281,14 @@ class Responder:
             return self._negative(q, dns.rcode.NXDOMAIN, max_size)
         if error is not None:
             return self._rcode(q, dns.rcode.SERVFAIL, max_size)
-        out = self._answer(q, source, max_size, fetched=True)
-        assert isinstance(out, bytes)
-        return out
+        try:
+            out = self._answer(q, source, max_size, fetched=True)
+            assert isinstance(out, bytes)  # fetched=True never defers again
+            return out
+        except Exception:
+            log.exception("answering %s failed", q.question[0].to_text())
+            self.rt.stats.errors["INTERNAL"] += 1
+            return self._rcode(q, dns.rcode.SERVFAIL, max_size)
 
     # -- the question
 
@@ -516,7 +521,11 @@ class DnsServer:
                 except OSError as e:  # an ICMP error queued on the socket: not ours to fix
                     log.debug("dns: recvfrom: %s", e)
                     continue
-                self._udp_query(sock, wire, peer, nursery)
+                try:
+                    self._udp_query(sock, wire, peer, nursery)
+                except Exception:  # answer() guards itself; a bug past it costs one datagram
+                    log.exception("dns: a datagram from %s failed", peer)
+                    self.rt.stats.errors["INTERNAL"] += 1
 
     def _udp_query(self, sock: socket.socket, wire: bytes, peer: Any, nursery: trio.Nursery) -> None:
         out = self.responder.answer(wire, peer[0])
