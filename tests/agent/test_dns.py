@@ -385,3 +385,30 @@ first_answer_timeout = "3s"
         if agent is not None:
             agent.stop()
         sim.kill()
+
+
+# ------------------------------------------------------------------------ bad settings
+
+
+def test_bad_dns_settings_stop_the_start_with_the_reason(tmp_path):
+    busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    busy.bind(("127.0.0.1", 0))
+    try:
+        cases = [
+            (["--dns", "10.9.9.9:8600"], "", "agent.dns: 10.9.9.9 is not a loopback address"),
+            (["--dns", f"127.0.0.1:{busy.getsockname()[1]}"], "", "is already in use"),
+            ([], '[services.web]\nvip = "8.8.8.8:53"\n', "services.web.vip: 8.8.8.8 is not a loopback address"),
+            ([], '[agent]\ndns_domain = "a..b"\n', "agent.dns_domain"),
+        ]
+        for i, (args, config, says) in enumerate(cases):
+            d = tmp_path / str(i)
+            d.mkdir()
+            a = AgentProcess(str(d), endpoint_toml("web", "127.0.0.1", 1), config, extra_args=args, admin=False)
+            a.start(wait=False)
+            try:
+                assert a.proc.wait(timeout=20) == 2, a.log()
+            finally:
+                a.stop()
+            assert says in a.log(), a.log()
+    finally:
+        busy.close()
