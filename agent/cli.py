@@ -244,8 +244,15 @@ def _run_client(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(svcs))
             else:
-                print(table([(s["name"], s["policy"], s["endpoints"], s["eligible"], _yn(s["panic"]), _yn(s["stale"]))
-                             for s in svcs], ("SERVICE", "POLICY", "ENDPOINTS", "ELIGIBLE", "PANIC", "STALE")))
+                rows = [[s["name"], s["policy"], s["endpoints"], s["eligible"], _yn(s["panic"]), _yn(s["stale"])]
+                        for s in svcs]
+                header = ["SERVICE", "POLICY", "ENDPOINTS", "ELIGIBLE", "PANIC", "STALE"]
+                if any("vip" in s for s in svcs):  # service addresses (docs/CONFIG.md): only when used
+                    header.append("VIP")
+                    for row, s in zip(rows, svcs):
+                        v = s.get("vip")
+                        row.append(None if v is None else f"{v['address']}:{v['port']}" if v["port"] else f"{v['address']}:*")
+                print(table(rows, header))
         elif args.cmd == "endpoints":
             d = client.endpoints(args.service)
             print(json.dumps(d) if args.json else format_endpoints(d))

@@ -275,8 +275,16 @@ def test_tcp_connections_are_capped_and_udp_still_answers(agent):
 def test_services_answer_carries_the_vips(agent):
     with Client(socket_path=agent.socket, timeout=2) as c:
         services = {s["name"]: s for s in c.services()}
+        assert c.endpoints("web")["vip"] == {"address": "127.77.0.5", "port": 8080}
     assert services["web"]["vip"] == {"address": "127.77.0.5", "port": 8080}
-    assert services["api"]["vip"]["address"].startswith("127.77.") and services["api"]["vip"]["port"] == 0
+    api = services["api"]["vip"]
+    assert api["address"].startswith("127.77.") and api["port"] == 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.admin_port}/v1/services/web", timeout=5) as r:
+        assert json.load(r)["vip"] == {"address": "127.77.0.5", "port": 8080}
+    table = agent.cli("services").stdout.splitlines()
+    assert table[0].split()[-1] == "VIP"
+    assert next(line for line in table if line.startswith("web ")).split()[-1] == "127.77.0.5:8080"
+    assert next(line for line in table if line.startswith("api ")).split()[-1] == f"{api['address']}:*"
 
 
 def test_vip_answer_mode(tmp_path):
