@@ -118,3 +118,107 @@ def test_junk_is_answered_or_dropped_never_raised(junk, tcp):
             out = rsp.answer(wire, "127.0.0.1", tcp=tcp)
             assert out is None or (isinstance(out, bytes) and len(out) >= 12 and out[:2] == wire[:2])
     run(body)
+
+
+# ------------------------------------------------------------------------ state machine
+
+from hypothesis.stateful import RuleBasedStateMachine, initialize, rule  # noqa: E402
+
+ADDRS = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "::1", "::2"]
+
+
+class ResponderMachine(RuleBasedStateMachine):
+    """Catalog changes, outcomes, reloads and repeated questions in any order: every answer
+    (shortcut or not) matches what the engine's state says now."""
+
+    @initialize()
+    def start(self):
+        self.rt = None
+
+        async def make():
+            self.rt = Runtime(parse_agent_config({"agent": {"vip_pool": "127.77.0.0/16"}}), None, random.Random(3))
+
+        trio.run(make)
+        self.rsp = Responder(self.rt)
+        self.now = 0.0
+        self.qid = 0
+
+    def _in_trio(self, fn):
+        out = []
+
+        async def main():
+            out.append(fn())
+
+        trio.run(main)
+        return out[0]
+
+    @rule(chosen=st.lists(st.sampled_from(ADDRS), unique=True, max_size=4),
+          registry=st.sampled_from(["passing", "critical", "maintenance"]))
+    def set_catalog(self, chosen, registry):
+        from softlb import RegistryHealth
+
+        self.now += 1
+        eps = [Endpoint(f"e{a}", a, 80 + ADDRS.index(a),
+                        registry=RegistryHealth(registry) if a == chosen[-1] else RegistryHealth.PASSING)
+               for a in chosen]
+        self._in_trio(lambda: self.rt.engine.replace_all({"web": eps} if chosen else {}, self.now))
+
+    @rule(i=st.integers(0, 4))
+    def fail(self, i):
+        b = self.rt.engine.services.get("web")
+        if b is None or f"e{ADDRS[i]}" not in b.by_id:
+            return
+        self.now += 0.01
+        for _ in range(5):
+            self._in_trio(lambda: self.rt.engine.report(self.now, ok=False, service="web", endpoint_id=f"e{ADDRS[i]}"))
+
+    @rule(mode=st.sampled_from(["pick", "vip"]))
+    def reload(self, mode):
+        new = replace(self.rt.config, dns_answer=mode)
+        self.rt.config = new
+        self._in_trio(lambda: self.rt.engine.reconfigure(new, self.now))
+
+    @rule(name=st.sampled_from(["web", "WEB", "nope"]), rdtype=st.sampled_from(["A", "AAAA", "SRV", "TXT"]),
+          repeat=st.integers(1, 3))
+    def ask(self, name, rdtype, repeat):
+        for _ in range(repeat):
+            self.qid = (self.qid + 1) & 0xFFFF
+            wire = self._in_trio(lambda: self.rsp.answer(query(f"{name}.service.softlb", rdtype, self.qid), "127.0.0.1"))
+            m = dns.message.from_wire(wire)
+            assert m.id == self.qid
+            self._check(m, rdtype, name)
+
+    def _check(self, m, rdtype, name):
+        b = self.rt.engine.services.get(name.lower())
+        rcode = dns.rcode.to_text(m.rcode())
+        if b is None or not b.endpoints:
+            assert rcode == "NXDOMAIN"
+            return
+        served = {e.address: e for e in b.served}
+        family = {"A": 4, "AAAA": 6}.get(rdtype)
+        if rdtype == "SRV":
+            if not served:
+                assert rcode == "SERVFAIL"
+            else:
+                assert rcode == "NOERROR" and sorted(rd.port for rd in m.answer[0]) == sorted(e.port for e in b.served)
+            return
+        if rdtype == "TXT":
+            assert rcode == "NOERROR" and not m.answer
+            return
+        if self.rt.config.dns_answer == "vip" and b.vip is not None:
+            got = [rd.address for rd in m.answer[0]] if m.answer else []
+            assert rcode == "NOERROR" and got == ([b.vip.address] if family == 4 else [])
+            return
+        if not served:
+            assert rcode == "SERVFAIL"
+            return
+        assert rcode == "NOERROR"
+        of_family = {a for a in served if (":" in a) == (family == 6)}
+        if not of_family:
+            assert not m.answer
+        else:
+            assert len(m.answer) == 1 and m.answer[0][0].address in of_family
+
+
+TestResponderMachine = ResponderMachine.TestCase
+TestResponderMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
