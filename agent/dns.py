@@ -71,7 +71,9 @@ UDP_BUDGET = 64
 UDP_SLICE = 0.0005
 #: Queries waiting on a catalog source (a Consul service fetched on demand) at once.
 MAX_PENDING = 64
-MAX_TCP = 32
+#: Each busy connection costs the scheduler a few task steps per question whatever the answer
+#: budget, so the cap is what bounds a TCP flood's cost to everyone else (resolvers use a few).
+MAX_TCP = 16
 #: RFC 7766 asks servers to close idle connections after seconds, not minutes.
 TCP_IDLE = 10.0
 #: What our answers over UDP may fill when the query's EDNS allows (DNS flag day 2020).
