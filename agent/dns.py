@@ -55,9 +55,7 @@ from dns.rdtypes.IN.AAAA import AAAA
 from dns.rdtypes.IN.SRV import SRV
 import trio
 
-from softlb import ConfigError, ErrorCode
-from softlb._errors import RequestError
-from softlb._types import Endpoint
+from softlb import ConfigError, Endpoint, ErrorCode, LeaseScope, Pending, PickError
 
 from .runtime import Runtime
 
@@ -130,25 +128,29 @@ class _Answer:
 
 
 def pick(rt: Runtime, service: str, source: str | None) -> Endpoint:
-    """One pick with no lease, through the engine's resolve path (policies, health,
-    locality, ejection, panic, metrics). Raises RequestError (UNKNOWN_SERVICE,
-    NO_HEALTHY_ENDPOINT). The one place that knows the engine's pick API."""
-    return rt.engine.resolve(service, rt.now(), source=source, lease=False).endpoint
+    """One pick of a service the engine has, with no lease (LeaseScope.NONE: the agent never
+    hears how a DNS caller's connection went), through the core's typed API: policies,
+    health, locality, ejection, panic as for a resolve. Raises PickError.
+
+    Synchronous, unlike `Runtime.pick`: the UDP loop answers a batch of datagrams without
+    yielding, so the one wait (a service an on-demand source has not fetched yet) is done
+    before, by `fetch`, in a task of its own."""
+    r = rt.engine.pick(service, rt.now(), source=source, scope=LeaseScope.NONE)
+    if type(r) is Pending:  # callers only pick services the engine has; gone meanwhile
+        raise PickError(ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\"")
+    rt.flush()  # an ejection timer the pick ran, as Runtime.pick does
+    return r.endpoint
 
 
 async def fetch(rt: Runtime, service: str) -> ErrorCode | None:
     """Have the catalog source fetch a service nobody asked for yet (Consul on demand), as
-    a resolve would; the error to answer with if it cannot be had."""
-    engine = rt.engine
-    if engine.on_unknown_service is None:
-        return ErrorCode.UNKNOWN_SERVICE
+    a resolve would (Runtime.await_source); the error to answer with if it cannot be had."""
     try:
-        fetching = engine.on_unknown_service(service)
-    except RequestError as e:  # the source refuses it (a bad name, the on-demand limit)
+        if not await rt.await_source(service):
+            return ErrorCode.UNKNOWN_SERVICE if rt.fetch is None else ErrorCode.UNAVAILABLE
+    except PickError as e:  # the source refuses it (a bad name, the on-demand limit)
         return e.code
-    if fetching and not await rt.wait_for_service(service):
-        return ErrorCode.UNAVAILABLE
-    return None if service in engine.services else ErrorCode.UNKNOWN_SERVICE
+    return None
 
 
 # ------------------------------------------------------------------------ answering
@@ -240,14 +242,14 @@ class Responder:
             if (plan.config is self.rt.config and b is plan.balancer and b.version == plan.version
                     and b.weights is plan.weights):
                 if plan.srv:
-                    self.rt.engine.last_resolved[plan.service] = self.rt.now()
+                    self.rt.engine.mark_used(plan.service, self.rt.now())
                 return wire[:2] + plan.out[2:]
             return None
         if plan.config is not self.rt.config or b is None or not b.served or self._served_families(plan.service, b) != {plan.family}:
             return None
         try:
             ep = pick(self.rt, plan.service, source)
-        except RequestError:
+        except PickError:
             return None  # the slow path picks again and says why
         out = self._rendered.get((body, ep.address))
         if out is None:
@@ -325,7 +327,7 @@ class Responder:
             return self._negative(q, dns.rcode.NXDOMAIN, max_size)
         service = self._lookup(asked)
         if service is None:
-            if not fetched and self.rt.engine.on_unknown_service is not None and asked:
+            if not fetched and self.rt.fetch is not None and asked:
                 return _Answer(q, asked, max_size)
             return self._negative(q, dns.rcode.NXDOMAIN, max_size)
         b = self.rt.engine.services[service]
@@ -356,7 +358,7 @@ class Responder:
         for _ in range(tries):
             try:
                 ep = pick(self.rt, service, source)
-            except RequestError as e:
+            except PickError as e:
                 if e.code is ErrorCode.UNKNOWN_SERVICE:  # removed since the lookup above
                     return self._negative(q, dns.rcode.NXDOMAIN, max_size)
                 return self._rcode(q, dns.rcode.SERVFAIL, max_size)
@@ -379,7 +381,7 @@ class Responder:
     def _srv(self, q: dns.message.Message, service: str, max_size: int) -> bytes:
         engine = self.rt.engine
         b = engine.services[service]
-        engine.last_resolved[service] = self.rt.now()  # a use: Consul keeps watching it
+        engine.mark_used(service, self.rt.now())  # a use: Consul keeps watching it
         if not b.served:
             return self._rcode(q, dns.rcode.SERVFAIL, max_size)
         self._keep(service, b)

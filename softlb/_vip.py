@@ -109,8 +109,8 @@ class VipTable:
         #: Addresses taken (explicit ones, whole or per port, and pool ones): pool
         #: candidates skip them.
         self._taken: dict[str, str] = {v.address: n for n, v in self.explicit.items()}
-        #: (name, candidates skipped) for the agent to log, drained by the caller.
-        self.collisions: list[tuple[str, int]] = []
+        #: (name, candidates skipped, got one) for the agent to log, drained by the caller.
+        self.collisions: list[tuple[str, int, bool]] = []
 
     def get(self, name: str) -> Vip | None:
         return self.explicit.get(name) or self.assigned.get(name)
@@ -128,10 +128,10 @@ class VipTable:
                     self._taken[addr] = name
                     self.assigned[name] = Vip(addr, 0)
                     if i:
-                        self.collisions.append((name, i))
+                        self.collisions.append((name, i, True))
                     break
             else:
-                self.collisions.append((name, MAX_PROBES))
+                self.collisions.append((name, MAX_PROBES, False))
 
     def release(self, name: str) -> None:
         v = self.assigned.pop(name, None)

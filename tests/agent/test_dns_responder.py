@@ -102,7 +102,7 @@ def test_repeated_srv_and_nodata_answers_follow_the_service():
         for _ in range(5):  # e1 fails its way out (outlier ejection)
             rt.engine.report(1.0, ok=False, service="web", endpoint_id="e1")
         assert srv_ports(rsp, 3) == [80]
-        rt.engine.replace_all({"web": eps("::1", "::2")}, 2.0)
+        rt.engine.replace_all({"web": [Endpoint("six-a", "::1", 80), Endpoint("six-b", "::2", 81)]}, 2.0)
         assert srv_ports(rsp, 4) == [80, 81]
         assert sorted(addresses(rsp, rdtype="AAAA", n=2)) == ["::1", "::2"]
     run(body)

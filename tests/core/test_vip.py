@@ -10,8 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from softlb import ConfigError, Endpoint, parse_agent_config
-from softlb._engine import Engine
+from softlb import ConfigError, Endpoint, Engine, encode_frame, parse_agent_config, parse_request, respond
 from softlb._vip import Vip, VipTable, check_unique, parse_pool, parse_vip
 from softlb.policies import POLICIES
 
@@ -105,7 +104,7 @@ def test_collisions_probe_onward_and_are_reported():
     assert t.collisions, "six names in six slots must collide somewhere"
     t.assign(["one-too-many"])
     assert t.get("one-too-many") is None
-    assert ("one-too-many", 64) in t.collisions
+    assert ("one-too-many", 64, False) in t.collisions
 
 
 def test_explicit_addresses_are_never_handed_out_by_the_pool():
@@ -168,7 +167,10 @@ TestVipTableMachine.settings = settings(max_examples=60, stateful_step_count=40,
 
 
 def _answer(engine, msg):
-    frame = engine.handle(msg, 0.0)
+    """The op's result as a socket caller decodes it (the typed request, the engine, the
+    frame the protocol object encodes)."""
+    req = parse_request(msg)
+    frame = encode_frame({"id": msg["id"], "result": respond(engine, req, 0.0, None)})
     return msgpack.unpackb(frame[4:], raw=False)["result"]
 
 
@@ -193,14 +195,11 @@ def test_answers_carry_the_vip_only_when_there_is_one():
 
 def test_a_reload_that_moves_a_vip_tells_watchers():
     e = Engine(parse_agent_config({"services": {"web": {"vip": "127.77.0.5:80"}}}), random.Random(1))
-    changed = []
-    e.on_change = changed.append
     e.replace_all({"web": [Endpoint("w1", "127.0.0.1", 1)], "db": [Endpoint("d1", "127.0.0.1", 2)]}, 0.0)
-    changed.clear()
     version = e.services["db"].version
-    e.reconfigure(parse_agent_config({"agent": {"vip_pool": POOL},
-                                      "services": {"web": {"vip": "127.77.0.5:80"}}}), 1.0)
-    assert changed == ["db"]  # web's config and VIP are unchanged
+    changed = e.reconfigure(parse_agent_config({"agent": {"vip_pool": POOL},
+                                                "services": {"web": {"vip": "127.77.0.5:80"}}}), 1.0)
+    assert changed == {"db"}  # web's config and VIP are unchanged
     assert e.services["db"].version > version and e.services["db"].vip is not None
 
 
