@@ -310,24 +310,25 @@ def test_vip_answer_mode(tmp_path):
 
 def _bystander(agent, seconds):
     lat = []
-    with Client(socket_path=agent.socket, timeout=2) as c:
+    with Client(socket_path=agent.socket, timeout=1) as c:
         c.resolve("web", lease=False)
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             t = time.perf_counter()
-            c.resolve("web", lease=False)
+            c.resolve("web", lease=False)  # a timeout raises: the test fails
             lat.append(time.perf_counter() - t)
     lat.sort()
     return lat[int(len(lat) * 0.99)], len(lat)
 
 
-@pytest.mark.parametrize("how", [[], ["--tcp", "--unique"]], ids=["udp", "tcp-new-names"])
+@pytest.mark.parametrize("how", [["--unique"], ["--tcp", "--unique"]], ids=["udp", "tcp"])
 def test_a_query_flood_does_not_starve_a_socket_caller(agent, how):
-    """A flooder keeps the DNS port busy for the whole window (UDP: its socket buffer full;
-    TCP: 16 connections with new names, each parsed and rendered, in flight); without the
-    budget the agent's one thread would answer DNS only and the socket caller would time
-    out. Asserted as a ratio of the caller's own p99 without the flood (the absolute figures
-    are bench/dns.py's, in docs/BENCHMARKS.md)."""
+    """A flooder keeps the DNS port busy for the whole window with new names (each one
+    parsed and rendered: the expensive path, so the agent cannot drain its socket buffer).
+    With the UDP loop's budget removed this fails: the loop answers until the buffer is
+    empty, which it never is, and the caller's calls time out (docs/BENCHMARKS.md has the
+    A/B). Asserted as a ratio of the caller's own p99 without the flood; the absolute
+    figures are bench/dns.py's."""
     quiet_p99, _ = _bystander(agent, 1.0)
     flooder = subprocess.Popen([sys.executable, "-m", "tests.helpers.dnsflood", str(agent.dns_port), "3", *how],
                                cwd=ROOT, stdout=subprocess.PIPE, text=True)
