@@ -21,6 +21,10 @@ over --runs rounds:
   flood answered/s     what the flooded front end answered meanwhile
 
 The issue's bound: the bystander's p99 within 5 ms while the DNS port is flooded.
+
+With --ab, only the new-name UDP flood, against this agent and against one whose UDP loop
+has no budget (answers until its socket buffer is empty), the two interleaved in one run;
+`timeouts` counts the caller's calls that hit the client's 1 s timeout.
 """
 
 from __future__ import annotations
@@ -53,7 +57,13 @@ CATALOG = "".join(
 FLOODS = ("repeat", "unique", "garbage", "tcp-unique")
 
 
-def start_agent(tmp: str) -> tuple[subprocess.Popen[bytes], str, int]:
+#: The agent with the UDP loop's budget taken away (--ab): it answers until its socket
+#: buffer is empty, as a loop without a budget would.
+NO_BUDGET = ("import sys, softlb_agent.dns as d; d.UDP_BUDGET = 10**9; d.UDP_SLICE = 1e9; "
+             "from softlb_agent.cli import main; sys.exit(main())")
+
+
+def start_agent(tmp: str, budget: bool = True) -> tuple[subprocess.Popen[bytes], str, int]:
     from softlb_client import Client
 
     cat = os.path.join(tmp, "catalog.toml")
@@ -62,7 +72,7 @@ def start_agent(tmp: str) -> tuple[subprocess.Popen[bytes], str, int]:
     sock = os.path.join(tmp, "softlb.sock")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "softlb_agent", "agent", "--catalog-file", cat, "--socket", sock,
+        [sys.executable, *(["-m", "softlb_agent"] if budget else ["-c", NO_BUDGET]), "agent", "--catalog-file", cat, "--socket", sock,
          "--listen", "", "--admin", "", "--dns", f"127.0.0.1:{port}", "--log-level", "warning"],
     )
     deadline = time.monotonic() + 15
@@ -102,18 +112,22 @@ def dns_round_trips(port: int, rdtype: str, seconds: float) -> dict[str, float]:
 
 
 def bystander(sock: str, seconds: float) -> dict[str, float]:
-    from softlb_client import Client
+    from softlb_client import Client, SoftLBError
 
     lat = []
-    with Client(socket_path=sock, timeout=2.0) as c:
+    timeouts = 0
+    with Client(socket_path=sock, timeout=1.0) as c:
         c.resolve("web", lease=False)
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             t = time.perf_counter()
-            c.resolve("web", lease=False)
+            try:
+                c.resolve("web", lease=False)
+            except SoftLBError:  # the 1 s call timeout: counted, and its wait is in the figures
+                timeouts += 1
             lat.append(time.perf_counter() - t)
     return {"per_s": len(lat) / seconds, "p50_ms": pct(lat, 0.5) * 1e3, "p99_ms": pct(lat, 0.99) * 1e3,
-            "max_ms": max(lat) * 1e3}
+            "max_ms": max(lat) * 1e3, "timeouts": timeouts}
 
 
 def flooded(sock: str, port: int, kind: str, seconds: float) -> dict[str, float]:
@@ -139,31 +153,48 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--window", type=float, default=2.0, help="seconds per measured phase")
+    ap.add_argument("--ab", action="store_true",
+                    help="instead: the new-name UDP flood against this agent and one without the UDP budget, interleaved")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        proc, sock, port = start_agent(tmp)
+        os.mkdir(os.path.join(tmp, "a"))
+        agents = {"": start_agent(os.path.join(tmp, "a"))}
+        if args.ab:
+            os.mkdir(os.path.join(tmp, "b"))
+            agents["no_budget_"] = start_agent(os.path.join(tmp, "b"), budget=False)
         rounds: list[dict[str, dict[str, float]]] = []
+        pairs: list[tuple[str, str]] = []
         try:
             for _ in range(args.runs):
                 r: dict[str, dict[str, float]] = {}
-                r["dns_a"] = dns_round_trips(port, "A", args.window / 2)
-                r["dns_srv"] = dns_round_trips(port, "SRV", args.window / 2)
-                for kind in FLOODS:  # quiet, flood, quiet, flood...: the ratio is per pair
-                    r[f"bystander_quiet_before_{kind}"] = bystander(sock, args.window)
-                    r[f"bystander_flood_{kind}"] = flooded(sock, port, kind, args.window)
+                if args.ab:
+                    for variant, (_proc, sock, port) in agents.items():
+                        name = variant or "budget_"
+                        r[f"{name}quiet"] = bystander(sock, args.window)
+                        r[f"{name}flood_unique"] = flooded(sock, port, "unique", args.window)
+                        pairs.append((f"{name}quiet", f"{name}flood_unique"))
+                else:
+                    _proc, sock, port = agents[""]
+                    r["dns_a"] = dns_round_trips(port, "A", args.window / 2)
+                    r["dns_srv"] = dns_round_trips(port, "SRV", args.window / 2)
+                    for kind in FLOODS:  # quiet, flood, quiet, flood...: the ratio is per pair
+                        r[f"bystander_quiet_before_{kind}"] = bystander(sock, args.window)
+                        r[f"bystander_flood_{kind}"] = flooded(sock, port, kind, args.window)
+                        pairs.append((f"bystander_quiet_before_{kind}", f"bystander_flood_{kind}"))
                 rounds.append(r)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            for proc, _sock, _port in agents.values():
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
     med = {name: {k: statistics.median(r[name][k] for r in rounds) for k in rounds[0][name]} for name in rounds[0]}
-    for kind in FLOODS:
-        ratios = [r[f"bystander_flood_{kind}"]["p99_ms"] / r[f"bystander_quiet_before_{kind}"]["p99_ms"] for r in rounds]
-        med[f"bystander_flood_{kind}"]["p99_ratio_to_quiet"] = statistics.median(ratios)
+    for quiet, flood in dict.fromkeys(pairs):
+        ratios = [r[flood]["p99_ms"] / r[quiet]["p99_ms"] for r in rounds]
+        med[flood]["p99_ratio_to_quiet"] = statistics.median(ratios)
     if args.json:
         print(json.dumps({"machine": platform.platform(), "runs": args.runs, "median": med}, indent=1))
         return
