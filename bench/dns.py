@@ -117,7 +117,10 @@ def bystander(sock: str, seconds: float) -> dict[str, float]:
     lat = []
     timeouts = 0
     with Client(socket_path=sock, timeout=1.0) as c:
-        c.resolve("web", lease=False)
+        try:
+            c.resolve("web", lease=False)  # connects; untimed
+        except SoftLBError:
+            timeouts += 1
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             t = time.perf_counter()
