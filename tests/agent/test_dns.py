@@ -421,3 +421,49 @@ def test_bad_dns_settings_stop_the_start_with_the_reason(tmp_path):
             assert says in a.log(), a.log()
     finally:
         busy.close()
+
+
+# ------------------------------------------------------------------------ health
+
+
+def test_a_backend_that_stops_listening_leaves_the_answers(tmp_path):
+    """Active probes drive DNS answers as they drive resolves: close one backend and the
+    A answers and the SRV set lose it, open it again and it comes back."""
+    from agentproc import wait_until
+
+    def listen(i, port=0):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((f"127.0.0.{i + 1}", port))  # all of 127/8 is loopback: one address each
+        s.listen(16)
+        return s
+
+    backends = [listen(i) for i in range(3)]
+    ports = [s.getsockname()[1] for s in backends]
+    catalog = "".join(endpoint_toml("web", f"127.0.0.{i + 1}", p, id=f"web-{i}") for i, p in enumerate(ports))
+    config = '[services.web.probe]\nkind = "tcp"\ninterval = "100ms"\ntimeout = "500ms"\nfall = 1\nrise = 1\n'
+    dns_port = free_port()
+    agent = AgentProcess(str(tmp_path), catalog, config, extra_args=["--dns", f"127.0.0.1:{dns_port}"], admin=False)
+    agent.dns_port = dns_port
+    try:
+        agent.start()
+
+        def srv_ports():
+            r = ask(agent, "web.service.softlb", "SRV")
+            return sorted(rd.port for rd in r.answer[0]) if r.answer else []
+
+        def a_answers(n=6):
+            return {ask(agent, "web.service.softlb").answer[0][0].address for _ in range(n)}
+
+        wait_until(lambda: srv_ports() == sorted(ports), timeout=10)
+        assert a_answers() == {"127.0.0.1", "127.0.0.2", "127.0.0.3"}
+        backends[1].close()
+        wait_until(lambda: srv_ports() == sorted([ports[0], ports[2]]), timeout=10)
+        assert a_answers(12) == {"127.0.0.1", "127.0.0.3"}
+        backends[1] = listen(1, ports[1])
+        wait_until(lambda: srv_ports() == sorted(ports), timeout=10)
+        assert a_answers() == {"127.0.0.1", "127.0.0.2", "127.0.0.3"}
+    finally:
+        agent.stop()
+        for s in backends:
+            s.close()
