@@ -68,10 +68,10 @@ def dig(agent, *args):
     return status, [(n, int(ttl), t, data) for n, ttl, _cls, t, data in rows]
 
 
-def ask(agent, name, rdtype="A", tcp=False, **kw):
+def ask(agent, name, rdtype="A", tcp=False, timeout=3, **kw):
     q = dns.message.make_query(name, rdtype, **kw)
     send = dns.query.tcp if tcp else dns.query.udp
-    return send(q, "127.0.0.1", port=agent.dns_port, timeout=3)
+    return send(q, "127.0.0.1", port=agent.dns_port, timeout=timeout)
 
 
 # ------------------------------------------------------------------------ answers
@@ -372,24 +372,24 @@ state_dir = "{tmp_path}/state"
 vip_pool = "127.77.0.0/16"
 [consul]
 wait = "2s"
-first_answer_timeout = "3s"
+first_answer_timeout = "5s"
 [services.web]
 """
         agent = AgentProcess(str(tmp_path), "", config, extra_args=["--consul", sim.url, "--dns", f"127.0.0.1:{port}"],
                              admin=False)
         agent.dns_port = port
         agent.start()
-        assert ask(agent, "web.service.softlb").answer[0][0].address == "10.0.0.1"
+        assert ask(agent, "web.service.softlb", timeout=10).answer[0][0].address == "10.0.0.1"
         # db is configured nowhere: the first query starts its watch and waits for it.
-        r = ask(agent, "db.service.softlb", "SRV")
+        r = ask(agent, "db.service.softlb", "SRV", timeout=10)
         assert r.rcode() == dns.rcode.NOERROR and r.answer[0][0].port == 5432
-        assert ask(agent, "db.service.softlb").answer[0][0].address == "10.0.0.5"
+        assert ask(agent, "db.service.softlb", timeout=10).answer[0][0].address == "10.0.0.5"
         # ...and, fetched, it has a pool VIP like any other service.
         with agent.client(timeout=5) as c:
             assert next(s for s in c.services() if s["name"] == "db")["vip"]["port"] == 0
         # A name Consul does not have: NXDOMAIN once Consul said so, over TCP as well.
-        assert ask(agent, "nope.service.softlb").rcode() == dns.rcode.NXDOMAIN
-        assert ask(agent, "nope2.service.softlb", tcp=True).rcode() == dns.rcode.NXDOMAIN
+        assert ask(agent, "nope.service.softlb", timeout=10).rcode() == dns.rcode.NXDOMAIN
+        assert ask(agent, "nope2.service.softlb", tcp=True, timeout=10).rcode() == dns.rcode.NXDOMAIN
     finally:
         if agent is not None:
             agent.stop()

@@ -1,4 +1,4 @@
-"""agent/dns.py's Responder in process: the repeated-query shortcut never answers from
+"""agent/dns_answers.py's Responder in process: the repeated-query shortcut never answers from
 state that has moved (endpoints, families, a reload), and junk never raises."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from softlb import Endpoint, parse_agent_config
-from softlb_agent.dns import Responder
+from softlb_agent.dns_answers import Responder
 from softlb_agent.runtime import Runtime
 
 
