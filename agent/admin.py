@@ -32,6 +32,7 @@ import trio
 
 from softlb._health import ProbeState
 
+from .proxy.figures import annotate
 from .runtime import Runtime
 
 log = logging.getLogger("softlb.admin")
@@ -131,6 +132,7 @@ async def ask(rt: Runtime, msg: dict[str, Any], source: str) -> tuple[int, str, 
         frame = rt.engine.handle(msg, trio.current_time(), source)
         if frame is None:
             return _error(503, "UNAVAILABLE", f"no answer for \"{msg['service']}\" from the catalog source yet")
+    frame = annotate(rt.proxy_figures, msg, frame)
     assert frame is not None
     answer = msgpack.unpackb(frame[4:], raw=False)
     if "error" in answer:

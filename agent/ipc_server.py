@@ -33,6 +33,8 @@ from softlb._errors import RemoteProtocolError, RequestError
 from softlb._protocol import error_frame, ok_frame
 from softlb._wire import NEED_DATA, FrameDecoder, decode_body
 
+from .proxy.figures import annotate
+
 if TYPE_CHECKING:
     from .runtime import Runtime
 
@@ -302,6 +304,8 @@ async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.N
                 out.append(error_frame(None, e.code, e.message))
                 continue
             frame = engine.handle(msg, now, conn.source)
+            if rt.proxy_figures is not None:
+                frame = annotate(rt.proxy_figures, msg, frame)
             if frame is None:
                 nursery.start_soon(_handle_deferred, rt, conn, msg)
             else:

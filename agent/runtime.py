@@ -6,6 +6,7 @@ import collections
 import logging
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -58,6 +59,8 @@ class Runtime:
         self._health_seen: dict[str, tuple[frozenset[str], frozenset[str], bool]] = {}
         #: A human line about the catalog source ("file examples/catalog.toml (fresh)").
         self.source_status = "starting"
+        #: The loopback proxy's counters (agent/proxy/figures.py), set when it starts.
+        self.proxy_figures: Any = None
 
     def _on_change(self, name: str) -> None:
         ev = self._events.pop(name, None)

@@ -6,6 +6,9 @@ generator. Time comes in as `now` (float seconds), randomness as an injected ran
 
 from ._config import AgentConfig as AgentConfig
 from ._config import ServiceConfig as ServiceConfig
+from ._config import ProxyConfig as ProxyConfig
+from ._config import ProxyRoute as ProxyRoute
+from ._config import route as route
 from ._config import parse_agent_config as parse_agent_config
 from ._durations import parse_duration as parse_duration
 from ._errors import ConfigError as ConfigError

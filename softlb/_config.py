@@ -46,6 +46,122 @@ class OutlierConfig:
     max_ejection_percent: int = 50
 
 
+# --------------------------------------------------------------------------- proxy
+
+
+PROXY_MODES = ("tcp", "http", "http2")
+
+
+@dataclass(frozen=True)
+class ProxyRoute:
+    """An http/http2 listener's rule: requests whose Host and path match go to `service`."""
+
+    service: str
+    host: str = ""  # "" matches any Host; compared without port, case-insensitively
+    path_prefix: str = ""  # "" matches any path
+
+    def matches(self, host: str, path: str) -> bool:
+        return (not self.host or self.host == host) and path.startswith(self.path_prefix)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """`[services.NAME.proxy]`: a listener forwarding to NAME's endpoints (docs/PROXY.md)."""
+
+    listen: str
+    mode: str = "tcp"
+    connect_timeout: float = 1.0
+    #: A connection with no bytes either way for this long is closed (tcp; http between requests).
+    idle_timeout: float = 300.0
+    #: One http/http2 request, from its first byte to the end of the answer.
+    request_timeout: float = 30.0
+    #: Further endpoints tried after a failed connect (and, for idempotent http requests,
+    #: after a reset before any answer).
+    retries: int = 2
+    #: How long open connections and requests of a leaving endpoint or listener may finish.
+    drain_timeout: float = 10.0
+    #: Connections open at once; more wait in the kernel's accept queue.
+    max_connections: int = 1024
+    #: Checked in order; the first match wins, else the listener's own service (http, http2).
+    routes: tuple[ProxyRoute, ...] = ()
+
+
+def route(routes: tuple[ProxyRoute, ...], default: str, host: str, path: str) -> str:
+    """The service a request goes to: `host` is the Host header (port and case ignored)."""
+    if routes:
+        host = _strip_port(host).lower()
+        for r in routes:
+            if r.matches(host, path):
+                return r.service
+    return default
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    name, sep, port = host.rpartition(":")
+    return name if sep and port.isdigit() and ":" not in name else host
+
+
+def parse_proxy(t: _Table, allow_non_loopback: bool) -> ProxyConfig:
+    listen = t.str("listen", "")
+    if not listen:
+        raise ConfigError(f"{t.path}.listen: required (\"127.0.0.1:PORT\")")
+    check_listen(listen, f"{t.path}.listen", allow_non_loopback)
+    mode = t.str("mode", "tcp")
+    if mode not in PROXY_MODES:
+        raise ConfigError(f"{t.path}.mode: must be \"tcp\", \"http\" or \"http2\", got \"{mode}\"")
+    d = ProxyConfig(listen="")
+    routes_raw = t.raw("routes", [])
+    if not isinstance(routes_raw, list):
+        raise ConfigError(f"{t.path}.routes: expected an array of tables ([[...routes]])")
+    if routes_raw and mode == "tcp":
+        raise ConfigError(f"{t.path}.routes: a tcp listener cannot route (it never reads Host or path)")
+    routes = []
+    for i, r in enumerate(routes_raw):
+        rt = _Table(r, f"{t.path}.routes[{i}]")
+        service = rt.str("service", "")
+        if not service:
+            raise ConfigError(f"{rt.path}.service: required")
+        host = rt.str("host", "").lower()
+        prefix = rt.str("path_prefix", "")
+        if prefix and not prefix.startswith("/"):
+            raise ConfigError(f"{rt.path}.path_prefix: must start with /")
+        if not host and not prefix:
+            raise ConfigError(f"{rt.path}: give host, path_prefix or both (a route matching everything "
+                              "is the listener's own service)")
+        rt.done()
+        routes.append(ProxyRoute(service=service, host=host, path_prefix=prefix))
+    p = ProxyConfig(
+        listen=listen,
+        mode=mode,
+        connect_timeout=t.duration("connect_timeout", d.connect_timeout),
+        idle_timeout=t.duration("idle_timeout", d.idle_timeout),
+        request_timeout=t.duration("request_timeout", d.request_timeout),
+        retries=t.int("retries", d.retries, 0, 10),
+        drain_timeout=t.duration("drain_timeout", d.drain_timeout),
+        max_connections=t.int("max_connections", d.max_connections, 1, 1_000_000),
+        routes=tuple(routes),
+    )
+    for key in ("connect_timeout", "idle_timeout", "request_timeout"):
+        if getattr(p, key) <= 0:
+            raise ConfigError(f"{t.path}.{key}: must be positive")
+    t.done()
+    return p
+
+
+def check_proxies(services: Mapping[str, ServiceConfig]) -> None:
+    """No two proxy listeners on one address (a reload would fight over the port)."""
+    seen: dict[str, str] = {}
+    for name, s in services.items():
+        if s.proxy is None:
+            continue
+        addr = s.proxy.listen.replace("localhost", "127.0.0.1")
+        if addr in seen:
+            raise ConfigError(f"services.{name}.proxy.listen: {s.proxy.listen} is also services.{seen[addr]}'s")
+        seen[addr] = name
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     policy: str = "round_robin"
@@ -60,6 +176,8 @@ class ServiceConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     #: Only endpoints carrying all these tags are served (Consul and file sources alike).
     tags: tuple[str, ...] = ()
+    #: A loopback proxy listener for this service (docs/PROXY.md); None: no proxy.
+    proxy: ProxyConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -243,7 +361,7 @@ def parse_outlier(t: _Table) -> OutlierConfig:
     return o
 
 
-def parse_service(t: _Table, known_policies: frozenset[str]) -> ServiceConfig:
+def parse_service(t: _Table, known_policies: frozenset[str], allow_non_loopback: bool = False) -> ServiceConfig:
     d = ServiceConfig()
     policy = t.str("policy", d.policy)
     if known_policies and policy not in known_policies:
@@ -277,6 +395,7 @@ def parse_service(t: _Table, known_policies: frozenset[str]) -> ServiceConfig:
         slow_start=t.duration("slow_start", d.slow_start),
         options=dict(options),
         tags=t.strings("tags"),
+        proxy=parse_proxy(proxy_t, allow_non_loopback) if (proxy_t := t.table("proxy")) else None,
     )
     t.done()
     return s
@@ -364,7 +483,8 @@ def parse_agent_config(data: Mapping[str, Any], known_policies: frozenset[str] =
     for name in list(services_t.data):
         if not name:
             raise ConfigError("services: empty service name")
-        services[name] = parse_service(services_t.table(name), known_policies)  # type: ignore[arg-type]
+        services[name] = parse_service(services_t.table(name), known_policies,  # type: ignore[arg-type]
+                                       agent.raw("allow_non_loopback", False) is True)
     provide_raw = root.raw("provide", [])
     if not isinstance(provide_raw, list):
         raise ConfigError("provide: expected an array of tables ([[provide]])")
@@ -399,6 +519,10 @@ def finalize(cfg: AgentConfig) -> AgentConfig:
     """Cross-field checks; run again after command-line flags are merged in."""
     check_listen(cfg.listen, "agent.listen", cfg.allow_non_loopback)
     check_listen(cfg.admin, "agent.admin", cfg.allow_non_loopback)
+    for name, s in cfg.services.items():
+        if s.proxy is not None:
+            check_listen(s.proxy.listen, f"services.{name}.proxy.listen", cfg.allow_non_loopback)
+    check_proxies(cfg.services)
     if cfg.busy_poll > 0.01:
         raise ConfigError("agent.busy_poll: at most 10ms (it spins a core while it waits)")
     return cfg
