@@ -145,3 +145,135 @@ def http_get_many(port: int, n: int, path: str = "/", host: str = "x") -> list[s
     finally:
         c.close()
     return out
+
+
+class HttpBackend:
+    """A threaded HTTP/1.1 backend built on http.server, for header, body and failure
+    cases. Paths:
+      /echo          200, JSON of method, path, headers and the request body's length and sha256
+      /big?n=N       200, N bytes streamed chunked (no Content-Length)
+      /status/NNN    that status
+      /slow?s=S      answers after S seconds
+      /reset         closes the connection without answering (a crash mid-request)
+      /ws            101 Switching Protocols, then echoes raw bytes
+    Every answer carries `X-Backend: NAME`; `hits` counts requests per path."""
+
+    def __init__(self, name: str) -> None:
+        import collections
+        import hashlib
+        import http.server
+        import json
+        import urllib.parse
+
+        backend = self
+        self.name = name
+        self.hits: collections.Counter[str] = collections.Counter()
+
+        class H(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+            def _body(self) -> tuple[int, str]:
+                h = hashlib.sha256()
+                n = 0
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b""):
+                                pass
+                            break
+                        left = size
+                        while left:
+                            d = self.rfile.read(min(left, 1 << 16))
+                            h.update(d)
+                            left -= len(d)
+                        n += size
+                        self.rfile.readline()
+                else:
+                    left = int(self.headers.get("Content-Length") or 0)
+                    while left:
+                        d = self.rfile.read(min(left, 1 << 16))
+                        if not d:
+                            break
+                        h.update(d)
+                        n += len(d)
+                        left -= len(d)
+                return n, h.hexdigest()
+
+            def _reply(self, status: int, body: bytes, ctype: str = "text/plain") -> None:
+                self.send_response(status)
+                self.send_header("X-Backend", backend.name)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _any(self) -> None:
+                u = urllib.parse.urlsplit(self.path)
+                q = dict(urllib.parse.parse_qsl(u.query))
+                backend.hits[u.path] += 1
+                if u.path == "/reset":
+                    self.close_connection = True
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                    return
+                if u.path == "/ws":
+                    self.send_response(101)
+                    self.send_header("Upgrade", "websocket")
+                    self.send_header("Connection", "Upgrade")
+                    self.end_headers()
+                    self.wfile.flush()
+                    while d := self.connection.recv(4096):
+                        self.connection.sendall(d)
+                    self.close_connection = True
+                    return
+                n, sha = self._body()
+                if u.path == "/echo":
+                    doc = {"backend": backend.name, "method": self.command, "path": self.path,
+                           "headers": [[k.lower(), v] for k, v in self.headers.items()], "length": n, "sha256": sha}
+                    self._reply(200, json.dumps(doc).encode(), "application/json")
+                elif u.path == "/big":
+                    self.send_response(200)
+                    self.send_header("X-Backend", backend.name)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    left = int(q["n"])
+                    block = b"z" * (1 << 16)
+                    while left:
+                        k = min(left, len(block))
+                        self.wfile.write(b"%x\r\n" % k + block[:k] + b"\r\n")
+                        left -= k
+                    self.wfile.write(b"0\r\n\r\n")
+                elif u.path.startswith("/status/"):
+                    self._reply(int(u.path[8:]), b"as asked\n")
+                elif u.path == "/slow":
+                    time.sleep(float(q["s"]))
+                    self._reply(200, b"slow\n")
+                else:
+                    self._reply(200, f"hello from {backend.name}\n".encode())
+
+            do_GET = do_POST = do_PUT = do_DELETE = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._t = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._t.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+_refusing: list[socket.socket] = []
+
+
+def refusing_port() -> int:
+    """A port where connects are refused, reserved for the test run (bound, never
+    listening), so no other free_port() can hand it out meanwhile."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _refusing.append(s)
+    return s.getsockname()[1]

@@ -60,6 +60,8 @@ class ListenerState:
         #: Set when the listener stops accepting: keep-alive connections close after the
         #: request in progress.
         self.closing = False
+        #: Per-mode state kept across connections (the http upstream pool).
+        self.extra: dict[str, object] = {}
 
     def track(self, service: str, endpoint_id: str, scope: trio.CancelScope) -> Work:
         w = Work(service, endpoint_id, scope)
@@ -136,6 +138,11 @@ class ProxyListener:
             except BaseException:
                 self.limiter.release_on_behalf_of(token)
                 raise
+            try:
+                # Answers go out in as few writes as can be, and nothing may wait for an ACK.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
             conn = Conn(sock, addr[0] if isinstance(addr, tuple) else "")
             state.conns.add(conn)
             lf.active += 1

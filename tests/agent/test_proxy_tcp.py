@@ -15,7 +15,7 @@ import time
 import pytest
 
 from agentproc import endpoint_toml, free_port, wait_until
-from proxyhelp import DemoBackends, EchoServer, http_get_many, recv_line, wait_port
+from proxyhelp import DemoBackends, EchoServer, http_get_many, recv_line, refusing_port, wait_port
 
 
 def proxy_config(service: str, port: int, mode: str = "tcp", **extra: object) -> str:
@@ -138,7 +138,7 @@ def test_tcp_upstream_half_close_keeps_client_side_open(make_agent):
 
 def test_tcp_connect_failure_tries_another_and_reports(make_agent, echoes):
     live = echoes(2)
-    dead = free_port()  # nothing listens here: connects are refused
+    dead = refusing_port()
     catalog = echo_catalog(live) + endpoint_toml("echo", "127.0.0.1", dead, id="dead")
     port = free_port()
     agent = make_agent(catalog, proxy_config("echo", port, retries=2)).start()
@@ -161,7 +161,7 @@ def test_tcp_connect_failure_tries_another_and_reports(make_agent, echoes):
 
 def test_tcp_every_endpoint_down_closes_the_client(make_agent):
     port = free_port()
-    catalog = "".join(endpoint_toml("gone", "127.0.0.1", free_port(), id=f"g{i}") for i in range(2))
+    catalog = "".join(endpoint_toml("gone", "127.0.0.1", refusing_port(), id=f"g{i}") for i in range(2))
     agent = make_agent(catalog, proxy_config("gone", port, retries=1)).start()
     wait_port(port)
     s = connect(port)
