@@ -277,3 +277,44 @@ def refusing_port() -> int:
     s.bind(("127.0.0.1", 0))
     _refusing.append(s)
     return s.getsockname()[1]
+
+
+class GrpcBackend:
+    """A grpcio server (bytes in, bytes out; no protobuf needed) on an h2c port:
+    /demo.Echo/Call answers `NAME:` + the request; /demo.Echo/Fail answers UNAVAILABLE;
+    /demo.Echo/Slow sleeps the request's seconds first (deadlines)."""
+
+    def __init__(self, name: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+
+        self.name = name
+        self.calls = 0
+
+        def call(req: bytes, ctx: object) -> bytes:
+            self.calls += 1
+            return name.encode() + b":" + req
+
+        def fail(req: bytes, ctx: grpc.ServicerContext) -> bytes:
+            self.calls += 1
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, "down for the test")
+            return b""
+
+        def slow(req: bytes, ctx: object) -> bytes:
+            self.calls += 1
+            time.sleep(float(req))
+            return b"late"
+
+        handler = grpc.method_handlers_generic_handler("demo.Echo", {
+            "Call": grpc.unary_unary_rpc_method_handler(call),
+            "Fail": grpc.unary_unary_rpc_method_handler(fail),
+            "Slow": grpc.unary_unary_rpc_method_handler(slow),
+        })
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=8))
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.stop(grace=None)

@@ -62,6 +62,10 @@ class ListenerState:
         self.closing = False
         #: Per-mode state kept across connections (the http upstream pool).
         self.extra: dict[str, object] = {}
+        #: Where tasks outliving one client connection run (shared upstream readers).
+        self.nursery: trio.Nursery | None = None
+        #: Called with `now` on every drain check (pooled connection upkeep).
+        self.sweepers: list[Callable[[float], None]] = []
 
     def track(self, service: str, endpoint_id: str, scope: trio.CancelScope) -> Work:
         w = Work(service, endpoint_id, scope)
@@ -104,6 +108,7 @@ class ProxyListener:
         try:
             with self._conn_scope:
                 async with trio.open_nursery() as nursery:
+                    self.state.nursery = nursery
                     nursery.start_soon(self._drain_checker)
                     task_status.started()
                     with self._accept_scope:
@@ -164,7 +169,10 @@ class ProxyListener:
     async def _drain_checker(self) -> None:
         while True:
             await trio.sleep(DRAIN_CHECK)
-            self.state.check_drain(trio.current_time())
+            now = trio.current_time()
+            self.state.check_drain(now)
+            for sweep in self.state.sweepers:
+                sweep(now)
 
     def stop_accepting(self) -> None:
         """Close the listening socket now, so its address is free for a successor (under
