@@ -32,7 +32,7 @@ import trio
 
 from softlb._health import ProbeState
 
-from .proxy.figures import annotate
+from .proxy.figures import annotate, proxy_metrics
 from .runtime import Runtime
 
 log = logging.getLogger("softlb.admin")
@@ -234,4 +234,6 @@ def render_metrics(rt: Runtime) -> str:
     metric("softlb_service_data_age_seconds", "gauge", "Seconds since the catalog source last confirmed this data.",
            [(lbl, f"{max(0.0, now - b.fetched_at):.3f}") for lbl, b in services
             if b.fetched_at is not None and rt.config.source != "file"])
+    if rt.proxy_figures is not None:
+        proxy_metrics(rt.proxy_figures, metric)
     return "\n".join(out) + "\n"

@@ -7,6 +7,7 @@ runs (Prometheus counters), except `active`, which is a gauge.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -43,8 +44,43 @@ class ProxyFigures:
             f = self.endpoints[key] = Figures()
         return f
 
+    def prune(self, services: Any) -> None:
+        """Forget endpoints the catalog no longer lists (once idle), so churn cannot grow
+        this table (or the metric series) without bound."""
+        for key in [k for k, f in self.endpoints.items() if not f.active]:
+            b = services.get(key[0])
+            if b is None or key[1] not in b.by_id:
+                del self.endpoints[key]
+
     def for_service(self, service: str) -> dict[str, dict[str, int]]:
         return {eid: f.as_dict() for (s, eid), f in self.endpoints.items() if s == service}
+
+
+#: Metric name suffix, kind, help, Figures field.
+METRICS = (
+    ("active", "gauge", "Proxied connections (tcp) or requests (http, http2) open now.", "active"),
+    ("connections_total", "counter", "Connections accepted (listener) or opened (endpoint).", "connections"),
+    ("requests_total", "counter", "Requests (tcp: connections) forwarded.", "requests"),
+    ("received_bytes_total", "counter", "Bytes from clients towards endpoints.", "bytes_in"),
+    ("sent_bytes_total", "counter", "Bytes from endpoints back to clients.", "bytes_out"),
+    ("failures_total", "counter", "Failed connects, resets, 5xx and gRPC UNAVAILABLE answers.", "failures"),
+    ("retries_total", "counter", "Further endpoints tried after a failure.", "retries"),
+)
+
+
+def _label(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def proxy_metrics(figures: ProxyFigures, metric: Any) -> None:
+    """softlb_proxy_listener_* by service and softlb_proxy_endpoint_* by service and
+    endpoint, through the admin port's `metric(name, kind, help, samples)`."""
+    for suffix, kind, help_, attr in METRICS:
+        metric(f"softlb_proxy_listener_{suffix}", kind, help_,
+               [(f'{{service="{_label(s)}"}}', getattr(f, attr)) for s, f in sorted(figures.listeners.items())])
+        metric(f"softlb_proxy_endpoint_{suffix}", kind, help_,
+               [(f'{{service="{_label(s)}",endpoint="{_label(e)}"}}', getattr(f, attr))
+                for (s, e), f in sorted(figures.endpoints.items())])
 
 
 def annotate(figures: ProxyFigures | None, msg: object, frame: bytes | None) -> bytes | None:

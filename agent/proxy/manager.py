@@ -22,6 +22,9 @@ from .listener import Handler, ListenerState, ProxyListener
 
 log = logging.getLogger("softlb.proxy")
 
+#: How often figures of endpoints gone from the catalog are dropped.
+PRUNE_INTERVAL = 30.0
+
 #: (service, address) -> (listening socket, where it is, inherited from systemd?)
 Bind = Callable[[str, str], tuple[socket.socket, str]]
 
@@ -54,7 +57,9 @@ class ProxyManager:
                 if svc.proxy is not None:
                     await self._open(name, svc.proxy)
             task_status.started()
-            await trio.sleep_forever()
+            while True:
+                await trio.sleep(PRUNE_INTERVAL)
+                self.figures.prune(self.rt.engine.services)
 
     async def _open(self, service: str, cfg: ProxyConfig) -> None:
         assert self._nursery is not None

@@ -61,6 +61,12 @@ def test_tcp_one_pick_per_connection(make_agent):
         assert fresh == {f"hello from web-{i}" for i in (1, 2, 3)}
         eps = json.loads(agent.cli("endpoints", "web", "--json").stdout)
         assert sum(e["proxy"]["requests"] for e in eps["endpoints"]) == 1 + 1 + 9  # wait_port connects too
+        assert eps["proxy_listener"]["connections"] == 11
+        import urllib.request
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{agent.admin_port}/metrics", timeout=10).read().decode()
+        assert 'softlb_proxy_listener_requests_total{service="web"} 11' in metrics
+        assert 'softlb_proxy_endpoint_requests_total{service="web",endpoint="web-1"}' in metrics
+        assert 'softlb_proxy_listener_active{service="web"} 0' in metrics
     finally:
         b.stop()
 
