@@ -18,7 +18,7 @@ import trio
 
 from softlb import route
 
-from .listener import Conn, ListenerState
+from .listener import KEEPALIVE_GRACE, Conn, ListenerState
 from .picks import Held, NoEndpoint, finish, pick, release
 from .pool import Pool
 from .pump import Idle, pump
@@ -130,9 +130,10 @@ async def serve_http1(state: ListenerState, conn: Conn) -> None:
     sock = conn.sock
     client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     lf = state.figures.listener(state.service)
-    while not state.closing:
+    while True:
+        wait = KEEPALIVE_GRACE if state.closing else state.config.idle_timeout
         try:
-            with trio.CancelScope(deadline=trio.current_time() + state.config.idle_timeout) as between:
+            with trio.CancelScope(deadline=trio.current_time() + wait) as between:
                 conn.between = between
                 ev = await _next(sock, client)
         except h11.RemoteProtocolError as e:

@@ -22,6 +22,8 @@ from .pump import splice_available
 
 log = logging.getLogger("softlb.proxy")
 
+#: How long an idle keep-alive connection is kept open once its listener drains.
+KEEPALIVE_GRACE = 0.5
 #: How often open work is checked against the endpoints still serving (drain start).
 DRAIN_CHECK = 0.25
 
@@ -185,8 +187,12 @@ class ProxyListener:
     async def retire(self) -> None:
         """Stop accepting; let open connections finish within drain_timeout; then cut them."""
         self.stop_accepting()
+        # Keep-alive connections between requests get a short grace: a request already on
+        # its way (wrk and most clients send the next one at once) is answered, with
+        # `Connection: close`, instead of meeting a closed connection it cannot retry.
+        grace = trio.current_time() + min(KEEPALIVE_GRACE, self.state.config.drain_timeout)
         for c in list(self.state.conns):
-            c.between.cancel()
+            c.between.deadline = min(c.between.deadline, grace)
         with trio.move_on_after(self.state.config.drain_timeout):
             await self.done.wait()
         self._conn_scope.cancel()
