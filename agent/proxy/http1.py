@@ -11,6 +11,7 @@ become a tcp tunnel after the pick.
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 
 import h11
@@ -22,7 +23,7 @@ from .listener import KEEPALIVE_GRACE, Conn, ListenerState
 from .picks import Held, NoEndpoint, finish, pick, release
 from .pool import Pool
 from .pump import Idle, pump
-from .upstream import LOCAL_ERRNOS, Try, UpstreamFailed, connect_picked, open_socket
+from .upstream import LOCAL_ERRNOS, Try, UpstreamFailed, connect_picked, open_socket_pair
 
 log = logging.getLogger("softlb.proxy")
 
@@ -34,8 +35,8 @@ HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"tra
                  b"transfer-encoding"})
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 #: Reused pooled connections found closed by the server, retried at most this often per
-#: request before counting as a failure.
-STALE_RETRIES = 2
+#: request before counting as a failure (each one found is dropped from the pool).
+STALE_RETRIES = 8
 
 
 class UpstreamError(Exception):
@@ -45,6 +46,7 @@ class UpstreamError(Exception):
 @dataclass(eq=False, slots=True)
 class Upstream:
     sock: trio.socket.SocketType
+    raw: socket.socket  # the same socket, for the peek before reuse
     h11: h11.Connection
     key: tuple[str, int]
     reused: bool = False
@@ -204,10 +206,13 @@ async def _exchange(state: ListenerState, conn: Conn, client: h11.Connection, re
         ef = figures.endpoint(service, ep.id)
         key = (ep.address, ep.port)
         up = pool.get(key, cfg.idle_timeout)
+        while up is not None and _closed(up.raw):  # the server closed it while it sat idle
+            up.close()
+            up = pool.get(key, cfg.idle_timeout)
         t0 = trio.current_time()
         if up is None:
             try:
-                sock = await open_socket(ep.address, ep.port, cfg.connect_timeout)
+                raw, sock = await open_socket_pair(ep.address, ep.port, cfg.connect_timeout)
             except (OSError, trio.TooSlowError) as e:
                 if isinstance(e, OSError) and e.errno in LOCAL_ERRNOS:
                     release(state.rt, held)
@@ -224,7 +229,7 @@ async def _exchange(state: ListenerState, conn: Conn, client: h11.Connection, re
                 lf.retries += 1
                 continue
             ef.connections += 1
-            up = Upstream(sock, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD), key)
+            up = Upstream(sock, raw, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD), key)
         else:
             up.reused = True
         ef.requests += 1
@@ -242,7 +247,7 @@ async def _exchange(state: ListenerState, conn: Conn, client: h11.Connection, re
         except UpstreamError as e:
             log.debug("%s: %s failed: %s (attempt %d)", service, ep.id, e, attempt)
             up.close()
-            if up.reused and stale < STALE_RETRIES and result_unsent(client):
+            if up.reused and stale < STALE_RETRIES and result_unsent(client) and client.their_state is h11.DONE:
                 # A pooled connection the server had closed: not the endpoint's fault.
                 release(state.rt, held)
                 stale += 1
@@ -277,6 +282,17 @@ async def _exchange(state: ListenerState, conn: Conn, client: h11.Connection, re
             pool.put(key, up)
         else:
             up.close()
+        return True
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether an idle pooled connection was closed by its server (EOF or reset waiting):
+    one non-blocking peek, cheaper than a failed request."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
         return True
 
 

@@ -31,8 +31,15 @@ class Try:
 
 
 async def open_socket(address: str, port: int, timeout: float) -> trio.socket.SocketType:
+    return (await open_socket_pair(address, port, timeout))[1]
+
+
+async def open_socket_pair(address: str, port: int, timeout: float) -> tuple[socket.socket, trio.socket.SocketType]:
+    """The connected socket, as the stdlib object (for non-blocking peeks) and trio's."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    raw.setblocking(False)
+    sock = trio.socket.from_stdlib_socket(raw)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with trio.fail_after(timeout):
@@ -40,7 +47,7 @@ async def open_socket(address: str, port: int, timeout: float) -> trio.socket.So
     except BaseException:
         sock.close()
         raise
-    return sock
+    return raw, sock
 
 
 async def connect_picked(rt: Runtime, figures: ProxyFigures, service: str, how: Try, *,
