@@ -8,7 +8,8 @@ Starts (all on loopback, all stopped by pid at the end):
   - a bulk server (sends N bytes per connection) and a gRPC server (grpcio, bytes in/out);
   - a softlb agent with a tcp, an http and an http2 listener in front of them;
   - HAProxy in front of the same backends: `mode tcp` and `mode http` (keep-alive to the
-    servers, its defaults otherwise; Debian's package).
+    servers, its defaults otherwise; Debian's package), with one thread by default like the
+    agent's one event loop (--haproxy-threads 0: HAProxy's default, a thread per CPU).
 Then, for --rounds rounds, each round running every target once in turn (A/B/C, A/B/C, ...
 so drift hits all alike), measures:
   ka      wrk -t1 -c32, keep-alive, small GETs: requests/s
@@ -148,6 +149,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=3.0)
     ap.add_argument("--bulk-mib", type=int, default=1024)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--haproxy-threads", type=int, default=1,
+                    help="HAProxy's nbthread (1: one event loop, like the agent; 0: its default, one per CPU)")
     ap.add_argument("--only", default="", help="comma-separated: ka,close,lat,bulk,grpc")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else {"ka", "close", "lat", "bulk", "grpc"}
@@ -173,6 +176,7 @@ def main() -> None:
                     http-request return status 200 content-type text/plain string "hello from b2"
             """))
         with open(os.path.join(tmp, "haproxy.cfg"), "w") as f:
+            f.write(("global\n    nbthread %d\n" % args.haproxy_threads) if args.haproxy_threads else "")
             f.write(textwrap.dedent(f"""
                 defaults
                     timeout connect 1s
@@ -248,7 +252,8 @@ def main() -> None:
             print(json.dumps({"medians": med, "runs": results}, indent=2))
             return
         print(f"median of {args.rounds} rounds, {args.duration:g}s each (bulk {args.bulk_mib} MiB); "
-              f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+              f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; haproxy nbthread "
+              f"{args.haproxy_threads or 'default'}")
         for s, d in med.items():
             print(f"\n{s}")
             direct = d.get("direct")

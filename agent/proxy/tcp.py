@@ -68,8 +68,8 @@ async def serve_tcp(state: ListenerState, conn: Conn) -> None:
                     idle_scope.cancel()
 
             async with trio.open_nursery() as n:
-                n.start_soon(one_way, client, upstream, up)
                 n.start_soon(one_way, upstream, client, down)
+                await one_way(client, upstream, up)  # this task carries one direction itself
         if broken or idle_scope.cancelled_caught or drain.cancelled_caught:
             # A reset on either side, or idle too long: the other side hears a reset too.
             _reset(client)
