@@ -83,27 +83,16 @@ def proxy_metrics(figures: ProxyFigures, metric: Any) -> None:
                 for (s, e), f in sorted(figures.endpoints.items())])
 
 
-def annotate(figures: ProxyFigures | None, msg: object, frame: bytes | None) -> bytes | None:
-    """An `endpoints` answer with the proxy's figures added: `proxy` on each endpoint that
-    has any, and `proxy_listener` for the service's own listener. Other frames pass as they
-    are. (The core answers the op; the figures live in the agent.)"""
-    if figures is None or frame is None or not isinstance(msg, dict) or msg.get("op") != "endpoints":
-        return frame
-    service = msg.get("service")
-    per = figures.for_service(service) if isinstance(service, str) else {}
-    lst = figures.listeners.get(service) if isinstance(service, str) else None
-    if not per and lst is None:
-        return frame
-    import msgpack
-
-    from softlb._wire import encode_frame
-
-    answer = msgpack.unpackb(frame[4:], raw=False)
-    result = answer.get("result")
-    if not isinstance(result, dict):
-        return frame
-    for e in result.get("endpoints", []):
-        e["proxy"] = per.get(e.get("id"), Figures().as_dict())
+def with_proxy_figures(figures: ProxyFigures, service: str, result: Any) -> Any:
+    """An `endpoints` result with the proxy's figures added: `proxy` on each endpoint and
+    `proxy_listener` for the service's own listener, when the proxy has any for it. (The
+    core describes the service; the figures live in the agent.)"""
+    per = figures.for_service(service)
+    lst = figures.listeners.get(service)
+    if (not per and lst is None) or not isinstance(result, dict):
+        return result
+    result = dict(result)
+    result["endpoints"] = [dict(e, proxy=per.get(e.get("id"), Figures().as_dict())) for e in result.get("endpoints", [])]
     if lst is not None:
         result["proxy_listener"] = lst.as_dict()
-    return encode_frame(answer)
+    return result

@@ -1,8 +1,8 @@
 """The proxy's one door into the core: pick an endpoint with a held lease, finish it.
 
-Every proxied connection (tcp) or request (http, http2) is one pick whose lease stays open
-until the work ends, so load-aware policies see it as in flight however long it lasts, and
-its outcome feeds outlier detection (a failed connect, a reset, a 5xx).
+Every proxied connection (tcp) or request (http, http2) is one pick whose lease is HELD
+until the work ends, so load-aware policies count it as in flight however long it lasts,
+and its outcome feeds outlier detection (a failed connect, a reset, a 5xx).
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 import trio
 
-from softlb import ErrorCode
-from softlb._errors import RequestError
-from softlb._types import Endpoint
+from softlb import Endpoint, LeaseScope, PickError, RequestError
 
 from ..runtime import Runtime
 
@@ -36,20 +34,13 @@ class Held:
 
 
 async def pick(rt: Runtime, service: str, *, source: str | None = None, key: str | None = None) -> Held:
-    """A pick with a lease held until `finish`/`release`; waits (bounded) for a service a
-    catalog source is still fetching. Raises NoEndpoint."""
-    engine = rt.engine
-    for attempt in (0, 1):
-        now = trio.current_time()
-        try:
-            r = engine.resolve(service, now, key=key, source=source, lease=True)
-        except RequestError as e:
-            if attempt == 0 and e.code == ErrorCode.UNKNOWN_SERVICE and engine.on_unknown_service is not None \
-                    and engine.on_unknown_service(service) and await rt.wait_for_service(service):
-                continue
-            raise NoEndpoint(e.code.value, e.message) from None
-        return Held(service, r.endpoint, r.lease, now)
-    raise NoEndpoint(ErrorCode.UNAVAILABLE.value, f"service \"{service}\" is not known yet")
+    """A pick with a lease held until `finish`/`release`; waits (bounded, in the runtime's
+    one place) for a service a catalog source is still fetching. Raises NoEndpoint."""
+    try:
+        p = await rt.pick(service, key=key, source=source, scope=LeaseScope.HELD)
+    except (PickError, RequestError) as e:
+        raise NoEndpoint(e.code.value, e.message) from None
+    return Held(service, p.endpoint, p.lease, trio.current_time())
 
 
 def finish(rt: Runtime, held: Held, ok: bool, latency: float | None = None) -> None:
@@ -58,9 +49,9 @@ def finish(rt: Runtime, held: Held, ok: bool, latency: float | None = None) -> N
         return
     lease, held.lease = held.lease, None
     try:
-        rt.engine.report(trio.current_time(), ok, latency, lease=lease)
-    except RequestError:
-        pass  # the lease expired or its service went away meanwhile: nothing left to count
+        rt.finish(lease, ok=ok, latency=latency)
+    except (PickError, RequestError):
+        pass  # its service went away meanwhile: nothing left to count
 
 
 def release(rt: Runtime, held: Held) -> None:
@@ -69,10 +60,7 @@ def release(rt: Runtime, held: Held) -> None:
     if held.lease is None:
         return
     lease, held.lease = held.lease, None
-    engine = rt.engine
-    le = engine.leases.close(lease)
-    if le is not None and (b := engine.services.get(le.service)) is not None:
-        b.on_finish(le.endpoint_id, True, None, trio.current_time())
+    rt.release(lease)
 
 
 def serving(rt: Runtime, service: str, endpoint_id: str) -> bool:
