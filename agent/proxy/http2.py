@@ -105,8 +105,10 @@ class Side:
         self._window.set()
         self._window = trio.Event()
 
-    async def send_data(self, sid: int, data: bytes, end: bool) -> None:
-        """Send within the peer's flow-control windows, waiting for them to open."""
+    async def send_data(self, sid: int, data: bytes, end: bool, flush: bool = True) -> None:
+        """Send within the peer's flow-control windows, waiting for them to open. With
+        `flush` false the frames stay queued (the caller flushes once it has nothing more),
+        unless a window must be waited for."""
         view = memoryview(data)
         while view:
             if self.dead:
@@ -116,14 +118,16 @@ class Side:
             except (h2.exceptions.StreamClosedError, KeyError):
                 raise ConnectionError("stream closed") from None
             if room <= 0:
-                await self._window.wait()
+                opened = self._window  # taken before the flush: an update during it must count
+                await self.flush()
+                await opened.wait()
                 continue
             chunk = view[:room]
             self.conn.send_data(sid, bytes(chunk), end_stream=end and len(chunk) == len(view))
             view = view[len(chunk):]
-            await self.flush()
         if not data and end:
             self.conn.end_stream(sid)
+        if flush:
             await self.flush()
 
     def ack(self, sid: int, n: int) -> None:
@@ -455,7 +459,8 @@ async def _proxy_stream(state: ListenerState, conn: Conn, cside: Side, sid: int,
         try:
             with work.scope:
                 uside.conn.send_headers(usid, headers, end_stream=request_done and not replay)
-                await uside.flush()
+                if request_done and not replay:
+                    await uside.flush()
                 async with trio.open_nursery() as n:
 
                     async def upload() -> None:
@@ -464,7 +469,10 @@ async def _proxy_stream(state: ListenerState, conn: Conn, cside: Side, sid: int,
                             await _up_item(uside, usid, item)
                         if request_done:
                             return
+                        if inbox.recv.statistics().current_buffer_used == 0:
+                            await uside.flush()  # the headers go now: the body may take a while
                         async for item in inbox.recv:
+                            more = inbox.recv.statistics().current_buffer_used > 0
                             if item[0] == "data":
                                 if replayable:
                                     replay_size += len(item[1])
@@ -473,9 +481,10 @@ async def _proxy_stream(state: ListenerState, conn: Conn, cside: Side, sid: int,
                                         replay.clear()
                                     else:
                                         replay.append(item)
-                                await _up_item(uside, usid, item)
+                                await _up_item(uside, usid, item, flush=not more)
                                 cside.ack(sid, item[2])
-                                await cside.flush()
+                                if not more:
+                                    await cside.flush()
                                 lf.bytes_in += len(item[1])
                                 ef.bytes_in += len(item[1])
                             elif item[0] in ("trailers", "end"):
@@ -497,6 +506,7 @@ async def _proxy_stream(state: ListenerState, conn: Conn, cside: Side, sid: int,
                     async def download() -> None:
                         async for item in ubox.recv:
                             kind = item[0]
+                            more = ubox.recv.statistics().current_buffer_used > 0
                             if kind == "headers":
                                 hs = [(k, v) for k, v in item[1] if k not in HOP]
                                 status = dict(hs).get(b":status", b"200")
@@ -508,14 +518,16 @@ async def _proxy_stream(state: ListenerState, conn: Conn, cside: Side, sid: int,
                                     outcome["ok"] = False
                                 cside.conn.send_headers(sid, hs, end_stream=item[2])
                                 answered[0] = True
-                                await cside.flush()
+                                if item[2] or not more:
+                                    await cside.flush()
                                 if item[2]:
                                     n.cancel_scope.cancel()
                                     return
                             elif kind == "data":
-                                await cside.send_data(sid, item[1], False)
+                                await cside.send_data(sid, item[1], False, flush=not more)
                                 uside.ack(usid, item[2])
-                                await uside.flush()
+                                if not more:
+                                    await uside.flush()
                                 lf.bytes_out += len(item[1])
                                 ef.bytes_out += len(item[1])
                             elif kind == "trailers":
@@ -581,10 +593,10 @@ async def _proxy_stream(state: ListenerState, conn: Conn, cside: Side, sid: int,
         return
 
 
-async def _up_item(uside: Side, usid: int, item: tuple[Any, ...]) -> None:
+async def _up_item(uside: Side, usid: int, item: tuple[Any, ...], flush: bool = True) -> None:
     kind = item[0]
     if kind == "data":
-        await uside.send_data(usid, item[1], False)
+        await uside.send_data(usid, item[1], False, flush=flush)
     elif kind == "trailers":
         uside.conn.send_headers(usid, item[1], end_stream=True)
         await uside.flush()
