@@ -49,6 +49,8 @@ from ._config import ServiceConfig as ServiceConfig
 from ._config import ProxyConfig as ProxyConfig
 from ._config import ProxyRoute as ProxyRoute
 from ._config import check_listen as check_listen
+from ._config import ProxyPlan as ProxyPlan
+from ._config import plan_proxies as plan_proxies
 from ._config import route as route
 from ._config import parse_agent_config as parse_agent_config
 from ._config import with_overrides as with_overrides

@@ -150,6 +150,32 @@ def parse_proxy(t: _Table, allow_non_loopback: bool) -> ProxyConfig:
     return p
 
 
+@dataclass(frozen=True)
+class ProxyPlan:
+    """What a reload does to the proxy listeners, by service name, in this order: close
+    (removed, moved, or changed mode: their ports are freed first), update (same listen and
+    mode: new settings for new work, connections untouched), open (new, moved, changed mode)."""
+
+    close: tuple[str, ...] = ()
+    update: tuple[str, ...] = ()
+    open: tuple[str, ...] = ()
+
+
+def plan_proxies(running: Mapping[str, ProxyConfig], wanted: Mapping[str, ProxyConfig]) -> ProxyPlan:
+    close, update, open_ = [], [], []
+    for name, old in sorted(running.items()):
+        new = wanted.get(name)
+        if new is not None and new.listen == old.listen and new.mode == old.mode:
+            if new != old:
+                update.append(name)
+        else:
+            close.append(name)
+    for name in sorted(wanted):
+        if name not in running or name in close:
+            open_.append(name)
+    return ProxyPlan(tuple(close), tuple(update), tuple(open_))
+
+
 def check_proxies(services: Mapping[str, ServiceConfig]) -> None:
     """No two proxy listeners on one address (a reload would fight over the port)."""
     seen: dict[str, str] = {}

@@ -14,7 +14,7 @@ from typing import Callable
 
 import trio
 
-from softlb import AgentConfig, ConfigError, ProxyConfig
+from softlb import AgentConfig, ConfigError, ProxyConfig, plan_proxies
 
 from ..runtime import Runtime
 from .figures import ProxyFigures
@@ -61,45 +61,44 @@ class ProxyManager:
                 await trio.sleep(PRUNE_INTERVAL)
                 self.figures.prune(self.rt.engine.services)
 
+    def _listener(self, service: str, cfg: ProxyConfig) -> ProxyListener:
+        """Bind (or take systemd's socket) and register; the socket queues connections
+        from here on, before the accept loop runs."""
+        sock, where = self.bind(service, cfg.listen)
+        lst = ProxyListener(ListenerState(self.rt, service, cfg, self.figures), sock, handler_for(cfg.mode), where)
+        self.listeners[service] = lst
+        return lst
+
     async def _open(self, service: str, cfg: ProxyConfig) -> None:
         assert self._nursery is not None
-        sock, where = self.bind(service, cfg.listen)
-        state = ListenerState(self.rt, service, cfg, self.figures)
-        lst = ProxyListener(state, sock, handler_for(cfg.mode), where)
-        self.listeners[service] = lst
+        lst = self._listener(service, cfg)
         await self._nursery.start(lst.run)
-        log.info("proxy %s: %s listening on %s", service, cfg.mode, where)
+        log.info("proxy %s: %s listening on %s", service, cfg.mode, lst.where)
 
     def reconcile(self, config: AgentConfig) -> None:
-        """Apply a reloaded config. A listener that cannot open is logged; the others are
-        unaffected by it."""
+        """Apply a reloaded config (softlb.plan_proxies says what to close, update, open).
+        A listener that cannot open is logged and tried again at the next reload; the
+        others are unaffected by it."""
         assert self._nursery is not None
         want = {n: s.proxy for n, s in config.services.items() if s.proxy is not None}
-        for name, lst in list(self.listeners.items()):
-            new = want.get(name)
-            old = lst.state.config
-            if new is not None and new.listen == old.listen and new.mode == old.mode:
-                if new != old:
-                    lst.update(new)
-                    log.info("proxy %s: settings reloaded", name)
-                continue
-            del self.listeners[name]
-            log.info("proxy %s: closing %s listener on %s%s", name, old.mode, lst.where,
-                     " (moved)" if new else "")
-            lst.stop_accepting()
+        plan = plan_proxies({n: lst.state.config for n, lst in self.listeners.items()}, want)
+        for name in plan.close:
+            lst = self.listeners.pop(name)
+            log.info("proxy %s: closing %s listener on %s", name, lst.state.config.mode, lst.where)
+            lst.stop_accepting()  # now, so a successor can bind the same port below
             self._nursery.start_soon(lst.retire)
-        for name, cfg in sorted(want.items()):
-            if name in self.listeners:
+        for name in plan.update:
+            self.listeners[name].update(want[name])
+            log.info("proxy %s: settings reloaded", name)
+        for name in plan.open:
+            cfg = want[name]
+            try:
+                lst = self._listener(name, cfg)
+            except (ConfigError, OSError) as e:
+                log.error("proxy %s: cannot listen on %s: %s", name, cfg.listen, e)
                 continue
-            self._nursery.start_soon(self._open_later, name, cfg)
-
-    async def _open_later(self, name: str, cfg: ProxyConfig) -> None:
-        # Retired listeners closed their sockets above, so a mode change in place or two
-        # services swapping ports can bind here.
-        try:
-            await self._open(name, cfg)
-        except (ConfigError, OSError) as e:
-            log.error("proxy %s: cannot listen on %s: %s", name, cfg.listen, e)
+            self._nursery.start_soon(lst.run)
+            log.info("proxy %s: %s listening on %s", name, cfg.mode, lst.where)
 
     async def stop(self) -> None:
         """Agent stop: every listener stops accepting and drains, all at once."""
