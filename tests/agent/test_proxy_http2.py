@@ -247,3 +247,40 @@ rise = 1
             if p.poll() is None:
                 p.kill()
                 p.wait(5)
+
+
+def test_http2_garbage_gets_goaway_and_the_listener_serves_on(make_agent, grpcs):
+    (b,) = grpcs(1)
+    port = free_port()
+    make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not the HTTP/2 preface
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    # Only the proxy's own opening frames (SETTINGS, WINDOW_UPDATE), perhaps a GOAWAY, then
+    # the close: nothing of the garbage went anywhere.
+    types = []
+    while data:
+        n = int.from_bytes(data[:3], "big")
+        types.append(data[3])
+        data = data[9 + n:]
+    assert set(types) <= {4, 8, 7}, types
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        assert ch.unary_unary("/demo.Echo/Call")(b"still", timeout=10) == b"g1:still"
+
+
+def test_http2_routes_by_authority(make_agent, grpcs):
+    a, b = grpcs(2)
+    port = free_port()
+    cfg = proxy_config("g", port, "http2") + """
+[[services.g.proxy.routes]]
+host = "other.local"
+service = "other"
+"""
+    make_agent(catalog([a]) + catalog([b], "other"), cfg).start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        assert ch.unary_unary("/demo.Echo/Call")(b"x", timeout=10) == b"g1:x"
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.default_authority", "other.local")]) as ch:
+        assert ch.unary_unary("/demo.Echo/Call")(b"x", timeout=10) == b"g2:x"
