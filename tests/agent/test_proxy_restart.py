@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import signal
+import subprocess
 import socket
 import sys
 import threading
@@ -97,3 +98,25 @@ def test_restarts_under_load_through_the_http_proxy_fail_nothing(tmp_path):
     assert exits == [0, 0]
     assert len(set(holder.pids)) == 3
     assert "proxy-web: using the socket passed by the service manager" in agent_log
+
+
+def test_an_inherited_non_loopback_proxy_socket_is_refused(tmp_path):
+    """Socket activation obeys the loopback rule too: a proxy-<service> socket on 0.0.0.0
+    stops the agent at start with a message naming it (unless allow_non_loopback)."""
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(tmp_path / "softlb.sock")
+    unix.bind(path)
+    unix.listen(8)
+    wide = socket.socket()
+    wide.bind(("0.0.0.0", 0))
+    wide.listen(8)
+    port = wide.getsockname()[1]
+    (tmp_path / "catalog.toml").write_text('[[services.web.endpoints]]\naddress = "127.0.0.1"\nport = 1\n')
+    (tmp_path / "agent.toml").write_text(f'[services.web.proxy]\nlisten = "127.0.0.1:{port}"\n')
+    agent = [sys.executable, "-m", "softlb_agent", "agent", "--config", str(tmp_path / "agent.toml"),
+             "--catalog-file", str(tmp_path / "catalog.toml"), "--socket", path, "--listen", "", "--admin", ""]
+    with SocketHolder([("softlb", unix), ("proxy-web", wide)]) as holder:
+        child = holder.start(agent, stderr=subprocess.PIPE)
+        _, err = child.communicate(timeout=30)
+    assert child.returncode == 2, err
+    assert b"proxy-web" in err and b"not a loopback address" in err, err
