@@ -317,6 +317,7 @@ async def serve_http2(state: ListenerState, conn: Conn) -> None:
 
         def on_request(sid: int) -> None:
             if state.closing:
+                side.streams.pop(sid, None)
                 side.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
                 return
             lf.requests += 1
