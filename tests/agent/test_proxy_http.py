@@ -288,3 +288,32 @@ rise = 1
         assert not eps["web-2"]["eligible"]
     finally:
         b.stop()
+
+
+def test_http_pipelined_requests_and_http10_client(make_agent, backends):
+    b1, b2 = backends(2)
+    port = free_port()
+    make_agent(catalog([b1, b2]), proxy_config("web", port, "http")).start()
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET /echo?n=1 HTTP/1.1\r\nHost: x\r\n\r\nGET /echo?n=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    f = s.makefile("rb")
+    paths = []
+    for _ in range(2):
+        assert f.readline().startswith(b"HTTP/1.1 200")
+        length = 0
+        while (line := f.readline()) != b"\r\n":
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        paths.append(json.loads(f.read(length))["path"])
+    assert paths == ["/echo?n=1", "/echo?n=2"]  # answered in order, each picked on its own
+    s.close()
+    # An HTTP/1.0 client: its answer comes framed for it, and the connection then closes.
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET /big?n=100000 HTTP/1.0\r\n\r\n")
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()
+    assert body == b"z" * 100000
+    s.close()
