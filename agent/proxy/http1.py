@@ -583,11 +583,12 @@ async def _upgrade(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
     ef.requests += 1
     ef.active += 1
     broken = False
+    idle: Idle | None = None
     try:
         await _send(usock, head + parser.upgrade_data)
         with trio.CancelScope() as idle_scope:
             idle = Idle(idle_scope, cfg.idle_timeout)
-            idle.touch()
+            state.idles.add(idle)
 
             async def one_way(a: trio.socket.SocketType, b: trio.socket.SocketType) -> None:
                 nonlocal broken
@@ -603,6 +604,7 @@ async def _upgrade(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
     except OSError:
         broken = True
     finally:
+        state.idles.discard(idle)
         ef.active -= 1
         usock.close()
         if broken:

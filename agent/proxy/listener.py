@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -68,6 +68,8 @@ class ListenerState:
         self.nursery: trio.Nursery | None = None
         #: Called with `now` on every drain check (pooled connection upkeep).
         self.sweepers: list[Callable[[float], None]] = []
+        #: Idle timers of open tunnels (tcp connections, upgraded http), swept with the drain.
+        self.idles: set[Any] = set()
 
     def track(self, service: str, endpoint_id: str, scope: trio.CancelScope) -> Work:
         w = Work(service, endpoint_id, scope)
@@ -175,6 +177,8 @@ class ProxyListener:
             self.state.check_drain(now)
             for sweep in self.state.sweepers:
                 sweep(now)
+            for idle in list(self.state.idles):
+                idle.sweep(now)
 
     def stop_accepting(self) -> None:
         """Close the listening socket now, so its address is free for a successor (under

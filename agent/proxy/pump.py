@@ -56,17 +56,29 @@ def _put_pipe(pipe: tuple[int, int], clean: bool) -> None:
 
 
 class Idle:
-    """One deadline for both directions of a connection: pushed back whenever either
-    direction is about to wait, so it fires only after `timeout` with no bytes either way."""
+    """One idle timer for both directions of a connection. The hot path only counts
+    activity (`touch`, no clock read, no deadline moved: that cost ~5 µs a wait); the
+    listener's sweep, every DRAIN_CHECK, cancels `scope` once the count has not moved for
+    `timeout`."""
 
-    __slots__ = ("scope", "timeout")
+    __slots__ = ("scope", "timeout", "n", "seen", "since")
 
     def __init__(self, scope: trio.CancelScope, timeout: float) -> None:
         self.scope = scope
         self.timeout = timeout
+        self.n = 0
+        self.seen = -1
+        self.since = 0.0
 
     def touch(self) -> None:
-        self.scope.deadline = trio.current_time() + self.timeout
+        self.n += 1
+
+    def sweep(self, now: float) -> None:
+        if self.n != self.seen:
+            self.seen = self.n
+            self.since = now
+        elif now - self.since >= self.timeout:
+            self.scope.cancel()
 
 
 async def pump(src: trio.socket.SocketType, dst: trio.socket.SocketType, idle: Idle,

@@ -54,10 +54,11 @@ async def serve_tcp(state: ListenerState, conn: Conn) -> None:
 
     drain = trio.CancelScope()
     work = state.track(state.service, held.endpoint.id, drain)
+    idle: Idle | None = None
     try:
         with drain, trio.CancelScope() as idle_scope:
             idle = Idle(idle_scope, cfg.idle_timeout)
-            idle.touch()
+            state.idles.add(idle)
 
             async def one_way(src: trio.socket.SocketType, dst: trio.socket.SocketType, count) -> None:
                 nonlocal broken
@@ -75,6 +76,7 @@ async def serve_tcp(state: ListenerState, conn: Conn) -> None:
             _reset(client)
             _reset(upstream)
     finally:
+        state.idles.discard(idle)
         state.work.discard(work)
         ef.active -= 1
         upstream.close()
