@@ -21,6 +21,8 @@ import time
 import pytest
 
 REALSD = os.environ.get("SOFTLB_REALSYSTEMD", "/work/shared/realsystemd")
+#: The recipe's shared directory: /realsd inside the container.
+SHARE = "/tmp/realsd/share"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -82,6 +84,7 @@ Service={name}.service
 [Service]
 Type=notify
 NotifyAccess=main
+Environment=PYTHONPATH=/realsd/{name}
 ExecStart={sys.executable} -m softlb_agent agent --config {d}/agent.toml --catalog-file {d}/catalog.toml --socket {d}/s/softlb.sock --listen "" --admin ""
 TimeoutStopSec=30s
 KillMode=mixed
@@ -94,6 +97,13 @@ KillMode=mixed
     }
     run = container
     started: list[str] = []
+    # The container sees the host's / through an overlay whose lower layer it may have
+    # cached: code edited since it booted can look stale inside. So the agent runs from a
+    # fresh copy in the shared directory (a plain bind mount, /realsd inside).
+    share = os.path.join(SHARE, name)
+    for pkg, as_name in (("agent", "softlb_agent"), ("softlb", "softlb")):
+        shutil.copytree(os.path.join(ROOT, pkg), os.path.join(share, as_name),
+                        ignore=shutil.ignore_patterns("__pycache__"))
     try:
         assert run("mkdir", "-p", d).returncode == 0
         for fname, text in files.items():
@@ -111,6 +121,9 @@ KillMode=mixed
         started += [f"{name}.service", f"{name}.socket"]
         assert r.returncode == 0, r.stderr + run("journalctl", "-u", f"{name}.service", "--no-pager").stdout
         assert run("curl", "-sf", f"http://127.0.0.1:{port}/").stdout.startswith("hello from b")
+        where = run("env", f"PYTHONPATH=/realsd/{name}", sys.executable, "-c",
+                    "import softlb_agent; print(softlb_agent.__file__)").stdout
+        assert where.startswith(f"/realsd/{name}/"), where  # the unit runs the fresh copy
 
         wrk = subprocess.Popen([os.path.join(REALSD, "in.sh"), "wrk", "-t1", "-c8", "-d14s", "--timeout", "30s",
                                 f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -140,3 +153,4 @@ KillMode=mixed
             run("rm", "-f", f"/etc/systemd/system/{unit}")
         run("systemctl", "daemon-reload")
         run("rm", "-rf", d)
+        shutil.rmtree(share, ignore_errors=True)
