@@ -32,6 +32,15 @@ def grpcs():
         b.close()
 
 
+#: Each channel its own subchannels: grpcio shares them process-wide by address, and a port
+#: an earlier test used (and stopped) would hand this test its stale failure and backoff.
+LOCAL = ("grpc.use_local_subchannel_pool", 1)
+
+
+def channel(port: int, *options: tuple[str, object]) -> grpc.Channel:
+    return grpc.insecure_channel(f"127.0.0.1:{port}", options=[LOCAL, *options])
+
+
 def catalog(bs: list[GrpcBackend], service: str = "g") -> str:
     return "".join(endpoint_toml(service, "127.0.0.1", b.port, id=b.name) for b in bs)
 
@@ -44,7 +53,7 @@ def test_grpc_one_channel_300_calls_reach_every_backend(make_agent, grpcs):
     bs = grpcs(3)
     port = free_port()
     agent = make_agent(catalog(bs), proxy_config("g", port, "http2")).start()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    with channel(port) as ch:
         call = ch.unary_unary("/demo.Echo/Call")
         answers = [call(b"%d" % i, timeout=10) for i in range(300)]
     assert all(a.endswith(b":%d" % i) for i, a in enumerate(answers))
@@ -60,7 +69,7 @@ def test_grpc_unavailable_is_a_failure_and_passes_through(make_agent, grpcs):
     port = free_port()
     agent = make_agent(catalog([b]), proxy_config("g", port, "http2")
                        + "[services.g.outlier]\nconsecutive_failures = 1000\n").start()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    with channel(port) as ch:
         with pytest.raises(grpc.RpcError) as e:
             ch.unary_unary("/demo.Echo/Fail")(b"", timeout=10)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -75,7 +84,7 @@ def test_grpc_connect_failure_retried(make_agent, grpcs):
     cat = catalog([b]) + endpoint_toml("g", "127.0.0.1", refusing_port(), id="dead")
     agent = make_agent(cat, proxy_config("g", port, "http2")
                        + "[services.g.outlier]\nconsecutive_failures = 1000\n").start()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    with channel(port) as ch:
         call = ch.unary_unary("/demo.Echo/Call")
         assert [call(b"x", timeout=10) for _ in range(10)] == [b"g1:x"] * 10
     assert endpoints(agent)["dead"]["proxy"]["failures"] >= 4
@@ -84,7 +93,7 @@ def test_grpc_connect_failure_retried(make_agent, grpcs):
 def test_grpc_no_endpoint_is_unavailable(make_agent):
     port = free_port()
     make_agent(config=proxy_config("nothing", port, "http2")).start()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    with channel(port) as ch:
         with pytest.raises(grpc.RpcError) as e:
             ch.unary_unary("/demo.Echo/Call")(b"", timeout=10)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -218,7 +227,7 @@ rise = 1
         stop = threading.Event()
 
         def load() -> None:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            with channel(port) as ch:
                 call = ch.unary_unary("/demo.Echo/Call")
                 while not stop.is_set():
                     try:
@@ -267,7 +276,7 @@ def test_http2_garbage_gets_goaway_and_the_listener_serves_on(make_agent, grpcs)
         types.append(data[3])
         data = data[9 + n:]
     assert set(types) <= {4, 8, 7}, types
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    with channel(port) as ch:
         assert ch.unary_unary("/demo.Echo/Call")(b"still", timeout=10) == b"g1:still"
 
 
@@ -280,7 +289,7 @@ host = "other.local"
 service = "other"
 """
     make_agent(catalog([a]) + catalog([b], "other"), cfg).start()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    with channel(port) as ch:
         assert ch.unary_unary("/demo.Echo/Call")(b"x", timeout=10) == b"g1:x"
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.default_authority", "other.local")]) as ch:
+    with channel(port, ("grpc.default_authority", "other.local")) as ch:
         assert ch.unary_unary("/demo.Echo/Call")(b"x", timeout=10) == b"g2:x"
