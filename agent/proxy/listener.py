@@ -80,8 +80,9 @@ class ListenerState:
         """Give work on endpoints that stopped serving drain_timeout to finish."""
         for w in list(self.work):
             if serving(self.rt, w.service, w.endpoint_id):
-                w.leaving_since = None
-                w.scope.deadline = float("inf")
+                if w.leaving_since is not None:  # back before its drain ran out
+                    w.leaving_since = None
+                    w.scope.deadline = float("inf")
             elif w.leaving_since is None:
                 w.leaving_since = now
                 w.scope.deadline = now + self.config.drain_timeout
