@@ -232,4 +232,9 @@ def render_metrics(rt: Runtime) -> str:
     metric("softlb_service_data_age_seconds", "gauge", "Seconds since the catalog source last confirmed this data.",
            [(lbl, f"{max(0.0, now - b.fetched_at):.3f}") for lbl, b in services
             if b.fetched_at is not None and rt.config.source != "file"])
+    # The catalog source's own counters (the Consul source sets this; the file source not).
+    source_metrics = getattr(rt, "source_metrics", None)
+    if source_metrics is not None:
+        for m in source_metrics():
+            metric(*m)
     return "\n".join(out) + "\n"

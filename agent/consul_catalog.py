@@ -5,8 +5,10 @@
 * Configured services (`[services.<name>]`) are watched from the start; any other service
   is watched when a caller first resolves it: `engine.on_unknown_service` starts the watch
   and the connection waits (bounded by `consul.first_answer_timeout`) for the first answer.
-  A name that is not a Consul service name is answered BAD_ARGUMENT, and a new name past
-  `consul.max_on_demand` UNAVAILABLE, without a watch.
+  A name that is not a Consul service name is answered BAD_ARGUMENT, a name Consul does
+  not know UNKNOWN_SERVICE (then from a negative cache for `consul.negative_ttl`, counted
+  in `softlb_consul_unknown_names_total`), and a new name past `consul.max_on_demand`
+  UNAVAILABLE, without a watch.
 * An on-demand service is in use while a caller resolves it or holds a `watch` stream on
   it (`Engine.watchers`); it goes `idle_timeout` after the last of either.
 * Loads the persisted snapshot before anything else and publishes it as stale, so an agent
@@ -44,11 +46,28 @@ class ConsulCatalog:
         self.snapshot_path = catalog_snapshot.snapshot_path(rt.config.state_dir or default_state_dir())
         self._address = rt.config.consul.address or "(CONSUL_HTTP_ADDR or 127.0.0.1:8500)"
         rt.source_status = f"consul {self._address}: starting"
+        rt.source_metrics = self._metrics  # type: ignore[attr-defined]
+
+    def _metrics(self) -> list[tuple[str, str, str, list[tuple[str, float | int]]]]:
+        """The Consul source's own counters for /metrics (agent/admin.py renders them)."""
+        src = self.source
+        return [
+            ("softlb_consul_unknown_names_total", "counter",
+             "Resolves of names Consul does not know, answered from the negative cache.",
+             [("", src.negative.refused)]),
+            ("softlb_consul_negative_cache_entries", "gauge",
+             "Names Consul said it does not know, refused for consul.negative_ttl.",
+             [("", len(src.negative))]),
+            ("softlb_consul_requests_total", "counter", "Requests sent to Consul, by kind.",
+             [(f'{{kind="{k}"}}', n) for k, n in sorted(src.requests.items())]),
+        ]
 
     def _fetch(self, service: str) -> bool:
         try:
             self.source.want(service)
         except WatchRefused as e:
+            if e.unknown:
+                raise RequestError(ErrorCode.UNKNOWN_SERVICE, str(e)) from None
             if e.retryable:
                 raise RequestError(ErrorCode.UNAVAILABLE,
                                    f"not watching \"{service[:100]}\" in Consul: {e}") from None
