@@ -239,7 +239,9 @@ class ConsulClient:
         """GET /v1/health/service/<service>. Blocking when index > 0 (up to `wait` seconds)."""
         params, timeout = self._common(wait, index)
         if cached:
-            params = [p for p in params if p[0] not in ("stale", "max_stale")]  # ?cached&stale: fine, but moot
+            # The cache's own background query then reads stale too; max_stale is the
+            # RPC path's retry-on-the-leader knob, the cache answers with Age instead.
+            params = [p for p in params if p[0] != "max_stale"]
             params.append(("cached", ""))
         params += query_params(self.settings, query)
         # Encoded whole: a name must never add a query ("web?dc=x"), a fragment or a path

@@ -267,7 +267,9 @@ class TokenBucket:
     def delay(self, now: float) -> float:
         """Seconds to wait before the next event may go (0: now)."""
         self._refill(now)
-        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.rate
+        # The epsilon: a float shortfall of 1e-16 token would ask for a sleep too short to
+        # move the clock, and the caller would spin.
+        return 0.0 if self._tokens >= 1 - 1e-9 else (1 - self._tokens) / self.rate
 
     def take(self, now: float) -> None:
         self._refill(now)

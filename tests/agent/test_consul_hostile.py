@@ -210,3 +210,23 @@ def test_damaged_snapshot_does_not_stop_the_agent(tmp_path, damage):
         assert agent.proc.poll() is None
     finally:
         agent.stop()
+
+
+def test_endless_consul_answer_keeps_the_agent_memory_flat(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    with consul_with_agent(tmp_path, max_body="1048576") as (ctl, agent), \
+            agent.client(timeout=5) as c:
+        assert c.resolve("web", lease=False).port == 80
+        proc = psutil.Process(agent.proc.pid)
+        ctl.set_fault(mode="endless", prefix="/v1/health/service/web")
+        ctl.bump_index(service="web")
+        wait_until(lambda: c.resolve("web", lease=False).stale, timeout=10)
+        rss0 = proc.memory_info().rss
+        time.sleep(3)  # it used to grow ~230 MB/s here
+        grown = proc.memory_info().rss - rss0
+        assert grown < 30 << 20, f"RSS grew {grown >> 20} MiB"
+        assert c.resolve("web", lease=False).port == 80  # still serving the last good set
+        ctl.clear_faults()
+        ctl.bump_index(service="web")
+        wait_until(lambda: not c.resolve("web", lease=False).stale, timeout=10)
+    assert "answer too large" in agent.log()

@@ -222,11 +222,15 @@ def test_on_demand_first_answer_overflow_polling_and_idle_expiry(srv):
             await until(lambda: len(rec.eps("db")) == 2, timeout=10)
             # A name Consul does not know: not a timeout, not published (so never in the
             # snapshot), no slot held; refused from the negative cache from then on.
-            assert not await src.wait_ready("nope", timeout=10)
-            assert "nope" not in rec.current and not src.planner.is_wanted("nope")
+            # The catalog feed lists every service, so no query is even sent for it.
             with pytest.raises(WatchRefused, match="does not know") as e:
+                await src.wait_ready("nope", timeout=10)
+            assert e.value.unknown
+            assert "nope" not in rec.current and not src.planner.is_wanted("nope")
+            with pytest.raises(WatchRefused, match="does not know"):
                 src.want("nope")
-            assert e.value.unknown and src.negative.refused >= 1
+            assert src.negative.refused >= 1
+            assert "/v1/health/service/nope" not in srv.sim.get_counts()
             # Idle on-demand services are dropped; the configured one stays.
             await until(lambda: set(rec.removed) == {"db"}, timeout=10)
             assert src.planner.wanted == ("web",)
@@ -459,4 +463,41 @@ def test_service_names_are_checked_and_encoded_into_the_url(srv):
         assert ans.body == b"[]"  # a service of that odd name, not web
         assert ("/v1/health/service/x%2F..%2Fweb%3Fdc%3Dother%23f", "") in [
             (p, q) for _, p, q in srv.sim.get_log()]
+    run(body)
+
+
+def test_without_a_feed_an_unknown_name_is_asked_once_then_refused(srv):
+    srv.sim.add_instance("web", id="w", port=80)
+
+    async def body():
+        cfg = agent_config(srv.url, change_feed="off", negative_ttl=0.5)
+        async with watching(cfg) as (src, rec):
+            await until(lambda: rec.eps("web"))
+            assert not await src.wait_ready("nope", timeout=10)  # Consul answered []
+            assert "nope" not in rec.current and not src.planner.is_wanted("nope")
+            assert src.planner.on_demand_count == 0
+            for _ in range(5):
+                with pytest.raises(WatchRefused, match="does not know") as e:
+                    src.want("nope")
+                assert e.value.unknown
+            assert srv.sim.get_counts()["/v1/health/service/nope"] == 1
+            # It exists now: once the negative entry expires, it is served.
+            srv.sim.add_instance("nope", id="n", port=81)
+            await trio.sleep(0.6)
+            assert await src.wait_ready("nope", timeout=10)
+            assert [e.port for e in rec.eps("nope")] == [81]
+    run(body)
+
+
+def test_made_up_names_do_not_hold_on_demand_slots(srv):
+    srv.sim.add_instance("web", id="w", port=80)
+    srv.sim.add_instance("real", id="r", port=81)
+
+    async def body():
+        cfg = agent_config(srv.url, change_feed="off", max_on_demand=2)
+        async with watching(cfg) as (src, rec):
+            for i in range(10):
+                assert not await src.wait_ready(f"typo-{i}", timeout=10)
+            assert src.planner.on_demand_count == 0 and len(src.negative) == 10
+            assert await src.wait_ready("real", timeout=10)
     run(body)

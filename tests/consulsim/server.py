@@ -62,7 +62,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         sim = self.server.sim
         self.send_header("X-Consul-Default-Acl-Policy", "deny" if sim.acl_token else "allow")
+        override = getattr(self, "header_override", None) or {}
+        self.header_override = None
+        low = {k.lower() for k in override}
         for k, v in (headers or {}).items():
+            if k.lower() not in low:
+                self.send_header(k, v)
+        for k, v in override.items():
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
@@ -125,6 +131,9 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.mode == "endless":
             self._endless()
             return False
+        if fault.mode == "headers":
+            self.header_override = fault.headers
+            return True
         # stall: hold the request until the fault is cleared (then serve) or the server stops.
         with sim.cond:
             while fault in sim.faults and not sim.closing:

@@ -82,6 +82,7 @@ class Fault:
     remaining: int | None
     body: str
     retry_after: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class ConsulSim:
@@ -318,13 +319,15 @@ class ConsulSim:
 
     @control
     def set_fault(self, mode: str, prefix: str = "/v1/health/", count: int | None = None,
-                  body: str = "<html><body>502 Bad Gateway</body></html>", retry_after: str = "") -> None:
+                  body: str = "<html><body>502 Bad Gateway</body></html>", retry_after: str = "",
+                  headers: dict[str, str] | None = None) -> None:
         """`429`: Consul's rate limit, empty body, `Retry-After: <retry_after>` if given;
-        `endless`: 200 with a valid index and a body that never ends (chunked)."""
-        if mode not in ("stall", "500", "garbage", "drop", "429", "endless"):
+        `endless`: 200 with a valid index and a body that never ends (chunked);
+        `headers`: the normal answer with these headers replaced (hostile header values)."""
+        if mode not in ("stall", "500", "garbage", "drop", "429", "endless", "headers"):
             raise ValueError(f"unknown fault {mode!r}")
         with self.cond:
-            self.faults.append(Fault(mode, prefix, count, body, retry_after))
+            self.faults.append(Fault(mode, prefix, count, body, retry_after, dict(headers or {})))
             self.cond.notify_all()
 
     @control
