@@ -237,3 +237,53 @@ def test_429_backs_off_at_least_retry_after(srv):
             srv.sim.clear_faults()
             await until(lambda: len(rec.eps("web")) == 2, timeout=5)
     run(body)
+
+
+# --------------------------------------------------------------------------- 7. the change feed
+
+
+@pytest.mark.parametrize("feed", ["catalog_health", "health_state"])
+def test_change_feed_brings_polled_changes_within_a_second(srv, feed):
+    names = [f"s{i}" for i in range(30)]
+    for n in names:
+        srv.sim.add_instance(n, id=f"{n}-1", port=80)
+
+    async def body():
+        # 2 blocking watches, 28 polled; the round robin alone would take 28 x 0.5 s.
+        cfg = agent_config(srv.url, services=names, max_watches=2, change_feed=feed, wait=5.0)
+        async with watching(cfg, max_poll_rate=2.0) as (src, rec):
+            await until(lambda: all(rec.eps(n) for n in names), timeout=10)
+            await trio.sleep(0.5)
+            for target in ("s17", "s29", "s5"):
+                t0 = trio.current_time()
+                srv.sim.set_check(f"{target}-1", "critical")
+                await until(lambda: rec.eps(target)[0].weight == 0, timeout=1.5)
+                assert trio.current_time() - t0 < 1.5
+                srv.sim.add_instance(target, id=f"{target}-2", port=81)  # a new instance
+                await until(lambda: len(rec.eps(target)) == 2, timeout=1.5)
+            # At rest: the poller slowed to the safety rate (<= 1/s), blocking watches and
+            # feeds idle in their waits.
+            srv.sim.reset_counts()
+            await trio.sleep(3)
+            total = sum(srv.sim.get_counts().values())
+            assert total <= 3 * 1 + 2 + 2 + 2, srv.sim.get_counts()
+            assert src.requests["feed"] >= 1
+    run(body)
+
+
+def test_a_failing_feed_falls_back_to_the_round_robin(srv):
+    names = [f"s{i}" for i in range(6)]
+    for n in names:
+        srv.sim.add_instance(n, id=f"{n}-1", port=80)
+
+    async def body():
+        srv.sim.set_fault("500", prefix="/v1/health/state/")
+        cfg = agent_config(srv.url, services=names, max_watches=1, change_feed="health_state")
+        async with watching(cfg, poll_period=0.5) as (src, rec):
+            await until(lambda: all(rec.eps(n) for n in names), timeout=10)
+            srv.sim.update_instance("s4-1", port=99)  # seen by the poll, feed or not
+            await until(lambda: rec.eps("s4")[0].port == 99, timeout=3)
+            assert src.planner.poll_period == 0.5
+            srv.sim.clear_faults()
+            await until(lambda: src.planner.poll_period > 0.5, timeout=5)  # feed back: slow poll
+    run(body)
