@@ -57,6 +57,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes | str = b"", *, ctype: str = "text/plain; charset=utf-8",
               headers: dict[str, str] | None = None) -> None:
         data = body.encode() if isinstance(body, str) else body
+        with self.server.sim.cond:
+            self.server.sim.bytes_out[self.path.split("?", 1)[0]] += len(data)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))

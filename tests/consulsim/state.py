@@ -115,6 +115,7 @@ class ConsulSim:
         self.max_query_time = 600.0
         self.default_query_time = 300.0
         self.counts: Counter[str] = Counter()
+        self.bytes_out: Counter[str] = Counter()  # response body bytes by path
         self.log: deque[tuple[float, str, str]] = deque(maxlen=5000)
         self.closing = False
         self._add_node(AGENT_NODE, "127.0.0.1")
@@ -381,9 +382,15 @@ class ConsulSim:
             return list(self.log)
 
     @control
+    def get_bytes(self) -> dict[str, int]:
+        with self.cond:
+            return dict(self.bytes_out)
+
+    @control
     def reset_counts(self) -> None:
         with self.cond:
             self.counts.clear()
+            self.bytes_out.clear()
             self.log.clear()
 
     @control
