@@ -104,6 +104,9 @@ class ConsulCatalog:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         now = trio.current_time()
         loaded = catalog_snapshot.load(self.snapshot_path, now, time.time())
+        # An empty set is not worth serving, and older snapshots saved every made-up name
+        # a caller tried as one: restoring them would fill consul.max_on_demand again.
+        loaded = {n: v for n, v in loaded.items() if v[0]}
         for name, (endpoints, fetched_at) in loaded.items():
             self.source.seed(name, endpoints, fetched_at, now)
         if loaded:

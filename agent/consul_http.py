@@ -249,10 +249,13 @@ class ConsulClient:
         # upstream (ConsulSource.want); configured names only get this.
         return await self._get(f"/v1/health/service/{quote(service, safe='')}", params, timeout)
 
-    async def health_state_any(self, *, index: int = 0, wait: float = 0.0) -> ConsulAnswer:
-        """GET /v1/health/state/any: every check in the datacenter (the change feed)."""
+    async def health_state_any(self, *, index: int = 0, wait: float = 0.0, filter: str = "") -> ConsulAnswer:
+        """GET /v1/health/state/any: every check in the datacenter (the change feed), or
+        those matching `filter`."""
         params, timeout = self._common(wait, index)
         params += query_params(self.settings, None)
+        if filter:
+            params.append(("filter", filter))
         return await self._get("/v1/health/state/any", params, timeout)
 
     async def catalog_services(self, *, index: int = 0, wait: float = 0.0) -> ConsulAnswer:

@@ -47,6 +47,7 @@ from softlb._consul import (
     decode_health_body,
     decode_json_body,
     endpoints_from_health,
+    feed_filter,
     index_changed,
     next_index,
     parse_index,
@@ -82,7 +83,7 @@ SPACING_JITTER = 0.2
 #: and `tagged_address` apply on reload; `keep_previous_on_empty` to newly watched services.
 RESTART_ONLY = ("address", "datacenter", "token", "ca_file", "stale", "max_stale", "max_watches",
                 "idle_timeout", "max_on_demand", "negative_ttl", "max_body", "max_fetch_rate",
-                "change_feed")
+                "change_feed", "startup_spread")
 #: While the change feed is healthy, polled services are also re-read this often (a
 #: safety net for what the feed cannot see), at most SAFETY_POLL_RATE requests a second.
 SAFETY_POLL_PERIOD = 600.0
@@ -251,6 +252,7 @@ class ConsulSource:
         self._feed = CheckFeed()
         self._catalog_names: frozenset[str] | None = None
         self._feed_wakeup = trio.Event()
+        self._feed_scopes: dict[str, trio.CancelScope] = {}
         self._urgent_wake_at: float | None = None
         #: Consul request counters by kind (for /metrics and the benchmark).
         self.requests: Counter[str] = Counter()
@@ -367,7 +369,9 @@ class ConsulSource:
 
     def reconfigure(self, config: AgentConfig) -> None:
         """New services/tags. Changes to the [consul] table itself need a new source."""
-        old = {s: self._mapping(s) for s in self._states}
+        # A change of tags, only_passing or any query option (filter, node_meta, ...) must
+        # fetch afresh, not wait out a blocking query made with the old ones.
+        old = {s: (self._mapping(s), self._config.consul.query_for(s)) for s in self._states}
         if any(getattr(config.consul, k) != getattr(self._config.consul, k) for k in RESTART_ONLY):
             log.warning("consul: changes to the [consul] connection settings or watch limits "
                         "take effect at the next agent restart")
@@ -375,7 +379,7 @@ class ConsulSource:
         now = trio.current_time()
         self._apply(self.planner.configure(config.services, now), now)
         for name, st in self._states.items():
-            if name in old and self._mapping(name) != old[name]:
+            if name in old and (self._mapping(name), self._config.consul.query_for(name)) != old[name]:
                 st.index = 0  # forces a fresh, fully mapped answer
                 self._restart(name)
 
@@ -423,6 +427,11 @@ class ConsulSource:
         self._poll_wakeup.set()
         self._feed_wakeup.set()
         self._wakeup.set()
+        if (change.added or change.removed or change.start_blocking) and \
+                self._config.consul.change_feed == "catalog_health":
+            scope = self._feed_scopes.get("feed")
+            if scope is not None:
+                scope.cancel()  # the feed's filter names the polled services: re-ask
 
     def _urge(self, name: str) -> None:
         """Fetch polled service `name` ahead of its round-robin turn (within the fetch rate)."""
@@ -670,7 +679,11 @@ class ConsulSource:
             started = trio.current_time()
             try:
                 self.requests[kind] += 1
-                ans = await fetch(index=index, wait=self._config.consul.wait)  # type: ignore[operator]
+                with trio.CancelScope() as scope:
+                    self._feed_scopes[kind] = scope
+                    ans = await fetch(index=index, wait=self._config.consul.wait)  # type: ignore[operator]
+                if scope.cancelled_caught:
+                    continue  # what it must ask changed (the polled set): ask again at once
                 if ans.meta.filtered_by_acls:  # type: ignore[attr-defined]
                     raise ConsulACLFiltered(f"{kind}: Consul filtered the answer by ACL; the feed "
                                             "needs node:read and service:read on every service")
@@ -716,8 +729,21 @@ class ConsulSource:
             self._feed.reset()
             self._set_safety_poll(False)
 
-        await self._feed_loop("feed", self._client.health_state_any, on_answer, on_reset,
-                              self._feed_needed)
+        client = self._client
+        asked = [""]
+
+        async def fetch(*, index: int, wait: float) -> ConsulAnswer:
+            if self._config.consul.change_feed != "catalog_health":
+                # Alone, the feed is also the list of known names: it must see them all.
+                return await client.health_state_any(index=index, wait=wait)
+            # Beside the catalog feed, only the polled services' checks (and node checks)
+            # are needed; Consul filters, and each answer shrinks to what we watch.
+            expr = feed_filter(self.planner.polled)
+            if expr != asked[0]:
+                asked[0], index = expr, 0  # a new question: answer at once, then block
+            return await client.health_state_any(index=index, wait=wait, filter=expr)
+
+        await self._feed_loop("feed", fetch, on_answer, on_reset, self._feed_needed)
 
     async def _run_catalog(self) -> None:
         assert self._client is not None

@@ -586,6 +586,17 @@ class CheckFeed:
         return changed
 
 
+def feed_filter(services: Sequence[str]) -> str:
+    """A `?filter=` for the check feed: node checks, and checks of `services` only, so each
+    answer carries what we watch rather than every check in the datacenter. Service names
+    are letters, digits, `-`, `_`, `.` (service_name_problem); `.` is written `[.]` so the
+    expression needs no backslash escapes."""
+    if not services:
+        return 'ServiceName == ""'
+    alternation = "|".join(n.replace(".", "[.]") for n in sorted(services))
+    return f'ServiceName == "" or ServiceName matches "^({alternation})$"'
+
+
 def catalog_service_names(body: Any) -> dict[str, tuple[str, ...]]:
     """`/v1/catalog/services` ({name: [tags]}) read strictly."""
     if not isinstance(body, dict):

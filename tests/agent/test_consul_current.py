@@ -268,6 +268,9 @@ def test_change_feed_brings_polled_changes_within_a_second(srv, feed):
             total = sum(srv.sim.get_counts().values())
             assert total <= 3 * 1 + 2 + 2 + 2, srv.sim.get_counts()
             assert src.requests["feed"] >= 1
+        feed_queries = [q for _, p, q in srv.sim.get_log() if p == "/v1/health/state/any"]
+        if feed == "catalog_health":  # only our polled services' checks, and node checks
+            assert feed_queries and all("filter=" in q for q in feed_queries)
     run(body)
 
 

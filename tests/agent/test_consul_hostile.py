@@ -230,3 +230,15 @@ def test_endless_consul_answer_keeps_the_agent_memory_flat(tmp_path):
         ctl.bump_index(service="web")
         wait_until(lambda: not c.resolve("web", lease=False).stale, timeout=10)
     assert "answer too large" in agent.log()
+
+
+def test_made_up_names_in_an_old_snapshot_do_not_fill_max_on_demand(tmp_path):
+    # Snapshots written before the fix saved every made-up name as an empty service.
+    path = catalog_snapshot.snapshot_path(str(tmp_path / "state"))
+    web = Endpoint(id="a@node-1", address="10.0.0.1", port=80)
+    catalog_snapshot.save(path, {"web": ((web,), 0.0), **{f"typo-{i}": ((), 0.0) for i in range(50)}},
+                          now_mono=0.0, now_wall=time.time())
+    with consul_with_agent(tmp_path, max_on_demand=5) as (ctl, agent), agent.client(timeout=5) as c:
+        ctl.add_instance(service="real", id="r", address="10.0.0.2", port=81)
+        assert c.resolve("real", lease=False).port == 81
+        assert {s["name"] for s in c.services()} == {"web", "real"}

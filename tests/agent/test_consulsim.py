@@ -6,6 +6,7 @@ import json
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import consul
@@ -298,6 +299,11 @@ def test_filter_subset_node_meta_and_near(srv):
     assert ids("node-meta=zone:b") == ["b"]
     assert ids("near=n2") == ["b", "a"]
     assert get(srv.url + '/v1/health/service/web?filter=Service.Port+>+1')[0] == 400
+    # The change feed's filter: node checks, or checks of the named services.
+    checks = json.loads(get(srv.url + "/v1/health/state/any?filter=" + urllib.parse.quote(
+        'ServiceName == "" or ServiceName matches "^(web|db[.]x)$"'))[2])
+    assert {(c["CheckID"], c["ServiceName"]) for c in checks} == {
+        ("serfHealth", ""), ("service:a", "web"), ("service:b", "web")}
 
 
 def test_endless_body_fault(srv):

@@ -217,7 +217,10 @@ class _Handler(BaseHTTPRequestHandler):
                 state = path[len("/v1/health/state/"):]
                 if state not in ("any", "passing", "warning", "critical"):
                     raise BadRequest("Invalid check state")
-                self._blocking(q, lambda s: s.checks_index, lambda s: s.checks_in_state(state), empty=[])
+                filt = parse_filter((q.get("filter") or [""])[0]) if "filter" in q else None
+                self._blocking(q, lambda s: s.checks_index,
+                               lambda s: [c for c in s.checks_in_state(state) if filt is None or filt(c)],
+                               empty=[])
             elif path == "/v1/catalog/services":
                 self._blocking(q, lambda s: s.catalog_index, lambda s: s.catalog_services(), empty={})
             elif path == "/v1/agent/services":
@@ -423,31 +426,49 @@ class _Handler(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------- ?filter
 
 
-_CLAUSE = re.compile(r'\s*(?:"([^"]*)"\s+in\s+(Service\.Tags)|(Service\.Meta|Node\.Meta)\.([\w.-]+)\s*==\s*"([^"]*)"'
-                     r'|(Service\.Service|Node\.Node|Service\.ID)\s*==\s*"([^"]*)")\s*\Z')
+_CLAUSE = re.compile(r'\s*(?:"([^"]*)"\s+in\s+([\w.-]+)|([\w.-]+)\s*(==|!=|matches)\s*"([^"]*)")\s*\Z')
+
+
+def _select(entry: Any, selector: str) -> Any:
+    v = entry
+    for part in selector.split("."):
+        if not isinstance(v, dict):
+            return None
+        v = v.get(part)
+    return v
 
 
 def parse_filter(expr: str) -> Any:
-    """A small subset of Consul's bexpr filters, joined by `and`: `"t" in Service.Tags`,
-    `Service.Meta.k == "v"`, `Node.Meta.k == "v"`, `Node.Node|Service.ID|Service.Service ==
-    "v"`. Anything else is a 400, as a filter Consul cannot parse is."""
-    preds = []
-    for part in re.split(r"\band\b", expr):
-        m = _CLAUSE.match(part)
-        if not m:
-            raise BadRequest(f"Failed to create boolean expression evaluator: consulsim does not "
-                             f"model {part.strip()!r}")
-        if m.group(1) is not None:
-            tag = m.group(1)
-            preds.append(lambda e, tag=tag: tag in (e["Service"]["Tags"] or []))
-        elif m.group(3):
-            top, key, val = m.group(3).split(".")[0], m.group(4), m.group(5)
-            preds.append(lambda e, top=top, key=key, val=val: (e[top]["Meta"] or {}).get(key) == val)
-        else:
-            top, field_ = m.group(6).split(".")
-            val = m.group(7)
-            preds.append(lambda e, top=top, f=field_, val=val: e[top][f] == val)
-    return lambda e: all(p(e) for p in preds)
+    """A subset of Consul's bexpr filters (go-bexpr): clauses `"v" in Sel`, `Sel == "v"`,
+    `Sel != "v"`, `Sel matches "regexp"` (a search, as Go's MatchString), joined by `and`,
+    alternatives joined by `or` (`and` binds tighter); a selector is a dotted path
+    (`Service.Tags`, `Node.Meta.zone`, `ServiceName`). Anything else is a 400, as a filter
+    Consul cannot parse is."""
+    alternatives = []
+    for alt in re.split(r"\bor\b", expr):
+        preds = []
+        for part in re.split(r"\band\b", alt):
+            m = _CLAUSE.match(part)
+            if not m:
+                raise BadRequest(f"Failed to create boolean expression evaluator: consulsim does not "
+                                 f"model {part.strip()!r}")
+            if m.group(1) is not None:
+                preds.append(lambda e, v=m.group(1), sel=m.group(2): v in (_select(e, sel) or []))
+            else:
+                sel, op, v = m.group(3), m.group(4), m.group(5)
+                if op == "matches":
+                    try:
+                        rx = re.compile(v)
+                    except re.error as err:
+                        raise BadRequest(f"Failed to create boolean expression evaluator: {err}") from None
+                    preds.append(lambda e, sel=sel, rx=rx: isinstance(_select(e, sel), str)
+                                 and rx.search(_select(e, sel)) is not None)
+                elif op == "==":
+                    preds.append(lambda e, sel=sel, v=v: (_select(e, sel) or "") == v)
+                else:
+                    preds.append(lambda e, sel=sel, v=v: (_select(e, sel) or "") != v)
+        alternatives.append(preds)
+    return lambda e: any(all(p(e) for p in preds) for preds in alternatives)
 
 
 # --------------------------------------------------------------------------- registration

@@ -272,9 +272,15 @@ class ConsulSim:
                 if not hasattr(inst, k) or k in ("node", "id", "service"):
                     raise KeyError(f"cannot update {k!r}")
                 setattr(inst, k, v)
-            # A service write: the services table (catalog/services' index) moves, the checks
-            # table does not (so /v1/health/state/any does not wake).
-            self._bump({inst.service}, catalog=True, checks=False)
+            # A service write: the services table (catalog/services' index) moves. The checks
+            # table only moves if the checks' copy of the service changes: ServiceTags
+            # (state/catalog.go ensureCheckTxn copies name and tags, skips IsSame checks).
+            tags = "tags" in changes
+            self._bump({inst.service}, catalog=True, checks=tags)
+            if tags:
+                for c in self.checks.values():
+                    if c.node == node and c.service_id == id:
+                        c.modify_index = self.index
 
     @control
     def remove_instance(self, id: str, node: str = "node-1") -> None:

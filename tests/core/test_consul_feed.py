@@ -108,3 +108,9 @@ def test_provisional_services_do_not_count_against_max_on_demand():
     assert not p.is_wanted("x")
     p.confirm("y")  # Consul knew it: now counted (one over, once)
     assert p.on_demand_count == 2 and not p.is_provisional("y")
+
+
+def test_feed_filter_names_the_polled_services_and_node_checks():
+    from softlb._consul import feed_filter
+    assert feed_filter([]) == 'ServiceName == ""'
+    assert feed_filter(["web", "db.eu-1"]) == 'ServiceName == "" or ServiceName matches "^(db[.]eu-1|web)$"'
