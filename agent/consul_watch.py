@@ -657,10 +657,10 @@ class ConsulSource:
         return self._config.consul.change_feed == "health_state" or bool(self.planner.polled)
 
     def _set_safety_poll(self, feed_ok: bool) -> None:
-        if feed_ok:
-            self.planner.poll_period, self.planner.max_poll_rate = SAFETY_POLL_PERIOD, SAFETY_POLL_RATE
-        else:
-            self.planner.poll_period, self.planner.max_poll_rate = self._poll_period, self._max_poll_rate
+        pace = (SAFETY_POLL_PERIOD, SAFETY_POLL_RATE) if feed_ok else (self._poll_period, self._max_poll_rate)
+        if (self.planner.poll_period, self.planner.max_poll_rate) != pace:
+            self.planner.set_pace(*pace, trio.current_time())
+            self._poll_wakeup.set()
 
     async def _feed_loop(self, kind: str, fetch: Callable[..., object],
                          on_answer: Callable[[ConsulAnswer, bool], None], on_reset: Callable[[], None],

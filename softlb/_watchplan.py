@@ -208,6 +208,14 @@ class WatchPlanner:
             return self.poll_period
         return max(self.poll_period / n, 1.0 / self.max_poll_rate)
 
+    def set_pace(self, poll_period: float, max_poll_rate: float, now: float) -> None:
+        """Change the round robin's pace. Speeding up takes effect now, not after the
+        slower pace's next turn (which may be minutes away)."""
+        if poll_period <= 0 or max_poll_rate <= 0:
+            raise ValueError("positive poll_period/max_poll_rate")
+        self.poll_period, self.max_poll_rate = poll_period, max_poll_rate
+        self._next_poll_at = min(self._next_poll_at, now + self.poll_spacing)
+
     def poll_due(self, now: float) -> str | None:
         """The polled service to query now, or None if it is not yet time (see `next_poll_at`)."""
         if not self._polled or now < self._next_poll_at:

@@ -303,7 +303,8 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"X-Consul-Index": str(max(1, index)), "X-Cache": "HIT",
                        "Age": str(int(time.monotonic() - lost_at)),
                        "X-Consul-Query-Backend": "streaming" if streaming else "blocking-query",
-                       "X-Consul-Knownleader": "false", "X-Consul-Lastcontact": "0"}
+                       # the cached result's own meta, from when the servers still answered
+                       "X-Consul-Knownleader": "true", "X-Consul-Lastcontact": "0"}
             if min_index > 0 and index <= min_index:
                 time.sleep(min(wait, 0.5))  # nothing new can come: block a little, like a wait
             self._json(value, headers)

@@ -114,3 +114,13 @@ def test_feed_filter_names_the_polled_services_and_node_checks():
     from softlb._consul import feed_filter
     assert feed_filter([]) == 'ServiceName == ""'
     assert feed_filter(["web", "db.eu-1"]) == 'ServiceName == "" or ServiceName matches "^(db[.]eu-1|web)$"'
+
+
+def test_speeding_the_round_robin_up_takes_effect_at_once():
+    p = WatchPlanner(max_watches=0, idle_timeout=60, poll_period=600, max_poll_rate=1)
+    p.configure(["a", "b"], 0)
+    assert p.poll_due(0) == "a" and p.next_poll_at == 300  # 600 s / 2 services
+    p.set_pace(1.0, 10, now=5)
+    assert p.next_poll_at == 5.5 and p.poll_due(5.5) == "b"
+    p.set_pace(600, 1, now=6)
+    assert p.next_poll_at == 6.0  # slowing down never delays a turn already due
