@@ -319,6 +319,7 @@ class ConsulSource:
             if known is False:
                 # The full catalog is known and lacks it: no need to ask Consul.
                 self._negative.add(service, now)
+                self._negative.refused += 1
                 raise WatchRefused(f"Consul does not know service \"{service[:100]}\"",
                                    retryable=True, unknown=True)
             provisional = known is None
@@ -589,7 +590,7 @@ class ConsulSource:
             entries = decode_health_body(ans.body)
             st.fresh = endpoints_from_health(entries, self._mapping(st.name))
             if self.planner.is_provisional(st.name):
-                if not entries and not self._feed.names.__contains__(st.name):
+                if not entries and st.name not in self._feed.names:
                     self._unknown(st, now)
                     return
                 self.planner.confirm(st.name)

@@ -292,7 +292,7 @@ class NegativeCache:
     def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
         self.ttl, self.max_entries = ttl, max_entries
         self._until: OrderedDict[str, float] = OrderedDict()
-        self.refused = 0  # resolves answered from the cache (a metric)
+        self.refused = 0  # resolves refused as unknown (a metric; the source counts its own too)
         self.added = 0  # names Consul said it does not know (a metric)
 
     def add(self, name: str, now: float) -> None:

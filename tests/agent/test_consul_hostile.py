@@ -121,6 +121,11 @@ def test_made_up_names_never_crowd_out_a_real_new_service(tmp_path, feed):
             wait_until(served, timeout=10)
             watched = {s["name"] for s in c.services()}
         assert watched == {"web", "brand-new"}
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{agent.admin_port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        refused = [ln for ln in metrics.splitlines() if ln.startswith("softlb_consul_unknown_names_total ")]
+        assert refused and float(refused[0].split()[1]) >= codes["UNKNOWN_SERVICE"] - 64
         agent.stop()
         saved = json.loads((tmp_path / "state" / catalog_snapshot.FILENAME).read_text())
         assert set(saved["services"]) == {"web", "brand-new"}
