@@ -27,8 +27,7 @@ from urllib.parse import quote
 
 import httpx
 
-from softlb._config import ConsulConfig, ConsulQuery
-from softlb._consul import AnswerMeta, parse_answer_meta, parse_retry_after
+from softlb import AnswerMeta, ConsulConfig, ConsulQuery, parse_answer_meta, parse_retry_after
 
 DEFAULT_ADDR = "127.0.0.1:8500"
 #: Added to `wait + wait/16` for the read timeout: Consul may answer that late on a healthy
