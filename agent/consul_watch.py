@@ -90,6 +90,9 @@ SAFETY_POLL_PERIOD = 600.0
 SAFETY_POLL_RATE = 1.0
 #: The feed's answers list every check in the datacenter: never more often than this.
 FEED_MIN_INTERVAL = 0.25
+#: The catalog feed's blocking query must have been waiting this long (no registration
+#: since) before a name missing from its list is refused without asking Consul.
+CATALOG_SETTLE = 0.5
 #: A feed-triggered fetch answered below the feed's index (a lagging follower) is retried
 #: this many times.
 FEED_FETCH_RETRIES = 3
@@ -253,6 +256,8 @@ class ConsulSource:
         self._catalog_names: frozenset[str] | None = None
         self._feed_wakeup = trio.Event()
         self._feed_scopes: dict[str, trio.CancelScope] = {}
+        self._inflight: dict[str, bool] = {}
+        self._quiet_since: dict[str, float] = {}
         self._urgent_wake_at: float | None = None
         #: Consul request counters by kind (for /metrics and the benchmark).
         self.requests: Counter[str] = Counter()
@@ -317,8 +322,10 @@ class ConsulSource:
                     retryable=True, unknown=True)
             known = self._known(service)
             if known is False:
-                # The full catalog is known and lacks it: no need to ask Consul.
-                self._negative.add(service, now)
+                # The full catalog is known and lacks it: no need to ask Consul. Not cached
+                # either: the list itself is the cache, and a service registered a moment ago
+                # is served as soon as the feed's next answer lists it (milliseconds), not
+                # after negative_ttl.
                 self._negative.refused += 1
                 raise WatchRefused(f"Consul does not know service \"{service[:100]}\"",
                                    retryable=True, unknown=True)
@@ -329,9 +336,21 @@ class ConsulSource:
             raise WatchRefused(str(e), retryable=True) from None
 
     def _known(self, service: str) -> bool | None:
-        """Does Consul have `service`? True/False when a feed says; None: ask Consul."""
+        """Does Consul have `service`? True/False when a feed says; None: ask Consul.
+
+        The catalog feed's "no" is only trusted once its blocking query has been waiting for
+        CATALOG_SETTLE: a service registered a moment ago may not be in the list we hold yet
+        (the feed is between answers), and must not be refused for negative_ttl."""
         if self._catalog_names is not None:
-            return service in self._catalog_names
+            if service in self._catalog_names:
+                return True
+            # Trusted while a blocking query is waiting (nothing changed since it was sent)
+            # and the list last changed CATALOG_SETTLE ago or more.
+            quiet = self._quiet_since.get("catalog")
+            if self._inflight.get("catalog") and quiet is not None and \
+                    trio.current_time() - quiet >= CATALOG_SETTLE:
+                return False
+            return None
         if self._feed.primed and service in self._feed.names:
             return True
         return None  # the check feed does not list services without checks: ask
@@ -682,20 +701,29 @@ class ConsulSource:
                 self.requests[kind] += 1
                 with trio.CancelScope() as scope:
                     self._feed_scopes[kind] = scope
-                    ans = await fetch(index=index, wait=self._config.consul.wait)  # type: ignore[operator]
+                    # Only a blocking query in flight means "nothing changed since".
+                    self._inflight[kind] = index > 0
+                    try:
+                        ans = await fetch(index=index, wait=self._config.consul.wait)  # type: ignore[operator]
+                    finally:
+                        self._inflight[kind] = False
                 if scope.cancelled_caught:
                     continue  # what it must ask changed (the polled set): ask again at once
                 if ans.meta.filtered_by_acls:  # type: ignore[attr-defined]
                     raise ConsulACLFiltered(f"{kind}: Consul filtered the answer by ACL; the feed "
                                             "needs node:read and service:read on every service")
                 new_index = next_index(index, ans.index)  # type: ignore[attr-defined]
-                on_answer(ans, index_changed(index, new_index) or index == 0)  # type: ignore[arg-type]
+                changed = index_changed(index, new_index) or index == 0
+                on_answer(ans, changed)  # type: ignore[arg-type]
+                if changed:
+                    self._quiet_since[kind] = trio.current_time()
                 index = new_index
                 backoff.success()
                 if failing:
                     log.info("consul: change feed %s answering again", kind)
                     failing = False
             except Exception as e:  # ConsulError, ConsulDataError, anything: the feed is optional
+                self._quiet_since.pop(kind, None)
                 on_reset()
                 index = 0
                 if not failing:

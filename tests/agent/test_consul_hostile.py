@@ -82,6 +82,9 @@ def test_made_up_names_never_crowd_out_a_real_new_service(tmp_path, feed):
     n, cap = 3000, 20
     with consul_with_agent(tmp_path, max_on_demand=cap, first_answer_timeout='"1s"',
                            change_feed=f'"{feed}"') as (ctl, agent):
+        # The catalog feed's "no such service" is trusted once its list has been quiet for
+        # 0.5 s (a service registered a moment ago must not be refused): not at start-up.
+        time.sleep(1.0)
         flood = socket.socket(socket.AF_UNIX)
         flood.settimeout(30)
         flood.connect(agent.socket)
