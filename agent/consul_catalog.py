@@ -47,6 +47,7 @@ class ConsulCatalog:
         self._address = rt.config.consul.address or "(CONSUL_HTTP_ADDR or 127.0.0.1:8500)"
         rt.source_status = f"consul {self._address}: starting"
         rt.source_metrics = self._metrics  # type: ignore[attr-defined]
+        rt.source_gave_up = lambda name: self.source.negative.knows(name, trio.current_time())
 
     def _metrics(self) -> list[tuple[str, str, str, list[tuple[str, float | int]]]]:
         """The Consul source's own counters for /metrics (agent/admin.py renders them)."""
@@ -90,6 +91,11 @@ class ConsulCatalog:
 
     def on_remove(self, service: str, now: float) -> None:
         self.rt.dispatch(self.rt.engine.remove_service(service, now))
+
+    def on_unknown(self, service: str) -> None:
+        """Consul does not know `service`: wake whoever waits for it (Runtime.await_source
+        then answers UNKNOWN_SERVICE at once)."""
+        self.rt.wake(service)
 
     def on_status(self, status: ConsulStatus) -> None:
         detail = f" ({status.detail})" if status.detail else ""

@@ -307,6 +307,11 @@ class NegativeCache:
     def discard(self, name: str) -> None:
         self._until.pop(name, None)
 
+    def knows(self, name: str, now: float) -> bool:
+        """Is `name` cached as unknown (without counting a refusal)?"""
+        until = self._until.get(name)
+        return until is not None and now < until
+
     def hit(self, name: str, now: float) -> bool:
         until = self._until.get(name)
         if until is None:

@@ -250,3 +250,17 @@ def test_made_up_names_in_an_old_snapshot_do_not_fill_max_on_demand(tmp_path):
         ctl.add_instance(service="real", id="r", address="10.0.0.2", port=81)
         assert c.resolve("real", lease=False).port == 81
         assert {s["name"] for s in c.services()} == {"web", "real"}
+
+
+def test_a_name_consul_does_not_know_is_answered_without_waiting_out_the_timeout(tmp_path):
+    # No change feed: the name is asked about; Consul's `[]` ends the caller's wait at once
+    # (UNKNOWN_SERVICE), not after first_answer_timeout (5 s here).
+    with consul_with_agent(tmp_path, change_feed='"off"', first_answer_timeout='"5s"') as (ctl, agent), \
+            agent.client(timeout=10) as c:
+        t0 = time.monotonic()
+        with pytest.raises(SoftLBError, match="UNKNOWN_SERVICE"):
+            c.resolve("nope", lease=False)
+        assert time.monotonic() - t0 < 2.5
+        with pytest.raises(SoftLBError, match="UNKNOWN_SERVICE"):  # then from the negative cache
+            c.resolve("nope", lease=False)
+        assert "internal error" not in agent.log()
