@@ -249,4 +249,9 @@ def render_metrics(rt: Runtime) -> str:
             if b.fetched_at is not None and rt.config.source != "file"])
     if rt.proxy_figures is not None:
         proxy_metrics(rt.proxy_figures, metric)
+    # The catalog source's own counters (the Consul source sets this; the file source not).
+    source_metrics = getattr(rt, "source_metrics", None)
+    if source_metrics is not None:
+        for m in source_metrics():
+            metric(*m)
     return "\n".join(out) + "\n"

@@ -43,6 +43,7 @@ from ._wire import encode_frame as encode_frame
 # Config, catalog model, errors
 from ._config import AgentConfig as AgentConfig
 from ._config import ConsulConfig as ConsulConfig
+from ._config import ConsulQuery as ConsulQuery
 from ._config import ProbeConfig as ProbeConfig
 from ._config import ProvideConfig as ProvideConfig
 from ._config import ServiceConfig as ServiceConfig
@@ -83,8 +84,21 @@ from ._consul import endpoints_from_health as endpoints_from_health
 from ._consul import index_changed as index_changed
 from ._consul import next_index as next_index
 from ._consul import service_name_problem as service_name_problem
+from ._consul import AnswerMeta as AnswerMeta
+from ._consul import CheckFeed as CheckFeed
+from ._consul import Freshness as Freshness
+from ._consul import acl_filtered_message as acl_filtered_message
+from ._consul import answer_freshness as answer_freshness
+from ._consul import catalog_service_names as catalog_service_names
+from ._consul import decode_json_body as decode_json_body
+from ._consul import feed_filter as feed_filter
+from ._consul import parse_answer_meta as parse_answer_meta
+from ._consul import parse_index as parse_index
+from ._consul import parse_retry_after as parse_retry_after
 from ._watchplan import DEFAULT_MAX_POLL_RATE as DEFAULT_MAX_POLL_RATE
 from ._watchplan import DEFAULT_POLL_PERIOD as DEFAULT_POLL_PERIOD
 from ._watchplan import OnDemandLimitError as OnDemandLimitError
 from ._watchplan import PlanChange as PlanChange
 from ._watchplan import WatchPlanner as WatchPlanner
+from ._watchplan import NegativeCache as NegativeCache
+from ._watchplan import TokenBucket as TokenBucket

@@ -212,24 +212,63 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class ConsulQuery:
+    """How one service is asked of Consul: the [consul] defaults, per service in
+    [consul.services.<name>] (docs/CONSUL.md, "Query options")."""
+
+    #: Route only to passing instances (a warning one counts as critical).
+    only_passing: bool = False
+    namespace: str = ""  # Enterprise; empty: CONSUL_NAMESPACE, else the token's
+    partition: str = ""  # Enterprise; empty: CONSUL_PARTITION, else the token's
+    peer: str = ""  # services imported from this cluster peer
+    filter: str = ""  # a Consul filter expression (?filter=)
+    node_meta: Mapping[str, str] = field(default_factory=dict)  # ?node-meta=k:v, all must match
+    near: str = ""  # "_agent" or a node name: Consul sorts by network distance
+
+
+#: Values of consul.change_feed (docs/CONSUL.md, "The change feed").
+CHANGE_FEEDS = ("health_state", "catalog_health", "off")
+
+
+@dataclass(frozen=True)
 class ConsulConfig:
     address: str = ""  # empty: CONSUL_HTTP_ADDR, else http://127.0.0.1:8500
     datacenter: str = ""
-    token: str = ""  # empty: CONSUL_HTTP_TOKEN / CONSUL_HTTP_TOKEN_FILE
+    token: str = ""  # empty: CONSUL_HTTP_TOKEN_FILE / CONSUL_HTTP_TOKEN
     ca_file: str = ""  # empty: CONSUL_CACERT
     wait: float = 300.0
-    stale: bool = False
+    #: Any server may answer (spreads load off the leader); see max_stale.
+    stale: bool = True
+    #: Data older than this by Consul's account (X-Consul-LastContact, the cache's Age) is
+    #: served marked stale; also sent as ?max_stale so Consul asks the leader past it.
+    max_stale: float = 5.0
     tagged_address: str = ""  # "", "lan" or "wan"
     max_watches: int = 64
     #: Services watched because callers asked for them (not configured), at most. A resolve
     #: of one more unknown name is answered UNAVAILABLE instead of starting a watch, so a
     #: caller looping over made-up names cannot make the agent watch them all.
     max_on_demand: int = 256
+    #: A name Consul does not know is refused for this long without asking Consul again.
+    negative_ttl: float = 10.0
     idle_timeout: float = 600.0
     #: Under the clients' default 1 s call timeout, so a caller hears UNAVAILABLE, not a timeout.
     first_answer_timeout: float = 0.75
     min_query_interval: float = 0.1
     keep_previous_on_empty: float = 300.0
+    #: Largest answer body read from Consul, in bytes; a bigger one is an error (backoff).
+    max_body: int = 64 << 20
+    #: Blocking watches start at random times within this window, not all at once.
+    startup_spread: float = 0.5
+    #: Non-blocking fetches (first answers, services the change feed names) per second.
+    max_fetch_rate: int = 20
+    #: How polled services learn of changes: one blocking feed (docs/CONSUL.md).
+    change_feed: str = "catalog_health"
+    #: Query options for every service, and per service overrides.
+    query: ConsulQuery = field(default_factory=ConsulQuery)
+    services: Mapping[str, ConsulQuery] = field(default_factory=dict)
+
+    def query_for(self, service: str) -> ConsulQuery:
+        return self.services.get(service) or self.query
 
 
 @dataclass(frozen=True)
@@ -246,6 +285,10 @@ class ProvideConfig:
     check_path: str = "/"
     check_interval: float = 10.0
     ttl: float = 15.0
+    weight: int = 1  # Consul Weights.Passing
+    warning_weight: int = 1  # Consul Weights.Warning
+    #: Consul removes the registration after its check is critical this long (0: never).
+    deregister_after: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -440,6 +483,22 @@ def parse_service(t: _Table, known_policies: frozenset[str], allow_non_loopback:
     return s
 
 
+def parse_consul_query(t: _Table, d: ConsulQuery) -> ConsulQuery:
+    q = ConsulQuery(
+        only_passing=t.bool("only_passing", d.only_passing),
+        namespace=t.str("namespace", d.namespace),
+        partition=t.str("partition", d.partition),
+        peer=t.str("peer", d.peer),
+        filter=t.str("filter", d.filter),
+        node_meta=t.str_map("node_meta") if t.has("node_meta") else d.node_meta,
+        near=t.str("near", d.near),
+    )
+    for k, v in q.node_meta.items():
+        if not k or ":" in k:
+            raise ConfigError(f"{t.path}.node_meta: key {k!r} must be non-empty without ':'")
+    return q
+
+
 def _vip_setting(t: _Table) -> str:
     text = t.str("vip", "")
     if not text:
@@ -452,6 +511,15 @@ def _vip_setting(t: _Table) -> str:
 
 def parse_consul(t: _Table) -> ConsulConfig:
     d = ConsulConfig()
+    query = parse_consul_query(t, d.query)
+    per_service = {}
+    services_t = t.table("services")
+    if services_t is not None:
+        for name in list(services_t.data):
+            st = services_t.table(name)
+            per_service[name] = parse_consul_query(st, query)  # type: ignore[arg-type]
+            st.done()  # type: ignore[union-attr]
+        services_t.done()
     c = ConsulConfig(
         address=t.str("address", d.address),
         datacenter=t.str("datacenter", d.datacenter),
@@ -459,18 +527,30 @@ def parse_consul(t: _Table) -> ConsulConfig:
         ca_file=t.str("ca_file", d.ca_file),
         wait=t.duration("wait", d.wait),
         stale=t.bool("stale", d.stale),
+        max_stale=t.duration("max_stale", d.max_stale),
         tagged_address=t.str("tagged_address", d.tagged_address),
         max_watches=t.int("max_watches", d.max_watches, 1, 190),
         max_on_demand=t.int("max_on_demand", d.max_on_demand, 0, 100_000),
+        negative_ttl=t.duration("negative_ttl", d.negative_ttl),
         idle_timeout=t.duration("idle_timeout", d.idle_timeout),
         first_answer_timeout=t.duration("first_answer_timeout", d.first_answer_timeout),
         min_query_interval=t.duration("min_query_interval", d.min_query_interval),
         keep_previous_on_empty=t.duration("keep_previous_on_empty", d.keep_previous_on_empty),
+        max_body=t.int("max_body", d.max_body, 4096, 1 << 30),
+        startup_spread=t.duration("startup_spread", d.startup_spread),
+        max_fetch_rate=t.int("max_fetch_rate", d.max_fetch_rate, 1, 1000),
+        change_feed=t.str("change_feed", d.change_feed),
+        query=query,
+        services=per_service,
     )
     if c.tagged_address not in ("", "lan", "wan"):
         raise ConfigError(f"{t.path}.tagged_address: must be \"lan\" or \"wan\"")
     if not 1.0 <= c.wait <= 600.0:
         raise ConfigError(f"{t.path}.wait: must be between 1s and 10m (Consul caps it at 10m)")
+    if c.change_feed not in CHANGE_FEEDS:
+        raise ConfigError(f"{t.path}.change_feed: one of {', '.join(CHANGE_FEEDS)}")
+    if c.max_stale <= 0:
+        raise ConfigError(f"{t.path}.max_stale: must be positive")
     t.done()
     return c
 
@@ -494,7 +574,12 @@ def parse_provide(t: _Table) -> ProvideConfig:
         check_path=t.str("check_path", d.check_path),
         check_interval=t.duration("check_interval", d.check_interval),
         ttl=t.duration("ttl", d.ttl),
+        weight=t.int("weight", d.weight, 0, 65535),
+        warning_weight=t.int("warning_weight", d.warning_weight, 0, 65535),
+        deregister_after=t.duration("deregister_after", d.deregister_after),
     )
+    if 0 < p.deregister_after < 60:
+        raise ConfigError(f"{t.path}.deregister_after: at least 1m (Consul's minimum), or 0 for never")
     t.done()
     return p
 

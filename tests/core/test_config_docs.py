@@ -7,7 +7,7 @@ from softlb._config import AgentConfig, ConsulConfig, OutlierConfig, ProbeConfig
 
 DOC = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "CONFIG.md").read_text()
 # Dataclass fields whose TOML key differs, or that are tables rather than keys.
-TOML_KEY = {"catalog_file": "file", "consul": None, "services": None, "provide": None, "probe": None, "outlier": None, "proxy": None}
+TOML_KEY = {"catalog_file": "file", "consul": None, "query": None, "services": None, "provide": None, "probe": None, "outlier": None, "proxy": None}
 
 
 def test_every_config_key_is_documented():
