@@ -64,6 +64,7 @@ from softlb import (
 
 from . import listeners
 from .listeners import ConnectionBudget, ConnectionLimits
+from .proxy.figures import with_proxy_figures
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -294,7 +295,7 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                 continue
             if t is Watch or t is Unwatch:
                 frame = _defer(rt, conn, ev, nursery)
-            elif t is Endpoints and _is_big(engine, ev.service):
+            elif t is Endpoints and _is_big(engine, ev.service) and not _proxied(rt, ev.service):
                 # Answered in order (what came before first), but described off the loop:
                 # this connection waits, the others do not.
                 if out:
@@ -316,6 +317,8 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                     rt.dispatch(r.changes)
                     frame = proto.send_result(ev.id, {})
                 else:
+                    if rt_ is dict and type(ev) is Endpoints and rt.proxy_figures is not None:
+                        r = with_proxy_figures(rt.proxy_figures, ev.service, r)
                     frame = proto.send_result(ev.id, r)
             if frame is None:
                 continue
@@ -341,6 +344,13 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
 def _is_big(engine: Any, service: Any) -> bool:
     b = engine.services.get(service) if isinstance(service, str) else None
     return b is not None and len(b.endpoints) > BIG_LISTING
+
+
+def _proxied(rt: Runtime, service: str) -> bool:
+    """Whether the proxy adds figures to this service's listing (then it is described on
+    the loop, with them: the off-loop encoding does not carry them yet)."""
+    f = rt.proxy_figures
+    return f is not None and bool(f.for_service(service) or service in f.listeners)
 
 
 async def _big_listing(rt: Runtime, req: Endpoints) -> bytes:
