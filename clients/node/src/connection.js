@@ -1,0 +1,107 @@
+// One stream to the agent: frames out, answers matched to their call by id.
+
+import net from 'node:net';
+import { FrameDecoder, encodeFrame } from './codec.js';
+import { AgentUnavailable, SoftLBError, Timeout } from './errors.js';
+
+// Worth retrying within the call's timeout: the agent is (re)starting, or a Unix socket's
+// listen backlog is full for a moment.
+const RETRYABLE = new Set(['ENOENT', 'ECONNREFUSED', 'ECONNRESET', 'EAGAIN']);
+
+export class Connection {
+  constructor(socket) {
+    this.socket = socket;
+    this.closed = false;
+    this.pending = new Map(); // id -> {answer(msg), closed(err|null), stream}
+    this.dec = new FrameDecoder();
+    socket.on('data', (chunk) => this._onData(chunk));
+    socket.on('close', () => this._onClose(null));
+    socket.on('error', () => {}); // 'close' follows and says it
+    socket.unref(); // an idle client does not keep the process alive
+  }
+
+  /** Write one request; `handler.answer` gets its answer(s), `handler.closed` the end. */
+  send(id, msg, handler) {
+    if (this.pending.size === 0) this.socket.ref();
+    this.pending.set(id, handler);
+    this.socket.write(encodeFrame(msg));
+  }
+
+  forget(id) {
+    this.pending.delete(id);
+    if (this.pending.size === 0 && !this.closed) this.socket.unref();
+  }
+
+  /** Drop the stream; every call waiting on it hears `err` (null: "closed, retry"). */
+  drop(err = null) {
+    if (this.closed) return;
+    this.socket.destroy();
+    this._onClose(err);
+  }
+
+  _onData(chunk) {
+    this.dec.feed(chunk);
+    try {
+      for (let msg = this.dec.next(); msg !== null; msg = this.dec.next()) this._dispatch(msg);
+    } catch (e) {
+      this.drop(e); // unparseable bytes: the stream cannot be re-framed
+    }
+  }
+
+  _dispatch(msg) {
+    const h = this.pending.get(msg.id);
+    if (h !== undefined) {
+      if (!h.stream) this.forget(msg.id);
+      h.answer(msg);
+    } else if ((msg.id === null || msg.id === undefined) && msg.error) {
+      // A frame-level error (our frame was refused): no call to pin it on, so all fail.
+      this.drop(new SoftLBError(String(msg.error.code), String(msg.error.message)));
+    } // else a late answer to a call that gave up: ignored
+  }
+
+  _onClose(err) {
+    if (this.closed) return;
+    this.closed = true;
+    const waiting = [...this.pending.values()];
+    this.pending.clear();
+    for (const h of waiting) h.closed(err);
+  }
+}
+
+/** Connect, retrying refused/missing sockets with exponential backoff until `deadline`. */
+export async function connect(target, where, deadline) {
+  let delay = 5;
+  for (;;) {
+    try {
+      return new Connection(await open(target, deadline));
+    } catch (e) {
+      if (e instanceof Timeout) throw new Timeout(`connecting to ${where} timed out`);
+      if (!RETRYABLE.has(e.code) || performance.now() + delay >= deadline) {
+        throw new AgentUnavailable(`cannot connect to the softlb agent at ${where}: ${e.message}`);
+      }
+      await new Promise((r) => setTimeout(r, delay));
+      delay = Math.min(delay * 2, 200);
+    }
+  }
+}
+
+function open(target, deadline) {
+  return new Promise((resolve, reject) => {
+    const s = net.createConnection(target);
+    const timer = setTimeout(() => {
+      s.destroy();
+      reject(new Timeout('connect'));
+    }, Math.max(1, deadline - performance.now()));
+    s.once('connect', () => {
+      clearTimeout(timer);
+      s.removeAllListeners('error');
+      if (target.port !== undefined) s.setNoDelay(true);
+      resolve(s);
+    });
+    s.once('error', (e) => {
+      clearTimeout(timer);
+      s.destroy();
+      reject(e);
+    });
+  });
+}
