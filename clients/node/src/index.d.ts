@@ -88,7 +88,7 @@ export class Client {
   close(): void;
 }
 
-export function defaultSocketPath(env?: Record<string, string | undefined>): string;
+export function defaultSocketPath(env?: Record<string, string | undefined>, probe?: { uid?: number; exists?: (path: string) => boolean }): string;
 export function parseAddr(addr: string): { host: string; port: number };
 export function encodeFrame(msg: Record<string, unknown>): Buffer;
 export class FrameDecoder {

@@ -11,12 +11,11 @@ export const SYSTEM_SOCKET = '/run/softlb/softlb.sock';
  * $SOFTLB_SOCKET, else systemd's $RUNTIME_DIRECTORY, else the system socket when it exists
  * or we are root, else a per-user socket in $XDG_RUNTIME_DIR/softlb or /tmp/softlb-<uid>.
  */
-export function defaultSocketPath(env = process.env) {
+export function defaultSocketPath(env = process.env, { uid = process.geteuid(), exists = existsSync } = {}) {
   if (env.SOFTLB_SOCKET) return env.SOFTLB_SOCKET;
   if (env.RUNTIME_DIRECTORY) return join(env.RUNTIME_DIRECTORY.split(':')[0], 'softlb.sock');
-  const uid = process.geteuid();
   // A host agent serves every user: non-root callers must find it without configuration.
-  if (uid === 0 || existsSync(SYSTEM_SOCKET)) return SYSTEM_SOCKET;
+  if (uid === 0 || exists(SYSTEM_SOCKET)) return SYSTEM_SOCKET;
   if (env.XDG_RUNTIME_DIR) return join(env.XDG_RUNTIME_DIR, 'softlb', 'softlb.sock');
   return `/tmp/softlb-${uid}/softlb.sock`;
 }
