@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections import Counter
 from typing import Any, Callable
 
 import pytest
 
-from agentproc import AgentProcess, endpoint_toml, wait_until
+from agentproc import AgentProcess, endpoint_toml
 from tests.conformance.fakeagent import FakeAgent, newer_agent, v1_only_agent
 from tests.conformance.runners import ROOT, RunnerError
 from tests.conformance.wire import RawSocket
