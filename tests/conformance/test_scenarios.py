@@ -8,16 +8,20 @@ The table in docs/CLIENTS.md lists SCENARIOS (a test keeps it complete).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
 import time
+import urllib.request
 from typing import Any, Callable
 
 import pytest
 
 from agentproc import AgentProcess, endpoint_toml
 from tests.conformance.fakeagent import FakeAgent, newer_agent, v1_only_agent
-from tests.conformance.runners import ROOT, RunnerError
+from tests.conformance.runners import LANGS, ROOT, Runner, RunnerError, Unavailable, runner_argv
 from tests.conformance.wire import RawSocket
 
 #: scenario name -> what it shows (docs/CLIENTS.md has one row per name).
@@ -259,3 +263,35 @@ def test_v1_only_agent(make_runner, tmp_path):
         assert offered == [[1, 2], [2]]
     finally:
         fake.stop()
+
+
+def test_one_rotation_through_every_client_and_http(steady, tmp_path):
+    """The same resolve sequence through every client present and curl (the HTTP API):
+    endpoints from the same set, in the policy's one round-robin order."""
+    runners = []
+    try:
+        for lang in LANGS:
+            try:
+                r = Runner(lang, runner_argv(lang), str(tmp_path / f"{lang}.log"))
+            except Unavailable:
+                continue
+            runners.append(r)
+            r.cmd("connect", addr=steady.socket, timeout=5.0)
+        assert runners, "no client runner at all"
+        url = f"http://127.0.0.1:{steady.admin_port}/v1/resolve/web?lease=false"
+
+        def http_id() -> str:
+            if shutil.which("curl"):
+                out = subprocess.run(["curl", "-sf", url], capture_output=True, text=True, timeout=10)
+                assert out.returncode == 0, out.stderr
+                return json.loads(out.stdout)["id"]
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return json.loads(resp.read())["id"]
+
+        callers = [lambda r=r: r.cmd("resolve", service="web", key=None, tags=None, lease=False)["id"] for r in runners]
+        callers.append(http_id)
+        seq = [callers[i % len(callers)]() for i in range(3 * len(callers) * 2)]
+        assert is_rotation(seq, {"web-1", "web-2", "web-3"}), seq
+    finally:
+        for r in runners:
+            r.close()
