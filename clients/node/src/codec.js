@@ -28,6 +28,11 @@ export class FrameDecoder {
     this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
   }
 
+  /** Copy what is left out of a borrowed (reused) buffer before the next read overwrites it. */
+  detach() {
+    if (this.buf.length) this.buf = Buffer.from(this.buf);
+  }
+
   /** The next whole message, or null until more bytes arrive. Throws ProtocolError. */
   next() {
     const buf = this.buf;

@@ -9,12 +9,12 @@ import { AgentUnavailable, SoftLBError, Timeout } from './errors.js';
 const RETRYABLE = new Set(['ENOENT', 'ECONNREFUSED', 'ECONNRESET', 'EAGAIN']);
 
 export class Connection {
-  constructor(socket) {
+  constructor(socket, dec) {
     this.socket = socket;
     this.closed = false;
     this.pending = new Map(); // id -> {answer(msg), closed(err|null), stream}
-    this.dec = new FrameDecoder();
-    socket.on('data', (chunk) => this._onData(chunk));
+    this.dec = dec;
+    dec.onChunk = (chunk) => this._onData(chunk);
     socket.on('close', () => this._onClose(null));
     socket.on('error', () => {}); // 'close' follows and says it
     socket.unref(); // an idle client does not keep the process alive
@@ -40,9 +40,12 @@ export class Connection {
   }
 
   _onData(chunk) {
+    // `chunk` is a view of the socket's reused read buffer: decode what is whole now, and
+    // keep a copy only of a partial frame's bytes.
     this.dec.feed(chunk);
     try {
       for (let msg = this.dec.next(); msg !== null; msg = this.dec.next()) this._dispatch(msg);
+      this.dec.detach();
     } catch (e) {
       this.drop(e); // unparseable bytes: the stream cannot be re-framed
     }
@@ -73,7 +76,8 @@ export async function connect(target, where, deadline) {
   let delay = 5;
   for (;;) {
     try {
-      return new Connection(await open(target, deadline));
+      const dec = new FrameDecoder();
+      return new Connection(await open(target, deadline, dec), dec);
     } catch (e) {
       if (e instanceof Timeout) throw new Timeout(`connecting to ${where} timed out`);
       if (!RETRYABLE.has(e.code) || performance.now() + delay >= deadline) {
@@ -85,9 +89,14 @@ export async function connect(target, where, deadline) {
   }
 }
 
-function open(target, deadline) {
+/** Bytes per read; above glibc's mmap threshold each read would map a fresh buffer. */
+const READ_SIZE = 65536;
+
+function open(target, deadline, dec) {
   return new Promise((resolve, reject) => {
-    const s = net.createConnection(target);
+    // One read buffer per connection, reused: no allocation per answer.
+    const onread = { buffer: Buffer.allocUnsafe(READ_SIZE), callback: (n, buf) => dec.onChunk(buf.subarray(0, n)) };
+    const s = net.createConnection({ ...target, onread });
     const timer = setTimeout(() => {
       s.destroy();
       reject(new Timeout('connect'));
