@@ -21,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CLIENTS = os.path.join(ROOT, "clients")
 LANGS = ("python", "node", "go", "c")
 
-#: Builds are slow (npm ci, go build, make): each runs once per process, behind a lock.
-_built: dict[str, tuple[list[str] | None, str]] = {}
+#: Builds are slow (npm ci, go build, make): each runs once per process, behind a lock;
+#: a failed build is remembered too (every test of that language fails with its output).
+_built: dict[str, tuple[list[str] | None, Exception | None]] = {}
 _lock = threading.Lock()
 _tmp = tempfile.mkdtemp(prefix="softlb-runners-")
 
@@ -53,8 +54,14 @@ def node_ready() -> None:
         raise Unavailable(why + " (Debian: apt-get install nodejs npm)")
     with _lock:
         if "npm" not in _built:
-            _run_build(["npm", "ci", "--no-audit", "--no-fund"], node_dir, timeout=300)
-            _built["npm"] = ([], "")
+            try:
+                _run_build(["npm", "ci", "--no-audit", "--no-fund"], node_dir, timeout=300)
+                _built["npm"] = ([], None)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                _built["npm"] = (None, e)
+        err = _built["npm"][1]
+    if err is not None:
+        raise err
 
 
 def go_env() -> dict[str, str]:
@@ -66,18 +73,19 @@ def runner_argv(lang: str) -> list[str]:
     """The command starting `lang`'s runner, built if needed; raises Unavailable."""
     with _lock:
         if lang in _built:
-            argv, why = _built[lang]
-            if argv is None:
-                raise Unavailable(why)
+            argv, err = _built[lang]
+            if err is not None:
+                raise err
+            assert argv is not None
             return argv
     try:
         argv = _build(lang)
-    except Unavailable as e:
+    except (Unavailable, RuntimeError, subprocess.TimeoutExpired) as e:
         with _lock:
-            _built[lang] = (None, str(e))
+            _built[lang] = (None, e)
         raise
     with _lock:
-        _built[lang] = (argv, "")
+        _built[lang] = (argv, None)
     return argv
 
 
