@@ -65,8 +65,12 @@ def node_ready() -> None:
 
 
 def go_env() -> dict[str, str]:
-    # Offline: Debian's packaged Go modules only, never a module proxy or a toolchain download.
-    return {"GOPROXY": "off", "GOTOOLCHAIN": "local", "GOFLAGS": os.environ.get("GOFLAGS", "")}
+    """Offline: Debian's packaged Go modules only (clients/go/go.mod replaces them in), never
+    a module proxy, a checksum database or a toolchain download."""
+    env = {"GOPROXY": "off", "GOFLAGS": "-mod=mod", "GOSUMDB": "off", "GOTOOLCHAIN": "local"}
+    if not os.environ.get("HOME"):  # CI may have no HOME: Go then needs its dirs named
+        env.update(GOCACHE=os.path.join(_tmp, "gocache"), GOPATH=os.path.join(_tmp, "gopath"))
+    return env
 
 
 def runner_argv(lang: str) -> list[str]:
