@@ -1,15 +1,16 @@
 """Benchmark: each client's sequential resolve round trip beside a raw blocking socket.
 
-    .venv/bin/python bench/clients.py [--n 2000] [--runs 7] [--json] [--write]
+    .venv/bin/python bench/clients.py [--n 1000] [--runs 15] [--json] [--write]
 
 One real agent subprocess (temporary Unix socket, a 3-endpoint round-robin service), one
 conformance runner per client whose runner and toolchain are present (RUNNER.md: built as
 the conformance suite builds them), and the floor: a raw blocking Python socket sending the
 same frames ({"id", "op": "resolve", "service": "web", "lease": false}) and decoding each
 answer. Each client times n sequential resolves inside its runner ("bench" command), so
-process start and JSON are excluded. Runs interleave (raw, python, node, go, c, raw, ...);
-each figure is the median over --runs runs of µs per call; the ratio is to the raw median
-of the same run. Target (issue 12): every client within 2x of the raw socket.
+process start and JSON are excluded. Runs are A/B pairs: each client run beside a
+raw-socket run of its own (who goes first alternates; the clients' order rotates); a figure
+is the median over --runs runs of µs per call; a ratio is the median of the per-pair
+ratios. Target (issue 12): every client within 2x of the raw socket.
 --write puts the table in docs/BENCHMARKS.md (its own section).
 """
 
@@ -21,6 +22,7 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,13 +82,20 @@ def measure(n: int, runs: int) -> dict:
             ratios: dict[str, list[float]] = {lang: [] for lang in runners}
             for lang, r in runners.items():  # warm-up (JIT, caches, connections), not counted
                 r.cmd("bench", wait=300, service="web", n=n)
-            for _ in range(runs):
-                raw = raw_socket_seconds(agent.socket, n) / n * 1e6
-                us["raw socket"].append(raw)
-                for lang, r in runners.items():
-                    v = r.cmd("bench", wait=300, service="web", n=n)["seconds"] / n * 1e6
-                    us[lang].append(v)
-                    ratios[lang].append(v / raw)
+            langs = list(runners)
+            for i in range(runs):
+                # A/B pairs: each client run beside its own raw-socket run, who goes first
+                # alternating, clients in a rotating order: the ratio of a pair shares its noise.
+                for lang in langs[i % len(langs):] + langs[:i % len(langs)]:
+                    pair = {}
+                    for name in ((lang, "raw socket") if i % 2 else ("raw socket", lang)):
+                        if name == "raw socket":
+                            pair[name] = raw_socket_seconds(agent.socket, n) / n * 1e6
+                        else:
+                            pair[name] = runners[name].cmd("bench", wait=300, service="web", n=n)["seconds"] / n * 1e6
+                    us["raw socket"].append(pair["raw socket"])
+                    us[lang].append(pair[lang])
+                    ratios[lang].append(pair[lang] / pair["raw socket"])
         finally:
             for r in runners.values():
                 r.close()
@@ -100,7 +109,7 @@ def measure(n: int, runs: int) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = ["| client | µs per resolve (median) | × raw socket (median of per-run ratios) | within 2× |",
+    lines = ["| client | µs per resolve (median) | × raw socket (median of per-pair ratios) | within 2× |",
              "|---|---|---|---|"]
     lines.append(f"| raw blocking socket (Python, same frames) | {res['median_us']['raw socket']:.1f} | 1.00 | — |")
     for lang, r in res["ratio_to_raw"].items():
@@ -111,9 +120,11 @@ def table(res: dict) -> str:
 
 
 def write_doc(res: dict, cmd: str) -> None:
-    body = (f"\nMachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, shared with other "
-            f"work (noisy: compare the ratios, measured in one run). Command: `{cmd}` "
-            f"({res['runs']} interleaved runs of {res['n']} sequential resolves per client, Unix socket, `lease: false`; "
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    body = (f"\nMachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, node "
+            f"{_version('node')}, {_version('go', 'version')}; shared with other work (load average {load} at the end: "
+            f"compare the ratios, each from an A/B pair). Command: `{cmd}` "
+            f"({res['runs']} A/B pairs of {res['n']} sequential resolves per client, Unix socket, `lease: false`; "
             "bench/clients.py's docstring has the method).\n\n" + table(res) + "\n")
     with open(DOC) as f:
         doc = f.read()
@@ -124,10 +135,17 @@ def write_doc(res: dict, cmd: str) -> None:
         f.write(doc[:start] + body + doc[end:])
 
 
+def _version(tool: str, flag: str = "--version") -> str:
+    try:
+        return subprocess.run([tool, flag], capture_output=True, text=True, timeout=10).stdout.strip()
+    except OSError:
+        return f"no {tool}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=2000, help="sequential resolves per run and client")
-    p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--n", type=int, default=1000, help="sequential resolves per run and client")
+    p.add_argument("--runs", type=int, default=15)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--write", action="store_true", help="write the table into docs/BENCHMARKS.md")
     a = p.parse_args()
