@@ -9,15 +9,39 @@ import { AgentUnavailable, SoftLBError, Timeout } from './errors.js';
 const RETRYABLE = new Set(['ENOENT', 'ECONNREFUSED', 'ECONNRESET', 'EAGAIN']);
 
 export class Connection {
-  constructor(socket, dec) {
-    this.socket = socket;
+  constructor() {
+    this.socket = null;
     this.closed = false;
     this.pending = new Map(); // id -> {answer(msg), closed(err|null), stream}
-    this.dec = dec;
-    dec.onChunk = (chunk) => this._onData(chunk);
-    socket.on('close', () => this._onClose(null));
-    socket.on('error', () => {}); // 'close' follows and says it
-    socket.unref(); // an idle client does not keep the process alive
+    this.dec = new FrameDecoder();
+  }
+
+  /** Resolves once connected; rejects with the socket's error, or Timeout at `deadline`. */
+  open(target, deadline) {
+    return new Promise((resolve, reject) => {
+      // One read buffer per connection, reused: no allocation per answer.
+      const onread = { buffer: Buffer.allocUnsafe(READ_SIZE), callback: (n, buf) => this._onData(buf.subarray(0, n)) };
+      const s = net.createConnection({ ...target, onread });
+      const timer = setTimeout(() => {
+        s.destroy();
+        reject(new Timeout('connect'));
+      }, Math.max(1, deadline - performance.now()));
+      s.once('error', (e) => {
+        clearTimeout(timer);
+        s.destroy();
+        reject(e);
+      });
+      s.once('connect', () => {
+        clearTimeout(timer);
+        s.removeAllListeners('error');
+        s.on('error', () => {}); // 'close' follows and says it
+        s.on('close', () => this._onClose(null));
+        if (target.port !== undefined) s.setNoDelay(true);
+        s.unref(); // an idle client does not keep the process alive
+        this.socket = s;
+        resolve(this);
+      });
+    });
   }
 
   /** Write one request; `handler.answer` gets its answer(s), `handler.closed` the end. */
@@ -71,13 +95,15 @@ export class Connection {
   }
 }
 
+/** Bytes per read; above glibc's mmap threshold each read would map a fresh buffer. */
+const READ_SIZE = 65536;
+
 /** Connect, retrying refused/missing sockets with exponential backoff until `deadline`. */
 export async function connect(target, where, deadline) {
   let delay = 5;
   for (;;) {
     try {
-      const dec = new FrameDecoder();
-      return new Connection(await open(target, deadline, dec), dec);
+      return await new Connection().open(target, deadline);
     } catch (e) {
       if (e instanceof Timeout) throw new Timeout(`connecting to ${where} timed out`);
       if (!RETRYABLE.has(e.code) || performance.now() + delay >= deadline) {
@@ -87,30 +113,4 @@ export async function connect(target, where, deadline) {
       delay = Math.min(delay * 2, 200);
     }
   }
-}
-
-/** Bytes per read; above glibc's mmap threshold each read would map a fresh buffer. */
-const READ_SIZE = 65536;
-
-function open(target, deadline, dec) {
-  return new Promise((resolve, reject) => {
-    // One read buffer per connection, reused: no allocation per answer.
-    const onread = { buffer: Buffer.allocUnsafe(READ_SIZE), callback: (n, buf) => dec.onChunk(buf.subarray(0, n)) };
-    const s = net.createConnection({ ...target, onread });
-    const timer = setTimeout(() => {
-      s.destroy();
-      reject(new Timeout('connect'));
-    }, Math.max(1, deadline - performance.now()));
-    s.once('connect', () => {
-      clearTimeout(timer);
-      s.removeAllListeners('error');
-      if (target.port !== undefined) s.setNoDelay(true);
-      resolve(s);
-    });
-    s.once('error', (e) => {
-      clearTimeout(timer);
-      s.destroy();
-      reject(e);
-    });
-  });
 }

@@ -83,11 +83,12 @@ export class Watch {
     this.last = view;
     try {
       this.onUpdate(update);
-    } finally {
-      if (this._started) {
-        this._started.resolve();
-        this._started = null;
-      }
+    } catch (e) {
+      this.onError(e); // the caller's bug must not tear down the stream
+    }
+    if (this._started) {
+      this._started.resolve();
+      this._started = null;
     }
   }
 }

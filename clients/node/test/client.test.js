@@ -199,3 +199,47 @@ test('watching an unknown service rejects with its code', () =>
     await assert.rejects(c.watch('nope', () => {}), (e) => e.code === 'UNKNOWN_SERVICE');
     c.close();
   }));
+
+test('answers split across reads decode whole (the read buffer is reused between reads)', async () => {
+  const held = [];
+  await withAgent((req, sock) => {
+    held.push(req);
+    if (held.length < 2) return undefined;
+    // Answer 1 and the head of answer 2 in one read; the tail of answer 2, longer than
+    // what came before it, in the next: it lands where the head was in the read buffer.
+    const [first, second] = held.map((r) => encodeFrame(ok(r, { ...endpoint(r.service), pad: 'x'.repeat(r.service === 'beta' ? 600 : 0) })));
+    sock.write(Buffer.concat([first, second.subarray(0, 40)]));
+    setTimeout(() => sock.write(second.subarray(40)), 30);
+    return undefined;
+  }, async (agent) => {
+    const c = new Client({ socketPath: agent.path });
+    const [a, b] = await Promise.all([c.resolve('alpha'), c.resolve('beta')]);
+    assert.deepEqual([a.id, b.id, b.pad.length], ['alpha', 'beta', 600]);
+    c.close();
+  });
+});
+
+test("a watch callback that throws reaches onError; the stream goes on", async () => {
+  let watchSock = null;
+  const set = (n) => ({ service: 'web', version: n, endpoints: Array.from({ length: n }, (_, i) => endpoint(`web-${i}`)) });
+  await withAgent((req, sock) => {
+    watchSock = { sock, id: req.id };
+    return ok(req, set(1));
+  }, async (agent) => {
+    const c = new Client({ socketPath: agent.path });
+    const seen = [];
+    const errors = [];
+    const w = await c.watch('web', (u) => {
+      seen.push(u.endpoints.length);
+      throw new Error('caller bug');
+    }, { onError: (e) => errors.push(e.message) });
+    watchSock.sock.write(encodeFrame(ok({ id: watchSock.id }, set(2))));
+    const deadline = performance.now() + 3000;
+    while (seen.length < 2 && performance.now() < deadline) await sleep(10);
+    assert.deepEqual(seen, [1, 2]);
+    assert.deepEqual(errors, ['caller bug', 'caller bug']);
+    assert.equal(agent.connections, 1);
+    w.close();
+    c.close();
+  });
+});
