@@ -198,6 +198,13 @@ def test_watch_restart(make_runner, make_agent):
     assert [e["id"] for e in ev["update"]["endpoints"]] == ["web-1", "web-2", "web-3", "web-4"]
     assert r.next_event(0.5) is None
     assert r.cmd("unwatch", name="w") == {}
+    agent.write_catalog(CATALOG)
+    with RawSocket(agent.socket) as raw:
+        deadline = time.monotonic() + 15
+        while len(raw.call(op="endpoints", service="web")["result"]["endpoints"]) != 3:
+            assert time.monotonic() < deadline, "the agent never reloaded the catalog"
+            time.sleep(0.05)
+    assert r.next_event(1.0) is None, "an update arrived after unwatch"
 
 
 @scenario("a call to a stalled agent times out (TIMEOUT); the next call works and is not confused by the late answer")
