@@ -44,8 +44,11 @@ export class Client {
     const deadline = performance.now() + ms;
     for (let attempt = 0; ; attempt++) {
       const conn = this._conn !== null && !this._conn.closed ? this._conn : await this._connection(deadline);
-      this._nextId = (this._nextId + 1) & 0x7fffffff;
-      const msg = await this._exchange(conn, { id: this._nextId, op, ...args }, deadline, ms);
+      const id = (this._nextId = (this._nextId + 1) & 0x7fffffff);
+      const req = { id, op, ...args }; // id and op first, as the vectors pin them
+      req.id = id; // never the caller's: answers are matched by it
+      req.op = op;
+      const msg = await this._exchange(conn, req, deadline, ms);
       if (msg !== null) return resultOf(msg);
       if (this._conn === conn) this._conn = null;
       if (attempt > 0) throw new AgentUnavailable('the agent closed the connection');

@@ -46,6 +46,10 @@ export class Connection {
 
   /** Write one request; `handler.answer` gets its answer(s), `handler.closed` the end. */
   send(id, msg, handler) {
+    if (this.closed) {
+      handler.closed(null); // it closed between our check and now: the retry-once case
+      return;
+    }
     if (this.pending.size === 0) this.socket.ref();
     this.pending.set(id, handler);
     this.socket.write(encodeFrame(msg));
