@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -182,10 +183,15 @@ class Runner:
         return msg.get("result")
 
     def next_event(self, timeout: float) -> dict[str, Any] | None:
-        try:
-            return self.events.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        """The next watch update or watch error within `timeout` s (other kinds are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ev = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            if ev.get("event") in ("watch", "watch_error"):
+                return ev
 
     def stderr(self) -> str:
         self._log.flush()
