@@ -27,10 +27,9 @@ import socket
 import urllib.parse
 from typing import Any
 
-import msgpack
 import trio
 
-from softlb._health import ProbeState
+from softlb import LeaseScope, Pending, Pick, ProbeState, Rejected, Reported, RequestError, Resolve, parse_request, respond
 
 from .runtime import Runtime
 
@@ -122,21 +121,27 @@ def _number(value: str) -> float | str:
 
 
 async def ask(rt: Runtime, msg: dict[str, Any], source: str) -> tuple[int, str, bytes]:
-    """Answer through the wire protocol's own code path, so HTTP and socket callers get the
-    same checks, the same on-demand fetches and the same JSON."""
+    """Answer through the protocol's own typed requests and the core's typed API, so HTTP and
+    socket callers get the same checks, the same on-demand fetches and the same results."""
     msg["id"] = 0
-    frame = rt.engine.handle(msg, trio.current_time(), source)
-    if frame is None and msg.get("op") == "resolve":  # a catalog source is fetching it
-        await rt.wait_for_service(msg["service"])
-        frame = rt.engine.handle(msg, trio.current_time(), source)
-        if frame is None:
-            return _error(503, "UNAVAILABLE", f"no answer for \"{msg['service']}\" from the catalog source yet")
-    assert frame is not None
-    answer = msgpack.unpackb(frame[4:], raw=False)
-    if "error" in answer:
-        err = answer["error"]
-        return _json(_STATUS_OF.get(err["code"], 400), {"error": err})
-    return _json(200, answer["result"])
+    req = parse_request(msg)
+    try:
+        if type(req) is Rejected:
+            raise RequestError(req.code, req.message)
+        r = respond(rt.engine, req, trio.current_time(), source)
+        if type(r) is Pending:  # a catalog source is fetching it: wait as every front end does
+            assert type(req) is Resolve
+            r = await rt.pick(req.service, key=req.key, tags=req.tags, source=source,
+                              scope=LeaseScope.REQUEST if req.lease else LeaseScope.NONE)
+        rt.flush()
+    except RequestError as e:
+        return _json(_STATUS_OF.get(e.code.value, 400), {"error": {"code": e.code.value, "message": e.message}})
+    if type(r) is Pick:
+        return _json(200, r.as_dict())
+    if type(r) is Reported:
+        rt.dispatch(r.changes)
+        return _json(200, {})
+    return _json(200, r)
 
 
 async def route(rt: Runtime, method: str, path: str, query: list[tuple[str, str]], source: str) -> tuple[int, str, bytes]:

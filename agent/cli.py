@@ -103,7 +103,7 @@ def _yn(v: Any) -> str:
 
 
 def _ago(seconds: float | None) -> str:
-    from softlb._durations import format_duration
+    from softlb import format_duration
 
     return "-" if seconds is None else format_duration(max(0.0, seconds))
 
@@ -155,7 +155,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     import trio
 
     from softlb import AgentConfig, ConfigError
-    from softlb._config import with_overrides
+    from softlb import with_overrides
 
     from .app import load_config_file, run_agent
 
@@ -268,7 +268,7 @@ def _run_client(args: argparse.Namespace) -> int:
 
 def _run_check(args: argparse.Namespace) -> int:
     from softlb import ConfigError
-    from softlb._filecatalog import parse_catalog_text
+    from softlb import parse_catalog_text
 
     from .app import load_config_file
 

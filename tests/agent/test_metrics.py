@@ -39,7 +39,7 @@ def test_metrics_count_ejections_and_panic():
         assert 'softlb_service_eligible_endpoints{service="web"} 2' in text
         assert 'softlb_service_panic{service="web"} 0' in text
         await trio.sleep(3600)  # past the ejection
-        rt.engine.tick(trio.current_time())
+        rt.dispatch(rt.engine.tick(trio.current_time())[0])
         text = render_metrics(rt)
         assert 'softlb_service_ejected_endpoints{service="web"} 0' in text
         assert 'softlb_service_data_age_seconds{service="web"} 3600.000' in text
@@ -53,12 +53,12 @@ def test_health_changes_are_logged_with_their_reason(caplog):
     async def main():
         rt = Runtime(AgentConfig(), None, random.Random(1))
         now = trio.current_time()
-        rt.engine.replace_all(parse_catalog_text(CATALOG), now)
+        rt.dispatch(rt.engine.replace_all(parse_catalog_text(CATALOG), now))
         with caplog.at_level(logging.INFO, logger="softlb.health"):
             for _ in range(5):
-                rt.engine.report(now, ok=False, service="web", endpoint_id="127.0.0.1:1")
+                rt.dispatch(rt.engine.report(now, ok=False, service="web", endpoint_id="127.0.0.1:1"))
             await trio.sleep(3600)
-            rt.engine.tick(trio.current_time())
+            rt.dispatch(rt.engine.tick(trio.current_time())[0])
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     msgs = [r.getMessage() for r in caplog.records if r.name == "softlb.health"]
