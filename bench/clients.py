@@ -152,7 +152,7 @@ def main() -> int:
     res = measure(a.n, a.runs)
     print(json.dumps(res, indent=1) if a.json else table(res))
     if a.write:
-        write_doc(res, "python bench/clients.py " + " ".join(sys.argv[1:]))
+        write_doc(res, ".venv/bin/python bench/clients.py " + " ".join(sys.argv[1:]))
     return 0 if all(r <= 2 for r in res["ratio_to_raw"].values()) else 1
 
 
