@@ -213,6 +213,12 @@ def render_metrics(rt: Runtime) -> str:
     metric("softlb_leases_open", "gauge", "Leases handed out by resolve and not yet reported or expired.",
            [("", len(rt.engine.leases))])
 
+    # DNS front end (agent/dns.py): answers by transport and rcode; "dropped" and "refused"
+    # are datagrams not answered and TCP connections closed at the cap.
+    dns_answers = sorted(k.split(":", 1) for k in s.dns)
+    metric("softlb_dns_queries_total", "counter", "DNS queries by transport and answer code.",
+           [(f'{{transport="{t}",rcode="{_label(c)}"}}', s.dns[f"{t}:{c}"]) for t, c in dns_answers])
+
     services = [(f'{{service="{_label(n)}"}}', rt.engine.services[n]) for n in sorted(rt.engine.services)]
     snaps = {lbl: b.health.snapshot(now).endpoints for lbl, b in services}
     per_service = [

@@ -22,6 +22,7 @@ from ._locality import Locality, prefer_local
 from ._protocol import pack_endpoint_fields
 from ._slowstart import SlowStart
 from ._types import Endpoint
+from ._vip import Vip
 from .policies import POLICIES, LoadBoard, Policy
 
 
@@ -67,6 +68,15 @@ class ServiceBalancer:
         #: Per-request tag filters get their own policy instance over the filtered set,
         #: built on first use and dropped on every refresh.
         self._tag_policies: dict[tuple[str, ...], Policy] = {}
+        #: The service's address for connect-time balancing (the engine's VipTable sets it).
+        self.vip: Vip | None = None
+
+    def set_vip(self, vip: Vip | None) -> bool:
+        if vip == self.vip:
+            return False
+        self.vip = vip
+        self.version += 1
+        return True
 
     # ----------------------------------------------------------------- inputs
 
@@ -116,6 +126,7 @@ class ServiceBalancer:
         Health state carries over: a reload must not resurrect a dead or ejected endpoint."""
         self.stale, self.fetched_at = old.stale, old.fetched_at
         self.version = old.version
+        self.vip = old.vip
         self.health = old.health
         self.health.reconfigure(self.config, now)
         # Leases opened under the old policy still close here, and are still counted.
@@ -256,7 +267,7 @@ class ServiceBalancer:
         it now (in panic that includes ineligible endpoints); `health`: the detail."""
         served = {e.id for e in self.served}
         health = {row.id: row for row in self.health.snapshot(now).endpoints}
-        return {
+        return self._with_vip({
             "service": self.name,
             "policy": self.config.policy,
             "version": self.version,
@@ -269,14 +280,20 @@ class ServiceBalancer:
                      health=health[e.id].as_dict(precision=3))
                 for e in self.endpoints
             ],
-        }
+        })
 
     def summary(self) -> dict[str, object]:
-        return {
+        return self._with_vip({
             "name": self.name,
             "policy": self.config.policy,
             "endpoints": len(self.endpoints),
             "eligible": self.eligible_count,
             "panic": self.panic,
             "stale": self.stale,
-        }
+        })
+
+    def _with_vip(self, d: dict[str, object]) -> dict[str, object]:
+        # Absent rather than nil when there is none: an optional field old clients skip.
+        if self.vip is not None:
+            d["vip"] = self.vip.as_dict()
+        return d
