@@ -29,8 +29,10 @@ from typing import Any
 
 import trio
 
-from softlb import LeaseScope, Pending, Pick, ProbeState, Rejected, Reported, RequestError, Resolve, parse_request, respond
+from softlb import (Endpoints, LeaseScope, Pending, Pick, ProbeState, Rejected, Reported, RequestError, Resolve,
+                    parse_request, respond)
 
+from .proxy.figures import proxy_metrics, with_proxy_figures
 from .runtime import Runtime
 
 log = logging.getLogger("softlb.admin")
@@ -141,6 +143,8 @@ async def ask(rt: Runtime, msg: dict[str, Any], source: str) -> tuple[int, str, 
     if type(r) is Reported:
         rt.dispatch(r.changes)
         return _json(200, {})
+    if type(req) is Endpoints and rt.proxy_figures is not None:
+        r = with_proxy_figures(rt.proxy_figures, req.service, r)
     return _json(200, r)
 
 
@@ -243,4 +247,11 @@ def render_metrics(rt: Runtime) -> str:
     metric("softlb_service_data_age_seconds", "gauge", "Seconds since the catalog source last confirmed this data.",
            [(lbl, f"{max(0.0, now - b.fetched_at):.3f}") for lbl, b in services
             if b.fetched_at is not None and rt.config.source != "file"])
+    if rt.proxy_figures is not None:
+        proxy_metrics(rt.proxy_figures, metric)
+    # The catalog source's own counters (the Consul source sets this; the file source not).
+    source_metrics = getattr(rt, "source_metrics", None)
+    if source_metrics is not None:
+        for m in source_metrics():
+            metric(*m)
     return "\n".join(out) + "\n"

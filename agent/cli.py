@@ -146,8 +146,20 @@ def format_endpoints(d: dict[str, Any]) -> str:
         rows.append((e["id"], f"{e['address']}:{e['port']}", e.get("weight"), e.get("registry", ""), probe, last,
                      _ejection_cell(h), _yn(e.get("eligible")), _yn(e.get("served", e.get("eligible"))),
                      ",".join(e.get("tags") or ()) or "-", e.get("zone") or "-"))
-    return head + "\n" + table(rows, ("ID", "ADDRESS", "WEIGHT", "REGISTRY", "PROBE", "LAST PROBE", "EJECTED",
-                                       "ELIGIBLE", "SERVED", "TAGS", "ZONE"))
+    cols = ("ID", "ADDRESS", "WEIGHT", "REGISTRY", "PROBE", "LAST PROBE", "EJECTED", "ELIGIBLE", "SERVED", "TAGS", "ZONE")
+    if any("proxy" in e for e in eps):  # the loopback proxy's figures (docs/PROXY.md)
+        cols += ("ACTIVE", "REQUESTS", "FAILURES", "RETRIES", "BYTES IN/OUT")
+        rows = [r + _proxy_cells(e.get("proxy") or {}) for r, e in zip(rows, eps)]
+    if d.get("proxy_listener"):
+        f = d["proxy_listener"]
+        head += (f"\nproxy listener: {f['active']} active, {f['connections']} connections, {f['requests']} requests, "
+                 f"{f['failures']} failures, {f['retries']} retries")
+    return head + "\n" + table(rows, cols)
+
+
+def _proxy_cells(f: dict[str, Any]) -> tuple[Any, ...]:
+    return (f.get("active", 0), f.get("requests", 0), f.get("failures", 0), f.get("retries", 0),
+            f"{f.get('bytes_in', 0)}/{f.get('bytes_out', 0)}")
 
 
 # ------------------------------------------------------------------------ commands
