@@ -9,6 +9,7 @@ from dataclasses import replace
 import dns.message
 import dns.rcode
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -134,13 +135,17 @@ class ResponderMachine(RuleBasedStateMachine):
     @initialize()
     def start(self):
         self.rt = None
+        # One virtual clock for every trio.run, kept at the machine's `now`: the Runtime and
+        # the Responder read trio's clock, and a fresh system clock per run (a random base)
+        # would make ejections expire or not at random between rules.
+        self.clock = trio.testing.MockClock()
+        self.now = 0.0
 
         async def make():
             self.rt = Runtime(parse_agent_config({"agent": {"vip_pool": "127.77.0.0/16"}}), None, random.Random(3))
 
-        trio.run(make)
+        trio.run(make, clock=self.clock)
         self.rsp = Responder(self.rt)
-        self.now = 0.0
         self.qid = 0
 
     def _in_trio(self, fn):
@@ -149,7 +154,10 @@ class ResponderMachine(RuleBasedStateMachine):
         async def main():
             out.append(fn())
 
-        trio.run(main)
+        behind = self.now - self.clock.current_time()
+        if behind > 0:
+            self.clock.jump(behind)
+        trio.run(main, clock=self.clock)
         return out[0]
 
     @rule(chosen=st.lists(st.sampled_from(ADDRS), unique=True, max_size=4),
