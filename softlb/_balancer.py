@@ -17,6 +17,7 @@ import random
 from typing import Sequence
 
 from ._config import ServiceConfig
+from ._explain import Why, explain, explain_empty
 from ._health import HealthTracker
 from ._locality import Locality, prefer_local
 from ._protocol import pack_endpoint_fields
@@ -225,11 +226,30 @@ class ServiceBalancer:
 
     # ----------------------------------------------------------------- views
 
+    def explain(self, now: float, request_tags: tuple[str, ...] = ()) -> list[Why]:
+        """Why each catalog endpoint is or is not served (softlb/_explain.py)."""
+        health = {row.id: row for row in self.health.snapshot(now).endpoints}
+        return explain(self.name, self.catalog_endpoints, self.config, self.here, health,
+                       {e.id for e in self.served}, self.panic, self.weights, self.locality_level, now,
+                       request_tags)
+
+    def why_empty(self, now: float, request_tags: tuple[str, ...] = ()) -> str:
+        return explain_empty(self.name, self.explain(now, request_tags), self.config)
+
     def describe(self, now: float) -> dict[str, object]:
         """`eligible`: passes registry, probe and ejection checks; `served`: picks may land on
-        it now (in panic that includes ineligible endpoints); `health`: the detail."""
-        served = {e.id for e in self.served}
+        it now (in panic that includes ineligible endpoints); `health`: the detail; `why`:
+        the reason it is not served (or a note on how it is). Endpoints the service's tag
+        filter drops are listed too, with `filtered` true and no health."""
         health = {row.id: row for row in self.health.snapshot(now).endpoints}
+        whys = {w.id: w for w in self.explain(now)}
+        eps = []
+        for e in self.catalog_endpoints:
+            h = health.get(e.id)
+            w = whys[e.id]
+            eps.append(dict(e.as_dict(), eligible=False if h is None else h.eligible, served=w.served,
+                            filtered=h is None, health=None if h is None else h.as_dict(precision=3),
+                            why=w.as_dict()))
         return {
             "service": self.name,
             "policy": self.config.policy,
@@ -238,11 +258,11 @@ class ServiceBalancer:
             "panic_threshold": self.config.panic_threshold,
             "stale": self.stale,
             "age": None if self.fetched_at is None else round(max(0.0, now - self.fetched_at), 3),
-            "endpoints": [
-                dict(e.as_dict(), eligible=health[e.id].eligible, served=e.id in served,
-                     health=health[e.id].as_dict(precision=3))
-                for e in self.endpoints
-            ],
+            "tags": list(self.config.tags),
+            "locality": list(self.config.locality),
+            "locality_level": self.locality_level,
+            "here": {"node": self.here.node, "zone": self.here.zone, "region": self.here.region},
+            "endpoints": eps,
         }
 
     def summary(self) -> dict[str, object]:

@@ -135,7 +135,7 @@ class Engine:
         self.last_resolved[service] = now
         ep = b.pick(key, source, tags, now)
         if ep is None:
-            raise RequestError(ErrorCode.NO_HEALTHY_ENDPOINT, self._why_empty(b, tags))
+            raise RequestError(ErrorCode.NO_HEALTHY_ENDPOINT, self._why_empty(b, tags, now))
         lease_id = None
         if lease:
             le, evicted = self.leases.open(service, ep.id, now)
@@ -145,15 +145,8 @@ class Engine:
         age = None if b.fetched_at is None or not b.stale else max(0.0, now - b.fetched_at)
         return Resolution(ep, lease_id, b.panic, b.stale, age)
 
-    def _why_empty(self, b: ServiceBalancer, tags: tuple[str, ...]) -> str:
-        if not b.endpoints:
-            return f"service \"{b.name}\" has no endpoints"
-        if b.config.locality and not b.served and b.eligible_count:
-            return (f"no eligible endpoint of \"{b.name}\" is local enough: locality = {list(b.config.locality)} "
-                    f"matched none of the {b.eligible_count} eligible endpoints (add \"*\" to fall back to any)")
-        if tags:
-            return f"no eligible endpoint of \"{b.name}\" has all the tags {', '.join(tags)}"
-        return f"none of the {len(b.endpoints)} endpoints of \"{b.name}\" is eligible"
+    def _why_empty(self, b: ServiceBalancer, tags: tuple[str, ...], now: float) -> str:
+        return b.why_empty(now, tags)
 
     def report(
         self,

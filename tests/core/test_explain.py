@@ -1,0 +1,103 @@
+"""softlb/_explain.py: every endpoint the source knows gets the reason it is (not) served,
+and a resolve that finds nothing says which reason emptied the set."""
+
+import random
+
+import pytest
+
+from softlb import AgentConfig, Endpoint, RegistryHealth, ServiceConfig
+from softlb._config import OutlierConfig, ProbeConfig
+from softlb._engine import Engine
+from softlb._errors import ErrorCode, RequestError
+
+
+def ep(i, **kw):
+    return Endpoint(id=f"e{i}", address="127.0.0.1", port=8000 + i, **kw)
+
+
+def engine(svc=ServiceConfig(), eps=(), **agent):
+    e = Engine(AgentConfig(services={"web": svc}, **agent), random.Random(1))
+    e.replace_all({"web": list(eps)}, 0.0)
+    return e
+
+
+def whys(e, now=0.0):
+    return {w.id: (w.served, w.reason, w.detail) for w in e.services["web"].explain(now)}
+
+
+def no_healthy(e, now=0.0, tags=()):
+    with pytest.raises(RequestError) as ei:
+        e.resolve("web", now, tags=tags)
+    assert ei.value.code is ErrorCode.NO_HEALTHY_ENDPOINT
+    return ei.value.message
+
+
+def test_tag_filter_matching_nothing_is_named_with_its_key():
+    e = engine(ServiceConfig(tags=("V2",)), [ep(1, tags=("v2",)), ep(2, tags=("v2",))])
+    w = whys(e)
+    assert w["e1"][:2] == (False, "tag_filter")
+    assert 'services.web.tags = ["V2"]' in w["e1"][2] and '["v2"]' in w["e1"][2]
+    msg = no_healthy(e)
+    assert "2 tag filter" in msg and "check services.web.tags" in msg
+    # and `endpoints` lists the filtered ones, marked
+    d = e.services["web"].describe(0.0)
+    assert [x["filtered"] for x in d["endpoints"]] == [True, True]
+    assert d["tags"] == ["V2"]
+
+
+def test_locality_mistake_names_both_zones_and_the_order():
+    e = engine(ServiceConfig(locality=("zone",)), [ep(1, zone="zone-a"), ep(2, zone="zone-b")], zone="zone-c")
+    served, reason, detail = whys(e)["e1"]
+    assert (served, reason) == (False, "locality")
+    assert "'zone-c'" in detail and "'zone-a'" in detail and 'services.web.locality = ["zone"]' in detail
+    assert 'add "*"' in detail
+    assert "2 locality" in no_healthy(e)
+
+
+def test_locality_level_served_and_other_zone_explained():
+    e = engine(ServiceConfig(locality=("zone", "*")), [ep(1, zone="a"), ep(2, zone="b")], zone="a")
+    w = whys(e)
+    assert w["e1"][:2] == (True, "")
+    assert w["e2"][:2] == (False, "locality") and "serving zone 'a'" in w["e2"][2]
+
+
+def test_registry_probe_ejection_weight_each_named():
+    svc = ServiceConfig(probe=ProbeConfig(fall=1), outlier=OutlierConfig(consecutive_failures=1, max_ejection_percent=100),
+                        panic_threshold=0)
+    e = engine(svc, [ep(1, registry=RegistryHealth.CRITICAL), ep(2), ep(3), ep(4, weight=0), ep(5)])
+    e.probe_result("web", "e2", False, 0.0, "connection refused")
+    e.report(0.0, ok=False, service="web", endpoint_id="e3")
+    w = whys(e, 1.0)
+    assert w["e1"][:2] == (False, "registry") and "critical" in w["e1"][2]
+    assert w["e2"][:2] == (False, "probe") and "connection refused" in w["e2"][2]
+    assert w["e3"][:2] == (False, "ejected") and "29s more" in w["e3"][2]
+    assert w["e4"][:2] == (False, "weight_zero")
+    assert w["e5"][:2] == (True, "")
+
+
+def test_panic_serves_the_ineligible_and_says_so():
+    svc = ServiceConfig(probe=ProbeConfig(fall=1), panic_threshold=80)
+    e = engine(svc, [ep(1), ep(2)])
+    e.probe_result("web", "e1", False, 0.0, "refused")
+    w = whys(e)
+    assert w["e1"][:2] == (True, "panic") and "probe down" in w["e1"][2]
+
+
+def test_slow_start_share():
+    svc = ServiceConfig(policy="random", slow_start=10.0, probe=ProbeConfig(fall=1, rise=1))
+    e = engine(svc, [ep(1, weight=10), ep(2, weight=10)])
+    e.probe_result("web", "e1", False, 0.0)
+    e.probe_result("web", "e1", True, 0.0)
+    e.tick(5.0)
+    served, reason, detail = whys(e, 5.0)["e1"]
+    assert (served, reason) == (True, "slow_start") and "% of its weight now" in detail
+
+
+def test_request_tags_that_match_nothing():
+    e = engine(eps=[ep(1, tags=("a",)), ep(2)])
+    msg = no_healthy(e, tags=("b",))
+    assert "2 tag request" in msg
+
+
+def test_empty_service():
+    assert "no endpoints in the catalog" in no_healthy(engine())
