@@ -158,6 +158,7 @@ async def _ticker(rt: Runtime) -> None:
     while True:
         now = trio.current_time()
         deadline = rt.engine.tick(now)
+        rt.sample(now)
         delay = MAX_TICK if deadline is None else min(MAX_TICK, max(0.0, deadline - now))
         await trio.sleep(delay)
 
@@ -172,6 +173,7 @@ def reload_config(rt: Runtime, overrides: Callable[[AgentConfig], AgentConfig]) 
     except ConfigError as e:
         log.error("config reload refused, still running the previous config: %s", e)
         rt.stats.config_reload_errors += 1
+        rt.note_reload("config", str(e))
         return str(e)
     for key in LISTENER_SETTINGS:
         if getattr(new, key) != getattr(rt.config, key):
@@ -180,6 +182,8 @@ def reload_config(rt: Runtime, overrides: Callable[[AgentConfig], AgentConfig]) 
         log.warning("catalog.source changed to %r: the catalog source changes only on restart", new.source)
     rt.config = new
     rt.engine.reconfigure(new, trio.current_time())
+    rt.stats.config_reloads += 1
+    rt.note_reload("config", "")
     log.info("config %s reloaded", rt.config_path)
     return None
 

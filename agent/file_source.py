@@ -38,6 +38,7 @@ def load_catalog(rt: Runtime, path: str) -> bool:
     except (OSError, UnicodeDecodeError, ConfigError) as e:
         rt.stats.catalog_errors += 1
         rt.stats.last_catalog_error = f"{path}: {e}"
+        rt.note_reload("catalog", rt.stats.last_catalog_error)
         if rt.catalog_ready.is_set():
             log.error("catalog %s not reloaded, still serving the last good one: %s", path, e)
         return False
@@ -47,11 +48,14 @@ def load_catalog(rt: Runtime, path: str) -> bool:
         # still works, and a catalog that is meant to be empty can be served on restart.
         rt.stats.catalog_errors += 1
         rt.stats.last_catalog_error = f"{path}: the catalog is empty"
+        rt.note_reload("catalog", rt.stats.last_catalog_error)
         log.error("catalog %s is empty: not reloaded, still serving the last good %d services", path, len(rt.engine.services))
         return False
     changed = rt.engine.replace_all(services, trio.current_time())
     rt.stats.catalog_reloads += 1
     rt.stats.last_catalog_error = ""
+    rt.note_reload("catalog", "")
+    rt.source_confirmed_at = trio.current_time()
     n_eps = sum(len(v) for v in services.values())
     rt.source_status = f"file {path}: {len(services)} services, {n_eps} endpoints"
     if rt.catalog_ready.is_set():
@@ -83,3 +87,5 @@ class FileSource:
             if forced or (fp != seen and fp is not None):
                 seen = fp
                 load_catalog(self.rt, self.path)
+            elif fp is not None and not self.rt.stats.last_catalog_error:
+                self.rt.source_confirmed_at = trio.current_time()  # what we serve is what the file says

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -27,11 +28,21 @@ class Stats:
     catalog_reloads: int = 0
     catalog_errors: int = 0
     config_reload_errors: int = 0
+    config_reloads: int = 0
     last_catalog_error: str = ""
+    #: Why the last config reload was refused ("" when it applied, or none happened).
+    last_config_error: str = ""
+    #: The last reload attempt of either kind: (wall time, "config"/"catalog", error or "").
+    last_reload: tuple[float, str, str] | None = None
     started: float = 0.0
+    started_wall: float = 0.0
 
 
 health_log = logging.getLogger("softlb.health")
+
+#: `softlb status` shows errors answered over about this many seconds.
+RECENT_WINDOW = 300.0
+SAMPLE_EVERY = 10.0
 
 
 def _why(r: EndpointHealth) -> str:
@@ -49,7 +60,11 @@ class Runtime:
         self.config = config
         self.config_path = config_path
         self.engine = Engine(config, rng or random.Random())
-        self.stats = Stats(started=trio.current_time())
+        self.stats = Stats(started=trio.current_time(), started_wall=time.time())
+        #: `now` when the catalog source last confirmed the data it serves (the file
+        #: source: the last poll that found the file unchanged or loaded it).
+        self.source_confirmed_at: float | None = None
+        self._error_history: collections.deque[tuple[float, int]] = collections.deque()
         self._events: dict[str, trio.Event] = {}
         self.engine.on_change = self._on_change
         #: Set once the first catalog has been loaded (readiness).
@@ -121,3 +136,43 @@ class Runtime:
 
     def now(self) -> float:
         return trio.current_time()
+
+    def sample(self, now: float) -> None:
+        """Called by the timer task: keep error totals every SAMPLE_EVERY seconds for the
+        last RECENT_WINDOW, so status can say how many errors happened lately."""
+        hist = self._error_history
+        if hist and now - hist[-1][0] < SAMPLE_EVERY:
+            return
+        hist.append((now, self._error_total()))
+        while len(hist) > 1 and now - hist[1][0] >= RECENT_WINDOW:
+            hist.popleft()
+
+    def _error_total(self) -> int:
+        return sum(self.stats.errors.values()) + sum(self.engine.errors.values())
+
+    def recent_errors(self) -> dict[str, float]:
+        """Error answers in (about) the last RECENT_WINDOW seconds."""
+        now = self.now()
+        hist = self._error_history
+        since, base = hist[0] if hist else (self.stats.started, 0)
+        return {"count": self._error_total() - base, "seconds": round(now - since, 1)}
+
+    def note_reload(self, what: str, error: str) -> None:
+        """Record a config or catalog (re)load's result for status, readyz and metrics."""
+        self.stats.last_reload = (time.time(), what, error)
+        if what == "config":
+            self.stats.last_config_error = error
+
+    def reload_problem(self) -> str:
+        """Why the agent is not serving what its files say ("" if it is)."""
+        s = self.stats
+        problems = []
+        if s.last_config_error:
+            problems.append(f"config reload refused: {s.last_config_error}")
+        if s.last_catalog_error:
+            problems.append(f"catalog reload refused: {s.last_catalog_error}")
+        return "; ".join(problems)
+
+    def source_up(self) -> bool:
+        text = self.source_status
+        return not any(w in text for w in ("unreachable", "error", "stale", "starting", "failing", "degraded", "acl_denied"))

@@ -17,6 +17,7 @@ import random
 from typing import Sequence
 
 from ._config import ServiceConfig
+from ._counters import ServiceCounters
 from ._explain import Why, explain, explain_empty
 from ._health import HealthTracker
 from ._locality import Locality, prefer_local
@@ -60,6 +61,8 @@ class ServiceBalancer:
         self.health = HealthTracker(config)
         #: Bumped whenever what `watch` shows changes.
         self.version = 0
+        #: Answers and outcomes, for metrics (read at scrape time).
+        self.counters = ServiceCounters()
         #: Per-request tag filters get their own policy instance over the filtered set,
         #: built on first use and dropped on every refresh.
         self._tag_policies: dict[tuple[str, ...], Policy] = {}
@@ -85,6 +88,7 @@ class ServiceBalancer:
             return False
         self.endpoints = eps
         self.by_id = {e.id: e for e in eps}
+        self.counters.keep_only(self.by_id)
         self.packed = {e.id: pack_endpoint_fields(e) for e in eps}
         self.health.set_endpoints(eps, now)
         self.refresh(now)
@@ -102,6 +106,7 @@ class ServiceBalancer:
         Health state carries over: a reload must not resurrect a dead or ejected endpoint."""
         self.stale, self.fetched_at = old.stale, old.fetched_at
         self.version = old.version
+        self.counters = old.counters
         self.health = old.health
         self.health.reconfigure(self.config, now)
         if not self.set_endpoints(old.catalog_endpoints, now):

@@ -52,6 +52,10 @@ class Engine:
         #: means "a source is fetching it" and the agent retries after waiting (Consul
         #: on-demand watches). The file source leaves it unset.
         self.on_unknown_service: Callable[[str], bool] | None = None
+        #: Request errors answered (by code), and resolves of services nobody knows (no
+        #: per-name count: callers choose names, so a label per name would be unbounded).
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.unknown_service_resolves = 0
         #: service -> `now` of its latest resolve; on-demand catalog sources (Consul) read
         #: it to expire services nobody uses, without a callback on every resolve.
         self.last_resolved: dict[str, float] = {}
@@ -127,6 +131,7 @@ class Engine:
     ) -> Resolution:
         b = self.services.get(service)
         if b is None:
+            self.unknown_service_resolves += 1
             raise RequestError(ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\"")
         deadline = b.next_deadline()
         if deadline is not None and now >= deadline:
@@ -135,7 +140,14 @@ class Engine:
         self.last_resolved[service] = now
         ep = b.pick(key, source, tags, now)
         if ep is None:
+            b.counters.no_healthy += 1
             raise RequestError(ErrorCode.NO_HEALTHY_ENDPOINT, self._why_empty(b, tags, now))
+        c = b.counters
+        c.resolved += 1
+        ec = c.endpoints.get(ep.id)
+        if ec is None:
+            ec = c.endpoint(ep.id)
+        ec.picks += 1
         lease_id = None
         if lease:
             le, evicted = self.leases.open(service, ep.id, now)
@@ -167,6 +179,8 @@ class Engine:
                 latency = max(0.0, now - le.started)
             b = self.services.get(service)
             if b is not None:
+                if endpoint_id in b.by_id:  # not one that left the catalog meanwhile
+                    b.counters.report(endpoint_id, ok, latency)
                 b.on_finish(endpoint_id, ok, latency, now)
                 if b.record_outcome(endpoint_id, ok, now):
                     self._changed(b.name)
@@ -178,6 +192,7 @@ class Engine:
             raise RequestError(ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\"")
         if endpoint_id not in b.by_id:
             raise RequestError(ErrorCode.BAD_ARGUMENT, f"service \"{service}\" has no endpoint \"{endpoint_id}\"")
+        b.counters.report(endpoint_id, ok, latency)
         self._feedback(b, endpoint_id, ok, latency, now)
         if b.record_outcome(endpoint_id, ok, now):
             self._changed(service)
@@ -255,6 +270,7 @@ class Engine:
                 return None
             return P.error_frame(rid, ErrorCode.UNKNOWN_OP, f"unknown op \"{op[:64]}\" (known: {', '.join(ENGINE_OPS + STREAM_OPS)})")
         except RequestError as e:
+            self.errors[e.code.value] += 1
             return P.error_frame(rid, e.code, e.message)
 
     def _op_resolve(self, rid: Any, msg: dict[str, Any], now: float, source: str | None) -> bytes | None:

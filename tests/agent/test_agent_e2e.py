@@ -284,7 +284,7 @@ def test_a_second_signal_does_not_cut_the_shutdown_short(agent):
 
 def test_admin_survives_a_non_ascii_digit_lease(agent):
     s = socket.create_connection(("127.0.0.1", agent.admin_port), timeout=5)
-    s.sendall(b"POST /v1/report?lease=%C2%B2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.sendall(b"POST /v1/report?lease=%C2%B2 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert s.recv(100).startswith(b"HTTP/1.1 400")
     s.close()
     assert agent.client().resolve("web") and agent.proc.poll() is None
