@@ -391,7 +391,7 @@ async def h_status(app: Admin, req: Request, p: dict[str, str]) -> Response:
         return _json(code, services)
     problems = {}
     for s in services:
-        if s["eligible"] < s["endpoints"] or s["panic"] or s["endpoints"] == 0:
+        if s["eligible"] < s["endpoints"] or s["panic"] or not s.get("served"):
             code, d = await ask(rt, {"op": "endpoints", "service": s["name"]}, req.source)
             if code == 200:
                 problems[s["name"]] = _service_problem(d)
@@ -408,12 +408,19 @@ def _service_problem(d: dict[str, Any]) -> str:
         if not e.get("served") and why.get("reason"):
             counts[why["reason"]] = counts.get(why["reason"], 0) + 1
             first.setdefault(why["reason"], why["detail"])
+    served = sum(1 for e in eps if e.get("served"))
     if d.get("panic"):
         return f"panic: {sum(1 for e in eps if e.get('eligible'))} of {len(eps)} eligible"
-    if not counts:
-        return "" if eps else "no endpoints in the catalog"
-    top = max(counts, key=lambda k: counts[k])
-    return f"{counts[top]} not served: {first[top]}"
+    if not eps:
+        return "no endpoints in the catalog"
+    # A tag filter or locality leaving some endpoints out is the config working; it is a
+    # problem only when nothing is left. Health reasons are always worth a line.
+    health = [r for r in ("registry", "probe", "ejected") if r in counts]
+    if served and not health:
+        return ""
+    top = health[0] if served else max(counts, key=lambda k: counts[k])
+    msg = f"{counts[top]} not served: {first[top]}"
+    return msg if served else f"NOTHING SERVED; {msg}"
 
 
 def status_document(rt: Runtime, services: list[dict[str, Any]], problems: dict[str, str]) -> dict[str, Any]:

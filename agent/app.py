@@ -114,7 +114,11 @@ def bind_unix(path: str) -> socket.socket:
     return s
 
 
-def bind_tcp(addr: str) -> socket.socket:
+#: Listener role -> (flag, config key), for errors about it.
+ROLE_SETTINGS = {"listen": ("--listen", "agent.listen"), "admin": ("--admin", "agent.admin")}
+
+
+def bind_tcp(addr: str, role: str = "listen") -> socket.socket:
     host, _, port = addr.rpartition(":")
     host = host.strip("[]")
     if host == "localhost":
@@ -127,10 +131,20 @@ def bind_tcp(addr: str) -> socket.socket:
     except OSError as e:
         s.close()
         if e.errno == errno.EADDRINUSE:
-            raise ConfigError(f"{addr} is already in use") from None
+            raise ConfigError(_in_use(addr, int(port), role)) from None
         raise
     s.listen(1024)
     return s
+
+
+def _in_use(addr: str, port: int, role: str) -> str:
+    from .port_holder import port_holder
+
+    flag, key = ROLE_SETTINGS.get(role, ("--listen", "agent.listen"))
+    holder = port_holder(port)
+    who = f" by pid {holder[0]} ({holder[1]})" if holder else ""
+    return (f"{addr} ({key}) is already in use{who}: stop that process, or choose another port with "
+            f"{flag} HOST:PORT or {key} in the config (\"\" turns it off)")
 
 
 def attach_prober(rt: Runtime, rng: random.Random) -> Prober:
@@ -252,11 +266,11 @@ async def run_agent(
                 await nursery.start(source.run)
                 ipc = [listen("unix", "socket", socket_path(config), bind_unix)]
                 if config.listen:
-                    ipc.append(listen("tcp", "listen", config.listen, bind_tcp))
+                    ipc.append(listen("tcp", "listen", config.listen, partial(bind_tcp, role="listen")))
                 for sock in ipc:
                     await nursery.start(partial(serve_listener, draining=draining), rt, sock)
                 if config.admin:
-                    await nursery.start(admin.serve_admin, rt, listen("admin", "admin", config.admin, bind_tcp))
+                    await nursery.start(admin.serve_admin, rt, listen("admin", "admin", config.admin, partial(bind_tcp, role="admin")))
                 sm.close_unclaimed()
                 nursery.start_soon(_ticker, rt)
                 if config.provide:

@@ -289,7 +289,8 @@ async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.N
                 body = dec.next_body()
             except RemoteProtocolError as e:  # fatal: framing lost
                 stats.errors[e.code.value] += 1
-                out.append(error_frame(None, e.code, e.message))
+                hint = http_hint(data)
+                out.append(error_frame(None, e.code, e.message) if hint is None else hint)
                 await conn.send(b"".join(out))
                 return
             if body is NEED_DATA:
@@ -310,6 +311,23 @@ async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.N
             await conn.send(out[0] if len(out) == 1 else b"".join(out))
         answered_at = perf()
         may_spin = spin_ok and busy_poll > 0 and spin.allowed(conn.id, answered_at)
+
+
+_HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
+
+
+def http_hint(data: bytes) -> bytes | None:
+    """An HTTP answer for someone who sent an HTTP request to the msgpack port (curl on the
+    wrong port): where the HTTP API is, instead of a msgpack error frame that curl shows as
+    garbage. None when `data` does not start with an HTTP request line."""
+    line = data[:256].split(b"\r\n", 1)[0]
+    if not line.startswith(_HTTP_METHODS) or b" HTTP/1." not in line:
+        return None
+    body = (b"This is softlb's msgpack protocol port (docs/PROTOCOL.md), not HTTP.\n"
+            b"The HTTP API is on the admin port (agent.admin / --admin, default 127.0.0.1:7071):\n"
+            b"  curl http://127.0.0.1:7071/\n")
+    return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
 async def _handle_deferred(rt: Runtime, conn: Connection, msg: dict[str, Any]) -> None:

@@ -94,15 +94,22 @@ class Runtime:
         if before is None:
             return
         known, was_eligible, was_panic = before
-        for eid in sorted((was_eligible - eligible) & rows.keys()):
-            health_log.warning("%s: endpoint %s is no longer eligible (%s)", name, eid, _why(rows[eid]))
+        lost = sorted((was_eligible - eligible) & rows.keys())
+        whys = {w.id: w for w in b.explain(trio.current_time())} if lost else {}
+        for eid in lost:
+            why = whys[eid].detail if eid in whys else _why(rows[eid])
+            health_log.warning("%s: endpoint %s is no longer eligible (%s)", name, eid, _why(rows[eid]),
+                               extra={"service": name, "endpoint": eid, "reason": why, "event": "ineligible"})
         for eid in sorted((eligible - was_eligible) & known):
-            health_log.info("%s: endpoint %s is eligible again", name, eid)
+            health_log.info("%s: endpoint %s is eligible again", name, eid,
+                            extra={"service": name, "endpoint": eid, "event": "eligible"})
         if b.panic and not was_panic:
             health_log.warning("%s: panic: %d of %d endpoints eligible, below %d%%: balancing over all of them",
-                               name, len(eligible), len(rows), b.config.panic_threshold)
+                               name, len(eligible), len(rows), b.config.panic_threshold,
+                               extra={"service": name, "event": "panic", "reason": "too few eligible endpoints"})
         elif was_panic and not b.panic:
-            health_log.info("%s: panic over: %d of %d endpoints eligible", name, len(eligible), len(rows))
+            health_log.info("%s: panic over: %d of %d endpoints eligible", name, len(eligible), len(rows),
+                            extra={"service": name, "event": "panic_over"})
 
     def change_event(self, name: str) -> trio.Event:
         """An event set at the next change of `name` (get it before reading the state)."""

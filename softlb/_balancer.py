@@ -276,6 +276,9 @@ class ServiceBalancer:
             "policy": self.config.policy,
             "endpoints": len(self.endpoints),
             "eligible": self.eligible_count,
+            #: Before the service's tag filter, and what picks land on now (after locality).
+            "catalog_endpoints": len(self.catalog_endpoints),
+            "served": len(self.served),
             "panic": self.panic,
             "stale": self.stale,
         }

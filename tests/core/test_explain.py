@@ -101,3 +101,33 @@ def test_request_tags_that_match_nothing():
 
 def test_empty_service():
     assert "no endpoints in the catalog" in no_healthy(engine())
+
+
+# ------------------------------------------------------------------ errors that say what to do
+
+from softlb import ConfigError, parse_agent_config  # noqa: E402
+from softlb._filecatalog import parse_catalog_text  # noqa: E402
+
+
+def config_error(data):
+    with pytest.raises(ConfigError) as ei:
+        parse_agent_config(data)
+    return str(ei.value)
+
+
+def test_unknown_key_gets_did_you_mean():
+    assert 'agent.lisen: unknown setting (did you mean "listen"?)' in config_error({"agent": {"lisen": "x"}})
+    assert '(did you mean "panic_threshold"?)' in config_error({"services": {"web": {"panic_treshold": 5}}})
+    assert "did you mean" not in config_error({"agent": {"zzzzzz": 1}})
+
+
+def test_a_catalog_passed_as_config_says_so():
+    msg = config_error({"services": {"web": {"endpoints": [{"address": "127.0.0.1", "port": 1}]}}})
+    assert "this looks like a catalog, pass it as --catalog-file FILE" in msg
+
+
+def test_a_config_passed_as_catalog_says_so():
+    for text in ('[agent]\nzone = "a"\n', '[services.web]\npolicy = "round_robin"\n'):
+        with pytest.raises(ConfigError) as ei:
+            parse_catalog_text(text)
+        assert "this looks like an agent config, not a catalog" in str(ei.value) and "--config FILE" in str(ei.value)
