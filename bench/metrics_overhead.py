@@ -1,0 +1,137 @@
+"""Benchmark: the resolve path with metrics on, against the code from before, in one run.
+
+    .venv/bin/python bench/metrics_overhead.py --base 6bcaa9e [--rounds 5] [--calls 20000]
+
+Issue 14 added per-request counters (resolves by result, picks per endpoint, reports) and a
+prometheus-client collector. The promise: resolve with metrics on stays within 10% of the
+figure before. Figures on this shared machine drift minute to minute, so both agents run
+side by side and are measured interleaved (A, B, A, B...), each figure the median of
+--rounds, and the verdict is the ratio:
+
+  base   the agent at --base (exported with `git archive` into a temporary directory),
+         admin port off, as bench/resolve.py runs it;
+  now    this tree's agent with its admin port on and /metrics scraped every second
+         during the whole run (a Prometheus would scrape every 15-60 s).
+
+Measured (bench/resolve.py's functions, the real thin client): sequential resolves on the
+Unix socket (calls/s, p50), 16 concurrent client processes, and pipelined batches.
+Both agents are subprocesses on temporary sockets and loopback ports, stopped by pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from agentproc import free_port  # noqa: E402
+from resolve import CATALOG, concurrent, pipelined, seq  # noqa: E402
+
+#: Runs the agent from a shim directory whose softlb and softlb_agent are the base tree's.
+LAUNCH = "import sys; sys.path.insert(0, sys.argv.pop(1)); from softlb_agent.cli import main; main()"
+
+
+def export_base(rev: str, tmp: str) -> str:
+    tree, shim = os.path.join(tmp, "tree"), os.path.join(tmp, "shim")
+    os.makedirs(tree)
+    os.makedirs(shim)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+    os.symlink(os.path.join(tree, "softlb"), os.path.join(shim, "softlb"))
+    os.symlink(os.path.join(tree, "agent"), os.path.join(shim, "softlb_agent"))
+    return shim
+
+
+def start(tmp: str, name: str, shim: str | None, admin: str) -> tuple[subprocess.Popen[bytes], str]:
+    d = os.path.join(tmp, name)
+    os.makedirs(d)
+    cat = os.path.join(d, "catalog.toml")
+    with open(cat, "w") as f:
+        f.write(CATALOG)
+    sock = os.path.join(d, "softlb.sock")
+    head = [sys.executable, "-c", LAUNCH, shim] if shim else [sys.executable, "-m", "softlb_agent"]
+    proc = subprocess.Popen(head + ["agent", "--catalog-file", cat, "--socket", sock, "--listen", "",
+                                    "--admin", admin, "--log-level", "warning"])
+    from softlb_client import Client
+
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with Client(socket_path=sock, timeout=0.5) as c:
+                c.hello()
+            return proc, sock
+        except Exception:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"{name} agent did not start")
+            time.sleep(0.05)
+
+
+def scraper(admin: str, stop: threading.Event, counts: list[int]) -> None:
+    while not stop.wait(1.0):
+        with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as r:
+            assert b"softlb_resolves_total" in r.read()
+        counts[0] += 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", required=True, help="git revision of the code before (e.g. 6bcaa9e)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=20000)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    results: dict[str, dict[str, list[float]]] = {"base": {}, "now": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        shim = export_base(args.base, tmp)
+        admin = f"127.0.0.1:{free_port()}"
+        procs = {}
+        stop = threading.Event()
+        scrapes = [0]
+        try:
+            procs["base"] = start(tmp, "base", shim, "")
+            procs["now"] = start(tmp, "now", None, admin)
+            t = threading.Thread(target=scraper, args=(admin, stop, scrapes), daemon=True)
+            t.start()
+            for _ in range(args.rounds):
+                for name in ("base", "now"):
+                    sock = procs[name][1]
+                    r = results[name]
+                    s = seq("unix", sock, args.calls)
+                    r.setdefault("seq_calls_per_s", []).append(s["calls_per_s"])
+                    r.setdefault("seq_p50_us", []).append(s["p50_us"])
+                    r.setdefault("conc16_calls_per_s", []).append(concurrent(sock, 16, args.calls // 8)["calls_per_s"])
+                    r.setdefault("pipelined_per_s", []).append(pipelined(sock, args.calls // 50)["resolves_per_s"])
+        finally:
+            stop.set()
+            for proc, _ in procs.values():
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
+    ratio = {k: med["now"][k] / med["base"][k] for k in med["base"]}
+    out = {"base": args.base, "rounds": args.rounds, "scrapes": scrapes[0], "median": med, "ratio_now_over_base": ratio}
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return
+    print(f"base {args.base} vs now (metrics on, {scrapes[0]} scrapes), median of {args.rounds} interleaved rounds")
+    for k in med["base"]:
+        print(f"  {k:20s} base {med['base'][k]:>12,.1f}   now {med['now'][k]:>12,.1f}   now/base {ratio[k]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
