@@ -51,6 +51,9 @@ DRAIN_TIMEOUT = 10.0
 LISTENER_SETTINGS = ("socket", "listen", "admin")
 
 
+#: Socket directories this process created, removed at exit when empty.
+CREATED_DIRS: set[str] = set()
+
 #: Config settings that are file system paths.
 PATH_SETTINGS = ("catalog_file", "socket", "state_dir")
 
@@ -85,6 +88,8 @@ def bind_unix(path: str) -> socket.socket:
     error (two agents must never share a socket).
     """
     parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        CREATED_DIRS.add(parent)  # removed again at exit if empty (no empty /run/softlb left)
     os.makedirs(parent, mode=0o750, exist_ok=True)
     st = os.stat(parent)
     if os.geteuid() != 0 and st.st_uid != os.geteuid() and st.st_mode & 0o022:
@@ -306,6 +311,10 @@ async def run_agent(
             if name.startswith("unix:") and sock not in systemds:
                 try:
                     os.unlink(name[5:])
+                    parent = os.path.dirname(name[5:])
+                    if parent in CREATED_DIRS:
+                        os.rmdir(parent)  # only if empty: OSError otherwise
+                        CREATED_DIRS.discard(parent)
                 except OSError:
                     pass
         for sig, handler in previous.items():

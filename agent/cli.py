@@ -208,7 +208,10 @@ def _run_client(args: argparse.Namespace) -> int:
         if args.cmd == "resolve":
             r = client.resolve(args.service, key=args.key, tags=args.tags, lease=False)
             if args.json:
-                print(json.dumps(r.as_dict()))
+                d = r.as_dict()
+                if d.get("age") is None:
+                    d.pop("age", None)  # as on the wire and over HTTP: "age" only with stale data
+                print(json.dumps(d))
             else:
                 flags = "".join((" (panic)" if r.panic else "", " (stale)" if r.stale else ""))
                 print(f"{r.address}:{r.port}  {r.id}{flags}")
@@ -250,6 +253,7 @@ def _run_client(args: argparse.Namespace) -> int:
 
 def _run_check(args: argparse.Namespace) -> int:
     from softlb import ConfigError
+    from softlb._durations import plural
     from softlb._filecatalog import parse_catalog_text
 
     from .app import load_config_file
@@ -269,7 +273,8 @@ def _run_check(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{catalog}: cannot read: {e.strerror}") from None
             except ConfigError as e:
                 raise ConfigError(f"{catalog}: {e}") from None
-            summary = f"; catalog {catalog}: {len(services)} services, {sum(map(len, services.values()))} endpoints"
+            summary = (f"; catalog {catalog}: {plural(len(services), 'service')}, "
+                       f"{plural(sum(map(len, services.values())), 'endpoint')}")
     except ConfigError as e:
         print(json.dumps({"ok": False, "error": str(e)}) if args.json else f"softlb: {e}",
               file=sys.stdout if args.json else sys.stderr)

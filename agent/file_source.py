@@ -13,6 +13,7 @@ import os
 import trio
 
 from softlb import ConfigError
+from softlb._durations import plural
 from softlb._filecatalog import parse_catalog_text
 
 from .runtime import Runtime
@@ -57,7 +58,7 @@ def load_catalog(rt: Runtime, path: str) -> bool:
     rt.note_reload("catalog", "")
     rt.source_confirmed_at = trio.current_time()
     n_eps = sum(len(v) for v in services.values())
-    rt.source_status = f"file {path}: {len(services)} services, {n_eps} endpoints"
+    rt.source_status = f"file {path}: {plural(len(services), 'service')}, {plural(n_eps, 'endpoint')}"
     if rt.catalog_ready.is_set():
         log.info("catalog %s reloaded: %d services, %d changed", path, len(services), len(changed))
     return True

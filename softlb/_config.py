@@ -29,7 +29,7 @@ LOCALITY_LEVELS = ("node", "zone", "region", "*")
 class ProbeConfig:
     kind: str = "tcp"  # "tcp" (connect) or "http" (GET path, 200-399 is success)
     path: str = "/"
-    host: str = ""  # Host header for http probes; empty means the endpoint's address
+    host: str = ""  # Host header for http probes; empty: the endpoint's address, with :port unless 80
     interval: float = 5.0
     timeout: float = 1.0
     initial_delay: float = 0.0
