@@ -14,7 +14,8 @@ side by side and are measured interleaved (A, B, A, B...), each figure the media
          during the whole run (a Prometheus would scrape every 15-60 s).
 
 Measured (bench/resolve.py's functions, the real thin client): sequential resolves on the
-Unix socket (calls/s, p50), 16 concurrent client processes, and pipelined batches.
+Unix socket (calls/s, p50, p99), 16 concurrent client processes, and pipelined batches;
+each measure runs A B B A (then B A A B next round) so neither side always goes first.
 Both agents are subprocesses on temporary sockets and loopback ports, stopped by pid.
 """
 
@@ -105,15 +106,19 @@ def main() -> None:
             procs["now"] = start(tmp, "now", None, admin)
             t = threading.Thread(target=scraper, args=(admin, stop, scrapes), daemon=True)
             t.start()
-            for _ in range(args.rounds):
-                for name in ("base", "now"):
-                    sock = procs[name][1]
-                    r = results[name]
-                    s = seq("unix", sock, args.calls)
-                    r.setdefault("seq_calls_per_s", []).append(s["calls_per_s"])
-                    r.setdefault("seq_p50_us", []).append(s["p50_us"])
-                    r.setdefault("conc16_calls_per_s", []).append(concurrent(sock, 16, args.calls // 8)["calls_per_s"])
-                    r.setdefault("pipelined_per_s", []).append(pipelined(sock, args.calls // 50)["resolves_per_s"])
+            measures = {
+                "seq": lambda sock: seq("unix", sock, args.calls),
+                "conc16": lambda sock: concurrent(sock, 16, args.calls // 8),
+                "pipelined": lambda sock: pipelined(sock, args.calls // 50),
+            }
+            for i in range(args.rounds):
+                for what, fn in measures.items():
+                    # A B B A, then B A A B: neither side always runs first or after the
+                    # other's 16 client processes.
+                    order = ("base", "now", "now", "base") if i % 2 == 0 else ("now", "base", "base", "now")
+                    for name in order:
+                        for k, v in fn(procs[name][1]).items():
+                            results[name].setdefault(f"{what}_{k}", []).append(v)
         finally:
             stop.set()
             for proc, _ in procs.values():
