@@ -33,6 +33,7 @@ as socket callers; errors map to 400/404/503 with the code in the body.
 
 from __future__ import annotations
 
+import http
 import ipaddress
 import json
 import logging
@@ -281,8 +282,6 @@ class Admin:
 
 
 def _reason(status: int) -> bytes:
-    import http
-
     try:
         return http.HTTPStatus(status).phrase.encode()
     except ValueError:
@@ -356,7 +355,6 @@ async def _asked(rt: Runtime, msg: dict[str, Any], source: str) -> Response:
 
 
 async def h_index(app: Admin, req: Request, p: dict[str, str]) -> Response:
-    rt = app.rt
     if "json" in (req.headers.get("accept") or "") or req.arg("format") == "json":
         return _json(200, [{"method": r.method, "path": r.pattern, "help": r.help} for r in ROUTES])
     width = max(len(r.method) + len(r.pattern) for r in ROUTES) + 3
@@ -366,7 +364,6 @@ async def h_index(app: Admin, req: Request, p: dict[str, str]) -> Response:
 
 
 async def h_healthz(app: Admin, req: Request, p: dict[str, str]) -> Response:
-    rt = app.rt
     return _text(200, "ok")
 
 

@@ -40,6 +40,8 @@ def load_catalog(rt: Runtime, path: str) -> bool:
         rt.stats.catalog_errors += 1
         rt.stats.last_catalog_error = f"{path}: {e}"
         rt.note_reload("catalog", rt.stats.last_catalog_error)
+        if isinstance(e, OSError):  # unreadable: the source is down; a bad edit is a refused reload
+            rt.source_state = "error"
         if rt.catalog_ready.is_set():
             log.error("catalog %s not reloaded, still serving the last good one: %s", path, e)
         return False
@@ -56,6 +58,7 @@ def load_catalog(rt: Runtime, path: str) -> bool:
     rt.stats.catalog_reloads += 1
     rt.stats.last_catalog_error = ""
     rt.note_reload("catalog", "")
+    rt.source_state = "ok"
     rt.source_confirmed_at = trio.current_time()
     n_eps = sum(len(v) for v in services.values())
     rt.source_status = f"file {path}: {plural(len(services), 'service')}, {plural(n_eps, 'endpoint')}"

@@ -73,6 +73,9 @@ class Runtime:
         self._health_seen: dict[str, tuple[frozenset[str], frozenset[str], bool]] = {}
         #: A human line about the catalog source ("file examples/catalog.toml (fresh)").
         self.source_status = "starting"
+        #: The source's state word: "ok" while it answers; "starting", "error" (file
+        #: unreadable or invalid), or Consul's "degraded"/"acl_denied" otherwise.
+        self.source_state = "starting"
 
     def _on_change(self, name: str) -> None:
         ev = self._events.pop(name, None)
@@ -181,5 +184,4 @@ class Runtime:
         return "; ".join(problems)
 
     def source_up(self) -> bool:
-        text = self.source_status
-        return not any(w in text for w in ("unreachable", "error", "stale", "starting", "failing", "degraded", "acl_denied"))
+        return self.source_state == "ok"

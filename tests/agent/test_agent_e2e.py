@@ -32,7 +32,7 @@ def test_cli_resolve_rotates_over_the_endpoints(agent):
 
 def test_cli_tables_and_exit_codes(agent):
     r = agent.cli("services")
-    assert r.returncode == 0 and r.stdout.split("\n")[0].split() == ["SERVICE", "POLICY", "ENDPOINTS", "ELIGIBLE", "PANIC", "STALE"]
+    assert r.returncode == 0 and r.stdout.split("\n")[0].split() == ["SERVICE", "POLICY", "ENDPOINTS", "ELIGIBLE", "SERVED", "PANIC", "STALE"]
     assert "web" in r.stdout
     r = agent.cli("endpoints", "web")
     assert r.returncode == 0 and "web-2" in r.stdout and "127.0.0.1:18002" in r.stdout
@@ -202,7 +202,7 @@ def test_check_command_validates_config_and_catalog(tmp_path):
                               capture_output=True, text=True, timeout=30)
 
     r = check()
-    assert r.returncode == 0 and "1 services, 1 endpoints" in r.stdout
+    assert r.returncode == 0 and "1 service, 1 endpoint" in r.stdout
     cat.write_text("[[services.web.endpoints]]\nport = 1\n")
     r = check()
     assert r.returncode == 2 and "services.web.endpoints[0].address: required" in r.stderr
