@@ -50,6 +50,7 @@ import trio
 from softlb import __version__
 
 from . import metrics
+from .paths import default_socket_path
 from .runtime import Runtime
 
 log = logging.getLogger("softlb.admin")
@@ -448,7 +449,7 @@ def status_document(rt: Runtime, services: list[dict[str, Any]], problems: dict[
         "reloads": {"config_ok": s.config_reloads, "config_refused": s.config_reload_errors,
                     "catalog_ok": s.catalog_reloads, "catalog_refused": s.catalog_errors},
         "agent": {"node": cfg.node, "zone": cfg.zone, "region": cfg.region},
-        "listeners": {"socket": cfg.socket or None, "listen": cfg.listen or None, "admin": cfg.admin or None},
+        "listeners": {"socket": cfg.socket or default_socket_path(), "listen": cfg.listen or None, "admin": cfg.admin or None},
         "clients_connected": s.connections_open,
         "errors": dict(sorted((s.errors + rt.engine.errors).items())),
         "errors_recent": rt.recent_errors(),

@@ -16,6 +16,9 @@ side by side and are measured interleaved (A, B, A, B...), each figure the media
 Measured (bench/resolve.py's functions, the real thin client): sequential resolves on the
 Unix socket (calls/s, p50, p99), 16 concurrent client processes, and pipelined batches;
 each measure runs A B B A (then B A A B next round) so neither side always goes first.
+Beside the wall-clock figures it reports the agent's own CPU time per call (from
+/proc/PID/task/*/schedstat, scrapes included for "now"): on a shared machine that is the
+steadier figure, since waiting for a core does not count.
 Both agents are subprocesses on temporary sockets and loopback ports, stopped by pid.
 """
 
@@ -80,8 +83,21 @@ def start(tmp: str, name: str, shim: str | None, admin: str) -> tuple[subprocess
             time.sleep(0.05)
 
 
-def scraper(admin: str, stop: threading.Event, counts: list[int]) -> None:
-    while not stop.wait(1.0):
+def cpu_ns(pid: int) -> int:
+    """CPU time the process has run, in ns, over all its threads (/proc/PID/task/*/schedstat).
+    Unlike wall-clock rates it hardly moves when other jobs share the cores."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            continue
+    return total
+
+
+def scraper(admin: str, stop: threading.Event, counts: list[int], interval: float) -> None:
+    while not stop.wait(interval):
         with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as r:
             assert b"softlb_resolves_total" in r.read()
         counts[0] += 1
@@ -92,6 +108,7 @@ def main() -> None:
     ap.add_argument("--base", required=True, help="git revision of the code before (e.g. 6bcaa9e)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=20000)
+    ap.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between scrapes (0: none)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     results: dict[str, dict[str, list[float]]] = {"base": {}, "now": {}}
@@ -104,8 +121,9 @@ def main() -> None:
         try:
             procs["base"] = start(tmp, "base", shim, "")
             procs["now"] = start(tmp, "now", None, admin)
-            t = threading.Thread(target=scraper, args=(admin, stop, scrapes), daemon=True)
-            t.start()
+            if args.scrape_interval > 0:
+                threading.Thread(target=scraper, args=(admin, stop, scrapes, args.scrape_interval), daemon=True).start()
+            calls = {"seq": args.calls + 200, "conc16": 16 * (args.calls // 8 + 1), "pipelined": args.calls + 100}
             measures = {
                 "seq": lambda sock: seq("unix", sock, args.calls),
                 "conc16": lambda sock: concurrent(sock, 16, args.calls // 8),
@@ -117,8 +135,12 @@ def main() -> None:
                     # other's 16 client processes.
                     order = ("base", "now", "now", "base") if i % 2 == 0 else ("now", "base", "base", "now")
                     for name in order:
-                        for k, v in fn(procs[name][1]).items():
+                        proc, sock = procs[name]
+                        cpu0 = cpu_ns(proc.pid)
+                        for k, v in fn(sock).items():
                             results[name].setdefault(f"{what}_{k}", []).append(v)
+                        per_call = (cpu_ns(proc.pid) - cpu0) / calls[what] / 1000
+                        results[name].setdefault(f"{what}_agent_cpu_us_per_call", []).append(per_call)
         finally:
             stop.set()
             for proc, _ in procs.values():

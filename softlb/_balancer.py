@@ -110,7 +110,11 @@ class ServiceBalancer:
         self.health = old.health
         self.health.reconfigure(self.config, now)
         if not self.set_endpoints(old.catalog_endpoints, now):
-            self.refresh(now)  # same (empty) set: set_endpoints did not build the policy
+            # Same (empty) filtered set as this new balancer starts with: set_endpoints
+            # skipped the health tracker, which still holds the old filter's endpoints (a
+            # tag filter changed to match nothing kept serving them: issue 9).
+            self.health.set_endpoints(self.endpoints, now)
+            self.refresh(now)
 
     # Health inputs: each returns True when eligibility or panic changed (and refreshed).
 

@@ -131,3 +131,107 @@ def test_a_config_passed_as_catalog_says_so():
         with pytest.raises(ConfigError) as ei:
             parse_catalog_text(text)
         assert "this looks like an agent config, not a catalog" in str(ei.value) and "--config FILE" in str(ei.value)
+
+
+# ------------------------------------------------------------------ properties
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule  # noqa: E402
+
+from softlb_agent.cli_views import changes  # noqa: E402
+
+ZONES = ("a", "b", "")
+TAGS = ("t1", "t2")
+
+
+@st.composite
+def endpoints(draw):
+    n = draw(st.integers(0, 6))
+    return [ep(i, zone=draw(st.sampled_from(ZONES)), weight=draw(st.sampled_from((0, 1, 3))),
+               tags=tuple(draw(st.sets(st.sampled_from(TAGS)))),
+               registry=draw(st.sampled_from(list(RegistryHealth)))) for i in range(n)]
+
+
+class ExplainMachine(RuleBasedStateMachine):
+    """Random catalogs, reloads, probe results and reports: every catalog endpoint gets one
+    Why, and it agrees with what the balancer serves."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = 0.0
+        self.e = engine(ServiceConfig(probe=ProbeConfig(fall=1, rise=1)), [ep(1)], zone="a")
+
+    @rule(eps=endpoints())
+    def catalog(self, eps):
+        self.e.set_service("web", eps, self.now)
+
+    @rule(tags=st.sets(st.sampled_from(TAGS)), loc=st.sampled_from([(), ("zone",), ("zone", "*")]),
+          panic=st.sampled_from([0, 50, 100]))
+    def reload(self, tags, loc, panic):
+        svc = ServiceConfig(tags=tuple(sorted(tags)), locality=loc, panic_threshold=panic,
+                            probe=ProbeConfig(fall=1, rise=1))
+        self.e.reconfigure(AgentConfig(services={"web": svc}, zone="a"), self.now)
+
+    @rule(i=st.integers(0, 5), ok=st.booleans())
+    def probe(self, i, ok):
+        self.e.probe_result("web", f"e{i}", ok, self.now)
+
+    @rule(i=st.integers(0, 5))
+    def fail(self, i):
+        b = self.e.services["web"]
+        if f"e{i}" in b.by_id:
+            self.e.report(self.now, ok=False, service="web", endpoint_id=f"e{i}")
+
+    @rule(dt=st.floats(0, 100))
+    def later(self, dt):
+        self.now += dt
+        self.e.tick(self.now)
+
+    @invariant()
+    def whys_agree_with_the_balancer(self):
+        b = self.e.services["web"]
+        whys = b.explain(self.now)
+        assert [w.id for w in whys] == [x.id for x in b.catalog_endpoints]
+        served = {x.id for x in b.served}
+        for w in whys:
+            if w.reason == "weight_zero":
+                assert w.id in served and not w.served
+            else:
+                assert w.served == (w.id in served), (w, served)
+            assert w.detail
+        if not any(w.served for w in whys):
+            try:
+                self.e.resolve("web", self.now, lease=False)
+            except RequestError as err:
+                assert err.code is ErrorCode.NO_HEALTHY_ENDPOINT and "web" in err.message
+            else:
+                raise AssertionError("a pick although every endpoint was explained as not served")
+
+
+TestExplainMachine = ExplainMachine.TestCase
+TestExplainMachine.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+
+
+def _view(ids_served):
+    return {"endpoints": [{"id": i, "address": "127.0.0.1", "port": 1, "served": s,
+                           "why": {"reason": None if s else "probe", "detail": "" if s else "probe down"}}
+                          for i, s in ids_served.items()]}
+
+
+@given(st.dictionaries(st.sampled_from("abcdef"), st.booleans()), st.dictionaries(st.sampled_from("abcdef"), st.booleans()))
+def test_watch_changes_name_exactly_what_changed(before, after):
+    cs = changes(_view(before), _view(after))
+    joined = {c["endpoint"] for c in cs if c["kind"] == "joined"}
+    left = {c["endpoint"] for c in cs if c["kind"] == "left"}
+    changed = {c["endpoint"] for c in cs if c["kind"] == "changed"}
+    assert joined == after.keys() - before.keys() and left == before.keys() - after.keys()
+    assert changed == {i for i in before.keys() & after.keys() if before[i] != after[i]}
+
+
+def test_reload_to_a_tag_filter_matching_nothing_names_it():
+    """Issue 9's reload case, found by ExplainMachine: `tags = ["v2"]` reloaded as `["V2"]`."""
+    e = engine(ServiceConfig(tags=("v2",)), [ep(1, tags=("v2",)), ep(2, tags=("v2",))])
+    e.reconfigure(AgentConfig(services={"web": ServiceConfig(tags=("V2",))}), 1.0)
+    assert e.services["web"].summary()["eligible"] == 0
+    assert "check services.web.tags" in no_healthy(e, 1.0)
