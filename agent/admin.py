@@ -44,10 +44,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable
 
 import h11
-import msgpack
 import trio
 
-from softlb import __version__
+from softlb import (LeaseScope, Pending, Pick, Rejected, Reported, RequestError, Resolve, __version__, parse_request,
+                    respond)
 
 from . import metrics
 from .paths import default_socket_path
@@ -329,23 +329,31 @@ def _number(value: str) -> float | str:
 
 
 async def ask(rt: Runtime, msg: dict[str, Any], source: str) -> tuple[int, Any]:
-    """The one place admin reaches the engine: answer through the wire protocol's own code
-    path, so HTTP and socket callers get the same checks, the same on-demand fetches and the
-    same JSON. Returns (HTTP status, result or {"error": ...})."""
+    """The one place admin reaches the engine: the request goes through the protocol's own
+    typed requests (`parse_request`, the same argument checks as the socket) and the core's
+    typed API (`respond`; `rt.pick` when a catalog source must be awaited), so HTTP and socket
+    callers get the same errors, on-demand fetches and results. Returns (HTTP status, result
+    or {"error": ...})."""
     msg["id"] = 0
-    frame = rt.engine.handle(msg, trio.current_time(), source)
-    if frame is None and msg.get("op") == "resolve":  # a catalog source is fetching it
-        await rt.wait_for_service(msg["service"])
-        frame = rt.engine.handle(msg, trio.current_time(), source)
-        if frame is None:
-            return 503, {"error": {"code": "UNAVAILABLE",
-                                   "message": f"no answer for \"{msg['service']}\" from the catalog source yet"}}
-    assert frame is not None
-    answer = msgpack.unpackb(frame[4:], raw=False)
-    if "error" in answer:
-        err = answer["error"]
-        return _STATUS_OF.get(err["code"], 400), {"error": err}
-    return 200, answer["result"]
+    req = parse_request(msg)
+    try:
+        if type(req) is Rejected:
+            raise RequestError(req.code, req.message)
+        r = respond(rt.engine, req, trio.current_time(), source)
+        if type(r) is Pending:  # a catalog source is fetching it: wait as every front end does
+            assert type(req) is Resolve
+            r = await rt.pick(req.service, key=req.key, tags=req.tags, source=source,
+                              scope=LeaseScope.REQUEST if req.lease else LeaseScope.NONE)
+        rt.flush()
+    except RequestError as e:
+        rt.stats.errors[e.code.value] += 1
+        return _STATUS_OF.get(e.code.value, 400), {"error": {"code": e.code.value, "message": e.message}}
+    if type(r) is Pick:
+        return 200, r.as_dict()
+    if type(r) is Reported:
+        rt.dispatch(r.changes)
+        return 200, {}
+    return 200, r
 
 
 async def _asked(rt: Runtime, msg: dict[str, Any], source: str) -> Response:
@@ -451,7 +459,7 @@ def status_document(rt: Runtime, services: list[dict[str, Any]], problems: dict[
         "agent": {"node": cfg.node, "zone": cfg.zone, "region": cfg.region},
         "listeners": {"socket": cfg.socket or default_socket_path(), "listen": cfg.listen or None, "admin": cfg.admin or None},
         "clients_connected": s.connections_open,
-        "errors": dict(sorted((s.errors + rt.engine.errors).items())),
+        "errors": dict(sorted(s.errors.items())),
         "errors_recent": rt.recent_errors(),
         "services": [dict(sv, problem=problems.get(sv["name"], "")) for sv in services],
     }

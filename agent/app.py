@@ -157,26 +157,28 @@ def attach_prober(rt: Runtime, rng: random.Random) -> Prober:
     service changes (catalog, config reload, health), its probe targets are re-synced, so
     exactly the endpoints the catalog lists are probed, with the current probe config."""
     engine = rt.engine
-    prober = Prober(engine.probe_result, rng=rng)
-    notify = engine.on_change
 
-    def on_change(name: str) -> None:
-        if notify is not None:
-            notify(name)
+    def verdict(service: str, endpoint_id: str, ok: bool, now: float, detail: str = "") -> None:
+        rt.dispatch(engine.probe_result(service, endpoint_id, ok, now, detail))
+
+    prober = Prober(verdict, rng=rng)
+
+    def follow(name: str) -> None:
         b = engine.services.get(name)
         if b is None:
             prober.remove_service(name)
         else:
             prober.set_service(name, b.config.probe, b.endpoints)
 
-    engine.on_change = on_change
+    rt.change_listeners.append(follow)
     return prober
 
 
 async def _ticker(rt: Runtime) -> None:
     while True:
         now = trio.current_time()
-        deadline = rt.engine.tick(now)
+        changes, deadline = rt.engine.tick(now)
+        rt.dispatch(changes)
         rt.sample(now)
         delay = MAX_TICK if deadline is None else min(MAX_TICK, max(0.0, deadline - now))
         await trio.sleep(delay)
@@ -200,7 +202,7 @@ def reload_config(rt: Runtime, overrides: Callable[[AgentConfig], AgentConfig]) 
     if new.source != rt.config.source:
         log.warning("catalog.source changed to %r: the catalog source changes only on restart", new.source)
     rt.config = new
-    rt.engine.reconfigure(new, trio.current_time())
+    rt.dispatch(rt.engine.reconfigure(new, trio.current_time()))
     rt.stats.config_reloads += 1
     rt.note_reload("config", "")
     log.info("config %s reloaded", rt.config_path)

@@ -23,8 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import trio
 
-from softlb._consul import MAX_WEIGHT, address_problem
-from softlb._types import Endpoint, RegistryHealth
+from softlb import MAX_WEIGHT, address_problem
+from softlb import Endpoint, RegistryHealth
 
 log = logging.getLogger("softlb.snapshot")
 

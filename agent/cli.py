@@ -125,7 +125,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     import trio
 
     from softlb import AgentConfig, ConfigError
-    from softlb._config import with_overrides
+    from softlb import with_overrides
 
     from .app import load_config_file, run_agent
 
@@ -253,8 +253,7 @@ def _run_client(args: argparse.Namespace) -> int:
 
 def _run_check(args: argparse.Namespace) -> int:
     from softlb import ConfigError
-    from softlb._durations import plural
-    from softlb._filecatalog import parse_catalog_text
+    from softlb import parse_catalog_text, plural
 
     from .app import load_config_file
 

@@ -25,7 +25,7 @@ def yn(v: Any) -> str:
 
 
 def ago(seconds: float | None) -> str:
-    from softlb._durations import format_duration
+    from softlb import format_duration
 
     return "-" if seconds is None else format_duration(max(0.0, seconds))
 

@@ -3,12 +3,12 @@
 * Publishes each watched service's endpoints with `engine.set_service(..., stale=,
   fetched_at=)`, and removes services that went idle.
 * Configured services (`[services.<name>]`) are watched from the start; any other service
-  is watched when a caller first resolves it: `engine.on_unknown_service` starts the watch
-  and the connection waits (bounded by `consul.first_answer_timeout`) for the first answer.
+  is watched when a caller first resolves it: the engine answers `Pending`, and the front
+  end's `Runtime.await_source` calls `_fetch` to start the watch and waits (bounded by `consul.first_answer_timeout`) for the first answer.
   A name that is not a Consul service name is answered BAD_ARGUMENT, and a new name past
   `consul.max_on_demand` UNAVAILABLE, without a watch.
 * An on-demand service is in use while a caller resolves it or holds a `watch` stream on
-  it (`Engine.watchers`); it goes `idle_timeout` after the last of either.
+  it (`Runtime.watchers`); it goes `idle_timeout` after the last of either.
 * Loads the persisted snapshot before anything else and publishes it as stale, so an agent
   restarted while Consul is down answers at once; saves it as Consul changes.
 * The agent is ready without Consul: startup waits at most `first_answer_timeout` for the
@@ -24,8 +24,8 @@ from functools import partial
 
 import trio
 
-from softlb._errors import ErrorCode, RequestError
-from softlb._types import Endpoint
+from softlb import ErrorCode, RequestError
+from softlb import Endpoint
 
 from . import catalog_snapshot
 from .consul_watch import ConsulSource, ConsulStatus, WatchRefused
@@ -40,12 +40,12 @@ class ConsulCatalog:
         self.rt = rt
         self.source = ConsulSource(rt.config, self, rng=rng or random.Random())
         self.source.last_used = self._last_used
-        rt.engine.on_unknown_service = self._fetch
+        rt.fetch = self._fetch
         self.snapshot_path = catalog_snapshot.snapshot_path(rt.config.state_dir or default_state_dir())
         self._address = rt.config.consul.address or "(CONSUL_HTTP_ADDR or 127.0.0.1:8500)"
         rt.source_status = f"consul {self._address}: starting"
 
-    def _fetch(self, service: str) -> bool:
+    def _fetch(self, service: str) -> None:
         try:
             self.source.want(service)
         except WatchRefused as e:
@@ -53,25 +53,24 @@ class ConsulCatalog:
                 raise RequestError(ErrorCode.UNAVAILABLE,
                                    f"not watching \"{service[:100]}\" in Consul: {e}") from None
             raise RequestError(ErrorCode.BAD_ARGUMENT, str(e)) from None
-        return True
 
     def _last_used(self, service: str) -> float | None:
         # An open watch stream uses the service now, even if nobody resolves it: idling it
         # out would tell the watcher "removed" while Consul still has it. The IPC server
-        # records the time the last watcher left in `last_resolved`, so the idle clock
+        # records the time the last watcher left (`engine.mark_used`), so the idle clock
         # starts from then.
-        if self.rt.engine.watchers.get(service, 0) > 0:
+        if self.rt.watchers.get(service, 0) > 0:
             return trio.current_time()
-        return self.rt.engine.last_resolved.get(service)
+        return self.rt.engine.last_used.get(service)
 
     # ------------------------------------------------------------------ CatalogListener
 
     def on_update(self, service: str, endpoints: tuple[Endpoint, ...], now: float, *,
                   stale: bool, fetched_at: float | None) -> None:
-        self.rt.engine.set_service(service, endpoints, now, stale=stale, fetched_at=fetched_at)
+        self.rt.dispatch(self.rt.engine.set_service(service, endpoints, now, stale=stale, fetched_at=fetched_at))
 
     def on_remove(self, service: str, now: float) -> None:
-        self.rt.engine.remove_service(service, now)
+        self.rt.dispatch(self.rt.engine.remove_service(service, now))
 
     def on_status(self, status: ConsulStatus) -> None:
         detail = f" ({status.detail})" if status.detail else ""

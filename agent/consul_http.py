@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import httpx
 
-from softlb._config import ConsulConfig
+from softlb import ConsulConfig
 
 DEFAULT_ADDR = "127.0.0.1:8500"
 #: Added to `wait + wait/16` for the read timeout: Consul may answer that late on a healthy

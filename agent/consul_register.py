@@ -28,8 +28,8 @@ import consul
 import requests
 import trio
 
-from softlb._backoff import Backoff, RetryPolicy
-from softlb._config import ProvideConfig
+from softlb import Backoff, RetryPolicy
+from softlb import ProvideConfig
 
 from .consul_http import ConsulSettings, go_duration
 

@@ -34,9 +34,9 @@ from typing import Callable, Protocol, Sequence
 
 import trio
 
-from softlb._backoff import Backoff, RetryPolicy
-from softlb._config import AgentConfig
-from softlb._consul import (
+from softlb import Backoff, RetryPolicy
+from softlb import AgentConfig
+from softlb import (
     ConsulDataError,
     EmptySetGuard,
     MappingOptions,
@@ -46,8 +46,8 @@ from softlb._consul import (
     next_index,
     service_name_problem,
 )
-from softlb._types import Endpoint
-from softlb._watchplan import (
+from softlb import Endpoint
+from softlb import (
     DEFAULT_MAX_POLL_RATE,
     DEFAULT_POLL_PERIOD,
     OnDemandLimitError,

@@ -13,8 +13,7 @@ import os
 import trio
 
 from softlb import ConfigError
-from softlb._durations import plural
-from softlb._filecatalog import parse_catalog_text
+from softlb import parse_catalog_text, plural
 
 from .runtime import Runtime
 
@@ -55,6 +54,7 @@ def load_catalog(rt: Runtime, path: str) -> bool:
         log.error("catalog %s is empty: not reloaded, still serving the last good %d services", path, len(rt.engine.services))
         return False
     changed = rt.engine.replace_all(services, trio.current_time())
+    rt.dispatch(changed)
     rt.stats.catalog_reloads += 1
     rt.stats.last_catalog_error = ""
     rt.note_reload("catalog", "")

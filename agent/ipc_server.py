@@ -28,10 +28,23 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from softlb import ErrorCode
-from softlb._errors import RemoteProtocolError, RequestError
-from softlb._protocol import error_frame, ok_frame
-from softlb._wire import NEED_DATA, FrameDecoder, decode_body
+from softlb import (
+    CLOSED,
+    NEED_DATA,
+    ErrorCode,
+    LeaseScope,
+    Pending,
+    Pick,
+    Rejected,
+    Reported,
+    Request,
+    RequestError,
+    Resolve,
+    ServerConnection,
+    Unwatch,
+    Watch,
+    respond,
+)
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -244,7 +257,8 @@ def _only(e: BaseException, kind: type[BaseException]) -> bool:
 async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.Nursery, drain: _Drain) -> None:
     sock = conn.sock
     engine = rt.engine
-    dec = FrameDecoder(rt.config.max_frame)
+    proto = ServerConnection(rt.config.max_frame)
+    source = conn.source
     busy_poll = rt.config.busy_poll
     clock = trio.current_time
     perf = time.perf_counter
@@ -273,40 +287,51 @@ async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.N
                 else:
                     stats.busy_poll_hits += 1
             if data is None:
-                if drain.started and not dec.buffered:
+                if drain.started and not proto.buffered:
                     return  # between requests: closing now loses nothing
                 await drain.wait_readable(sock)
                 # The gap includes the epoll wakeup itself (~30 µs here), hence the 2x.
                 spin_ok = perf() - answered_at <= 2 * busy_poll
                 continue
+        proto.receive_data(data)
         if not data:
             return
-        dec.feed(data)
         out = []
         now = clock()
         while True:
-            try:
-                body = dec.next_body()
-            except RemoteProtocolError as e:  # fatal: framing lost
-                stats.errors[e.code.value] += 1
-                hint = http_hint(data)
-                out.append(error_frame(None, e.code, e.message) if hint is None else hint)
-                await conn.send(b"".join(out))
-                return
-            if body is NEED_DATA:
+            ev = proto.next_event()
+            if ev is NEED_DATA or ev is CLOSED:
                 break
             stats.requests += 1
-            try:
-                msg = decode_body(body)  # type: ignore[arg-type]
-            except RemoteProtocolError as e:
-                stats.errors[e.code.value] += 1
-                out.append(error_frame(None, e.code, e.message))
+            t = type(ev)
+            if t is Rejected:
+                stats.errors[ev.code.value] += 1
+                hint = http_hint(data) if ev.fatal else None
+                out.append(proto.send_error(ev.id, ev.code, ev.message) if hint is None else hint)
+                if ev.fatal:  # framing lost
+                    await conn.send(b"".join(out))
+                    return
                 continue
-            frame = engine.handle(msg, now, conn.source)
-            if frame is None:
-                nursery.start_soon(_handle_deferred, rt, conn, msg)
+            if t is Watch or t is Unwatch:
+                nursery.start_soon(_handle_deferred, rt, conn, ev)
+                continue
+            try:
+                r = respond(engine, ev, now, source)
+            except RequestError as e:
+                stats.errors[e.code.value] += 1
+                out.append(proto.send_error(ev.id, e.code, e.message))
+                continue
+            t = type(r)
+            if t is Pick:
+                out.append(proto.send_pick(ev.id, r))
+            elif t is Pending:
+                nursery.start_soon(_handle_deferred, rt, conn, ev)
+            elif t is Reported:
+                rt.dispatch(r.changes)
+                out.append(proto.send_result(ev.id, {}))
             else:
-                out.append(frame)
+                out.append(proto.send_result(ev.id, r))
+        rt.flush()
         if out:
             await conn.send(out[0] if len(out) == 1 else b"".join(out))
         answered_at = perf()
@@ -330,36 +355,39 @@ def http_hint(data: bytes) -> bytes | None:
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
-async def _handle_deferred(rt: Runtime, conn: Connection, msg: dict[str, Any]) -> None:
-    """Ops the engine leaves to the connection: watch/unwatch, and resolves of services a
-    catalog source is still fetching (answered once it has, or UNAVAILABLE)."""
-    rid, op = msg["id"], msg["op"]
+async def _handle_deferred(rt: Runtime, conn: Connection, req: Request) -> None:
+    """Requests the connection answers in a task of their own: watch/unwatch, and resolves of
+    services a catalog source is still fetching (answered once it has, or UNAVAILABLE)."""
+    rid = req.id
+    send_error = ServerConnection.send_error
     try:
-        if op == "watch":
-            await _watch(rt, conn, rid, msg)
-        elif op == "unwatch":
-            target = msg.get("watch")
-            w = conn.watches.pop(target, None) if isinstance(target, (int, str)) and not isinstance(target, bool) else None
-            if w is None:
-                await conn.send(error_frame(rid, ErrorCode.BAD_ARGUMENT, f"no watch with id {target!r} on this connection"))
+        try:
+            if type(req) is Watch:
+                await _watch(rt, conn, rid, req.service)
+            elif type(req) is Unwatch:
+                target = req.watch
+                w = conn.watches.pop(target, None) if isinstance(target, (int, str)) and not isinstance(target, bool) else None
+                if w is None:
+                    await conn.send(send_error(rid, ErrorCode.BAD_ARGUMENT, f"no watch with id {target!r} on this connection"))
+                else:
+                    w.stop()
+                    await conn.send(ServerConnection.send_result(rid, {}))
             else:
-                w.stop()
-                await conn.send(ok_frame(rid, {}))
-        else:  # resolve of a service being fetched
-            service = msg["service"]
-            await rt.wait_for_service(service)
-            frame = rt.engine.handle(msg, trio.current_time(), conn.source)
-            if frame is None:
-                frame = error_frame(rid, ErrorCode.UNAVAILABLE, f"no answer for \"{service}\" from the catalog source yet")
-            await conn.send(frame)
+                assert type(req) is Resolve
+                pick = await rt.pick(req.service, key=req.key, tags=req.tags, source=conn.source,
+                                     scope=LeaseScope.REQUEST if req.lease else LeaseScope.NONE)
+                await conn.send(ServerConnection.send_pick(rid, pick))
+        except RequestError as e:
+            rt.stats.errors[e.code.value] += 1
+            await conn.send(send_error(rid, e.code, e.message))
     except (ConnectionError, OSError, trio.BrokenResourceError):
         pass
     except Exception as e:
         # A bug behind one request: answer it as INTERNAL and keep the connection.
-        log.exception("%s request %r on connection %d failed", op, rid, conn.id)
+        log.exception("%s request %r on connection %d failed", type(req).__name__, rid, conn.id)
         rt.stats.errors["INTERNAL"] += 1
         try:
-            await conn.send(error_frame(rid, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"))
+            await conn.send(send_error(rid, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"))
         except (ConnectionError, OSError):
             pass
 
@@ -381,33 +409,23 @@ class _Watch:
             self.waiting.cancel()
 
 
-async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any]) -> None:
-    service = msg.get("service")
-    if not isinstance(service, str) or not service:
-        await conn.send(error_frame(rid, ErrorCode.BAD_ARGUMENT, "\"service\" must be a non-empty string"))
-        return
+async def _watch(rt: Runtime, conn: Connection, rid: Any, service: str) -> None:
     if rid in conn.watches:
-        await conn.send(error_frame(rid, ErrorCode.BAD_ARGUMENT, f"a watch with id {rid!r} is already running"))
+        await conn.send(ServerConnection.send_error(rid, ErrorCode.BAD_ARGUMENT, f"a watch with id {rid!r} is already running"))
         return
     # Registered before any wait, so a pipelined duplicate id is refused and an unwatch that
     # arrives while the catalog source is still fetching the service finds it.
     w = conn.watches[rid] = _Watch()
     if conn.closing:
         w.stop()  # requested just as the drain closed this connection: end with it
-    rt.engine.watchers[service] += 1
+    rt.watchers[service] += 1
     try:
         if service not in rt.engine.services:
-            try:
-                fetching = rt.engine.on_unknown_service is not None and rt.engine.on_unknown_service(service)
-            except RequestError as e:  # the source refuses the name (bad name, on-demand limit)
-                await conn.send(error_frame(rid, e.code, e.message))
-                return
-            if fetching:
-                with trio.CancelScope() as w.waiting:
-                    await rt.wait_for_service(service)
+            with trio.CancelScope() as w.waiting:
+                await rt.await_source(service)  # raises RequestError if the source refuses
             if service not in rt.engine.services:
                 if not w.stopped:
-                    await conn.send(error_frame(rid, ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\""))
+                    await conn.send(ServerConnection.send_error(rid, ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\""))
                 return
         # What was last sent: the balancer object and its version. A service removed and
         # added again is a new balancer whose versions restart, so identity counts too.
@@ -418,10 +436,10 @@ async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any]) -
             if b is None:
                 if sent != (None, 0):
                     sent = (None, 0)
-                    await conn.send(ok_frame(rid, {"service": service, "version": 0, "removed": True, "endpoints": []}))
+                    await conn.send(ServerConnection.send_result(rid, {"service": service, "version": 0, "removed": True, "endpoints": []}))
             elif sent != (b, b.version):
                 sent = (b, b.version)
-                await conn.send(ok_frame(rid, b.describe(trio.current_time())))
+                await conn.send(ServerConnection.send_result(rid, b.describe(trio.current_time())))
             with trio.CancelScope() as w.waiting:
                 if not w.stopped:
                     await changed.wait()
@@ -429,12 +447,9 @@ async def _watch(rt: Runtime, conn: Connection, rid: Any, msg: dict[str, Any]) -
     finally:
         if conn.watches.get(rid) is w:
             del conn.watches[rid]
-        rt.engine.watchers[service] -= 1
-        if rt.engine.watchers[service] <= 0:
-            del rt.engine.watchers[service]
+        rt.watchers[service] -= 1
+        if rt.watchers[service] <= 0:
+            del rt.watchers[service]
             # The end of the last watch counts as a use: an on-demand source keeps the
             # service for its idle timeout from now, as after a resolve.
-            if service in rt.engine.services:
-                rt.engine.last_resolved[service] = trio.current_time()
-
-
+            rt.engine.mark_used(service, trio.current_time())

@@ -19,8 +19,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from softlb import __version__
-from softlb._health import ProbeState
+from softlb import ProbeState, __version__
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -52,11 +51,11 @@ class AgentCollector(Collector):
         errors = CounterMetricFamily("softlb_errors", "Error answers, by code: frame-level and INTERNAL errors and "
                                      "request errors (UNKNOWN_SERVICE, NO_HEALTHY_ENDPOINT, BAD_ARGUMENT...).",
                                      labels=["code"])
-        for code, n in sorted((s.errors + engine.errors).items()):
+        for code, n in sorted(s.errors.items()):
             errors.add_metric([code], n)
         yield errors
         yield _counter("softlb_unknown_service_resolves", "Resolves of a service no source knows (no per-name label: "
-                       "callers choose the names).", engine.unknown_service_resolves)
+                       "callers choose the names).", engine.unknown_service_picks)
         busy = CounterMetricFamily("softlb_busy_poll", "Spins after an answer, by whether they found the next request.",
                                    labels=["result"])
         busy.add_metric(["hit"], s.busy_poll_hits)

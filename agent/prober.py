@@ -44,8 +44,8 @@ from urllib.parse import quote
 import trio
 
 from softlb import Endpoint
-from softlb._config import ProbeConfig
-from softlb._durations import format_duration
+from softlb import ProbeConfig
+from softlb import format_duration
 
 log = logging.getLogger("softlb.prober")
 

@@ -1,4 +1,10 @@
-"""The agent's shared state: the Engine plus what the trio tasks need around it."""
+"""The agent's shared state: the Engine plus what the trio tasks need around it.
+
+Every engine input returns what changed (`Changes`); `Runtime.dispatch` is the one place
+those changes fan out: watch streams and on-demand waiters wake, health changes are logged,
+and the listeners other shell modules registered (the prober re-syncing its targets) run.
+`Runtime.pick` is the one place a front end waits for an on-demand catalog source.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,11 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from typing import Callable
+
 import trio
 
-from softlb import AgentConfig
-from softlb._engine import Engine
-from softlb._health import EndpointHealth
+from softlb import AgentConfig, Changes, EndpointHealth, Engine, ErrorCode, LeaseScope, Pending, Pick, PickError
 
 
 @dataclass
@@ -59,14 +65,21 @@ class Runtime:
     def __init__(self, config: AgentConfig, config_path: str | None = None, rng: random.Random | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.engine = Engine(config, rng or random.Random())
+        self.engine = Engine(config, rng or random.Random(), on_demand=config.source == "consul")
         self.stats = Stats(started=trio.current_time(), started_wall=time.time())
         #: `now` when the catalog source last confirmed the data it serves (the file
         #: source: the last poll that found the file unchanged or loaded it).
         self.source_confirmed_at: float | None = None
         self._error_history: collections.deque[tuple[float, int]] = collections.deque()
         self._events: dict[str, trio.Event] = {}
-        self.engine.on_change = self._on_change
+        #: Shell modules that follow changes (the prober), called by `dispatch`.
+        self.change_listeners: list[Callable[[str], None]] = []
+        #: Asks the catalog source to fetch a service it was not watching (Consul's on-demand
+        #: watches); raises PickError when it refuses the name. None: nothing is on demand.
+        self.fetch: Callable[[str], None] | None = None
+        #: Open `watch` streams per service (kept by the IPC server): a watched service is in
+        #: use even when nobody picks it, so on-demand sources must not idle it out.
+        self.watchers: collections.Counter[str] = collections.Counter()
         #: Set once the first catalog has been loaded (readiness).
         self.catalog_ready = trio.Event()
         #: Per service, as last logged: (endpoint ids, eligible ids, panic).
@@ -77,11 +90,52 @@ class Runtime:
         #: unreadable or invalid), or Consul's "degraded"/"acl_denied" otherwise.
         self.source_state = "starting"
 
-    def _on_change(self, name: str) -> None:
-        ev = self._events.pop(name, None)
-        if ev is not None:
-            ev.set()
-        self._log_health(name)
+    def dispatch(self, changes: Changes) -> None:
+        for name in changes:
+            ev = self._events.pop(name, None)
+            if ev is not None:
+                ev.set()
+            self._log_health(name)
+            for listener in self.change_listeners:
+                listener(name)
+
+    def flush(self) -> None:
+        """Dispatch changes picks made on their own (an ejection timer run by a pick)."""
+        changes = self.engine.take_changes()
+        if changes:
+            self.dispatch(changes)
+
+    async def pick(self, service: str, *, key: str | None = None, tags: tuple[str, ...] = (),
+                   source: str | None = None, scope: LeaseScope = LeaseScope.REQUEST) -> Pick:
+        """A pick through the typed core API, waiting (bounded) for an on-demand source to
+        fetch a service it did not have. Raises PickError."""
+        r = self.engine.pick(service, trio.current_time(), key=key, tags=tags, source=source, scope=scope)
+        if type(r) is Pending:
+            await self.await_source(service)
+            r = self.engine.pick(service, trio.current_time(), key=key, tags=tags, source=source, scope=scope)
+            if type(r) is Pending:
+                raise PickError(ErrorCode.UNAVAILABLE, f"no answer for \"{service}\" from the catalog source yet")
+        self.flush()
+        return r  # type: ignore[return-value]
+
+    async def await_source(self, service: str) -> bool:
+        """Ask the source for `service` and wait, bounded by `first_answer_timeout`, until it
+        exists. Raises PickError when the source refuses the name. The one place every front
+        end waits for a catalog source."""
+        if service in self.engine.services:
+            return True
+        if self.fetch is None:  # nothing is fetched on demand: unknown is unknown
+            return False
+        self.fetch(service)
+        return await self.wait_for_service(service)
+
+    def finish(self, lease: int, *, ok: bool = True, latency: float | None = None) -> None:
+        """End a lease with a verdict. Raises PickError(UNKNOWN_LEASE)."""
+        self.dispatch(self.engine.finish(lease, trio.current_time(), ok=ok, latency=latency))
+
+    def release(self, lease: int) -> None:
+        """End a lease with no verdict (the connection or request it counted went away)."""
+        self.engine.release(lease, trio.current_time())
 
     def _log_health(self, name: str) -> None:
         """One log line per endpoint that stops or starts being eligible, and per panic
@@ -158,7 +212,7 @@ class Runtime:
             hist.popleft()
 
     def _error_total(self) -> int:
-        return sum(self.stats.errors.values()) + sum(self.engine.errors.values())
+        return sum(self.stats.errors.values())
 
     def recent_errors(self) -> dict[str, float]:
         """Error answers in (about) the last RECENT_WINDOW seconds."""

@@ -21,8 +21,8 @@ from typing import Callable, Mapping, MutableMapping, NoReturn
 import trio
 
 from softlb import ConfigError
-from softlb._balancer import ServiceBalancer
-from softlb._durations import format_duration, plural
+from softlb import ServiceBalancer
+from softlb import format_duration, plural
 
 from . import sd_notify
 from .listen_fds import InheritedListeners, ListenFdsError

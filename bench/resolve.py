@@ -1,7 +1,7 @@
 """Benchmark: `resolve` round trips over the Unix socket and loopback TCP, beside the same
 pick done in-process.
 
-    .venv/bin/python bench/resolve.py [--runs 5] [--json]
+    .venv/bin/python bench/resolve.py [--runs 5] [--json] [--baseline GIT_REF]
 
 Starts a real agent subprocess on a temporary socket and port (loopback only) with a
 3-endpoint round-robin service, measures with the real thin client (softlb_client.Client),
@@ -11,7 +11,12 @@ stops the agent by pid. Every figure is the median over --runs runs.
   conc16_unix          16 client processes, each sequential; aggregate calls/s, measured
                        between a start barrier and the last finish (process start excluded)
   pipelined_unix       one client sending batches of 100 resolves per write
-  in_process           Engine.resolve() called directly: the floor with no IPC at all
+  in_process           Engine.pick() and the answer's encoding called directly: the floor
+                       with no IPC at all
+
+--baseline REF also starts an agent built from git revision REF (exported to a temporary
+directory, nothing installed) and measures both agents in the same run, alternating A/B in
+every round, so "before/after" figures share the machine's state; the ratios are printed.
 """
 
 from __future__ import annotations
@@ -46,7 +51,21 @@ port = 18083
 """
 
 
-def start_agent(tmp: str) -> tuple[subprocess.Popen[bytes], str, str]:
+def export_revision(ref: str, tmp: str) -> str:
+    """A PYTHONPATH under which `softlb` and `softlb_agent` are revision `ref`'s."""
+    src = os.path.join(tmp, "src")
+    os.makedirs(src)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", src], input=archive, check=True)
+    pkgs = os.path.join(tmp, "pkgs")
+    os.makedirs(pkgs)
+    os.symlink(os.path.join(src, "softlb"), os.path.join(pkgs, "softlb"))
+    os.symlink(os.path.join(src, "agent"), os.path.join(pkgs, "softlb_agent"))
+    return pkgs
+
+
+def start_agent(tmp: str, pythonpath: str | None = None) -> tuple[subprocess.Popen[bytes], str, str]:
+    os.makedirs(tmp, exist_ok=True)
     cat = os.path.join(tmp, "catalog.toml")
     with open(cat, "w") as f:
         f.write(CATALOG)
@@ -55,6 +74,8 @@ def start_agent(tmp: str) -> tuple[subprocess.Popen[bytes], str, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "softlb_agent", "agent", "--catalog-file", cat, "--socket", sock,
          "--listen", addr, "--admin", "", "--log-level", "warning"],
+        env=dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None,
+        cwd=tmp,  # `-m` puts the working directory first on sys.path: not this checkout's
     )
     from softlb_client import Client
 
@@ -135,18 +156,39 @@ def pipelined(sock: str, batches: int, batch: int = 100) -> dict[str, float]:
 
 
 def in_process(n: int) -> dict[str, float]:
-    from softlb import AgentConfig
-    from softlb._engine import Engine
-    from softlb._filecatalog import parse_catalog_text
+    from softlb import AgentConfig, Engine, LeaseScope, ServerConnection, parse_catalog_text
 
     eng = Engine(AgentConfig(), random.Random(1))
     eng.replace_all(parse_catalog_text(CATALOG), 0.0)
-    msg = {"id": 1, "op": "resolve", "service": "web", "lease": False}
+    pick, send = eng.pick, ServerConnection.send_pick
+    none = LeaseScope.NONE
     t0 = time.perf_counter()
     for _ in range(n):
-        eng.handle(msg, 0.0, None)
+        send(1, pick("web", 0.0, scope=none))
     dt = time.perf_counter() - t0
     return {"resolves_per_s": n / dt, "per_call_us": dt / n * 1e6}
+
+
+def measure(sock: str, addr: str, calls: int) -> dict[str, dict[str, float]]:
+    return {
+        "seq_unix": seq("unix", sock, calls),
+        "seq_tcp": seq("tcp", addr, calls),
+        "conc16_unix": concurrent(sock, 16, calls // 8),
+        "pipelined_unix": pipelined(sock, calls // 50),
+    }
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def median_of(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    return {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
 
 
 def main() -> None:
@@ -154,34 +196,50 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--calls", type=int, default=20000)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--baseline", metavar="GIT_REF", help="also measure an agent built from this revision, A/B in one run")
     args = ap.parse_args()
     results: dict[str, list[dict[str, float]]] = {}
+    base: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        proc, sock, addr = start_agent(tmp)
+        procs = []
         try:
-            for _ in range(args.runs):
-                for name, fn in (
-                    ("seq_unix", lambda: seq("unix", sock, args.calls)),
-                    ("seq_tcp", lambda: seq("tcp", addr, args.calls)),
-                    ("conc16_unix", lambda: concurrent(sock, 16, args.calls // 8)),
-                    ("pipelined_unix", lambda: pipelined(sock, args.calls // 50)),
-                    ("in_process", lambda: in_process(args.calls * 5)),
-                ):
-                    results.setdefault(name, []).append(fn())
+            proc, sock, addr = start_agent(os.path.join(tmp, "now"))
+            procs.append(proc)
+            if args.baseline:
+                bproc, bsock, baddr = start_agent(os.path.join(tmp, "base"), export_revision(args.baseline, os.path.join(tmp, "rev")))
+                procs.append(bproc)
+            for i in range(args.runs):
+                # Alternate which agent goes first, so drift in the machine's state (other
+                # load, CPU frequency) does not favour one side.
+                order = [("now", sock, addr, results)]
+                if args.baseline:
+                    order.append(("base", bsock, baddr, base))
+                    if i % 2:
+                        order.reverse()
+                for _, s, a, into in order:
+                    for name, r in measure(s, a, args.calls).items():
+                        into.setdefault(name, []).append(r)
+                results.setdefault("in_process", []).append(in_process(args.calls * 5))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
+            for p in procs:
+                stop(p)
+    med = median_of(results)
     if args.json:
-        print(json.dumps(med, indent=1))
+        out = {"now": med}
+        if base:
+            out["baseline"] = {"ref": args.baseline, **median_of(base)}
+        print(json.dumps(out if base else med, indent=1))
         return
     for name, m in med.items():
         print(f"{name:16s} " + "  ".join(f"{k} {v:,.1f}" for k, v in m.items()))
     seq_us = med["seq_unix"]["p50_us"]
     print(f"ratio: unix p50 / in-process call = {seq_us / med['in_process']['per_call_us']:.1f}x")
+    if base:
+        bmed = median_of(base)
+        print(f"\nbaseline {args.baseline}, measured in the same run (now / baseline):")
+        for name, m in bmed.items():
+            print(f"{name:16s} " + "  ".join(
+                f"{k} {m[k]:,.1f} (ratio {med[name][k] / m[k]:.2f})" for k in m))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from ._locality import Locality, prefer_local
 from ._protocol import pack_endpoint_fields
 from ._slowstart import SlowStart
 from ._types import Endpoint
-from .policies import POLICIES, Policy
+from .policies import POLICIES, LoadBoard, Policy
 
 
 #: Distinct tag filters whose policy instances are kept per service (least recently used
@@ -38,7 +38,10 @@ class ServiceBalancer:
         self.config = config
         self.rng = rng
         self.here = here
-        self.policy: Policy = POLICIES[config.policy](rng=rng, options=config.options)
+        #: Requests in flight and latency per endpoint, shared by every view (tag filters)
+        #: and kept across policy switches (see policies/_load).
+        self.load = LoadBoard()
+        self.policy: Policy = self._new_policy()
         #: Which locality level supplied the served set ("" without a preference, or when
         #: no preferred level had endpoints).
         self.locality_level = ""
@@ -48,6 +51,8 @@ class ServiceBalancer:
         #: When slow-start weights must next be recomputed (None: nothing is ramping).
         self.ramp_deadline: float | None = None
         self.endpoints: tuple[Endpoint, ...] = ()
+        #: Every catalog endpoint has weight 0: all count as 1 (see policies/_base).
+        self.all_zero = False
         self.catalog_endpoints: tuple[Endpoint, ...] = ()
         self.by_id: dict[str, Endpoint] = {}
         #: endpoint id -> its constant resolve-answer fields, packed once per change.
@@ -69,8 +74,14 @@ class ServiceBalancer:
 
     # ----------------------------------------------------------------- inputs
 
-    def set_endpoints(self, endpoints: Sequence[Endpoint], now: float) -> bool:
-        """Replace the catalog's endpoint set. True when anything changed."""
+    def _new_policy(self) -> Policy:
+        return POLICIES[self.config.policy](rng=self.rng, options=self.config.options, load=self.load)
+
+    def set_endpoints(self, endpoints: Sequence[Endpoint], now: float, *, force: bool = False) -> bool:
+        """Replace the catalog's endpoint set. True when anything changed.
+
+        `force` applies the set even when it equals the current one (a balancer adopting
+        another's state must bring health and the policy in line with it)."""
         # Ids key health, leases and reports, so they must be unique; a source that repeats
         # one (a hand-edited snapshot, a buggy registry) gets its first occurrence served
         # rather than a half-applied update.
@@ -84,15 +95,19 @@ class ServiceBalancer:
         if self.config.tags:
             need = set(self.config.tags)
             eps = tuple(e for e in eps if need.issubset(e.tags))
-        if eps == self.endpoints:
+        if eps == self.endpoints and not force:
             return False
+        changed = eps != self.endpoints
         self.endpoints = eps
         self.by_id = {e.id: e for e in eps}
         self.counters.keep_only(self.by_id)
         self.packed = {e.id: pack_endpoint_fields(e) for e in eps}
+        # The weight-0 rule is decided on the whole catalog set, never on a subset.
+        self.all_zero = bool(eps) and all(e.weight <= 0 for e in eps)
+        self.load.forget(set(self.by_id))
         self.health.set_endpoints(eps, now)
         self.refresh(now)
-        return True
+        return changed
 
     def set_freshness(self, stale: bool, fetched_at: float | None) -> bool:
         changed = stale != self.stale
@@ -109,12 +124,14 @@ class ServiceBalancer:
         self.counters = old.counters
         self.health = old.health
         self.health.reconfigure(self.config, now)
-        if not self.set_endpoints(old.catalog_endpoints, now):
-            # Same (empty) filtered set as this new balancer starts with: set_endpoints
-            # skipped the health tracker, which still holds the old filter's endpoints (a
-            # tag filter changed to match nothing kept serving them: issue 9).
-            self.health.set_endpoints(self.endpoints, now)
-            self.refresh(now)
+        # Leases opened under the old policy still close here, and are still counted.
+        old.load.decay = self.load.decay
+        self.load = old.load
+        self.policy = self._new_policy()
+        # Forced: the old health tracker knows the old filtered set; with a new tag filter
+        # it must learn the new one even when that is empty, or it would keep serving
+        # endpoints this balancer no longer lists.
+        self.set_endpoints(old.catalog_endpoints, now, force=True)
 
     # Health inputs: each returns True when eligibility or panic changed (and refreshed).
 
@@ -178,12 +195,19 @@ class ServiceBalancer:
         self.weights = ss.weights(served, now)
         self.ramp_deadline = ss.next_refresh(now)
 
+    def _weights(self, ramped: dict[str, float] | None) -> dict[str, float] | None:
+        """The weights the policy picks by: in an all-zero catalog every endpoint counts as
+        1 (scaled by slow start's ramp share when one is running)."""
+        if not self.all_zero:
+            return ramped
+        return {e.id: 1.0 if ramped is None else ramped.get(e.id, 1.0) for e in self.served}
+
     def _advance_ramp(self, now: float) -> None:
         """Move slow-start weights along. The served set does not change, so watchers are
         not notified; only the policy's weights move."""
         if self.slow_start is None or self.ramp_deadline is None or now < self.ramp_deadline:
             return
-        self.weights = self.slow_start.weights(self.served, now)
+        self.weights = self._weights(self.slow_start.weights(self.served, now))
         self.ramp_deadline = self.slow_start.next_refresh(now)
         self.policy.update(self.served, now, self.weights)
         self._tag_policies.clear()
@@ -195,10 +219,15 @@ class ServiceBalancer:
         # candidate (all but maintenance) rather than pile it onto the few left.
         self.panic = self.health.in_panic(now)
         served = self._local_served(eligible, now)
+        if not self.all_zero:
+            # Weight 0 means drained: never picked, not even when health or locality leaves
+            # nothing else (that is "no healthy endpoint", not a reason to use a drained one).
+            served = tuple(e for e in served if e.weight > 0)
         self._ramp(eligible, served, now)
+        self.served = served
+        self.weights = self._weights(self.weights)
         self.policy.update(served, now, self.weights)
         self._tag_policies.clear()
-        self.served = served
         self.version += 1
 
     # ----------------------------------------------------------------- picking
@@ -213,8 +242,7 @@ class ServiceBalancer:
             subset = tuple(e for e in self.served if need.issubset(e.tags))
             if not subset:
                 return None  # not cached: callers choose tag sets, so misses must cost nothing
-            policy = POLICIES[self.config.policy](rng=self.rng, options=self.config.options)
-            policy.inherit(self.policy)  # the leases and latencies the service already has
+            policy = self._new_policy()  # a view: same load board, its own index
             policy.update(subset, now, self.weights)
             if len(cache) >= MAX_TAG_POLICIES:
                 del cache[next(iter(cache))]  # least recently used
@@ -222,16 +250,10 @@ class ServiceBalancer:
         return policy.pick(key, source, now)
 
     def on_start(self, endpoint_id: str, now: float) -> None:
-        self.policy.on_start(endpoint_id, now)
-        # Tag-filtered picks have their own policy instances; load and latency must reach
-        # them too, or least_connections with tags would balance blind.
-        for p in self._tag_policies.values():
-            p.on_start(endpoint_id, now)
+        self.policy.on_start(endpoint_id, now)  # the shared board: every view sees it
 
     def on_finish(self, endpoint_id: str, ok: bool, latency: float | None, now: float) -> None:
         self.policy.on_finish(endpoint_id, ok, latency, now)
-        for p in self._tag_policies.values():
-            p.on_finish(endpoint_id, ok, latency, now)
 
     # ----------------------------------------------------------------- views
 

@@ -12,8 +12,8 @@ endpoint gets the one reason that stops it earliest:
     registry     the catalog says critical or maintenance
     probe        the agent's active probe holds it down
     ejected      passive outlier detection ejected it (until when)
+    weight_zero  weight 0: drained, never picked (unless every weight is 0)
     locality     eligible, but a nearer locality level has endpoints (or none matches)
-    weight_zero  served set, weight 0: never picked while another has weight
     tag_request  (for one resolve) lacks a tag the caller asked for
 
 Served endpoints carry a note instead: `panic` (served though not eligible, because too few
@@ -31,7 +31,7 @@ from ._locality import Locality
 from ._types import Endpoint
 
 #: Reason codes, in pipeline order (stable: they appear in JSON and metrics docs).
-REASONS = ("tag_filter", "registry", "probe", "ejected", "locality", "weight_zero", "tag_request")
+REASONS = ("tag_filter", "registry", "probe", "ejected", "weight_zero", "locality", "tag_request")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +83,10 @@ def explain(
     """
     need = set(cfg.tags)
     asked = set(request_tags)
-    served_weights = [e.weight for e in catalog if e.id in served]
-    all_zero = bool(served_weights) and not any(served_weights)
+    # The weight-0 rule is decided on the set past the tag filter (as the balancer does):
+    # if every weight there is 0 they all count as 1, else weight 0 is never picked.
+    listed = [e.weight for e in catalog if e.id in health]
+    all_zero = bool(listed) and all(w <= 0 for w in listed)
     out = []
     for ep in catalog:
         h = health.get(ep.id)
@@ -101,11 +103,12 @@ def explain(
         if why is not None:
             out.append(Why(ep.id, False, *why))
             continue
+        if ep.weight <= 0 and not all_zero:
+            out.append(Why(ep.id, False, "weight_zero", "weight 0: drained, never picked (not even when "
+                                                        "nothing else is left)"))
+            continue
         if not is_served:
             out.append(Why(ep.id, False, "locality", _locality_detail(name, ep, cfg, here, level)))
-            continue
-        if ep.weight == 0 and not all_zero:
-            out.append(Why(ep.id, False, "weight_zero", "weight 0: drained, never picked while others have weight"))
             continue
         if asked and not asked.issubset(ep.tags):
             out.append(Why(ep.id, False, "tag_request",

@@ -1,4 +1,17 @@
-"""Wire protocol v1 messages: validating requests, encoding responses (docs/PROTOCOL.md).
+"""Wire protocol v1 as a sans-I/O protocol object, in h11's shape (docs/PROTOCOL.md).
+
+    conn = ServerConnection(max_frame)
+    conn.receive_data(bytes_from_socket)        # b"" means the peer closed
+    while (event := conn.next_event()) is not NEED_DATA:
+        ...                                     # a typed request, Rejected, or CLOSED
+    sock.send(conn.send_pick(rid, pick))        # or send_result / send_error
+
+`next_event` does the framing and the validation of every request: what comes out is a
+typed request (`Resolve`, `Report`, ...) whose arguments are checked, or `Rejected` (answer
+it with `send_error`; when `fatal`, framing is lost and the connection must close after that
+answer), or `CLOSED` at EOF. Front ends that do not speak frames (the admin HTTP API) build
+the same typed requests from their own input with `parse_request`, so every front end gets
+the same checks and the same messages.
 
 Request:   {"id": int|str, "op": str, ...op arguments}
 Success:   {"id": <echo>, "result": <op result>}
@@ -12,13 +25,14 @@ one small pack for the id and the per-request fields rather than a whole map.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Mapping, Sequence
 
 import msgpack
 
 from ._errors import ErrorCode, RemoteProtocolError, RequestError
 from ._types import Endpoint
-from ._wire import encode_frame
+from ._wire import NEED_DATA, FrameDecoder, _NeedData, decode_body, encode_frame
 
 #: Longest service name / key / tag accepted; generous, but bounds what a client can make us hash.
 MAX_NAME = 512
@@ -152,3 +166,183 @@ def resolve_frame(rid: Any, packed_endpoint: bytes, lease: int | None, panic: bo
         tail += (_K_AGE, _pack(round(age, 3)))
     body = b"".join((b"\x82", _K_ID, _pack(rid), _K_RESULT, bytes((0x80 | n,)), packed_endpoint, *tail))
     return len(body).to_bytes(4, "big") + body
+
+
+# ---------------------------------------------------------------------------- typed requests
+
+#: Every op of protocol v1 (the `hello` answer lists them).
+OPS: Final = ("hello", "resolve", "report", "services", "endpoints", "watch", "unwatch")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    id: Any
+    versions: Sequence[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    id: Any
+    service: str
+    key: str | None
+    tags: tuple[str, ...]
+    lease: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    id: Any
+    ok: bool
+    latency: float | None
+    lease: int | None
+    service: str | None
+    endpoint: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    id: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    id: Any
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    id: Any
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unwatch:
+    id: Any
+    watch: Any  # the id of the watch request to end (any value: an unknown one is refused later)
+
+
+Request = Hello | Resolve | Report | Services | Endpoints | Watch | Unwatch
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A frame or request the peer got wrong: answer `send_error(id, code, message)`. When
+    `fatal`, framing is lost: close the connection after that answer."""
+
+    id: Any
+    code: ErrorCode
+    message: str
+    fatal: bool = False
+
+
+class _Closed:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "CLOSED"
+
+
+CLOSED: Final = _Closed()
+
+
+def _arg_lease(msg: Mapping[str, Any]) -> int | None:
+    v = msg.get("lease")
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise RequestError(ErrorCode.BAD_ARGUMENT, "\"lease\" must be an integer")
+    return v
+
+
+def _optional_str(msg: Mapping[str, Any], name: str) -> str | None:
+    v = msg.get(name)
+    return v if isinstance(v, str) else None
+
+
+def _parse_args(rid: Any, op: str, msg: Mapping[str, Any]) -> Request:
+    if op == "resolve":
+        return Resolve(rid, arg_service(msg), arg_key(msg), arg_tags(msg), arg_bool(msg, "lease", True))
+    if op == "report":
+        return Report(rid, arg_bool(msg, "ok", True), arg_number(msg, "latency"), _arg_lease(msg),
+                      _optional_str(msg, "service"), _optional_str(msg, "endpoint"))
+    if op == "services":
+        return Services(rid)
+    if op == "endpoints":
+        return Endpoints(rid, arg_service(msg))
+    if op == "hello":
+        return Hello(rid, arg_versions(msg))
+    if op == "watch":
+        return Watch(rid, arg_service(msg))
+    if op == "unwatch":
+        return Unwatch(rid, msg.get("watch"))
+    raise RequestError(ErrorCode.UNKNOWN_OP, f"unknown op \"{op[:64]}\" (known: {', '.join(OPS)})")
+
+
+def parse_request(msg: Any) -> Request | Rejected:
+    """A decoded message as a typed request with checked arguments, or why not."""
+    try:
+        rid, op = check_request(msg)
+    except RemoteProtocolError as e:
+        return Rejected(e.request_id if e.request_id is not None else request_id(msg), e.code, e.message)
+    try:
+        return _parse_args(rid, op, msg)
+    except RequestError as e:
+        return Rejected(rid, e.code, e.message)
+
+
+class ServerConnection:
+    """The agent's side of one protocol connection: bytes in, typed events out; answers in,
+    bytes out. Holds no socket and never blocks."""
+
+    __slots__ = ("_decoder", "_eof")
+
+    def __init__(self, max_frame: int) -> None:
+        self._decoder = FrameDecoder(max_frame)
+        #: False while open; True once the peer closed; None once framing is lost.
+        self._eof: bool | None = False
+
+    def receive_data(self, data: bytes) -> None:
+        if self._eof is None:
+            return
+        if data:
+            self._decoder.feed(data)
+        else:
+            self._eof = True
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet consumed as events (a partial frame, or frames the
+        front end has not asked for yet)."""
+        return self._decoder.buffered
+
+    def next_event(self) -> Request | Rejected | _NeedData | _Closed:
+        if self._eof is None:
+            return CLOSED  # framing was lost: nothing after it can be read
+        try:
+            body = self._decoder.next_body()
+        except RemoteProtocolError as e:  # a length over max_frame: framing is lost
+            self._eof = None
+            return Rejected(None, e.code, e.message, fatal=True)
+        if body is NEED_DATA:
+            return CLOSED if self._eof else NEED_DATA
+        try:
+            msg = decode_body(body)  # type: ignore[arg-type]
+        except RemoteProtocolError as e:
+            return Rejected(None, e.code, e.message)
+        return parse_request(msg)
+
+    # Answers: each returns one whole frame to send.
+
+    @staticmethod
+    def send_result(rid: Any, result: Any) -> bytes:
+        return ok_frame(rid, result)
+
+    @staticmethod
+    def send_error(rid: Any, code: ErrorCode, message: str) -> bytes:
+        return error_frame(rid, code, message)
+
+    @staticmethod
+    def send_pick(rid: Any, pick: Any) -> bytes:
+        """A resolve answer from an engine `Pick` (its pre-packed endpoint fields spliced in)."""
+        return resolve_frame(rid, pick.wire, pick.lease, pick.panic, pick.stale, pick.age)

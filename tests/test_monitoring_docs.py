@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from softlb import AgentConfig
 from softlb._filecatalog import parse_catalog_text
-from softlb_agent.admin import render_metrics
+from softlb_agent.admin import ask, render_metrics
 from softlb_agent.runtime import Runtime
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "monitoring"
@@ -36,10 +36,10 @@ def exported() -> tuple[set[str], set[str]]:
         rt = Runtime(AgentConfig(), None, random.Random(1))
         now = trio.current_time()
         rt.engine.replace_all(parse_catalog_text('[[services.web.endpoints]]\naddress = "127.0.0.1"\nport = 1\n'), now)
-        le = rt.engine.resolve("web", now)
-        rt.engine.report(now, ok=True, latency=0.01, lease=le.lease)
+        le = rt.engine.pick("web", now)
+        rt.engine.finish(le.lease, now, ok=True, latency=0.01)
         rt.source_confirmed_at = now
-        rt.engine.handle({"id": 1, "op": "resolve", "service": "nope"}, now)  # an error, for softlb_errors_total
+        await ask(rt, {"op": "resolve", "service": "nope"}, "test")  # an error, for softlb_errors_total
         return render_metrics(rt)
 
     text = trio.run(main)

@@ -2,6 +2,7 @@
 
 from ._base import Policy as Policy
 from ._base import effective_weights as effective_weights
+from ._load import LoadBoard as LoadBoard
 from .least_connections import LeastConnections as LeastConnections
 from .least_request import LeastRequest as LeastRequest
 from .maglev import Maglev as Maglev

@@ -11,9 +11,12 @@ everything; `pick`, `on_start` and `on_finish` are O(1) or O(log n).
 
 Weights: `Endpoint.weight` is the catalog's weight. The balancer may pass `weights`, a map
 of endpoint id to an effective (possibly fractional) weight, to ramp endpoints in slow start;
-policies that do not balance by weight ignore it. A weight of 0 means "never picked" unless
-every endpoint of the set has weight 0, in which case all count as 1 (a catalog that zeroes
-everything surely did not mean "serve nothing"). See `effective_weights`.
+policies that do not balance by weight ignore it. A weight of 0 means "never picked". The
+balancer drops weight-0 endpoints before a policy sees them, unless the service's whole
+catalog has weight 0 (surely not meant as "serve nothing"): then it passes weights of 1.
+The rule is decided on the whole catalog, never on a subset left by health or a tag filter,
+where it would send traffic to drained endpoints. `effective_weights` keeps the all-zero
+fallback for policies used on their own.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import random
 from abc import ABC, abstractmethod
 from bisect import bisect_right
 from itertools import accumulate
-from typing import Any, ClassVar, Collection, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 from .._errors import ConfigError
 from .._types import Endpoint
+from ._load import LoadBoard
 
 
 class Policy(ABC):
@@ -37,9 +41,13 @@ class Policy(ABC):
     #: Settings accepted in `[services.NAME.options]`, with their defaults.
     OPTIONS: ClassVar[Mapping[str, Any]] = {}
 
-    def __init__(self, *, rng: random.Random, options: Mapping[str, object] | None = None) -> None:
+    def __init__(self, *, rng: random.Random, options: Mapping[str, object] | None = None,
+                 load: LoadBoard | None = None) -> None:
         self.rng = rng
         self.options = self.check_options(options or {})
+        #: The service's per-endpoint feedback, shared with every other view of the service
+        #: (see _load). A policy built alone (tests, benchmarks) gets a board of its own.
+        self.load = load if load is not None else LoadBoard()
 
     @classmethod
     def check_options(cls, options: Mapping[str, object]) -> dict[str, Any]:
@@ -79,18 +87,13 @@ class Policy(ABC):
         caller (uid/pid on the Unix socket, address through the proxy) for affinity policies.
         """
 
-    # Feedback hooks: policies that do not use them inherit these no-ops.
+    # Feedback: a lease opened or closed on an endpoint. The state lives on the shared
+    # board, so every view of the service sees it whichever view the pick came from.
     def on_start(self, endpoint_id: str, now: float) -> None:
-        """A lease on this endpoint opened (a request or connection started)."""
+        self.load.start(endpoint_id)
 
     def on_finish(self, endpoint_id: str, ok: bool, latency: float | None, now: float) -> None:
-        """A lease closed, or a client reported a result for this endpoint."""
-
-    def inherit(self, other: Policy) -> None:
-        """Take over another instance's per-endpoint feedback (requests in flight, latency
-        history) before the first `update`. The balancer builds extra instances over subsets
-        of one service (tag filters), rebuilt on every refresh: without this they would
-        balance as if nothing were in flight. Policies without feedback state ignore it."""
+        self.load.finish(endpoint_id, latency, now)
 
 
 def effective_weights(
@@ -142,29 +145,3 @@ class WeightedSampler:
         if not self.endpoints:
             return None
         return self.endpoints[self.index(rng)]
-
-
-# Open-lease bookkeeping for the load-aware policies: a dict of endpoint id -> open leases,
-# kept for endpoints that left the set too (their leases still close later, and they may
-# come back).
-
-
-def lease_opened(active: dict[str, int], endpoint_id: str) -> None:
-    active[endpoint_id] = active.get(endpoint_id, 0) + 1
-
-
-def lease_closed(active: dict[str, int], endpoint_id: str) -> None:
-    n = active.get(endpoint_id, 0) - 1
-    if n > 0:
-        active[endpoint_id] = n
-    else:
-        # Never below zero: a finish for a lease opened before this policy existed (a
-        # policy switch on reload), or a report without a lease, must not leave a debt
-        # that skews later picks.
-        active.pop(endpoint_id, None)
-
-
-def forget_idle(active: dict[str, int], members: Collection[str]) -> None:
-    for eid in [eid for eid in active if eid not in members]:
-        if active[eid] <= 0:
-            del active[eid]

@@ -23,7 +23,8 @@ from heapq import heapify, heappop, heappush
 from typing import Mapping, Sequence
 
 from .._types import Endpoint
-from ._base import Policy, effective_weights, forget_idle, lease_closed, lease_opened
+from ._base import Policy, effective_weights
+from ._load import LoadBoard
 
 #: Compact the heap once it holds this many times more entries than endpoints.
 _COMPACT_FACTOR = 3
@@ -42,9 +43,10 @@ class _Member:
 class LeastLoaded(Policy):
     ramps_weights = True
 
-    def __init__(self, *, rng: random.Random, options: Mapping[str, object] | None = None) -> None:
-        super().__init__(rng=rng, options=options)
-        self.active: dict[str, int] = {}
+    def __init__(self, *, rng: random.Random, options: Mapping[str, object] | None = None,
+                 load: LoadBoard | None = None) -> None:
+        super().__init__(rng=rng, options=options, load=load)
+        self.load.listen(self)  # re-rank an endpoint whenever its load moves, whoever picked it
         self._members: dict[str, _Member] = {}
         self._heap: list[tuple[float, float, str]] = []
         self._race = 0.0  # arrival time of the last tie-break winner
@@ -67,7 +69,6 @@ class LeastLoaded(Policy):
                 arrival = self._race + self.rng.expovariate(w)
             members[ep.id] = _Member(ep, w, arrival)
         self._members = members
-        forget_idle(self.active, members)
         self._rebuild()
 
     def pick(self, key: str | None, source: str | None, now: float) -> Endpoint | None:
@@ -85,19 +86,7 @@ class LeastLoaded(Policy):
             return m.endpoint
         return None
 
-    def inherit(self, other: Policy) -> None:
-        if isinstance(other, LeastLoaded):
-            self.active = dict(other.active)
-
-    def on_start(self, endpoint_id: str, now: float) -> None:
-        lease_opened(self.active, endpoint_id)
-        self._changed(endpoint_id)
-
-    def on_finish(self, endpoint_id: str, ok: bool, latency: float | None, now: float) -> None:
-        lease_closed(self.active, endpoint_id)
-        self._changed(endpoint_id)
-
-    def _changed(self, endpoint_id: str) -> None:
+    def load_changed(self, endpoint_id: str) -> None:
         m = self._members.get(endpoint_id)
         if m is None:
             return
@@ -108,7 +97,7 @@ class LeastLoaded(Policy):
             self._rebuild()
 
     def _entry(self, m: _Member) -> tuple[float, float, str]:
-        m.entry = (self.score(self.active.get(m.endpoint.id, 0), m.weight), m.arrival, m.endpoint.id)
+        m.entry = (self.score(self.load.in_flight(m.endpoint.id), m.weight), m.arrival, m.endpoint.id)
         return m.entry
 
     def _push(self, m: _Member) -> None:

@@ -29,27 +29,16 @@ is removed by health checks and outlier ejection, which run before the policy se
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Mapping, Sequence
 
 from .._types import Endpoint
-from ._base import Policy, WeightedSampler, effective_weights, forget_idle, lease_closed, lease_opened
-
-#: Weight of one report in the service-wide average that stands in for cold endpoints.
-_SERVICE_ALPHA = 0.05
+from ._base import Policy, WeightedSampler, effective_weights
+from ._load import LoadBoard
 
 #: How many draws to spend finding a second endpoint distinct from the first before
 #: settling for one candidate (only a heavily dominant weight makes repeats likely).
 _DISTINCT_TRIES = 4
-
-
-class _Stats:
-    __slots__ = ("ewma", "stamp")
-
-    def __init__(self, ewma: float, stamp: float) -> None:
-        self.ewma = ewma
-        self.stamp = stamp
 
 
 class LeastRequest(Policy):
@@ -57,26 +46,17 @@ class LeastRequest(Policy):
     ramps_weights = True
     OPTIONS = {"decay": 10.0, "choices": 2}
 
-    def __init__(self, *, rng: random.Random, options: Mapping[str, object] | None = None) -> None:
-        super().__init__(rng=rng, options=options)
-        self._decay = float(self.options["decay"])
+    def __init__(self, *, rng: random.Random, options: Mapping[str, object] | None = None,
+                 load: LoadBoard | None = None) -> None:
+        super().__init__(rng=rng, options=options, load=load)
+        self.load.decay = float(self.options["decay"])
         self._choices = int(self.options["choices"])
-        self.active: dict[str, int] = {}
-        self._stats: dict[str, _Stats] = {}
         self._sampler = WeightedSampler(())
-        self._service_latency: float | None = None  # the estimate for cold endpoints
 
     def update(
         self, endpoints: Sequence[Endpoint], now: float, weights: Mapping[str, float] | None = None
     ) -> None:
-        pairs = effective_weights(endpoints, weights)
-        self._sampler = WeightedSampler(pairs)
-        ids = {ep.id for ep, _ in pairs}
-        # Forget latency history of endpoints that left: if they return, old numbers would
-        # describe a process that has since restarted.
-        for eid in [eid for eid in self._stats if eid not in ids]:
-            del self._stats[eid]
-        forget_idle(self.active, ids)
+        self._sampler = WeightedSampler(effective_weights(endpoints, weights))
 
     def pick(self, key: str | None, source: str | None, now: float) -> Endpoint | None:
         sampler = self._sampler
@@ -97,48 +77,11 @@ class LeastRequest(Policy):
         return sampler.endpoints[best]
 
     def _cost(self, i: int, now: float) -> float:
+        load = self.load
         eid = self._sampler.endpoints[i].id
-        st = self._stats.get(eid)
-        if st is not None:
-            latency = self._latency(st, now)
-        elif self._service_latency is not None:
-            latency = self._service_latency
-        else:
-            latency = 1.0  # nothing reported anywhere yet: compare on open leases alone
-        return latency * (self.active.get(eid, 0) + 1)
-
-    def _latency(self, st: _Stats, now: float) -> float:
-        dt = now - st.stamp
-        return st.ewma * math.exp(-dt / self._decay) if dt > 0 else st.ewma
-
-    def inherit(self, other: Policy) -> None:
-        if isinstance(other, LeastRequest):
-            self.active = dict(other.active)
-            # Copies: both instances hear every report, and shared objects would apply
-            # each one twice.
-            self._stats = {eid: _Stats(st.ewma, st.stamp) for eid, st in other._stats.items()}
-            self._service_latency = other._service_latency
-
-    def on_start(self, endpoint_id: str, now: float) -> None:
-        lease_opened(self.active, endpoint_id)
-
-    def on_finish(self, endpoint_id: str, ok: bool, latency: float | None, now: float) -> None:
-        lease_closed(self.active, endpoint_id)
-        if latency is None or latency < 0 or math.isnan(latency):
-            return
-        avg = self._service_latency
-        self._service_latency = latency if avg is None else avg + _SERVICE_ALPHA * (latency - avg)
-        st = self._stats.get(endpoint_id)
-        if st is None:
-            self._stats[endpoint_id] = _Stats(latency, now)
-        else:
-            self._observe(st, latency, now)
-
-    def _observe(self, st: _Stats, latency: float, now: float) -> None:
-        # The stored value decays toward zero while time passes (see _latency); a sample
-        # adds its share (1 - w) on top of the decayed value, so a steady stream of
-        # samples r converges to r.
-        w = math.exp(-max(now - st.stamp, 0.0) / self._decay)
-        decayed = st.ewma * w
-        st.ewma = latency if latency > decayed else decayed + latency * (1.0 - w)
-        st.stamp = max(st.stamp, now)
+        latency = load.latency(eid, now)
+        if latency is None:
+            latency = load.service_latency
+            if latency is None:
+                latency = 1.0  # nothing reported anywhere yet: compare on open leases alone
+        return latency * (load.in_flight(eid) + 1)

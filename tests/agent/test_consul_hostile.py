@@ -154,8 +154,8 @@ def test_unknown_names_leave_no_wait_events_behind():
                 await trio.sleep(0.05)
                 assert not await rt.wait_for_service("db", timeout=0.01)
                 assert "db" in rt._events
-                rt.engine.set_service("db", [Endpoint(id="d", address="10.0.0.5", port=5)],
-                                      trio.current_time())
+                rt.dispatch(rt.engine.set_service("db", [Endpoint(id="d", address="10.0.0.5", port=5)],
+                                                  trio.current_time()))
             assert got == [True] and rt._events == {}
     trio.run(main)
 

@@ -18,7 +18,7 @@ from softlb_agent.runtime import Runtime
 def runtime(n: int, id_len: int) -> Runtime:
     rt = Runtime(AgentConfig(), None, random.Random(1))
     text = "".join(endpoint_toml("web", "127.0.0.1", 10000 + i, id=f"w{i}-" + "x" * id_len) for i in range(n))
-    rt.engine.replace_all(parse_catalog_text(text), trio.current_time())
+    rt.dispatch(rt.engine.replace_all(parse_catalog_text(text), trio.current_time()))
     return rt
 
 
@@ -93,8 +93,8 @@ def test_a_watch_arriving_as_the_drain_starts_does_not_hold_the_connection(tmp_p
             draining.set()  # the same tick
             with trio.move_on_after(5):  # the drain's own bound is 10 s
                 await done.wait()
-            assert done.is_set(), f"still open: {rt.stats.connections_open}, watchers {dict(rt.engine.watchers)}"
-            assert not rt.engine.watchers
+            assert done.is_set(), f"still open: {rt.stats.connections_open}, watchers {dict(rt.watchers)}"
+            assert not rt.watchers
             n.cancel_scope.cancel()
         c.close()
         lsock.close()

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from softlb import AgentConfig
 from softlb._filecatalog import parse_catalog_text
-from softlb_agent.admin import render_metrics
+from softlb_agent.admin import ask, render_metrics
 from softlb_agent.metrics import MAX_ENDPOINTS_LABELLED
 from softlb_agent.runtime import Runtime
 
@@ -37,9 +37,7 @@ def test_metrics_count_ejections_panic_resolves_and_reports():
         for _ in range(5):
             rt.engine.report(now, ok=False, latency=0.5, service="web", endpoint_id="127.0.0.1:1")
         for _ in range(4):
-            rt.engine.resolve("web", now)
-        for name in ("nope", "nope2"):
-            rt.engine.handle({"id": 1, "op": "resolve", "service": name}, now)
+            rt.engine.pick("web", now)
         text = render_metrics(rt)
         assert value(text, "softlb_service_ejected_endpoints", service="web") == 1
         assert value(text, "softlb_service_ejections_total", service="web") == 1
@@ -50,17 +48,30 @@ def test_metrics_count_ejections_panic_resolves_and_reports():
         assert value(text, "softlb_resolves_total", service="web", code="OK") == 4
         assert value(text, "softlb_reports_total", service="web", outcome="failed") == 5
         assert value(text, "softlb_endpoint_latency_seconds_sum", service="web", endpoint="127.0.0.1:1") == 2.5
-        assert value(text, "softlb_errors_total", code="UNKNOWN_SERVICE") == 2
-        assert value(text, "softlb_unknown_service_resolves_total") == 2
         picks = [value(text, "softlb_endpoint_picks_total", service="web", endpoint=f"127.0.0.1:{p}") for p in (2, 3)]
         assert sum(picks) == 4
         assert value(text, "process_resident_memory_bytes") > 0
         assert ("softlb_build_info", ()) not in samples(text)  # it has labels
         await trio.sleep(3600)  # past the ejection
-        rt.engine.tick(trio.current_time())
+        rt.dispatch(rt.engine.tick(trio.current_time())[0])
         text = render_metrics(rt)
         assert value(text, "softlb_service_ejected_endpoints", service="web") == 0
         assert value(text, "softlb_service_data_age_seconds", service="web") == 3600
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_error_answers_are_counted_by_code():
+    async def main():
+        rt = Runtime(AgentConfig(), None, random.Random(1))
+        rt.engine.replace_all(parse_catalog_text(CATALOG), trio.current_time())
+        for name in ("nope", "nope2"):
+            assert (await ask(rt, {"op": "resolve", "service": name}, "test"))[0] == 404
+        assert (await ask(rt, {"op": "resolve", "service": "web", "key": 5}, "test"))[0] == 400
+        text = render_metrics(rt)
+        assert value(text, "softlb_errors_total", code="UNKNOWN_SERVICE") == 2
+        assert value(text, "softlb_errors_total", code="BAD_ARGUMENT") == 1
+        assert value(text, "softlb_unknown_service_resolves_total") == 2
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
@@ -72,7 +83,7 @@ def test_endpoint_labels_are_capped():
         rt = Runtime(AgentConfig(), None, random.Random(1))
         rt.engine.replace_all(parse_catalog_text(cat), trio.current_time())
         for _ in range(n):
-            rt.engine.resolve("big", trio.current_time())
+            rt.engine.pick("big", trio.current_time())
         s = samples(render_metrics(rt))
         picks = {dict(k[1])["endpoint"]: v for k, v in s.items() if k[0] == "softlb_endpoint_picks_total"}
         assert len(picks) == MAX_ENDPOINTS_LABELLED + 1 and picks["_other"] == 30 and sum(picks.values()) == n
@@ -96,12 +107,12 @@ def test_health_changes_are_logged_with_their_reason(caplog):
     async def main():
         rt = Runtime(AgentConfig(), None, random.Random(1))
         now = trio.current_time()
-        rt.engine.replace_all(parse_catalog_text(CATALOG), now)
+        rt.dispatch(rt.engine.replace_all(parse_catalog_text(CATALOG), now))
         with caplog.at_level(logging.INFO, logger="softlb.health"):
             for _ in range(5):
-                rt.engine.report(now, ok=False, service="web", endpoint_id="127.0.0.1:1")
+                rt.dispatch(rt.engine.report(now, ok=False, service="web", endpoint_id="127.0.0.1:1"))
             await trio.sleep(3600)
-            rt.engine.tick(trio.current_time())
+            rt.dispatch(rt.engine.tick(trio.current_time())[0])
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     msgs = [r.getMessage() for r in caplog.records if r.name == "softlb.health"]

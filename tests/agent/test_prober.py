@@ -399,21 +399,21 @@ def test_attach_prober_follows_the_engine_and_feeds_it():
     async def main():
         rt = Runtime(probed)
         notified = []
-        rt.engine.on_change = notified.append
+        rt.change_listeners.append(notified.append)
         prober = attach_prober(rt, random.Random(5))
         async with trio.open_nursery() as nursery:
             await nursery.start(prober.run)
             now = trio.current_time()
-            rt.engine.replace_all({"web": [ep("a", closed_port()), ep("b", 1)], "api": [ep("c", 1)]}, now)
+            rt.dispatch(rt.engine.replace_all({"web": [ep("a", closed_port()), ep("b", 1)], "api": [ep("c", 1)]}, now))
             assert prober.targets() == {"web": ("a", "b")}  # api has no probe
-            assert "web" in notified  # the runtime's own listener still hears changes
+            assert "web" in notified  # every listener hears every dispatched change
             # A closed port and fall = 1: the engine stops serving "a" on its own.
             await Results().wait(lambda: rt.engine.services["web"].health.snapshot(now).eligible < 2)
-            rt.engine.replace_all({"web": [ep("b", 1)]}, trio.current_time())
+            rt.dispatch(rt.engine.replace_all({"web": [ep("b", 1)]}, trio.current_time()))
             assert prober.targets() == {"web": ("b",)}
-            rt.engine.reconfigure(AgentConfig(), trio.current_time())  # probe removed by a reload
+            rt.dispatch(rt.engine.reconfigure(AgentConfig(), trio.current_time()))  # probe removed by a reload
             assert prober.targets() == {}
-            rt.engine.remove_service("web", trio.current_time())
+            rt.dispatch(rt.engine.remove_service("web", trio.current_time()))
             nursery.cancel_scope.cancel()
 
     run(main)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from softlb import AgentConfig, Endpoint, ErrorCode, RegistryHealth, ServiceConfig
 from softlb._engine import Engine
 from softlb._errors import RequestError
+from tests.core.engine_calls import handle, resolve
 
 
 def eps(n, **kw):
@@ -18,7 +19,7 @@ def eps(n, **kw):
 
 
 def ask(engine, msg, now=0.0, source=None):
-    frame = engine.handle(msg, now, source)
+    frame = handle(engine, msg, now, source)
     assert frame is not None
     assert int.from_bytes(frame[:4], "big") == len(frame) - 4
     return msgpack.unpackb(frame[4:])
@@ -112,9 +113,9 @@ def test_leases_expire_on_tick(engine):
     engine.leases.ttl = 10
     ask(engine, {"id": 1, "op": "resolve", "service": "web"}, now=0.0)
     ask(engine, {"id": 2, "op": "resolve", "service": "web"}, now=5.0)
-    assert engine.tick(9.0) == 10.0
-    assert engine.tick(10.0) == 15.0 and len(engine.leases) == 1
-    assert engine.tick(15.0) is None and len(engine.leases) == 0
+    assert engine.tick(9.0)[1] == 10.0
+    assert engine.tick(10.0)[1] == 15.0 and len(engine.leases) == 1
+    assert engine.tick(15.0)[1] is None and len(engine.leases) == 0
 
 
 def test_lease_table_is_bounded():
@@ -122,7 +123,7 @@ def test_lease_table_is_bounded():
     e.leases.max_leases = 5
     e.replace_all({"web": eps(2)}, 0.0)
     for i in range(20):
-        e.resolve("web", 0.0)
+        resolve(e, "web", 0.0)
     assert len(e.leases) == 5
 
 
@@ -136,17 +137,14 @@ def test_services_endpoints_and_hello(engine):
 
 
 def test_streaming_ops_are_left_to_the_connection(engine):
-    assert engine.handle({"id": 1, "op": "watch", "service": "web"}, 0.0) is None
+    assert handle(engine, {"id": 1, "op": "watch", "service": "web"}, 0.0) is None
 
 
 def test_catalog_changes_notify_and_versions_move(engine):
-    changed = []
-    engine.on_change = changed.append
     v = engine.services["web"].version
-    engine.replace_all({"web": eps(3), "api": eps(2)}, 1.0)
-    assert changed == []
-    engine.replace_all({"web": eps(4)}, 2.0)
-    assert sorted(changed) == ["api", "web"] and engine.services["web"].version > v
+    assert engine.replace_all({"web": eps(3), "api": eps(2)}, 1.0) == frozenset()
+    changed = engine.replace_all({"web": eps(4)}, 2.0)
+    assert changed == {"api", "web"} and engine.services["web"].version > v
     assert "api" not in engine.services
 
 
@@ -161,7 +159,7 @@ def test_reconfigure_switches_settings_and_keeps_serving(engine):
 
 def test_resolve_raises_for_direct_callers(engine):
     with pytest.raises(RequestError) as e:
-        engine.resolve("nope", 0.0)
+        resolve(engine, "nope", 0.0)
     assert e.value.code is ErrorCode.UNKNOWN_SERVICE
 
 
@@ -170,7 +168,7 @@ def test_resolve_raises_for_direct_callers(engine):
 def test_any_map_gets_exactly_one_well_formed_answer(msg):
     e = Engine(AgentConfig(), random.Random(1))
     e.replace_all({"web": eps(2)}, 0.0)
-    frame = e.handle(msg, 0.0)
+    frame = handle(e, msg, 0.0)
     if frame is None:
         assert msg.get("op") in ("watch", "unwatch")
         return
@@ -191,7 +189,7 @@ def test_default_outlier_settings_eject_in_a_small_service():
     e.replace_all({"web": eps(3)}, 0.0)
     for _ in range(5):
         e.report(0.0, ok=False, service="web", endpoint_id="e1")
-    assert {e.resolve("web", 0.1, lease=False).endpoint.id for _ in range(6)} == {"e0", "e2"}
+    assert {resolve(e, "web", 0.1, lease=False).endpoint.id for _ in range(6)} == {"e0", "e2"}
 
 
 @pytest.mark.parametrize("latency", [float("inf"), float("nan"), -1.0])
@@ -207,11 +205,11 @@ def test_tag_filter_policies_are_bounded_and_misses_not_cached():
     e.replace_all({"web": [Endpoint(id=f"t{i}", address="h", port=i + 1, tags=("a", f"t{i}")) for i in range(100)]}, 0.0)
     b = e.services["web"]
     for i in range(100):
-        assert e.resolve("web", 0.0, tags=("a", f"t{i}"), lease=False).endpoint.id == f"t{i}"
+        assert resolve(e, "web", 0.0, tags=("a", f"t{i}"), lease=False).endpoint.id == f"t{i}"
     assert len(b._tag_policies) == MAX_TAG_POLICIES
     for i in range(500):
         with pytest.raises(RequestError):
-            e.resolve("web", 0.0, tags=(f"nope{i}",), lease=False)
+            resolve(e, "web", 0.0, tags=(f"nope{i}",), lease=False)
     assert len(b._tag_policies) == MAX_TAG_POLICIES
 
 
@@ -219,7 +217,7 @@ def test_leases_reach_tag_filtered_least_connections():
     e = Engine(AgentConfig(services={"web": ServiceConfig(policy="least_connections")}), random.Random(1))
     e.replace_all({"web": [Endpoint(id=x, address="h", port=i + 1, tags=("v2",)) for i, x in enumerate("ab")]}, 0.0)
     # Leases held open: least_connections must alternate, so the split stays within one.
-    picks = Counter(e.resolve("web", 0.0, tags=("v2",)).endpoint.id for _ in range(20))
+    picks = Counter(resolve(e, "web", 0.0, tags=("v2",)).endpoint.id for _ in range(20))
     assert picks == {"a": 10, "b": 10}
 
 
@@ -234,10 +232,7 @@ def test_duplicate_endpoint_ids_keep_the_first_and_apply_whole():
 
 def test_a_new_service_with_no_endpoints_is_announced():
     e = Engine(AgentConfig(), random.Random(1))
-    changed = []
-    e.on_change = changed.append
-    assert e.set_service("empty", [], 0.0)
-    assert changed == ["empty"]
+    assert e.set_service("empty", [], 0.0) == {"empty"}
     assert not e.set_service("empty", [], 1.0)
 
 
@@ -246,10 +241,10 @@ def test_expired_leases_reach_tag_filtered_policies():
     e.leases.ttl = 10
     e.replace_all({"web": [Endpoint(id=x, address="h", port=i + 1, tags=("v2",)) for i, x in enumerate("ab")]}, 0.0)
     for _ in range(10):
-        e.resolve("web", 0.0, tags=("v2",))  # five leases on each, never reported
+        resolve(e, "web", 0.0, tags=("v2",))  # five leases on each, never reported
     e.tick(20.0)  # all expire
-    tagged = e.services["web"]._tag_policies[("v2",)]
-    assert not tagged.active
+    b = e.services["web"]
+    assert not b.load.active and b._tag_policies[("v2",)].load is b.load
 
 
 @pytest.mark.parametrize("policy", ["least_connections", "least_request", "sed", "nq"])
@@ -260,9 +255,78 @@ def test_tag_policies_rebuilt_by_a_refresh_keep_the_leases_in_flight(policy):
                random.Random(3))
     e.replace_all({"web": [Endpoint(x, "127.0.0.1", 1000 + i, tags=("v2",)) for i, x in enumerate("abc")]}, 0.0)
     for _ in range(9):
-        e.resolve("web", 0.0, tags=("v2",))  # leases held open
+        resolve(e, "web", 0.0, tags=("v2",))  # leases held open
     e.probe_result("web", "c", False, 1.0)  # an unrelated change: refresh, tag cache rebuilt
-    e.resolve("web", 1.0, tags=("v2",))
+    resolve(e, "web", 1.0, tags=("v2",))
     b = e.services["web"]
     tagged = b._tag_policies[("v2",)]
-    assert {k: v for k, v in tagged.active.items() if k != "c"} == {k: v for k, v in b.policy.active.items() if k != "c"}
+    # One board per service, read by every view: nothing to copy, nothing to drift.
+    assert tagged.load is b.policy.load is b.load
+    assert sum(b.load.active.values()) == 10
+
+
+def test_a_held_lease_counts_in_least_connections_until_finished():
+    from softlb import LeaseScope
+
+    e = Engine(AgentConfig(lease_ttl=60.0, services={"web": ServiceConfig(policy="least_connections")}),
+               random.Random(2))
+    e.replace_all({"web": eps(2)}, 0.0)
+    held = e.pick("web", 0.0, scope=LeaseScope.HELD)
+    busy = held.endpoint.id
+    now = 0.0
+    while now < 300.0:  # five minutes of timer ticks: a request lease would long be gone
+        now += 7.0
+        e.tick(now)
+        assert e.services["web"].load.in_flight(busy) == 1
+        # With one connection held open on `busy`, every new pick goes to the other one.
+        assert resolve(e, "web", now, lease=False).endpoint.id != busy
+    e.finish(held.lease, now, ok=True)
+    assert e.services["web"].load.in_flight(busy) == 0
+    assert {resolve(e, "web", now, lease=False).endpoint.id for _ in range(10)} == {"e0", "e1"}
+    with pytest.raises(RequestError) as err:
+        e.finish(held.lease, now)
+    assert err.value.code is ErrorCode.UNKNOWN_LEASE
+
+
+def test_request_leases_still_expire_by_the_clock():
+    from softlb import LeaseScope
+
+    e = Engine(AgentConfig(lease_ttl=60.0, services={"web": ServiceConfig(policy="least_connections")}),
+               random.Random(2))
+    e.replace_all({"web": eps(2)}, 0.0)
+    p = e.pick("web", 0.0, scope=LeaseScope.REQUEST)
+    e.tick(61.0)
+    assert e.services["web"].load.in_flight(p.endpoint.id) == 0
+    with pytest.raises(RequestError):
+        e.finish(p.lease, 61.0)
+
+
+def test_a_reload_keeps_held_leases_counted_across_a_policy_switch():
+    from softlb import LeaseScope
+
+    e = Engine(AgentConfig(services={"web": ServiceConfig(policy="least_connections")}), random.Random(2))
+    e.replace_all({"web": eps(2)}, 0.0)
+    held = e.pick("web", 0.0, scope=LeaseScope.HELD)
+    e.reconfigure(AgentConfig(services={"web": ServiceConfig(policy="least_request")}), 1.0)
+    assert e.services["web"].load.in_flight(held.endpoint.id) == 1
+    e.finish(held.lease, 2.0)
+    assert e.services["web"].load.in_flight(held.endpoint.id) == 0
+
+
+def test_weight_zero_is_never_picked_when_a_filter_leaves_only_drained_endpoints():
+    e = Engine(AgentConfig(), random.Random(1))
+    e.replace_all({"web": [Endpoint(id="live", address="h", port=1, weight=1),
+                           Endpoint(id="drained", address="h", port=2, weight=0, tags=("v2",))]}, 0.0)
+    with pytest.raises(RequestError) as err:
+        resolve(e, "web", 0.0, tags=("v2",))
+    assert err.value.code is ErrorCode.NO_HEALTHY_ENDPOINT
+    assert {resolve(e, "web", 0.0).endpoint.id for _ in range(10)} == {"live"}
+    # Health leaving only the drained one: no pick either.
+    e.report(0.0, ok=False, service="web", endpoint_id="live")
+    for _ in range(10):
+        e.report(0.0, ok=False, service="web", endpoint_id="live")
+    b = e.services["web"]
+    assert all(x.id != "drained" for x in b.served)
+    # A catalog that zeroes every weight still serves (all count as 1).
+    e.replace_all({"web": [Endpoint(id=x, address="h", port=i + 1, weight=0) for i, x in enumerate("ab")]}, 1.0)
+    assert {resolve(e, "web", 1.0, lease=False).endpoint.id for _ in range(10)} == {"a", "b"}

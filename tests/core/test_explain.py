@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from softlb import AgentConfig, Endpoint, RegistryHealth, ServiceConfig
+from softlb import AgentConfig, Endpoint, LeaseScope, RegistryHealth, ServiceConfig
 from softlb._config import OutlierConfig, ProbeConfig
 from softlb._engine import Engine
 from softlb._errors import ErrorCode, RequestError
@@ -27,7 +27,7 @@ def whys(e, now=0.0):
 
 def no_healthy(e, now=0.0, tags=()):
     with pytest.raises(RequestError) as ei:
-        e.resolve("web", now, tags=tags)
+        e.pick("web", now, tags=tags)
     assert ei.value.code is ErrorCode.NO_HEALTHY_ENDPOINT
     return ei.value.message
 
@@ -195,14 +195,11 @@ class ExplainMachine(RuleBasedStateMachine):
         assert [w.id for w in whys] == [x.id for x in b.catalog_endpoints]
         served = {x.id for x in b.served}
         for w in whys:
-            if w.reason == "weight_zero":
-                assert w.id in served and not w.served
-            else:
-                assert w.served == (w.id in served), (w, served)
+            assert w.served == (w.id in served), (w, served)
             assert w.detail
         if not any(w.served for w in whys):
             try:
-                self.e.resolve("web", self.now, lease=False)
+                self.e.pick("web", self.now, scope=LeaseScope.NONE)
             except RequestError as err:
                 assert err.code is ErrorCode.NO_HEALTHY_ENDPOINT and "web" in err.message
             else:

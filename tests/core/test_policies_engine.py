@@ -13,6 +13,8 @@ from softlb import AgentConfig, ConfigError, Endpoint, ErrorCode, RegistryHealth
 from softlb._engine import Engine
 from softlb._errors import RequestError
 from softlb.policies import POLICIES
+from tests.core.engine_calls import handle
+from tests.core.engine_calls import resolve as engine_resolve
 
 
 def eps(n: int, **kw) -> list[Endpoint]:
@@ -26,7 +28,7 @@ def engine_with(seed: int = 7, endpoints=None, **service) -> Engine:
 
 
 def resolve(e: Engine, now: float = 0.0, source: str | None = None, **args) -> dict:
-    frame = e.handle({"id": 1, "op": "resolve", "service": "web", **args}, now, source)
+    frame = handle(e, {"id": 1, "op": "resolve", "service": "web", **args}, now, source)
     return msgpack.unpackb(frame[4:])
 
 
@@ -56,7 +58,7 @@ def test_leases_feed_least_connections() -> None:
     # An expired lease closes too: b's endpoint is free again after the TTL.
     e.report(0.2, ok=True, lease=resolve(e)["result"]["lease"])
     e.tick(1000.0)
-    assert e.services["web"].policy.active == {}
+    assert e.services["web"].load.active == {}
 
 
 def test_reports_with_latency_steer_least_request() -> None:
@@ -87,7 +89,7 @@ def test_locality_without_star_has_no_fallback_and_says_why() -> None:
     e = Engine(cfg, random.Random(1))
     e.replace_all({"web": eps(3, zone="z9")}, 0.0)
     with pytest.raises(RequestError) as err:
-        e.resolve("web", 0.0)
+        engine_resolve(e, "web", 0.0)
     assert err.value.code is ErrorCode.NO_HEALTHY_ENDPOINT
     assert "locality" in err.value.message and "\"*\"" in err.value.message
 
@@ -100,7 +102,7 @@ def test_slow_start_ramps_a_newcomer_through_engine_ticks() -> None:
         return Counter(resolve(e, now, lease=False)["result"]["id"] for _ in range(1000))["e2"] / 1000
 
     assert share(1.0) == pytest.approx(0.1 / 2.1, abs=0.01)
-    deadline = e.tick(1.0)
+    deadline = e.tick(1.0)[1]
     assert deadline is not None and deadline <= 1.5
     e.tick(6.0)
     assert share(6.0) == pytest.approx(0.5 / 2.5, abs=0.01)
@@ -112,7 +114,7 @@ def test_slow_start_ramps_a_newcomer_through_engine_ticks() -> None:
 def test_slow_start_is_ignored_by_hash_policies() -> None:
     e = engine_with(policy="maglev", slow_start=10.0, endpoints=eps(2))
     e.set_service("web", eps(3), 1.0)
-    assert e.services["web"].slow_start is None and e.tick(1.0) is None
+    assert e.services["web"].slow_start is None and e.tick(1.0)[1] is None
 
 
 @pytest.mark.parametrize("old,new", [("round_robin", "maglev"), ("least_connections", "least_request"),

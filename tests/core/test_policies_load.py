@@ -55,7 +55,7 @@ def test_weights_scale_the_connection_budget() -> None:
     p = make("least_connections", endpoints(2, [1, 3]))
     for _ in range(400):
         p.on_start(p.pick(None, None, 0.0).id, 0.0)
-    assert p.active == {"ep0": 100, "ep1": 300}
+    assert p.load.active == {"ep0": 100, "ep1": 300}
 
 
 def test_sed_and_nq_differ_from_least_connections_as_ipvs_documents() -> None:
@@ -81,7 +81,7 @@ def test_finish_without_start_does_not_go_negative() -> None:
     p = make("least_connections", endpoints(2))
     p.on_finish("ep0", True, None, 0.0)  # a lease opened before a policy switch
     p.on_start("ep1", 0.0)
-    assert p.active == {"ep1": 1}
+    assert p.load.active == {"ep1": 1}
     assert p.pick(None, None, 0.0).id == "ep0"
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from softlb_client import AgentUnavailable, Client
-from softlb_client._codec import Decoder, encode
+from softlb import CLOSED, NEED_DATA, ServerConnection
 
 
 def test_full_backlog_is_retried_until_the_agent_accepts(tmp_path):
@@ -34,13 +34,13 @@ def test_full_backlog_is_retried_until_the_agent_accepts(tmp_path):
                 h.close()
             while True:
                 conn, _ = listener.accept()
-                dec = Decoder()
-                dec.feed(conn.recv(65536))
-                msg = dec.next()
-                if msg is None:  # one of the held connections: nothing to answer
+                proto = ServerConnection(1 << 20)  # the agent's own protocol object
+                proto.receive_data(conn.recv(65536))
+                req = proto.next_event()
+                if req is NEED_DATA or req is CLOSED:  # a held connection: nothing to answer
                     conn.close()
                     continue
-                conn.sendall(encode({"id": msg["id"], "result": {"version": 1}}))
+                conn.sendall(proto.send_result(req.id, {"version": 1}))
                 conn.close()
                 return
 

@@ -1,27 +1,24 @@
 """The trio client's per-call timeout covers the wait behind other calls on the client."""
 
-import msgpack
 import pytest
 import trio
 import trio.testing
 
+from softlb import NEED_DATA, ServerConnection
 from softlb_client import Timeout
 from softlb_client.trio_client import AsyncClient
 
 
 async def slow_agent(stream):
-    """Answers each request after 0.8 s (virtual time)."""
-    buf = b""
+    """Answers each request after 0.8 s (virtual time). The agent's side is the core's own
+    sans-I/O protocol object, so the fake speaks exactly what the agent speaks."""
+    conn = ServerConnection(1 << 20)
     async with stream:
         while data := await stream.receive_some(65536):
-            buf += data
-            while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
-                n = int.from_bytes(buf[:4], "big")
-                msg = msgpack.unpackb(buf[4:4 + n])
-                buf = buf[4 + n:]
+            conn.receive_data(data)
+            while (req := conn.next_event()) is not NEED_DATA:
                 await trio.sleep(0.8)
-                body = msgpack.packb({"id": msg["id"], "result": {"ok": msg["op"]}})
-                await stream.send_all(len(body).to_bytes(4, "big") + body)
+                await stream.send_all(conn.send_result(req.id, {"ok": type(req).__name__.lower()}))
 
 
 def test_a_queued_call_times_out_on_time_and_the_first_call_still_succeeds(tmp_path):
