@@ -8,7 +8,7 @@ figure before. Figures on this shared machine drift minute to minute, so both ag
 side by side and are measured interleaved (A, B, A, B...), each figure the median of
 --rounds, and the verdict is the ratio:
 
-  base   the agent at --base (exported with `git archive` into a temporary directory),
+  base   the agent at --base (exported with `git archive`, bench/resolve.py's export_revision),
          admin port off, as bench/resolve.py runs it;
   now    this tree's agent with its admin port on and /metrics scraped every second
          during the whole run (a Prometheus would scrape every 15-60 s).
@@ -41,33 +41,21 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from agentproc import free_port  # noqa: E402
-from resolve import CATALOG, concurrent, pipelined, seq  # noqa: E402
+from resolve import CATALOG, concurrent, export_revision, pipelined, seq  # noqa: E402
 
-#: Runs the agent from a shim directory whose softlb and softlb_agent are the base tree's.
-LAUNCH = "import sys; sys.path.insert(0, sys.argv.pop(1)); from softlb_agent.cli import main; main()"
-
-
-def export_base(rev: str, tmp: str) -> str:
-    tree, shim = os.path.join(tmp, "tree"), os.path.join(tmp, "shim")
-    os.makedirs(tree)
-    os.makedirs(shim)
-    archive = subprocess.run(["git", "-C", ROOT, "archive", rev], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
-    os.symlink(os.path.join(tree, "softlb"), os.path.join(shim, "softlb"))
-    os.symlink(os.path.join(tree, "agent"), os.path.join(shim, "softlb_agent"))
-    return shim
-
-
-def start(tmp: str, name: str, shim: str | None, admin: str) -> tuple[subprocess.Popen[bytes], str]:
+def start(tmp: str, name: str, pythonpath: str | None, admin: str) -> tuple[subprocess.Popen[bytes], str]:
     d = os.path.join(tmp, name)
     os.makedirs(d)
     cat = os.path.join(d, "catalog.toml")
     with open(cat, "w") as f:
         f.write(CATALOG)
     sock = os.path.join(d, "softlb.sock")
-    head = [sys.executable, "-c", LAUNCH, shim] if shim else [sys.executable, "-m", "softlb_agent"]
-    proc = subprocess.Popen(head + ["agent", "--catalog-file", cat, "--socket", sock, "--listen", "",
-                                    "--admin", admin, "--log-level", "warning"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "softlb_agent", "agent", "--catalog-file", cat, "--socket", sock, "--listen", "",
+         "--admin", admin, "--log-level", "warning"],
+        env=dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None,
+        cwd=d,  # `-m` puts the working directory first on sys.path: not this checkout's
+    )
     from softlb_client import Client
 
     deadline = time.monotonic() + 15
@@ -113,7 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     results: dict[str, dict[str, list[float]]] = {"base": {}, "now": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        shim = export_base(args.base, tmp)
+        shim = export_revision(args.base, tmp)
         admin = f"127.0.0.1:{free_port()}"
         procs = {}
         stop = threading.Event()

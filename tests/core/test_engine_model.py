@@ -185,7 +185,10 @@ class EngineModel(RuleBasedStateMachine):
         assert all(e.id in b.by_id for e in b.served)
         assert all(e.weight > 0 for e in b.served) or b.all_zero
         d = self.engine.describe(SERVICE, self.now)
-        assert [e["id"] for e in d["endpoints"]] == [e.id for e in b.endpoints]
+        # Every catalog endpoint is listed (issue 14); those past the tag filter are b.endpoints.
+        assert [e["id"] for e in d["endpoints"]] == [e.id for e in b.catalog_endpoints]
+        assert [e["id"] for e in d["endpoints"] if not e["filtered"]] == [e.id for e in b.endpoints]
+        assert {e["id"] for e in d["endpoints"] if e["served"]} == {e.id for e in b.served}
 
 
 TestEngineModel = EngineModel.TestCase
