@@ -186,14 +186,15 @@ class ServiceBalancer:
             return prefer_local(pool, self.config.locality, self.here).endpoints
         return pool
 
-    def _ramp(self, eligible: tuple[Endpoint, ...], served: tuple[Endpoint, ...], now: float) -> None:
-        """Slow start: note who (re)joined the eligible set, and weight the served set."""
+    def _ramp(self, eligible: tuple[Endpoint, ...], served: tuple[Endpoint, ...], now: float) -> dict[str, float] | None:
+        """Slow start: note who (re)joined the eligible set; the served set's ramped weights
+        (None: no slow start, catalog weights)."""
         ss = self.slow_start
         if ss is None:
-            return
+            return None
         ss.observe((e.id for e in eligible), now)
-        self.weights = ss.weights(served, now)
         self.ramp_deadline = ss.next_refresh(now)
+        return ss.weights(served, now)
 
     def _weights(self, ramped: dict[str, float] | None) -> dict[str, float] | None:
         """The weights the policy picks by: in an all-zero catalog every endpoint counts as
@@ -223,9 +224,8 @@ class ServiceBalancer:
             # Weight 0 means drained: never picked, not even when health or locality leaves
             # nothing else (that is "no healthy endpoint", not a reason to use a drained one).
             served = tuple(e for e in served if e.weight > 0)
-        self._ramp(eligible, served, now)
         self.served = served
-        self.weights = self._weights(self.weights)
+        self.weights = self._weights(self._ramp(eligible, served, now))
         self.policy.update(served, now, self.weights)
         self._tag_policies.clear()
         self.version += 1

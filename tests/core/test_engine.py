@@ -330,3 +330,11 @@ def test_weight_zero_is_never_picked_when_a_filter_leaves_only_drained_endpoints
     # A catalog that zeroes every weight still serves (all count as 1).
     e.replace_all({"web": [Endpoint(id=x, address="h", port=i + 1, weight=0) for i, x in enumerate("ab")]}, 1.0)
     assert {resolve(e, "web", 1.0, lease=False).endpoint.id for _ in range(10)} == {"a", "b"}
+
+
+def test_leaving_an_all_zero_catalog_restores_the_catalog_weights():
+    e = Engine(AgentConfig(services={"web": ServiceConfig(policy="weighted_round_robin")}), random.Random(1))
+    e.replace_all({"web": [Endpoint(id=x, address="h", port=i + 1, weight=0) for i, x in enumerate("ab")]}, 0.0)
+    e.replace_all({"web": [Endpoint(id="a", address="h", port=1, weight=9), Endpoint(id="b", address="h", port=2, weight=1)]}, 1.0)
+    picks = Counter(resolve(e, "web", 1.0, lease=False).endpoint.id for _ in range(100))
+    assert picks == {"a": 90, "b": 10}

@@ -184,6 +184,8 @@ class EngineModel(RuleBasedStateMachine):
         assert summary["endpoints"] == len(b.endpoints) and summary["eligible"] <= len(b.endpoints)
         assert all(e.id in b.by_id for e in b.served)
         assert all(e.weight > 0 for e in b.served) or b.all_zero
+        # Weights other than the catalog's come only from an all-zero catalog or slow start.
+        assert b.weights is None or b.all_zero or b.slow_start is not None
         d = self.engine.describe(SERVICE, self.now)
         # Every catalog endpoint is listed (issue 14); those past the tag filter are b.endpoints.
         assert [e["id"] for e in d["endpoints"]] == [e.id for e in b.catalog_endpoints]
