@@ -1,8 +1,8 @@
 """`--log-format json`: one JSON object per line, for log shippers.
 
-Every record has time (UTC, ISO 8601), level, logger and msg; state-change lines (health,
-panic, catalog) also carry `service`, `endpoint` and `reason` as fields, passed by the
-caller as `extra=`, so a query can select on them without parsing the text.
+Every record has time (UTC, ISO 8601), level, logger and msg; state-change lines (joined,
+left, eligibility, panic) also carry `service`, `endpoint`, `reason` and `event` as fields,
+passed by the caller as `extra=`, so a query can select on them without parsing the text.
 """
 
 from __future__ import annotations

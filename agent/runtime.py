@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from typing import Callable
+from typing import Callable, Collection
 
 import trio
 
@@ -45,6 +45,9 @@ class Stats:
 
 
 health_log = logging.getLogger("softlb.health")
+catalog_log = logging.getLogger("softlb.catalog")
+#: Above this many endpoints joining and leaving at once, one summary line is logged.
+MAX_MEMBERSHIP_LINES = 20
 
 #: `softlb status` shows errors answered over about this many seconds.
 RECENT_WINDOW = 300.0
@@ -138,12 +141,14 @@ class Runtime:
         self.engine.release(lease, trio.current_time())
 
     def _log_health(self, name: str) -> None:
-        """One log line per endpoint that stops or starts being eligible, and per panic
-        change, with the reason: what an operator greps for after an incident. Endpoints
-        joining or leaving the catalog are the catalog source's to report."""
+        """One log line per state change, with the reason: an endpoint joining or leaving,
+        one that stops or starts being eligible, panic starting or ending. What an operator
+        greps for after an incident; never a line per request."""
         b = self.engine.services.get(name)
         before = self._health_seen.pop(name, None)
         if b is None:
+            if before is not None:
+                catalog_log.info("%s: service removed", name, extra={"service": name, "event": "removed"})
             return
         rows = {r.id: r for r in b.health.snapshot(trio.current_time()).endpoints}
         eligible = frozenset(i for i, r in rows.items() if r.eligible)
@@ -151,6 +156,7 @@ class Runtime:
         if before is None:
             return
         known, was_eligible, was_panic = before
+        self._log_membership(name, known, rows.keys())
         lost = sorted((was_eligible - eligible) & rows.keys())
         whys = {w.id: w for w in b.explain(trio.current_time())} if lost else {}
         for eid in lost:
@@ -167,6 +173,22 @@ class Runtime:
         elif was_panic and not b.panic:
             health_log.info("%s: panic over: %d of %d endpoints eligible", name, len(eligible), len(rows),
                             extra={"service": name, "event": "panic_over"})
+
+    def _log_membership(self, name: str, known: frozenset[str], now_ids: Collection[str]) -> None:
+        """A line per endpoint joining or leaving the service (past its tag filter); a big
+        catalog change gets one summary line instead of thousands."""
+        joined = sorted(set(now_ids) - known)
+        left = sorted(known - set(now_ids))
+        if len(joined) + len(left) > MAX_MEMBERSHIP_LINES:
+            catalog_log.info("%s: %d endpoints joined, %d left", name, len(joined), len(left),
+                             extra={"service": name, "event": "membership"})
+            return
+        for eid in joined:
+            catalog_log.info("%s: endpoint %s joined", name, eid, extra={"service": name, "endpoint": eid,
+                                                                        "event": "joined"})
+        for eid in left:
+            catalog_log.info("%s: endpoint %s left", name, eid, extra={"service": name, "endpoint": eid,
+                                                                      "event": "left"})
 
     def change_event(self, name: str) -> trio.Event:
         """An event set at the next change of `name` (get it before reading the state)."""

@@ -102,6 +102,11 @@ def test_json_logs_have_service_endpoint_and_reason(make_agent):
     ev = next(x for x in lines if x.get("event") == "ineligible")
     assert ev["service"] == "web" and ev["endpoint"] == "web-2" and "ejected by outlier detection" in ev["reason"]
     assert all({"time", "level", "logger", "msg"} <= set(x) for x in lines)
+    agent.write_catalog(THREE.replace('id = "web-3"', 'id = "web-4"'))
+    wait_until(lambda: '"event": "left"' in agent.log())
+    lines = [json.loads(x) for x in agent.log().splitlines() if x.startswith("{")]
+    moves = {(x["event"], x["endpoint"]) for x in lines if x.get("event") in ("joined", "left")}
+    assert moves == {("joined", "web-4"), ("left", "web-3")}
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt: tmux)")
