@@ -136,3 +136,23 @@ def test_top_in_a_real_terminal(agent):
         wait_until(lambda: session not in tmux("ls"), timeout=10)
     finally:
         tmux("kill-server")
+
+
+def test_the_socket_directory_the_agent_created_is_removed_at_exit(make_agent):
+    """`make demo` used to leave an empty /run/softlb behind."""
+    agent = make_agent()
+    parent = os.path.dirname(agent.socket)
+    assert not os.path.exists(parent)
+    agent.start()
+    assert os.path.isdir(parent)
+    assert agent.stop() == 0
+    assert not os.path.exists(parent)
+
+
+def test_a_socket_directory_that_was_there_stays(make_agent):
+    agent = make_agent()
+    parent = os.path.dirname(agent.socket)
+    os.makedirs(parent)
+    agent.start()
+    assert agent.stop() == 0
+    assert os.path.isdir(parent) and not os.path.exists(agent.socket)
