@@ -32,6 +32,7 @@ from .paths import default_socket_path
 
 from . import admin
 from .consul_catalog import ConsulCatalog
+from .dns import DnsServer, bind_dns
 from .consul_http import consul_settings
 from .consul_register import ProviderRegistrar
 from .file_source import FileSource
@@ -48,7 +49,7 @@ MAX_TICK = 1.0
 #: the unit's TimeoutStopSec=30s so systemd never has to SIGKILL.
 DRAIN_TIMEOUT = 10.0
 #: Where the listeners are; a reload cannot move them (systemd owns the sockets).
-LISTENER_SETTINGS = ("socket", "listen", "admin")
+LISTENER_SETTINGS = ("socket", "listen", "admin", "dns")
 
 
 #: Socket directories this process created, removed at exit when empty.
@@ -278,6 +279,11 @@ async def run_agent(
                     await nursery.start(partial(serve_listener, draining=draining), rt, sock)
                 if config.admin:
                     await nursery.start(admin.serve_admin, rt, listen("admin", "admin", config.admin, partial(bind_tcp, role="admin")))
+                if config.dns:  # bound here, not by systemd: a .socket unit's UDP fd is not supported (docs/DNS.md)
+                    udp, tcp = bind_dns(config.dns)
+                    where = "%s:%d" % udp.getsockname()[:2]
+                    listeners += [(f"dns-udp:{where}", udp), (f"dns-tcp:{where}", tcp)]
+                    await nursery.start(DnsServer(rt).serve, udp, tcp)
                 sm.close_unclaimed()
                 nursery.start_soon(_ticker, rt)
                 if config.provide:

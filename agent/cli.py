@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--node", help="this host's node label (locality)")
     a.add_argument("--zone", help="this host's zone label (locality)")
     a.add_argument("--region", help="this host's region label (locality)")
+    a.add_argument("--dns", metavar="HOST:PORT",
+                   help="serve DNS (UDP and TCP) for NAME.service.softlb on this loopback address (default off; docs/DNS.md)")
     a.add_argument("--allow-non-loopback", action="store_true", default=None,
                    help="allow --listen/--admin on a non-loopback address")
     a.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -148,7 +150,7 @@ def _run_agent(args: argparse.Namespace) -> int:
             cfg,
             socket=args.socket, listen=args.listen, admin=args.admin, state_dir=args.state_dir,
             catalog_file=args.catalog_file, node=args.node, zone=args.zone, region=args.region,
-            allow_non_loopback=args.allow_non_loopback,
+            allow_non_loopback=args.allow_non_loopback, dns=args.dns,
             source=("consul" if args.consul else ("file" if args.catalog_file else None)),
             # Here, not after: a SIGHUP reload re-applies overrides and must keep --consul.
             consul=replace(cfg.consul, address=args.consul) if args.consul else None,
@@ -220,9 +222,15 @@ def _run_client(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(svcs))
             else:
-                print(table([(s["name"], s["policy"], s.get("catalog_endpoints", s["endpoints"]), s["eligible"],
-                              s.get("served", "-"), _yn(s["panic"]), _yn(s["stale"])) for s in svcs],
-                            ("SERVICE", "POLICY", "ENDPOINTS", "ELIGIBLE", "SERVED", "PANIC", "STALE")))
+                rows = [[s["name"], s["policy"], s.get("catalog_endpoints", s["endpoints"]), s["eligible"],
+                         s.get("served", "-"), _yn(s["panic"]), _yn(s["stale"])] for s in svcs]
+                header = ["SERVICE", "POLICY", "ENDPOINTS", "ELIGIBLE", "SERVED", "PANIC", "STALE"]
+                if any("vip" in s for s in svcs):  # service addresses (docs/CONFIG.md): only when used
+                    header.append("VIP")
+                    for row, s in zip(rows, svcs):
+                        v = s.get("vip")
+                        row.append(None if v is None else f"{v['address']}:{v['port']}" if v["port"] else f"{v['address']}:*")
+                print(table(rows, header))
         elif args.cmd == "endpoints":
             d = client.endpoints(args.service)
             print(json.dumps(d) if args.json else format_endpoints(d))

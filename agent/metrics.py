@@ -78,6 +78,15 @@ class AgentCollector(Collector):
         yield _gauge("softlb_source_up", "1 while the catalog source answers (file readable, Consul reachable).",
                      int(rt.source_up()))
 
+        # DNS front end (agent/dns.py): answers by transport and rcode; "dropped" and "refused"
+        # are datagrams not answered and TCP connections closed at the cap.
+        dns = CounterMetricFamily("softlb_dns_queries", "DNS queries by transport and answer code.",
+                                  labels=["transport", "rcode"])
+        for key in sorted(s.dns):
+            transport, _, rcode = key.partition(":")
+            dns.add_metric([transport, rcode], s.dns[key])
+        yield dns
+
         yield from self._services(now)
 
     def _services(self, now: float) -> Iterator[Metric]:

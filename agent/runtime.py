@@ -42,9 +42,12 @@ class Stats:
     last_reload: tuple[float, str, str] | None = None
     started: float = 0.0
     started_wall: float = 0.0
+    #: DNS front end: "udp:NOERROR", "tcp:NXDOMAIN", "udp:dropped", "tcp:refused"...
+    dns: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 health_log = logging.getLogger("softlb.health")
+vip_log = logging.getLogger("softlb.vip")
 catalog_log = logging.getLogger("softlb.catalog")
 #: Above this many endpoints joining and leaving at once, one summary line is logged.
 MAX_MEMBERSHIP_LINES = 20
@@ -101,6 +104,17 @@ class Runtime:
             self._log_health(name)
             for listener in self.change_listeners:
                 listener(name)
+        self._log_vip_collisions()
+
+    def _log_vip_collisions(self) -> None:
+        collisions = self.engine.vips.collisions
+        for service, skipped, assigned in collisions:
+            if not assigned:
+                vip_log.error("%s: no free address in agent.vip_pool after %d tries; the service has no VIP", service, skipped)
+            else:
+                vip_log.warning("%s: its pool VIP collided with another service's; took candidate #%d "
+                                "(set services.%s.vip to pin it)", service, skipped, service)
+        collisions.clear()
 
     def flush(self) -> None:
         """Dispatch changes picks made on their own (an ejection timer run by a pick)."""

@@ -24,6 +24,7 @@ from ._locality import Locality, prefer_local
 from ._protocol import pack_endpoint_fields
 from ._slowstart import SlowStart
 from ._types import Endpoint
+from ._vip import Vip
 from .policies import POLICIES, LoadBoard, Policy
 
 
@@ -71,6 +72,15 @@ class ServiceBalancer:
         #: Per-request tag filters get their own policy instance over the filtered set,
         #: built on first use and dropped on every refresh.
         self._tag_policies: dict[tuple[str, ...], Policy] = {}
+        #: The service's address for connect-time balancing (the engine's VipTable sets it).
+        self.vip: Vip | None = None
+
+    def set_vip(self, vip: Vip | None) -> bool:
+        if vip == self.vip:
+            return False
+        self.vip = vip
+        self.version += 1
+        return True
 
     # ----------------------------------------------------------------- inputs
 
@@ -122,6 +132,7 @@ class ServiceBalancer:
         self.stale, self.fetched_at = old.stale, old.fetched_at
         self.version = old.version
         self.counters = old.counters
+        self.vip = old.vip
         self.health = old.health
         self.health.reconfigure(self.config, now)
         # Leases opened under the old policy still close here, and are still counted.
@@ -281,7 +292,7 @@ class ServiceBalancer:
             eps.append(dict(e.as_dict(), eligible=False if h is None else h.eligible, served=w.served,
                             filtered=h is None, health=None if h is None else h.as_dict(precision=3),
                             why=w.as_dict()))
-        return {
+        return self._with_vip({
             "service": self.name,
             "policy": self.config.policy,
             "version": self.version,
@@ -294,10 +305,10 @@ class ServiceBalancer:
             "locality_level": self.locality_level,
             "here": {"node": self.here.node, "zone": self.here.zone, "region": self.here.region},
             "endpoints": eps,
-        }
+        })
 
     def summary(self) -> dict[str, object]:
-        return {
+        return self._with_vip({
             "name": self.name,
             "policy": self.config.policy,
             "endpoints": len(self.endpoints),
@@ -307,4 +318,10 @@ class ServiceBalancer:
             "served": len(self.served),
             "panic": self.panic,
             "stale": self.stale,
-        }
+        })
+
+    def _with_vip(self, d: dict[str, object]) -> dict[str, object]:
+        # Absent rather than nil when there is none: an optional field old clients skip.
+        if self.vip is not None:
+            d["vip"] = self.vip.as_dict()
+        return d

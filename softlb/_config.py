@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from ._durations import parse_duration
 from ._errors import ConfigError
+from ._vip import check_unique, parse_pool, parse_vip
 from .policies import POLICIES
 
 DEFAULT_LISTEN = "127.0.0.1:7070"
@@ -61,6 +63,9 @@ class ServiceConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     #: Only endpoints carrying all these tags are served (Consul and file sources alike).
     tags: tuple[str, ...] = ()
+    #: The service's address for connect-time balancing ("127.77.0.5:8080", or no port
+    #: for every port); "" means none, or one from agent.vip_pool. See softlb/_vip.py.
+    vip: str = ""
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,13 @@ class AgentConfig:
     consul: ConsulConfig = field(default_factory=ConsulConfig)
     services: Mapping[str, ServiceConfig] = field(default_factory=dict)
     provide: tuple[ProvideConfig, ...] = ()
+    # -- service addresses and the DNS front end (issue 15; softlb/_vip.py, agent/dns.py)
+    #: Loopback subnet every service without its own `vip` gets an address from; "" none.
+    vip_pool: str = ""
+    dns: str = ""  # HOST:PORT of the DNS front end (UDP and TCP); "" disables
+    dns_domain: str = "softlb"  # names are NAME.service.<dns_domain>
+    #: A/AAAA answers: "pick" (one fresh pick per query) or "vip" (the service's VIP).
+    dns_answer: str = "pick"
 
     def service(self, name: str) -> ServiceConfig:
         return self.services.get(name) or _DEFAULT_SERVICE
@@ -303,9 +315,20 @@ def parse_service(t: _Table, known_policies: frozenset[str]) -> ServiceConfig:
         slow_start=t.duration("slow_start", d.slow_start),
         options=dict(options),
         tags=t.strings("tags"),
+        vip=_vip_setting(t),
     )
     t.done()
     return s
+
+
+def _vip_setting(t: _Table) -> str:
+    text = t.str("vip", "")
+    if not text:
+        return ""
+    try:
+        return str(parse_vip(text))
+    except ValueError as e:
+        raise ConfigError(f"{t.path}.vip: {e}") from None
 
 
 def parse_consul(t: _Table) -> ConsulConfig:
@@ -415,6 +438,10 @@ def parse_agent_config(data: Mapping[str, Any], known_policies: frozenset[str] =
         consul=parse_consul(consul) if consul else d.consul,
         services=services,
         provide=provide,
+        vip_pool=agent.str("vip_pool", d.vip_pool),
+        dns=agent.str("dns", d.dns),
+        dns_domain=agent.str("dns_domain", d.dns_domain),
+        dns_answer=agent.str("dns_answer", d.dns_answer),
     )
     for t in (agent, catalog, root):
         t.done()
@@ -427,7 +454,36 @@ def finalize(cfg: AgentConfig) -> AgentConfig:
     check_listen(cfg.admin, "agent.admin", cfg.allow_non_loopback)
     if cfg.busy_poll > 0.01:
         raise ConfigError("agent.busy_poll: at most 10ms (it spins a core while it waits)")
+    check_listen(cfg.dns, "agent.dns", cfg.allow_non_loopback)
+    _check_vips_and_dns(cfg)
     return cfg
+
+
+#: A DNS name of labels of letters, digits, '-' and '_' (the domain the front end serves).
+_DOMAIN = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*")
+
+
+def _check_vips_and_dns(cfg: AgentConfig) -> None:
+    if cfg.vip_pool:
+        try:
+            parse_pool(cfg.vip_pool)
+        except ValueError as e:
+            raise ConfigError(f"agent.vip_pool: {e}") from None
+    vips = {name: parse_vip(s.vip) for name, s in cfg.services.items() if s.vip}
+    clash = check_unique(vips)
+    if clash:
+        raise ConfigError(f"services: {clash}")
+    for name, v in vips.items():
+        for key in ("listen", "admin", "dns"):
+            addr = getattr(cfg, key)
+            host, _, port = addr.rpartition(":")
+            if addr and host == v.address and (v.port == 0 or str(v.port) == port):
+                raise ConfigError(f"services.{name}.vip: {v} is the agent's own agent.{key} address")
+    domain = cfg.dns_domain.strip(".")
+    if not _DOMAIN.fullmatch(domain) or len(domain) > 200:
+        raise ConfigError(f"agent.dns_domain: not a DNS domain name: \"{cfg.dns_domain}\"")
+    if cfg.dns_answer not in ("pick", "vip"):
+        raise ConfigError(f"agent.dns_answer: must be \"pick\" or \"vip\", got \"{cfg.dns_answer}\"")
 
 
 def with_overrides(cfg: AgentConfig, **overrides: Any) -> AgentConfig:

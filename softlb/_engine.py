@@ -30,6 +30,7 @@ from ._leases import Lease, LeaseScope, LeaseTable
 from ._locality import Locality
 from ._protocol import ENDPOINT_FIELDS, pack_endpoint_fields
 from ._types import Endpoint
+from ._vip import VipTable, parse_pool, parse_vip
 from ._wire import PROTOCOL_VERSIONS
 
 AGENT_NAME = "softlb/0.1.0"
@@ -92,6 +93,9 @@ class Engine:
         # Changes made outside an input method's return (a pick running an ejection timer
         # that fell due before the ticker woke): handed out by the next `take_changes`.
         self._deferred: set[str] = set()
+        #: Service addresses (softlb/_vip.py): explicit ones from the config, pool ones
+        #: handed out as services appear.
+        self.vips = _vip_table(config)
 
     # ----------------------------------------------------------------- catalog input
 
@@ -99,6 +103,8 @@ class Engine:
         b = self.services.get(name)
         if b is None:
             b = self.services[name] = ServiceBalancer(name, self.config.service(name), self.rng, self._here())
+            self.vips.assign((name,))
+            b.set_vip(self.vips.get(name))
         return b
 
     def _here(self) -> Locality:
@@ -117,6 +123,7 @@ class Engine:
 
     def remove_service(self, name: str, now: float) -> Changes:
         self.last_used.pop(name, None)
+        self.vips.release(name)
         if self.services.pop(name, None) is None:
             return NO_CHANGES
         self.leases.drop_service(name)
@@ -127,6 +134,7 @@ class Engine:
         changed: set[str] = set()
         for name in [n for n in self.services if n not in services]:
             changed |= self.remove_service(name, now)
+        self.vips.assign(services)  # a whole catalog at once: pool VIPs in name order
         for name, eps in services.items():
             changed |= self.set_service(name, eps, now)
         return frozenset(changed)
@@ -139,12 +147,16 @@ class Engine:
         self.config = config
         self.leases.ttl = config.lease_ttl
         moved = (old.node, old.zone, old.region) != (config.node, config.zone, config.region)
+        self.vips = self.vips.rebuilt(*_vip_settings(config), self.services)
         changed = set()
         for name, b in list(self.services.items()):
             if moved or old.service(name) != config.service(name):
                 nb = ServiceBalancer(name, config.service(name), self.rng, self._here())
                 nb.adopt(b, now)
+                nb.set_vip(self.vips.get(name))
                 self.services[name] = nb
+                changed.add(name)
+            elif b.set_vip(self.vips.get(name)):
                 changed.add(name)
         return frozenset(changed)
 
@@ -305,9 +317,21 @@ class Engine:
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"no common protocol version: client offers {list(versions)}, agent speaks {list(PROTOCOL_VERSIONS)}",
             )
-        return {
+        answer: dict[str, Any] = {
             "version": common[-1],
             "agent": AGENT_NAME,
             "ops": list(OPS),
             "max_frame": self.config.max_frame,
         }
+        if self.config.vip_pool:  # optional: lets a connect-time shim pre-filter addresses
+            answer["vip_pool"] = self.config.vip_pool
+        return answer
+
+
+def _vip_settings(config: AgentConfig) -> tuple[dict[str, Any], Any]:
+    explicit = {n: parse_vip(s.vip) for n, s in config.services.items() if s.vip}
+    return explicit, parse_pool(config.vip_pool) if config.vip_pool else None
+
+
+def _vip_table(config: AgentConfig) -> VipTable:
+    return VipTable(*_vip_settings(config))

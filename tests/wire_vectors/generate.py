@@ -71,6 +71,23 @@ def cases() -> list[dict[str, Any]]:
     invalid("missing_id", frame({"op": "services"}), "BAD_ARGUMENT with id nil")
     invalid("unknown_op", frame({"id": 1, "op": "frobnicate"}), "UNKNOWN_OP with id 1")
     invalid("truncated", bytes.fromhex("0000001081a26964"), "no answer until the rest arrives")
+
+    # Service addresses (issue 15): optional fields, appended so every vector above stays
+    # byte for byte what older clients were tested against.
+    vip = {"address": "127.77.0.5", "port": 8080}
+    resp("services_result_vip", ok_frame("s-1", [
+        {"name": "web", "policy": "round_robin", "endpoints": 2, "eligible": 2, "panic": False, "stale": False, "vip": vip},
+        {"name": "db", "policy": "random", "endpoints": 1, "eligible": 1, "panic": False, "stale": False,
+         "vip": {"address": "127.77.31.4", "port": 0}},
+        {"name": "cache", "policy": "maglev", "endpoints": 1, "eligible": 0, "panic": True, "stale": False},
+    ]))
+    resp("endpoints_result_vip", ok_frame(7, {
+        "service": "web", "policy": "round_robin", "version": 3, "panic": False, "panic_threshold": 50,
+        "stale": False, "age": None,
+        "endpoints": [dict(ep.as_dict(), eligible=True, served=True)], "vip": vip,
+    }))
+    resp("hello_result_vip_pool", ok_frame(1, {"version": 1, "agent": "softlb/0.1.0", "ops": ["hello", "resolve"],
+                                               "max_frame": 1048576, "vip_pool": "127.77.0.0/16"}))
     return out
 
 
