@@ -46,11 +46,12 @@ from typing import Any, Awaitable, Callable
 import h11
 import trio
 
-from softlb import (LeaseScope, Pending, Pick, Rejected, Reported, RequestError, Resolve, __version__, parse_request,
-                    respond)
+from softlb import (Endpoints, LeaseScope, Pending, Pick, Rejected, Reported, RequestError, Resolve, __version__,
+                    parse_request, respond)
 
 from . import metrics
 from .paths import default_socket_path
+from .proxy.figures import with_proxy_figures
 from .runtime import Runtime
 
 log = logging.getLogger("softlb.admin")
@@ -353,6 +354,8 @@ async def ask(rt: Runtime, msg: dict[str, Any], source: str) -> tuple[int, Any]:
     if type(r) is Reported:
         rt.dispatch(r.changes)
         return 200, {}
+    if type(req) is Endpoints and rt.proxy_figures is not None:
+        r = with_proxy_figures(rt.proxy_figures, req.service, r)
     return 200, r
 
 

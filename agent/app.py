@@ -26,7 +26,7 @@ from typing import Callable
 
 import trio
 
-from softlb import AgentConfig, ConfigError, parse_agent_config
+from softlb import AgentConfig, ConfigError, check_listen, parse_agent_config
 from softlb.policies import POLICIES
 from .paths import default_socket_path
 
@@ -38,6 +38,7 @@ from .consul_register import ProviderRegistrar
 from .file_source import FileSource
 from .ipc_server import serve_listener
 from .prober import Prober
+from .proxy.manager import ProxyManager
 from .runtime import Runtime
 from .service_manager import ServiceManager, status_line
 
@@ -229,6 +230,18 @@ async def _drain(rt: Runtime, draining: trio.Event) -> None:
     log.warning("%d connections still open after %.0fs; closing them", rt.stats.connections_open, DRAIN_TIMEOUT)
 
 
+def _proxy_socket(sm: ServiceManager, config: AgentConfig, service: str, address: str) -> tuple[socket.socket, str]:
+    sock, where, inherited = sm.listener(f"proxy-{service}", address, bind_tcp)
+    if inherited and sock.family != socket.AF_UNIX:
+        # An inherited socket obeys the same loopback rule as one bound from the config.
+        try:
+            check_listen(where, f"socket proxy-{service} passed by the service manager", config.allow_non_loopback)
+        except ConfigError:
+            sock.close()
+            raise
+    return sock, where
+
+
 async def run_agent(
     config: AgentConfig,
     *,
@@ -279,6 +292,10 @@ async def run_agent(
                     await nursery.start(partial(serve_listener, draining=draining), rt, sock)
                 if config.admin:
                     await nursery.start(admin.serve_admin, rt, listen("admin", "admin", config.admin, partial(bind_tcp, role="admin")))
+                # Proxy listeners: systemd's socket named proxy-<service> if it passed one.
+                proxies = ProxyManager(rt, lambda service, address: _proxy_socket(sm, config, service, address))
+                rt.proxy_figures = proxies.figures
+                await nursery.start(proxies.run)
                 if config.dns:  # bound here, not by systemd: a .socket unit's UDP fd is not supported (docs/DNS.md)
                     udp, tcp = bind_dns(config.dns)
                     where = "%s:%d" % udp.getsockname()[:2]
@@ -303,6 +320,7 @@ async def run_agent(
                         log.info("SIGHUP: reloading")
                         sm.reloading(rt.config_path)
                         error = reload_config(rt, overrides)
+                        proxies.reconcile(rt.config)
                         if isinstance(source, FileSource) and rt.config.source == "file":
                             source.path = rt.config.catalog_file  # a new catalog.file applies now
                         source.request_reload()
@@ -310,7 +328,9 @@ async def run_agent(
                     else:
                         log.info("%s: shutting down", signal.Signals(signum).name)
                         sm.stopping(rt.stats.connections_open, DRAIN_TIMEOUT)
-                        await _drain(rt, draining)
+                        async with trio.open_nursery() as stopping:
+                            stopping.start_soon(proxies.stop)
+                            stopping.start_soon(_drain, rt, draining)
                         nursery.cancel_scope.cancel()
                         break
     finally:

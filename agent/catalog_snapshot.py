@@ -131,8 +131,32 @@ def save(path: Path, published: Mapping[str, tuple[Sequence[Endpoint], float | N
     write_atomic(path, encode(services, now_wall))
 
 
+def remove_stale_temps(path: Path) -> int:
+    """Delete temp files a killed writer left behind (`write_atomic` removes its own on any
+    error it lives through, but not on SIGKILL or power loss). Only this file's temps,
+    never our own pid's. Returns how many were removed."""
+    removed = 0
+    prefix, mine = f".{path.name}.", f".{path.name}.{os.getpid()}.tmp"
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp") and name != mine:
+            try:
+                (path.parent / name).unlink()
+                removed += 1
+            except OSError as e:
+                log.warning("cannot remove stale snapshot temp file %s: %s", path.parent / name, e.strerror)
+    if removed:
+        log.info("removed %d stale snapshot temp file(s) next to %s", removed, path)
+    return removed
+
+
 def load(path: Path, now_mono: float, now_wall: float) -> dict[str, tuple[tuple[Endpoint, ...], float]]:
-    """The saved sets with monotonic fetch times; {} when there is no usable snapshot."""
+    """The saved sets with monotonic fetch times; {} when there is no usable snapshot.
+    Stale temp files of a writer killed mid-write are removed first."""
+    remove_stale_temps(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:

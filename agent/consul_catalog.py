@@ -5,8 +5,10 @@
 * Configured services (`[services.<name>]`) are watched from the start; any other service
   is watched when a caller first resolves it: the engine answers `Pending`, and the front
   end's `Runtime.await_source` calls `_fetch` to start the watch and waits (bounded by `consul.first_answer_timeout`) for the first answer.
-  A name that is not a Consul service name is answered BAD_ARGUMENT, and a new name past
-  `consul.max_on_demand` UNAVAILABLE, without a watch.
+  A name that is not a Consul service name is answered BAD_ARGUMENT, a name Consul does
+  not know UNKNOWN_SERVICE (then from a negative cache for `consul.negative_ttl`, counted
+  in `softlb_consul_unknown_names_total`), and a new name past `consul.max_on_demand`
+  UNAVAILABLE, without a watch.
 * An on-demand service is in use while a caller resolves it or holds a `watch` stream on
   it (`Runtime.watchers`); it goes `idle_timeout` after the last of either.
 * Loads the persisted snapshot before anything else and publishes it as stale, so an agent
@@ -44,11 +46,29 @@ class ConsulCatalog:
         self.snapshot_path = catalog_snapshot.snapshot_path(rt.config.state_dir or default_state_dir())
         self._address = rt.config.consul.address or "(CONSUL_HTTP_ADDR or 127.0.0.1:8500)"
         rt.source_status = f"consul {self._address}: starting"
+        rt.source_metrics = self._metrics  # type: ignore[attr-defined]
+        rt.source_gave_up = lambda name: self.source.negative.knows(name, trio.current_time())
+
+    def _metrics(self) -> list[tuple[str, str, str, list[tuple[str, float | int]]]]:
+        """The Consul source's own counters for /metrics (agent/admin.py renders them)."""
+        src = self.source
+        return [
+            ("softlb_consul_unknown_names_total", "counter",
+             "Resolves of names Consul does not know, answered UNKNOWN_SERVICE without a watch.",
+             [("", src.negative.refused)]),
+            ("softlb_consul_negative_cache_entries", "gauge",
+             "Names Consul said it does not know, refused for consul.negative_ttl.",
+             [("", len(src.negative))]),
+            ("softlb_consul_requests_total", "counter", "Requests sent to Consul, by kind.",
+             [(f'{{kind="{k}"}}', n) for k, n in sorted(src.requests.items())]),
+        ]
 
     def _fetch(self, service: str) -> None:
         try:
             self.source.want(service)
         except WatchRefused as e:
+            if e.unknown:
+                raise RequestError(ErrorCode.UNKNOWN_SERVICE, str(e)) from None
             if e.retryable:
                 raise RequestError(ErrorCode.UNAVAILABLE,
                                    f"not watching \"{service[:100]}\" in Consul: {e}") from None
@@ -72,6 +92,11 @@ class ConsulCatalog:
     def on_remove(self, service: str, now: float) -> None:
         self.rt.dispatch(self.rt.engine.remove_service(service, now))
 
+    def on_unknown(self, service: str) -> None:
+        """Consul does not know `service`: wake whoever waits for it (Runtime.await_source
+        then answers UNKNOWN_SERVICE at once)."""
+        self.rt.wake(service)
+
     def on_status(self, status: ConsulStatus) -> None:
         detail = f" ({status.detail})" if status.detail else ""
         self.rt.source_status = f"consul {self._address}: {status.state}{detail}"
@@ -85,6 +110,9 @@ class ConsulCatalog:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         now = trio.current_time()
         loaded = catalog_snapshot.load(self.snapshot_path, now, time.time())
+        # An empty set is not worth serving, and older snapshots saved every made-up name
+        # a caller tried as one: restoring them would fill consul.max_on_demand again.
+        loaded = {n: v for n, v in loaded.items() if v[0]}
         for name, (endpoints, fetched_at) in loaded.items():
             self.source.seed(name, endpoints, fetched_at, now)
         if loaded:

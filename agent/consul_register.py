@@ -76,7 +76,12 @@ def check_definition(reg: Registration) -> dict[str, Any] | None:
     else:
         check = consul.Check.tcp(host, port, go_duration(p.check_interval))
         name = "TCP check"
-    return {**check, "CheckID": reg.check_id, "Name": name}
+    out = {**check, "CheckID": reg.check_id, "Name": name}
+    if p.deregister_after > 0:
+        # So a registration nobody keeps alive (softlb gone, the [[provide]] entry removed
+        # while it was down) does not stay behind, critical, for ever.
+        out["DeregisterCriticalServiceAfter"] = go_duration(p.deregister_after)
+    return out
 
 
 async def probe_tcp(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
@@ -100,6 +105,8 @@ class ProviderRegistrar:
                               for p in provides]
         self._lock = trio.Lock()
         self._client: consul.Consul | None = None
+        #: registrations Consul lost and we restored (a metric and a test hook)
+        self.reregistrations = 0
 
     def _make_client(self) -> consul.Consul:
         if self.settings.uds:
@@ -109,6 +116,8 @@ class ProviderRegistrar:
                           dc=self.settings.datacenter or None, verify=self.settings.verify,
                           cert=self.settings.cert, connections_timeout=CALL_TIMEOUT)
         c.token = self.settings.token or None  # py-consul prefers $CONSUL_HTTP_TOKEN
+        if self.settings.auth:
+            c.http.session.auth = self.settings.auth  # CONSUL_HTTP_AUTH
         return c
 
     async def _call(self, fn: Callable[[consul.Consul], Any], *, abandon: bool = True) -> Any:
@@ -140,7 +149,8 @@ class ProviderRegistrar:
         def do(c: consul.Consul) -> Any:
             return c.agent.service.register(
                 p.name, service_id=reg.service_id, address=p.address or None, port=p.port,
-                tags=list(p.tags) or None, meta=dict(p.meta) or None, check=check)
+                tags=list(p.tags) or None, meta=dict(p.meta) or None, check=check,
+                weights={"Passing": p.weight, "Warning": p.warning_weight})
         reg.attempted = True  # from now on, a clean stop must deregister it
         await self._call(do, abandon=False)
         reg.registered = True
@@ -177,17 +187,28 @@ class ProviderRegistrar:
         def update(c: consul.Consul) -> Any:
             fn = c.agent.check.ttl_pass if ok else c.agent.check.ttl_fail
             return fn(reg.check_id, note)
+        lost = ""
         try:
-            await self._call(update)
-        except (consul.NotFound, consul.ConsulException) as e:
+            if await self._call(update) is False:
+                # Current Consul answers 404 "Unknown check ID" for a check it does not know
+                # (agent/acl.go), and py-consul's CB.boolean turns a 404 into False.
+                lost = "404 unknown check"
+        except consul.ConsulException as e:
             if isinstance(e, consul.ACLPermissionDenied):
                 raise
-            # Consul answers "does not have associated TTL" (500) or 404 for a check it does
-            # not know: it lost our registration. Register again and retry once.
-            log.warning("consul: check %s unknown to Consul (%s); re-registering", reg.check_id,
-                        str(e)[:120])
+            if "does not have associated TTL" not in str(e) and "Unknown check" not in str(e):
+                raise
+            lost = str(e)[:120]  # older Consul: 500 "does not have associated TTL"
+        if lost:
+            # Consul lost our registration (agent restarted without state, or an operator
+            # deregistered it): register again, once per occurrence, and pass the check.
+            self.reregistrations += 1
+            log.warning("consul: check %s unknown to Consul (%s); re-registering %s", reg.check_id,
+                        lost, reg.service_id)
             await self.register(reg)
-            await self._call(update)
+            if await self._call(update) is False:
+                raise consul.ConsulException(f"check {reg.check_id} still unknown right after "
+                                             "registering it")
         self._set_state(reg, "registered")
 
     async def deregister_all(self) -> None:

@@ -31,6 +31,7 @@ import trio
 from softlb import (
     CLOSED,
     NEED_DATA,
+    Endpoints,
     ErrorCode,
     LeaseScope,
     Pending,
@@ -45,6 +46,8 @@ from softlb import (
     Watch,
     respond,
 )
+
+from .proxy.figures import with_proxy_figures
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -330,6 +333,8 @@ async def _read_loop(rt: Runtime, conn: Connection, spin: _Spin, nursery: trio.N
                 rt.dispatch(r.changes)
                 out.append(proto.send_result(ev.id, {}))
             else:
+                if t is dict and type(ev) is Endpoints and rt.proxy_figures is not None:
+                    r = with_proxy_figures(rt.proxy_figures, ev.service, r)
                 out.append(proto.send_result(ev.id, r))
         rt.flush()
         if out:

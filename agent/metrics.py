@@ -13,6 +13,7 @@ The families and their labels are listed in docs/monitoring/README.md.
 from __future__ import annotations
 
 import platform
+import re
 from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -20,6 +21,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from softlb import ProbeState, __version__
+
+from .proxy.figures import METRICS as PROXY_METRICS
+from .proxy.figures import Figures, ProxyFigures
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -88,6 +92,33 @@ class AgentCollector(Collector):
         yield dns
 
         yield from self._services(now)
+        source_metrics = getattr(rt, "source_metrics", None)  # the Consul source's own counters
+        if source_metrics is not None:
+            for name, kind, help_, rows in source_metrics():
+                yield _family(name, kind, help_, rows)
+        if rt.proxy_figures is not None:
+            yield from self._proxy(rt.proxy_figures)
+
+    def _proxy(self, figures: ProxyFigures) -> Iterator[Metric]:
+        """softlb_proxy_listener_* by service and softlb_proxy_endpoint_* by service and
+        endpoint (the latter capped per service like every per-endpoint family)."""
+        per_service: dict[str, list[tuple[str, Figures]]] = {}
+        for (service, eid), f in sorted(figures.endpoints.items()):
+            per_service.setdefault(service, []).append((eid, f))
+        for suffix, kind, help_, attr in PROXY_METRICS:
+            name = suffix[: -len("_total")] if suffix.endswith("_total") else suffix
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            lst = family(f"softlb_proxy_listener_{name}", help_, labels=["service"])
+            for service, f in sorted(figures.listeners.items()):
+                lst.add_metric([service], getattr(f, attr))
+            eps = family(f"softlb_proxy_endpoint_{name}", help_, labels=["service", "endpoint"])
+            for service, rows in per_service.items():
+                for eid, f in rows[:MAX_ENDPOINTS_LABELLED]:
+                    eps.add_metric([service, eid], getattr(f, attr))
+                if len(rows) > MAX_ENDPOINTS_LABELLED:
+                    eps.add_metric([service, OTHER], sum(getattr(f, attr) for _, f in rows[MAX_ENDPOINTS_LABELLED:]))
+            yield lst
+            yield eps
 
     def _services(self, now: float) -> Iterator[Metric]:
         engine = self.rt.engine
@@ -162,6 +193,23 @@ class AgentCollector(Collector):
                 picks.add_metric([name, OTHER], other)
         yield from fams.values()
         yield from (svc_ejections, resolves, reports, picks, healthy, ejections, latency)
+
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def _family(name: str, kind: str, help_: str, rows: list[tuple[str, float | int]]) -> Metric:
+    """A family from (`{k="v",...}` label text, value) rows, the shape sources hand over."""
+    parsed = [(dict(_LABEL.findall(lbl)), v) for lbl, v in rows]
+    labels = sorted({k for d, _ in parsed for k in d})
+    if kind == "counter":
+        fam: Metric = CounterMetricFamily(name[: -len("_total")] if name.endswith("_total") else name, help_,
+                                          labels=labels)
+    else:
+        fam = GaugeMetricFamily(name, help_, labels=labels)
+    for d, v in parsed:
+        fam.add_metric([d.get(k, "") for k in labels], v)  # type: ignore[attr-defined]
+    return fam
 
 
 def _gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:

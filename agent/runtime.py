@@ -13,8 +13,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-
-from typing import Callable, Collection
+from typing import Any, Callable, Collection
 
 import trio
 
@@ -83,6 +82,9 @@ class Runtime:
         #: Asks the catalog source to fetch a service it was not watching (Consul's on-demand
         #: watches); raises PickError when it refuses the name. None: nothing is on demand.
         self.fetch: Callable[[str], None] | None = None
+        #: True once the catalog source has decided it will not have `name` (Consul said it
+        #: does not know it): a wait for it then ends at once, not at first_answer_timeout.
+        self.source_gave_up: Callable[[str], bool] | None = None
         #: Open `watch` streams per service (kept by the IPC server): a watched service is in
         #: use even when nobody picks it, so on-demand sources must not idle it out.
         self.watchers: collections.Counter[str] = collections.Counter()
@@ -95,6 +97,8 @@ class Runtime:
         #: The source's state word: "ok" while it answers; "starting", "error" (file
         #: unreadable or invalid), or Consul's "degraded"/"acl_denied" otherwise.
         self.source_state = "starting"
+        #: The loopback proxy's counters (agent/proxy/figures.py), set when it starts.
+        self.proxy_figures: Any = None
 
     def dispatch(self, changes: Changes) -> None:
         for name in changes:
@@ -144,7 +148,10 @@ class Runtime:
         if self.fetch is None:  # nothing is fetched on demand: unknown is unknown
             return False
         self.fetch(service)
-        return await self.wait_for_service(service)
+        found = await self.wait_for_service(service)
+        if not found and self.source_gave_up is not None and self.source_gave_up(service):
+            self.fetch(service)  # the source now refuses it: raises PickError (UNKNOWN_SERVICE)
+        return found
 
     def finish(self, lease: int, *, ok: bool = True, latency: float | None = None) -> None:
         """End a lease with a verdict. Raises PickError(UNKNOWN_LEASE)."""
@@ -204,6 +211,12 @@ class Runtime:
             catalog_log.info("%s: endpoint %s left", name, eid, extra={"service": name, "endpoint": eid,
                                                                       "event": "left"})
 
+    def wake(self, name: str) -> None:
+        """Wake whoever waits for `name` to change (a source that gave up on it)."""
+        ev = self._events.pop(name, None)
+        if ev is not None:
+            ev.set()
+
     def change_event(self, name: str) -> trio.Event:
         """An event set at the next change of `name` (get it before reading the state)."""
         ev = self._events.get(name)
@@ -218,6 +231,8 @@ class Runtime:
         try:
             with trio.move_on_after(timeout):
                 while name not in self.engine.services:
+                    if self.source_gave_up is not None and self.source_gave_up(name):
+                        break
                     await self.change_event(name).wait()
         finally:  # timed out, or the caller went away (its connection closed)
             self._forget_event(name)

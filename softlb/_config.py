@@ -49,6 +49,148 @@ class OutlierConfig:
     max_ejection_percent: int = 50
 
 
+# --------------------------------------------------------------------------- proxy
+
+
+PROXY_MODES = ("tcp", "http", "http2")
+
+
+@dataclass(frozen=True)
+class ProxyRoute:
+    """An http/http2 listener's rule: requests whose Host and path match go to `service`."""
+
+    service: str
+    host: str = ""  # "" matches any Host; compared without port, case-insensitively
+    path_prefix: str = ""  # "" matches any path
+
+    def matches(self, host: str, path: str) -> bool:
+        return (not self.host or self.host == host) and path.startswith(self.path_prefix)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """`[services.NAME.proxy]`: a listener forwarding to NAME's endpoints (docs/PROXY.md)."""
+
+    listen: str
+    mode: str = "tcp"
+    connect_timeout: float = 1.0
+    #: A connection with no bytes either way for this long is closed (tcp; http between requests).
+    idle_timeout: float = 300.0
+    #: One http/http2 request, from its first byte to the end of the answer.
+    request_timeout: float = 30.0
+    #: Further endpoints tried after a failed connect (and, for idempotent http requests,
+    #: after a reset before any answer).
+    retries: int = 2
+    #: How long open connections and requests of a leaving endpoint or listener may finish.
+    drain_timeout: float = 10.0
+    #: Connections open at once; more wait in the kernel's accept queue.
+    max_connections: int = 1024
+    #: Checked in order; the first match wins, else the listener's own service (http, http2).
+    routes: tuple[ProxyRoute, ...] = ()
+
+
+def route(routes: tuple[ProxyRoute, ...], default: str, host: str, path: str) -> str:
+    """The service a request goes to: `host` is the Host header (port and case ignored)."""
+    if routes:
+        host = _strip_port(host).lower()
+        for r in routes:
+            if r.matches(host, path):
+                return r.service
+    return default
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    name, sep, port = host.rpartition(":")
+    return name if sep and port.isdigit() and ":" not in name else host
+
+
+def parse_proxy(t: _Table, allow_non_loopback: bool) -> ProxyConfig:
+    listen = t.str("listen", "")
+    if not listen:
+        raise ConfigError(f"{t.path}.listen: required (\"127.0.0.1:PORT\")")
+    check_listen(listen, f"{t.path}.listen", allow_non_loopback)
+    mode = t.str("mode", "tcp")
+    if mode not in PROXY_MODES:
+        raise ConfigError(f"{t.path}.mode: must be \"tcp\", \"http\" or \"http2\", got \"{mode}\"")
+    d = ProxyConfig(listen="")
+    routes_raw = t.raw("routes", [])
+    if not isinstance(routes_raw, list):
+        raise ConfigError(f"{t.path}.routes: expected an array of tables ([[...routes]])")
+    if routes_raw and mode == "tcp":
+        raise ConfigError(f"{t.path}.routes: a tcp listener cannot route (it never reads Host or path)")
+    routes = []
+    for i, r in enumerate(routes_raw):
+        rt = _Table(r, f"{t.path}.routes[{i}]")
+        service = rt.str("service", "")
+        if not service:
+            raise ConfigError(f"{rt.path}.service: required")
+        host = rt.str("host", "").lower()
+        prefix = rt.str("path_prefix", "")
+        if prefix and not prefix.startswith("/"):
+            raise ConfigError(f"{rt.path}.path_prefix: must start with /")
+        if not host and not prefix:
+            raise ConfigError(f"{rt.path}: give host, path_prefix or both (a route matching everything "
+                              "is the listener's own service)")
+        rt.done()
+        routes.append(ProxyRoute(service=service, host=host, path_prefix=prefix))
+    p = ProxyConfig(
+        listen=listen,
+        mode=mode,
+        connect_timeout=t.duration("connect_timeout", d.connect_timeout),
+        idle_timeout=t.duration("idle_timeout", d.idle_timeout),
+        request_timeout=t.duration("request_timeout", d.request_timeout),
+        retries=t.int("retries", d.retries, 0, 10),
+        drain_timeout=t.duration("drain_timeout", d.drain_timeout),
+        max_connections=t.int("max_connections", d.max_connections, 1, 1_000_000),
+        routes=tuple(routes),
+    )
+    for key in ("connect_timeout", "idle_timeout", "request_timeout"):
+        if getattr(p, key) <= 0:
+            raise ConfigError(f"{t.path}.{key}: must be positive")
+    t.done()
+    return p
+
+
+@dataclass(frozen=True)
+class ProxyPlan:
+    """What a reload does to the proxy listeners, by service name, in this order: close
+    (removed, moved, or changed mode: their ports are freed first), update (same listen and
+    mode: new settings for new work, connections untouched), open (new, moved, changed mode)."""
+
+    close: tuple[str, ...] = ()
+    update: tuple[str, ...] = ()
+    open: tuple[str, ...] = ()
+
+
+def plan_proxies(running: Mapping[str, ProxyConfig], wanted: Mapping[str, ProxyConfig]) -> ProxyPlan:
+    close, update, open_ = [], [], []
+    for name, old in sorted(running.items()):
+        new = wanted.get(name)
+        if new is not None and new.listen == old.listen and new.mode == old.mode:
+            if new != old:
+                update.append(name)
+        else:
+            close.append(name)
+    for name in sorted(wanted):
+        if name not in running or name in close:
+            open_.append(name)
+    return ProxyPlan(tuple(close), tuple(update), tuple(open_))
+
+
+def check_proxies(services: Mapping[str, ServiceConfig]) -> None:
+    """No two proxy listeners on one address (a reload would fight over the port)."""
+    seen: dict[str, str] = {}
+    for name, s in services.items():
+        if s.proxy is None:
+            continue
+        addr = s.proxy.listen.replace("localhost", "127.0.0.1")
+        if addr in seen:
+            raise ConfigError(f"services.{name}.proxy.listen: {s.proxy.listen} is also services.{seen[addr]}'s")
+        seen[addr] = name
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     policy: str = "round_robin"
@@ -63,30 +205,71 @@ class ServiceConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     #: Only endpoints carrying all these tags are served (Consul and file sources alike).
     tags: tuple[str, ...] = ()
+    #: A loopback proxy listener for this service (docs/PROXY.md); None: no proxy.
+    proxy: ProxyConfig | None = None
     #: The service's address for connect-time balancing ("127.77.0.5:8080", or no port
     #: for every port); "" means none, or one from agent.vip_pool. See softlb/_vip.py.
     vip: str = ""
 
 
 @dataclass(frozen=True)
+class ConsulQuery:
+    """How one service is asked of Consul: the [consul] defaults, per service in
+    [consul.services.<name>] (docs/CONSUL.md, "Query options")."""
+
+    #: Route only to passing instances (a warning one counts as critical).
+    only_passing: bool = False
+    namespace: str = ""  # Enterprise; empty: CONSUL_NAMESPACE, else the token's
+    partition: str = ""  # Enterprise; empty: CONSUL_PARTITION, else the token's
+    peer: str = ""  # services imported from this cluster peer
+    filter: str = ""  # a Consul filter expression (?filter=)
+    node_meta: Mapping[str, str] = field(default_factory=dict)  # ?node-meta=k:v, all must match
+    near: str = ""  # "_agent" or a node name: Consul sorts by network distance
+
+
+#: Values of consul.change_feed (docs/CONSUL.md, "The change feed").
+CHANGE_FEEDS = ("health_state", "catalog_health", "off")
+
+
+@dataclass(frozen=True)
 class ConsulConfig:
     address: str = ""  # empty: CONSUL_HTTP_ADDR, else http://127.0.0.1:8500
     datacenter: str = ""
-    token: str = ""  # empty: CONSUL_HTTP_TOKEN / CONSUL_HTTP_TOKEN_FILE
+    token: str = ""  # empty: CONSUL_HTTP_TOKEN_FILE / CONSUL_HTTP_TOKEN
     ca_file: str = ""  # empty: CONSUL_CACERT
     wait: float = 300.0
-    stale: bool = False
+    #: Any server may answer (spreads load off the leader); see max_stale.
+    stale: bool = True
+    #: Data older than this by Consul's account (X-Consul-LastContact, the cache's Age) is
+    #: served marked stale; also sent as ?max_stale so Consul asks the leader past it.
+    max_stale: float = 5.0
     tagged_address: str = ""  # "", "lan" or "wan"
     max_watches: int = 64
     #: Services watched because callers asked for them (not configured), at most. A resolve
     #: of one more unknown name is answered UNAVAILABLE instead of starting a watch, so a
     #: caller looping over made-up names cannot make the agent watch them all.
     max_on_demand: int = 256
+    #: A name Consul does not know is refused for this long without asking Consul again.
+    negative_ttl: float = 10.0
     idle_timeout: float = 600.0
     #: Under the clients' default 1 s call timeout, so a caller hears UNAVAILABLE, not a timeout.
     first_answer_timeout: float = 0.75
     min_query_interval: float = 0.1
     keep_previous_on_empty: float = 300.0
+    #: Largest answer body read from Consul, in bytes; a bigger one is an error (backoff).
+    max_body: int = 64 << 20
+    #: Blocking watches start at random times within this window, not all at once.
+    startup_spread: float = 0.5
+    #: Non-blocking fetches (first answers, services the change feed names) per second.
+    max_fetch_rate: int = 20
+    #: How polled services learn of changes: one blocking feed (docs/CONSUL.md).
+    change_feed: str = "catalog_health"
+    #: Query options for every service, and per service overrides.
+    query: ConsulQuery = field(default_factory=ConsulQuery)
+    services: Mapping[str, ConsulQuery] = field(default_factory=dict)
+
+    def query_for(self, service: str) -> ConsulQuery:
+        return self.services.get(service) or self.query
 
 
 @dataclass(frozen=True)
@@ -103,6 +286,10 @@ class ProvideConfig:
     check_path: str = "/"
     check_interval: float = 10.0
     ttl: float = 15.0
+    weight: int = 1  # Consul Weights.Passing
+    warning_weight: int = 1  # Consul Weights.Warning
+    #: Consul removes the registration after its check is critical this long (0: never).
+    deregister_after: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -281,7 +468,7 @@ def parse_outlier(t: _Table) -> OutlierConfig:
     return o
 
 
-def parse_service(t: _Table, known_policies: frozenset[str]) -> ServiceConfig:
+def parse_service(t: _Table, known_policies: frozenset[str], allow_non_loopback: bool = False) -> ServiceConfig:
     d = ServiceConfig()
     policy = t.str("policy", d.policy)
     if known_policies and policy not in known_policies:
@@ -315,10 +502,27 @@ def parse_service(t: _Table, known_policies: frozenset[str]) -> ServiceConfig:
         slow_start=t.duration("slow_start", d.slow_start),
         options=dict(options),
         tags=t.strings("tags"),
+        proxy=parse_proxy(proxy_t, allow_non_loopback) if (proxy_t := t.table("proxy")) else None,
         vip=_vip_setting(t),
     )
     t.done()
     return s
+
+
+def parse_consul_query(t: _Table, d: ConsulQuery) -> ConsulQuery:
+    q = ConsulQuery(
+        only_passing=t.bool("only_passing", d.only_passing),
+        namespace=t.str("namespace", d.namespace),
+        partition=t.str("partition", d.partition),
+        peer=t.str("peer", d.peer),
+        filter=t.str("filter", d.filter),
+        node_meta=t.str_map("node_meta") if t.has("node_meta") else d.node_meta,
+        near=t.str("near", d.near),
+    )
+    for k, v in q.node_meta.items():
+        if not k or ":" in k:
+            raise ConfigError(f"{t.path}.node_meta: key {k!r} must be non-empty without ':'")
+    return q
 
 
 def _vip_setting(t: _Table) -> str:
@@ -333,6 +537,15 @@ def _vip_setting(t: _Table) -> str:
 
 def parse_consul(t: _Table) -> ConsulConfig:
     d = ConsulConfig()
+    query = parse_consul_query(t, d.query)
+    per_service = {}
+    services_t = t.table("services")
+    if services_t is not None:
+        for name in list(services_t.data):
+            st = services_t.table(name)
+            per_service[name] = parse_consul_query(st, query)  # type: ignore[arg-type]
+            st.done()  # type: ignore[union-attr]
+        services_t.done()
     c = ConsulConfig(
         address=t.str("address", d.address),
         datacenter=t.str("datacenter", d.datacenter),
@@ -340,18 +553,30 @@ def parse_consul(t: _Table) -> ConsulConfig:
         ca_file=t.str("ca_file", d.ca_file),
         wait=t.duration("wait", d.wait),
         stale=t.bool("stale", d.stale),
+        max_stale=t.duration("max_stale", d.max_stale),
         tagged_address=t.str("tagged_address", d.tagged_address),
         max_watches=t.int("max_watches", d.max_watches, 1, 190),
         max_on_demand=t.int("max_on_demand", d.max_on_demand, 0, 100_000),
+        negative_ttl=t.duration("negative_ttl", d.negative_ttl),
         idle_timeout=t.duration("idle_timeout", d.idle_timeout),
         first_answer_timeout=t.duration("first_answer_timeout", d.first_answer_timeout),
         min_query_interval=t.duration("min_query_interval", d.min_query_interval),
         keep_previous_on_empty=t.duration("keep_previous_on_empty", d.keep_previous_on_empty),
+        max_body=t.int("max_body", d.max_body, 4096, 1 << 30),
+        startup_spread=t.duration("startup_spread", d.startup_spread),
+        max_fetch_rate=t.int("max_fetch_rate", d.max_fetch_rate, 1, 1000),
+        change_feed=t.str("change_feed", d.change_feed),
+        query=query,
+        services=per_service,
     )
     if c.tagged_address not in ("", "lan", "wan"):
         raise ConfigError(f"{t.path}.tagged_address: must be \"lan\" or \"wan\"")
     if not 1.0 <= c.wait <= 600.0:
         raise ConfigError(f"{t.path}.wait: must be between 1s and 10m (Consul caps it at 10m)")
+    if c.change_feed not in CHANGE_FEEDS:
+        raise ConfigError(f"{t.path}.change_feed: one of {', '.join(CHANGE_FEEDS)}")
+    if c.max_stale <= 0:
+        raise ConfigError(f"{t.path}.max_stale: must be positive")
     t.done()
     return c
 
@@ -375,7 +600,12 @@ def parse_provide(t: _Table) -> ProvideConfig:
         check_path=t.str("check_path", d.check_path),
         check_interval=t.duration("check_interval", d.check_interval),
         ttl=t.duration("ttl", d.ttl),
+        weight=t.int("weight", d.weight, 0, 65535),
+        warning_weight=t.int("warning_weight", d.warning_weight, 0, 65535),
+        deregister_after=t.duration("deregister_after", d.deregister_after),
     )
+    if 0 < p.deregister_after < 60:
+        raise ConfigError(f"{t.path}.deregister_after: at least 1m (Consul's minimum), or 0 for never")
     t.done()
     return p
 
@@ -413,7 +643,8 @@ def parse_agent_config(data: Mapping[str, Any], known_policies: frozenset[str] =
     for name in list(services_t.data):
         if not name:
             raise ConfigError("services: empty service name")
-        services[name] = parse_service(services_t.table(name), known_policies)  # type: ignore[arg-type]
+        services[name] = parse_service(services_t.table(name), known_policies,  # type: ignore[arg-type]
+                                       agent.raw("allow_non_loopback", False) is True)
     provide_raw = root.raw("provide", [])
     if not isinstance(provide_raw, list):
         raise ConfigError("provide: expected an array of tables ([[provide]])")
@@ -452,6 +683,10 @@ def finalize(cfg: AgentConfig) -> AgentConfig:
     """Cross-field checks; run again after command-line flags are merged in."""
     check_listen(cfg.listen, "agent.listen", cfg.allow_non_loopback)
     check_listen(cfg.admin, "agent.admin", cfg.allow_non_loopback)
+    for name, s in cfg.services.items():
+        if s.proxy is not None:
+            check_listen(s.proxy.listen, f"services.{name}.proxy.listen", cfg.allow_non_loopback)
+    check_proxies(cfg.services)
     if cfg.busy_poll > 0.01:
         raise ConfigError("agent.busy_poll: at most 10ms (it spins a core while it waits)")
     check_listen(cfg.dns, "agent.dns", cfg.allow_non_loopback)

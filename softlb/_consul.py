@@ -74,8 +74,10 @@ def parse_index(header_value: str | None) -> int | None:
     text = header_value.strip()
     if not text:
         return None
-    if not text.isdigit() or int(text) > _MAX_INDEX:
-        raise ConsulDataError(f"X-Consul-Index: not an unsigned 64-bit integer: {header_value!r}")
+    # isascii + length first: str.isdigit() accepts "²" (which int() refuses) and int()
+    # refuses more than 4,300 digits; a uint64 has at most 20.
+    if not (text.isascii() and text.isdigit() and len(text) <= 20) or int(text) > _MAX_INDEX:
+        raise ConsulDataError(f"X-Consul-Index: not an unsigned 64-bit integer: {header_value[:40]!r}")
     return int(text)
 
 
@@ -101,6 +103,127 @@ def index_changed(old: int, new: int) -> bool:
     return new != old
 
 
+# --------------------------------------------------------------------------- answer headers
+
+
+@dataclass(frozen=True)
+class AnswerMeta:
+    """What Consul's response headers say about an answer (docs/CONSUL.md, "Staleness").
+
+    Only `X-Consul-Index` is needed to follow a watch, so only it is strict: an unusable
+    index is a ConsulDataError. The others are optional hints; a malformed one is read as
+    absent (and named in `ignored`), never a reason to throw the whole answer away.
+    """
+
+    index: str | None = None  # raw X-Consul-Index, for next_index
+    known_leader: bool | None = None
+    last_contact_ms: int | None = None
+    backend: str = ""  # X-Consul-Query-Backend: "blocking-query", "streaming" or ""
+    cache: str = ""  # X-Cache: "HIT", "MISS" or ""
+    age: float | None = None  # Age (seconds) on an agent-cache answer
+    filtered_by_acls: bool = False
+    ignored: tuple[str, ...] = ()  # optional headers present but malformed
+
+
+def _small_uint(text: str, limit: int = 10**12) -> int | None:
+    text = text.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 13):
+        return None
+    v = int(text)
+    return v if v <= limit else None
+
+
+def parse_answer_meta(headers: Mapping[str, str]) -> AnswerMeta:
+    """Read Consul's headers (names matched case-insensitively: Consul sends Go's canonical
+    `X-Consul-Knownleader`). Raises ConsulDataError only for an unusable X-Consul-Index."""
+    h = {k.lower(): v for k, v in headers.items()}
+    index = h.get("x-consul-index")
+    parse_index(index)
+    ignored: list[str] = []
+
+    def flag(name: str) -> bool | None:
+        v = h.get(name)
+        if v is None:
+            return None
+        low = v.strip().lower()
+        if low in ("true", "false"):
+            return low == "true"
+        ignored.append(name)
+        return None
+
+    def number(name: str) -> int | None:
+        v = h.get(name)
+        if v is None:
+            return None
+        n = _small_uint(v)
+        if n is None:
+            ignored.append(name)
+        return n
+
+    known_leader = flag("x-consul-knownleader")
+    last_contact = number("x-consul-lastcontact")
+    age = number("age")
+    filtered = flag("x-consul-results-filtered-by-acls") is True
+    backend = h.get("x-consul-query-backend", "").strip().lower()
+    cache = h.get("x-cache", "").strip().upper()
+    return AnswerMeta(index=index, known_leader=known_leader, last_contact_ms=last_contact,
+                      backend=backend if backend in ("blocking-query", "streaming") else "",
+                      cache=cache if cache in ("HIT", "MISS") else "",
+                      age=None if age is None else float(age), filtered_by_acls=filtered,
+                      ignored=tuple(ignored))
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """How old an answer's data is, by Consul's own account."""
+
+    lag: float  # seconds the data may trail the leader (LastContact, or the cache's Age)
+    stale: bool  # lag above max_stale, or a server that knows no leader
+    reason: str = ""
+
+
+def answer_freshness(meta: AnswerMeta, max_stale: float) -> Freshness:
+    """Stale or not, from what Consul says the headers mean.
+
+    * `X-Consul-LastContact`: ms since the answering server heard from the leader (0 on
+      the leader). Over `max_stale` -> stale.
+    * `Age` on an agent-cache answer: 0 while the agent is connected, counting up after it
+      lost its servers and keeps serving its last value. Over `max_stale` -> stale.
+    * `X-Consul-KnownLeader: false` -> stale, except under the streaming backend, whose
+      materialized view never sets it (upstream issue #9776): there it means nothing.
+    """
+    lag = 0.0
+    reasons = []
+    if meta.last_contact_ms is not None:
+        lag = meta.last_contact_ms / 1000.0
+    if meta.age is not None and meta.cache == "HIT":
+        lag = max(lag, meta.age)
+    if lag > max_stale:
+        reasons.append(f"data {lag:.1f}s old (consul.max_stale {max_stale:g}s)")
+    if meta.known_leader is False and meta.backend != "streaming":
+        reasons.append("the answering server knows no leader")
+    return Freshness(lag, bool(reasons), "; ".join(reasons))
+
+
+#: A Retry-After longer than this is read as this: a bad or hostile header must not park a
+#: watch for days.
+MAX_RETRY_AFTER = 300.0
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """A 429's Retry-After in seconds (delta-seconds only; a date or garbage is None)."""
+    if value is None:
+        return None
+    n = _small_uint(value)
+    return None if n is None else min(float(n), MAX_RETRY_AFTER)
+
+
+def acl_filtered_message(service: str) -> str:
+    """What to tell the operator when Consul hid results from our token."""
+    return (f"Consul filtered the answer for {service!r} by ACL (X-Consul-Results-Filtered-By-ACLs):"
+            f" the token needs service:read on {service!r} and node:read on its nodes")
+
+
 # --------------------------------------------------------------------------- mapping
 
 
@@ -110,6 +233,8 @@ class MappingOptions:
     tags: tuple[str, ...] = ()
     #: "" for Service.Address/Node.Address, "lan" or "wan" to prefer that tagged address.
     tagged_address: str = ""
+    #: Only passing instances are routable: a warning one is treated as critical.
+    only_passing: bool = False
 
 
 def decode_health_body(body: bytes | str) -> list[Any]:
@@ -179,7 +304,8 @@ def _endpoint(entry: Any, where: str, options: MappingOptions) -> Endpoint | Non
     node = e.obj("Node")
     svc = e.obj("Service")
     tags = svc.str_list("Tags")
-    if any(t not in tags for t in options.tags):
+    # Consul matches ?tag= case-insensitively (strings.EqualFold); so do we.
+    if options.tags and not _has_tags(tags, options.tags):
         return None
     node_name = node.str("Node")
     service_id = svc.str("ID")
@@ -188,6 +314,8 @@ def _endpoint(entry: Any, where: str, options: MappingOptions) -> Endpoint | Non
     address, port = _address(node, svc, options.tagged_address, where)
     checks = e.raw("Checks")
     health = aggregate_health([] if checks is None else checks, f"{where}.Checks")
+    if options.only_passing and health is RegistryHealth.WARNING:
+        health = RegistryHealth.CRITICAL
     weights = svc.opt_obj("Weights")
     if health is RegistryHealth.PASSING:
         weight = weights.int("Passing", 1, lo=0, hi=MAX_WEIGHT) if weights else 1
@@ -209,6 +337,11 @@ def _endpoint(entry: Any, where: str, options: MappingOptions) -> Endpoint | Non
         region=_first(node_meta, REGION_KEYS) or _first(service_meta, REGION_KEYS),
         registry=health,
     )
+
+
+def _has_tags(tags: Sequence[str], wanted: Sequence[str]) -> bool:
+    have = {t.casefold() for t in tags}
+    return all(w.casefold() in have for w in wanted)
 
 
 def _address(node: _Obj, svc: _Obj, tagged: str, where: str) -> tuple[str, int]:
@@ -385,3 +518,103 @@ class EmptySetGuard:
     @property
     def holding(self) -> bool:
         return self._empty_since is not None
+
+
+# --------------------------------------------------------------------------- change feed
+
+
+class CheckFeed:
+    """Which services changed, from successive `/v1/health/state/any` answers.
+
+    That endpoint lists every check in the datacenter, and its blocking index moves on any
+    check change, so one blocking query tells the agent when any polled service needs a
+    fetch. Each check is reduced to (ServiceName, ServiceID, Status, ServiceTags):
+    an instance added or removed adds or removes its checks, a health change changes a
+    status, a tag change shows in ServiceTags. Output-only changes (and ModifyIndex) are
+    ignored: they change nothing we serve and would trigger fetches for nothing. A node
+    check (`serfHealth`, `_node_maintenance`) that changes marks every service with a check
+    on that node. Not seen: a re-registration that changes only an address, port, meta or
+    weights, and instances without checks; the slow safety-net poll covers those.
+
+    `names` is the set of services with at least one check: a name outside it is checked
+    with Consul before being watched (docs/CONSUL.md, "Names Consul does not know").
+    """
+
+    def __init__(self) -> None:
+        self._checks: dict[tuple[str, str], tuple[str, str, str, tuple[str, ...]]] | None = None
+        self.names: frozenset[str] = frozenset()
+
+    @property
+    def primed(self) -> bool:
+        return self._checks is not None
+
+    def reset(self) -> None:
+        """Forget the baseline (after a failure: changes in the gap are unknown)."""
+        self._checks = None
+
+    def update(self, entries: Any) -> set[str] | None:
+        """The services whose checks changed since the last call; None for the first call
+        (a baseline: the caller refreshes everything it is unsure of)."""
+        if not isinstance(entries, list):
+            raise ConsulDataError(f"response body: expected a JSON array, got {_kind(entries)}")
+        new: dict[tuple[str, str], tuple[str, str, str, tuple[str, ...]]] = {}
+        for i, entry in enumerate(entries):
+            c = _Obj(entry, f"check[{i}]")
+            key = (c.str("Node"), c.str("CheckID"))
+            new[key] = (c.str("ServiceName", ""), c.str("ServiceID", ""), c.str("Status"),
+                        tuple(c.str_list("ServiceTags")))
+        old, self._checks = self._checks, new
+        self.names = frozenset(v[0] for v in new.values() if v[0])
+        if old is None:
+            return None
+        changed: set[str] = set()
+        nodes: set[str] = set()
+        for key in new.keys() | old.keys():
+            a, b = old.get(key), new.get(key)
+            if a == b:
+                continue
+            for v in (a, b):
+                if v is None:
+                    continue
+                if v[0]:
+                    changed.add(v[0])
+                else:
+                    nodes.add(key[0])
+        if nodes:
+            for table in (old, new):
+                changed.update(v[0] for (node, _), v in table.items() if node in nodes and v[0])
+        return changed
+
+
+def feed_filter(services: Sequence[str]) -> str:
+    """A `?filter=` for the check feed: node checks, and checks of `services` only, so each
+    answer carries what we watch rather than every check in the datacenter. Service names
+    are letters, digits, `-`, `_`, `.` (service_name_problem); `.` is written `[.]` so the
+    expression needs no backslash escapes."""
+    if not services:
+        return 'ServiceName == ""'
+    alternation = "|".join(n.replace(".", "[.]") for n in sorted(services))
+    return f'ServiceName == "" or ServiceName matches "^({alternation})$"'
+
+
+def catalog_service_names(body: Any) -> dict[str, tuple[str, ...]]:
+    """`/v1/catalog/services` ({name: [tags]}) read strictly."""
+    if not isinstance(body, dict):
+        raise ConsulDataError(f"response body: expected a JSON object, got {_kind(body)}")
+    out = {}
+    for name, tags in body.items():
+        if tags is None:
+            tags = []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ConsulDataError(f"services.{name[:100]}: expected a list of strings")
+        out[name] = tuple(tags)
+    return out
+
+
+def decode_json_body(body: bytes | str) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConsulDataError(f"response body is not JSON: {e}") from None
+    except RecursionError:
+        raise ConsulDataError("response body: JSON nested too deeply") from None

@@ -31,6 +31,7 @@ is O(1) apart from copying a tuple, because it can only join the end of the rank
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -41,6 +42,10 @@ from ._errors import SoftLBError
 DEFAULT_POLL_PERIOD = 30.0
 #: Ceiling on the poller's request rate, whatever the number of polled services.
 DEFAULT_MAX_POLL_RATE = 10.0
+
+
+#: Unconfirmed names (first fetch out) watched at once, beyond max_on_demand.
+DEFAULT_MAX_PROVISIONAL = 32
 
 
 class OnDemandLimitError(SoftLBError):
@@ -83,6 +88,10 @@ class WatchPlanner:
         self._configured_set: frozenset[str] = frozenset()
         #: on-demand services in first-resolve order -> last resolve time
         self._on_demand: dict[str, float] = {}
+        #: on-demand services whose existence Consul has not confirmed yet (a first fetch
+        #: is out): they do not count against max_on_demand, so made-up names cannot fill it.
+        self._provisional: set[str] = set()
+        self.max_provisional = DEFAULT_MAX_PROVISIONAL
         self._blocking: tuple[str, ...] = ()
         self._polled: tuple[str, ...] = ()
         self._cursor = 0
@@ -103,19 +112,26 @@ class WatchPlanner:
         self._configured, self._configured_set = new, new_set
         return self._replan()
 
-    def touch(self, service: str, now: float) -> PlanChange:
+    def touch(self, service: str, now: float, *, provisional: bool = False) -> PlanChange:
         """A caller resolved `service`: watch it if new, and restart its idle clock.
 
-        Raises OnDemandLimitError (and changes nothing) for a new service past `max_on_demand`.
+        `provisional`: Consul has not said the service exists; it is watched until its
+        first answer (then `confirm` or `forget`), outside `max_on_demand` but within
+        `max_provisional`. Raises OnDemandLimitError (and changes nothing) past either.
         """
         if service in self._configured_set:
             return PlanChange()
         if service in self._on_demand:
             self._on_demand[service] = max(now, self._on_demand[service])
             return PlanChange()
-        if self.max_on_demand is not None and len(self._on_demand) >= self.max_on_demand:
+        if provisional:
+            if len(self._provisional) >= self.max_provisional:
+                raise OnDemandLimitError(
+                    f"already asking Consul about {len(self._provisional)} unconfirmed names")
+            self._provisional.add(service)
+        elif self.max_on_demand is not None and self.on_demand_count >= self.max_on_demand:
             raise OnDemandLimitError(
-                f"already watching {len(self._on_demand)} services on demand (consul.max_on_demand)")
+                f"already watching {self.on_demand_count} services on demand (consul.max_on_demand)")
         self._on_demand[service] = now
         # A new on-demand service ranks last: it takes a free blocking slot or joins the end
         # of the polled list, and nothing else moves (the round robin's cursor included).
@@ -125,6 +141,27 @@ class WatchPlanner:
         self._polled += (service,)
         return PlanChange(added=(service,))
 
+    @property
+    def on_demand_count(self) -> int:
+        """Confirmed on-demand services (what max_on_demand bounds)."""
+        return len(self._on_demand) - len(self._provisional)
+
+    def is_provisional(self, service: str) -> bool:
+        return service in self._provisional
+
+    def confirm(self, service: str) -> None:
+        """Consul answered with instances: a provisional service becomes a normal one (it
+        may overshoot max_on_demand by at most max_provisional, once)."""
+        self._provisional.discard(service)
+
+    def forget(self, service: str) -> PlanChange:
+        """Consul does not know a provisional service: stop watching it now."""
+        if service not in self._on_demand:
+            return PlanChange()
+        del self._on_demand[service]
+        self._provisional.discard(service)
+        return self._replan()
+
     def expire(self, now: float) -> PlanChange:
         """Drop on-demand services idle for `idle_timeout`."""
         idle = [s for s, t in self._on_demand.items() if now - t >= self.idle_timeout]
@@ -132,6 +169,7 @@ class WatchPlanner:
             return PlanChange()
         for s in idle:
             del self._on_demand[s]
+            self._provisional.discard(s)
         return self._replan()
 
     # ------------------------------------------------------------------ outputs
@@ -170,6 +208,14 @@ class WatchPlanner:
             return self.poll_period
         return max(self.poll_period / n, 1.0 / self.max_poll_rate)
 
+    def set_pace(self, poll_period: float, max_poll_rate: float, now: float) -> None:
+        """Change the round robin's pace. Speeding up takes effect now, not after the
+        slower pace's next turn (which may be minutes away)."""
+        if poll_period <= 0 or max_poll_rate <= 0:
+            raise ValueError("positive poll_period/max_poll_rate")
+        self.poll_period, self.max_poll_rate = poll_period, max_poll_rate
+        self._next_poll_at = min(self._next_poll_at, now + self.poll_spacing)
+
     def poll_due(self, now: float) -> str | None:
         """The polled service to query now, or None if it is not yet time (see `next_poll_at`)."""
         if not self._polled or now < self._next_poll_at:
@@ -205,3 +251,76 @@ class WatchPlanner:
             added=tuple(s for s in ranked if s not in old_wanted_set),
             removed=tuple(s for s in old_wanted if s not in ranked_set),
         )
+
+
+# --------------------------------------------------------------------------- rate and names
+
+
+class TokenBucket:
+    """At most `rate` events a second on average, bursts of `burst`. Pure: the caller
+    passes the time and sleeps for what `delay` says."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate > 0 and burst >= 1")
+        self.rate, self.burst = rate, burst
+        self._tokens = burst
+        self._at: float | None = None
+
+    def _refill(self, now: float) -> None:
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now if self._at is None else max(self._at, now)
+
+    def delay(self, now: float) -> float:
+        """Seconds to wait before the next event may go (0: now)."""
+        self._refill(now)
+        # The epsilon: a float shortfall of 1e-16 token would ask for a sleep too short to
+        # move the clock, and the caller would spin.
+        return 0.0 if self._tokens >= 1 - 1e-9 else (1 - self._tokens) / self.rate
+
+    def take(self, now: float) -> None:
+        self._refill(now)
+        self._tokens -= 1
+
+
+class NegativeCache:
+    """Service names Consul said it does not know, refused for `ttl` seconds without
+    asking again. Bounded: past `max_entries` the oldest entry goes (a flood of made-up
+    names then costs at most one rate-capped query per name, never unbounded memory)."""
+
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl, self.max_entries = ttl, max_entries
+        self._until: OrderedDict[str, float] = OrderedDict()
+        self.refused = 0  # resolves refused as unknown (a metric; the source counts its own too)
+        self.added = 0  # names Consul said it does not know (a metric)
+
+    def add(self, name: str, now: float) -> None:
+        if self.ttl <= 0:
+            return
+        self._until.pop(name, None)
+        self._until[name] = now + self.ttl
+        self.added += 1
+        while len(self._until) > self.max_entries:
+            self._until.popitem(last=False)
+
+    def discard(self, name: str) -> None:
+        self._until.pop(name, None)
+
+    def knows(self, name: str, now: float) -> bool:
+        """Is `name` cached as unknown (without counting a refusal)?"""
+        until = self._until.get(name)
+        return until is not None and now < until
+
+    def hit(self, name: str, now: float) -> bool:
+        until = self._until.get(name)
+        if until is None:
+            return False
+        if now >= until:
+            del self._until[name]
+            return False
+        self.refused += 1
+        return True
+
+    def __len__(self) -> int:
+        return len(self._until)

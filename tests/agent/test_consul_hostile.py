@@ -77,17 +77,22 @@ def test_bad_consul_answers_do_not_end_the_agent(tmp_path):
         assert "nested too deeply" in agent.log()  # the status warning named the problem
 
 
-def test_made_up_names_do_not_starve_other_clients(tmp_path):
+@pytest.mark.parametrize("feed", ["catalog_health", "health_state"])
+def test_made_up_names_never_crowd_out_a_real_new_service(tmp_path, feed):
     n, cap = 3000, 20
-    with consul_with_agent(tmp_path, max_on_demand=cap, first_answer_timeout='"1s"') as (ctl, agent):
+    with consul_with_agent(tmp_path, max_on_demand=cap, first_answer_timeout='"1s"',
+                           change_feed=f'"{feed}"') as (ctl, agent):
+        # The catalog feed's "no such service" is trusted once its list has been quiet for
+        # 0.5 s (a service registered a moment ago must not be refused): not at start-up.
+        time.sleep(1.0)
         flood = socket.socket(socket.AF_UNIX)
-        flood.settimeout(20)
+        flood.settimeout(30)
         flood.connect(agent.socket)
         answers: list = []
         reader = threading.Thread(target=lambda: answers.extend(read_frames(flood, n)), daemon=True)
         reader.start()
-        # Every name a new one: each used to start a watch, and replanning them all took
-        # O(n^3) time on the agent's only thread (about 70 s for 3000 names).
+        # Every name a new one: each used to take an on-demand slot (and be saved in the
+        # snapshot), so that a real service deployed afterwards was refused UNAVAILABLE.
         flood.sendall(b"".join(frame({"id": i, "op": "resolve", "service": f"typo-{i}", "lease": False})
                                for i in range(n)))
         with agent.client(timeout=10) as c:
@@ -96,13 +101,37 @@ def test_made_up_names_do_not_starve_other_clients(tmp_path):
         reader.join(timeout=30)
         flood.close()
         assert len(answers) == n
-        codes = Counter((a["error"]["code"], "max_on_demand" in a["error"]["message"])
-                        for a in answers if "error" in a)
-        # Past the cap: UNAVAILABLE at once, saying why; the first `cap` names were watched.
-        assert codes[("UNAVAILABLE", True)] == n - cap
-        with agent.client(timeout=5) as c:
-            watched = {s["name"] for s in c.services()} - {"web"}
-        assert len(watched) <= cap
+        codes = Counter(a["error"]["code"] for a in answers if "error" in a)
+        assert not any("max_on_demand" in a["error"]["message"] for a in answers if "error" in a)
+        typo_queries = sum(v for k, v in ctl.get_counts().items() if "/typo-" in k)
+        if feed == "catalog_health":
+            # The catalog lists every service: unknown names are refused without a query.
+            assert codes["UNKNOWN_SERVICE"] >= n - 64, codes
+            assert typo_queries <= 64
+        else:
+            # The check feed does not list check-less services, so a name outside it is
+            # asked about, a bounded number at a time; the rest wait their turn.
+            assert set(codes) <= {"UNKNOWN_SERVICE", "UNAVAILABLE"}
+            assert typo_queries <= n
+        # A real service deployed now is served, whatever the flood left behind.
+        ctl.add_instance(service="brand-new", id="n", address="10.0.0.9", port=90)
+        with agent.client(timeout=10) as c:
+            def served():
+                try:
+                    return c.resolve("brand-new", lease=False).port == 90
+                except SoftLBError:
+                    return False
+            wait_until(served, timeout=10)
+            watched = {s["name"] for s in c.services()}
+        assert watched == {"web", "brand-new"}
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{agent.admin_port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        refused = [ln for ln in metrics.splitlines() if ln.startswith("softlb_consul_unknown_names_total ")]
+        assert refused and float(refused[0].split()[1]) >= codes["UNKNOWN_SERVICE"] - 64
+        agent.stop()
+        saved = json.loads((tmp_path / "state" / catalog_snapshot.FILENAME).read_text())
+        assert set(saved["services"]) == {"web", "brand-new"}
 
 
 def test_a_watched_on_demand_service_stays_until_its_watchers_leave(tmp_path):
@@ -189,3 +218,49 @@ def test_damaged_snapshot_does_not_stop_the_agent(tmp_path, damage):
         assert agent.proc.poll() is None
     finally:
         agent.stop()
+
+
+def test_endless_consul_answer_keeps_the_agent_memory_flat(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    with consul_with_agent(tmp_path, max_body="1048576") as (ctl, agent), \
+            agent.client(timeout=5) as c:
+        assert c.resolve("web", lease=False).port == 80
+        proc = psutil.Process(agent.proc.pid)
+        ctl.set_fault(mode="endless", prefix="/v1/health/service/web")
+        ctl.bump_index(service="web")
+        wait_until(lambda: c.resolve("web", lease=False).stale, timeout=10)
+        rss0 = proc.memory_info().rss
+        time.sleep(3)  # it used to grow ~230 MB/s here
+        grown = proc.memory_info().rss - rss0
+        assert grown < 30 << 20, f"RSS grew {grown >> 20} MiB"
+        assert c.resolve("web", lease=False).port == 80  # still serving the last good set
+        ctl.clear_faults()
+        ctl.bump_index(service="web")
+        wait_until(lambda: not c.resolve("web", lease=False).stale, timeout=10)
+    assert "answer too large" in agent.log()
+
+
+def test_made_up_names_in_an_old_snapshot_do_not_fill_max_on_demand(tmp_path):
+    # Snapshots written before the fix saved every made-up name as an empty service.
+    path = catalog_snapshot.snapshot_path(str(tmp_path / "state"))
+    web = Endpoint(id="a@node-1", address="10.0.0.1", port=80)
+    catalog_snapshot.save(path, {"web": ((web,), 0.0), **{f"typo-{i}": ((), 0.0) for i in range(50)}},
+                          now_mono=0.0, now_wall=time.time())
+    with consul_with_agent(tmp_path, max_on_demand=5) as (ctl, agent), agent.client(timeout=5) as c:
+        ctl.add_instance(service="real", id="r", address="10.0.0.2", port=81)
+        assert c.resolve("real", lease=False).port == 81
+        assert {s["name"] for s in c.services()} == {"web", "real"}
+
+
+def test_a_name_consul_does_not_know_is_answered_without_waiting_out_the_timeout(tmp_path):
+    # No change feed: the name is asked about; Consul's `[]` ends the caller's wait at once
+    # (UNKNOWN_SERVICE), not after first_answer_timeout (5 s here).
+    with consul_with_agent(tmp_path, change_feed='"off"', first_answer_timeout='"5s"') as (ctl, agent), \
+            agent.client(timeout=10) as c:
+        t0 = time.monotonic()
+        with pytest.raises(SoftLBError, match="UNKNOWN_SERVICE"):
+            c.resolve("nope", lease=False)
+        assert time.monotonic() - t0 < 2.5
+        with pytest.raises(SoftLBError, match="UNKNOWN_SERVICE"):  # then from the negative cache
+            c.resolve("nope", lease=False)
+        assert "internal error" not in agent.log()

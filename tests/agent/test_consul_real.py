@@ -92,6 +92,9 @@ def test_follow_adds_criticals_and_removals(consul_url):
     async def body():
         async with watching(agent_config(consul_url, keep_previous_on_empty=0)) as (src, rec):
             await until(lambda: [e.address for e in rec.eps("web")] == ["10.9.0.1"])
+            # A healthy cluster's answers are not stale, whichever backend answered (a real
+            # Consul >= 1.10 streams blocking reads, with KnownLeader false).
+            assert not rec.stale("web")
             # No Service.Address: the node's address (127.0.0.1 for both backends here).
             agent.add("web", "web-b", 8081)
             await until(lambda: len(rec.eps("web")) == 2, timeout=1.0)
@@ -103,5 +106,40 @@ def test_follow_adds_criticals_and_removals(consul_url):
             agent.remove("web-a")
             agent.remove("web-b")
             await until(lambda: rec.eps("web") == (), timeout=1.0)
-            assert src.status.state == "ok"
+            assert src.status.state == "ok" and not rec.stale("web")
+    run(body)
+
+
+def test_a_deregistered_provider_comes_back(consul_url):
+    """Consul loses our registration (an operator deregisters it, or the agent restarts
+    without state): the next TTL update is refused (404 on current Consul, which py-consul
+    returns as False; 500 on old ones) and the registrar registers it again."""
+    import trio as _trio
+
+    from softlb._config import ProvideConfig
+    from softlb_agent.consul_http import consul_settings
+    from softlb_agent.consul_register import ProviderRegistrar
+    from softlb._backoff import RetryPolicy
+
+    async def body():
+        listener = (await _trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = listener.socket.getsockname()[1]
+        cfg = agent_config(consul_url)
+        reg = ProviderRegistrar([ProvideConfig(name="api", port=port, ttl=1.5)],
+                                consul_settings(cfg.consul), retry=RetryPolicy(base=0.05, cap=0.2))
+        sid = f"api-{port}"
+
+        def registered() -> bool:
+            with urllib.request.urlopen(consul_url + "/v1/agent/services", timeout=5) as r:
+                return sid in json.loads(r.read())
+        async with _trio.open_nursery() as n:
+            await n.start(reg.run)
+            assert registered()
+            Agent(consul_url).remove(sid)
+            assert not registered()
+            await until(registered, timeout=5)
+            assert reg.reregistrations == 1
+            n.cancel_scope.cancel()
+        assert not registered()
+        await listener.aclose()
     run(body)

@@ -33,11 +33,12 @@ def test_ttl_registration_keepalive_reregister_and_deregister(srv):
         listener = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = listener[0].socket.getsockname()[1]
         reg = registrar(srv, ProvideConfig(name="api", port=port, tags=("v1",), ttl=0.6,
-                                           meta={"team": "x"}))
+                                           meta={"team": "x"}, weight=5, warning_weight=2))
         async with trio.open_nursery() as n:
             await n.start(reg.run)
             inst = srv.sim.instances[(AGENT_NODE, f"api-{port}")]
             assert (inst.service, inst.port, inst.tags, inst.meta) == ("api", port, ["v1"], {"team": "x"})
+            assert inst.weights == {"Passing": 5, "Warning": 2}
             c = check(srv, f"softlb:api-{port}")
             assert (c.kind, c.status) == ("ttl", "passing") and "ok" in c.output
             # Kept alive across several TTLs.
@@ -48,8 +49,10 @@ def test_ttl_registration_keepalive_reregister_and_deregister(srv):
                 await l.aclose()
             await until(lambda: check(srv, f"softlb:api-{port}").status == "critical", timeout=3)
             # Consul loses the registration: it comes back.
+            # (Current Consul answers the next TTL update 404, which py-consul returns as False.)
             srv.sim.deregister(f"api-{port}")
             await until(lambda: (AGENT_NODE, f"api-{port}") in srv.sim.instances, timeout=3)
+            assert reg.reregistrations == 1
             n.cancel_scope.cancel()
         # Clean shutdown deregisters.
         assert (AGENT_NODE, f"api-{port}") not in srv.sim.instances
@@ -153,3 +156,11 @@ def test_a_register_in_flight_at_shutdown_is_deregistered():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_check_definition_carries_deregister_after():
+    from softlb_agent.consul_register import Registration, check_definition
+    reg = Registration(ProvideConfig(name="api", port=1, deregister_after=90.0), "api-1", "softlb:api-1")
+    assert check_definition(reg)["DeregisterCriticalServiceAfter"] == "90s"
+    reg = Registration(ProvideConfig(name="api", port=1, deregister_after=0.0), "api-1", "softlb:api-1")
+    assert "DeregisterCriticalServiceAfter" not in check_definition(reg)

@@ -111,3 +111,22 @@ def test_seeded_source_serves_stale_then_fresh_and_writer_saves(tmp_path):
     finally:
         srv.stop()
     run(second_life)
+
+
+def test_temp_files_of_a_killed_writer_are_removed_at_start(tmp_path):
+    path = snap.snapshot_path(str(tmp_path))
+    snap.save(path, {"web": (EPS, 90.0)}, now_mono=100.0, now_wall=1_000_000.0)
+    # What SIGKILL between open() and rename() leaves behind (another pid's temp file).
+    left = tmp_path / f".{snap.FILENAME}.99999.tmp"
+    left.write_bytes(b'{"version": 1, "serv')
+    other = tmp_path / "unrelated.tmp"
+    other.write_bytes(b"x")
+    loaded = snap.load(path, now_mono=5.0, now_wall=1_000_060.0)
+    assert set(loaded) == {"web"}
+    assert not left.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [snap.FILENAME, "unrelated.tmp"]
+    # Also without a snapshot (the kill hit the very first write).
+    path.unlink()
+    left.write_bytes(b"")
+    assert snap.load(path, now_mono=5.0, now_wall=1_000_060.0) == {}
+    assert not left.exists()

@@ -220,11 +220,21 @@ def test_on_demand_first_answer_overflow_polling_and_idle_expiry(srv):
             # Polled services still follow changes (within a poll period).
             srv.sim.add_instance("db", id="db-2", port=2)
             await until(lambda: len(rec.eps("db")) == 2, timeout=10)
-            # Unknown service: the first answer is "no instances", not a timeout.
-            assert await src.wait_ready("nope", timeout=10)
-            assert rec.eps("nope") == ()
+            # A name Consul does not know: not a timeout, not published (so never in the
+            # snapshot), no slot held; refused from the negative cache from then on.
+            # Refused from the catalog feed's list once it has been quiet a moment (no query
+            # then), or asked about once; either way never published, never held.
+            try:
+                assert not await src.wait_ready("nope", timeout=10)
+            except WatchRefused as e:
+                assert e.unknown
+            assert "nope" not in rec.current and not src.planner.is_wanted("nope")
+            with pytest.raises(WatchRefused, match="does not know"):
+                src.want("nope")
+            assert src.negative.refused >= 1
+            assert srv.sim.get_counts().get("/v1/health/service/nope", 0) <= 1
             # Idle on-demand services are dropped; the configured one stays.
-            await until(lambda: set(rec.removed) == {"db", "nope"}, timeout=10)
+            await until(lambda: set(rec.removed) == {"db"}, timeout=10)
             assert src.planner.wanted == ("web",)
             srv.sim.reset_counts()
             await trio.sleep(0.8)
@@ -363,7 +373,9 @@ def test_unexpected_errors_keep_last_good_and_log_once_with_traceback(srv, caplo
 
     async def body():
         # web gets the blocking watch, db the poller: both loops must survive.
-        cfg = agent_config(srv.url, services=("web", "db"), max_watches=1)
+        # change_feed off: port-only changes are not in the check feed, and this test
+        # needs the poller to see them at once.
+        cfg = agent_config(srv.url, services=("web", "db"), max_watches=1, change_feed="off")
         async with watching(cfg, RefusingRecorder(), poll_period=0.1) as (src, rec):
             await until(lambda: rec.eps("web") and rec.eps("db"))
             assert src.planner.blocking == ("web",) and src.planner.polled == ("db",)
@@ -418,8 +430,10 @@ def test_late_result_for_a_service_that_idled_out_is_dropped(srv, late):
             async with watching(cfg, client=client) as (src, rec):
                 await until(lambda: rec.eps("web"))
                 assert not await src.wait_ready("b", timeout=0.1)  # its first poll is held
-                await until(lambda: rec.removed == ["b"])
-                assert client.held == 1
+                await until(lambda: client.held == 1)
+                # Idled out (never published, so the listener has nothing to remove).
+                await until(lambda: not src.planner.is_wanted("b"))
+                assert client.held == 1 and rec.removed == []
                 client.release.set()
                 await until(lambda: client.returned == 1)
                 await trio.sleep(0.1)
@@ -436,7 +450,7 @@ def test_service_names_are_checked_and_encoded_into_the_url(srv):
     srv.sim.add_instance("web", id="a", port=80)
 
     async def body():
-        cfg = agent_config(srv.url, services=())
+        cfg = agent_config(srv.url, services=(), stale=False)
         async with watching(cfg) as (src, rec):
             for name in ("web?dc=other", "web#frag", "x/../web", "..", ""):
                 with pytest.raises(WatchRefused, match="not a Consul service name") as e:
@@ -452,4 +466,66 @@ def test_service_names_are_checked_and_encoded_into_the_url(srv):
         assert ans.body == b"[]"  # a service of that odd name, not web
         assert ("/v1/health/service/x%2F..%2Fweb%3Fdc%3Dother%23f", "") in [
             (p, q) for _, p, q in srv.sim.get_log()]
+    run(body)
+
+
+def test_without_a_feed_an_unknown_name_is_asked_once_then_refused(srv):
+    srv.sim.add_instance("web", id="w", port=80)
+
+    async def body():
+        cfg = agent_config(srv.url, change_feed="off", negative_ttl=0.5)
+        async with watching(cfg) as (src, rec):
+            await until(lambda: rec.eps("web"))
+            assert not await src.wait_ready("nope", timeout=10)  # Consul answered []
+            assert "nope" not in rec.current and not src.planner.is_wanted("nope")
+            assert src.planner.on_demand_count == 0
+            for _ in range(5):
+                with pytest.raises(WatchRefused, match="does not know") as e:
+                    src.want("nope")
+                assert e.value.unknown
+            assert srv.sim.get_counts()["/v1/health/service/nope"] == 1
+            # It exists now: once the negative entry expires, it is served.
+            srv.sim.add_instance("nope", id="n", port=81)
+            await trio.sleep(0.6)
+            assert await src.wait_ready("nope", timeout=10)
+            assert [e.port for e in rec.eps("nope")] == [81]
+    run(body)
+
+
+def test_made_up_names_do_not_hold_on_demand_slots(srv):
+    srv.sim.add_instance("web", id="w", port=80)
+    srv.sim.add_instance("real", id="r", port=81)
+
+    async def body():
+        cfg = agent_config(srv.url, change_feed="off", max_on_demand=2)
+        async with watching(cfg) as (src, rec):
+            for i in range(10):
+                assert not await src.wait_ready(f"typo-{i}", timeout=10)
+            assert src.planner.on_demand_count == 0 and len(src.negative) == 10
+            assert await src.wait_ready("real", timeout=10)
+    run(body)
+
+
+def test_a_service_registered_a_moment_ago_is_not_refused(srv):
+    srv.sim.add_instance("web", id="w", port=80)
+
+    async def body():
+        async with watching(agent_config(srv.url, wait=5.0)) as (src, rec):
+            await until(lambda: rec.eps("web"))
+            await trio.sleep(1.0)  # the catalog feed is settled: unknown names are refused
+            with pytest.raises(WatchRefused, match="does not know"):
+                src.want("made-up")
+            # Registered now and resolved at once: refused at most until the catalog feed's
+            # next answer lists it (not for negative_ttl), then served.
+            srv.sim.add_instance("fresh", id="f", port=81)
+            t0 = trio.current_time()
+            while True:
+                try:
+                    src.want("fresh")
+                    break
+                except WatchRefused:
+                    assert trio.current_time() - t0 < 1.0
+                    await trio.sleep(0.01)
+            assert await src.wait_ready("fresh", timeout=5)
+            assert [e.port for e in rec.eps("fresh")] == [81]
     run(body)

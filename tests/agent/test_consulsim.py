@@ -6,6 +6,7 @@ import json
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import consul
@@ -120,7 +121,12 @@ def test_generic_errors(srv):
 
 def test_acl_tokens(srv):
     srv.sim.set_acl("s3cret")
-    assert get(srv.url + "/v1/health/service/web")[::2] == (403, b"Permission denied")
+    srv.sim.add_instance("web", id="a", port=1)
+    # No token = the anonymous token: reads are filtered (agent/acl.go), writes refused.
+    status, h, body = get(srv.url + "/v1/health/service/web")
+    assert (status, body, h.get("X-Consul-Results-Filtered-By-Acls")) == (200, b"[]", "true")
+    assert get(srv.url + "/v1/agent/service/deregister/a", method="PUT", data=b"")[::2] == \
+        (403, b"Permission denied")
     assert get(srv.url + "/v1/health/service/web", {"X-Consul-Token": "bad"})[::2] == (403, b"ACL not found")
     for ok in ({"X-Consul-Token": "s3cret"}, {"Authorization": "Bearer s3cret"}):
         assert get(srv.url + "/v1/health/service/web", ok)[0] == 200
@@ -166,8 +172,8 @@ def test_agent_endpoints_with_py_consul(srv):
     assert c.agent.service.maintenance("api-1", False)
     assert "api-1" in c.agent.services()
     assert c.agent.service.deregister("api-1")
-    with pytest.raises(consul.ConsulException, match="does not have associated TTL"):
-        c.agent.check.ttl_pass("service:api-1")
+    # Current Consul: 404 for a check it does not know, which py-consul turns into False.
+    assert c.agent.check.ttl_pass("service:api-1") is False
     assert get(srv.url + "/v1/agent/service/deregister/api-1", method="PUT", data=b"")[0] == 404
 
 
@@ -192,3 +198,116 @@ def test_subprocess_mode_and_http_control():
         with pytest.raises(RuntimeError, match="KeyError"):
             p.control.remove_instance(id="missing")
     assert p.proc.poll() is not None
+
+
+# --------------------------------------------------------------------------- current Consul
+
+
+def test_unknown_ttl_check_is_404_and_py_consul_returns_false(srv):
+    status, _, body = get(srv.url + "/v1/agent/check/pass/nope", method="PUT", data=b"")
+    assert status == 404 and body.startswith(b'Unknown check ID "nope"')
+    c = consul.Consul(host="127.0.0.1", port=srv.port)
+    assert c.agent.check.ttl_pass("nope") is False  # CB.boolean does not raise on 404
+
+
+def test_acl_filtered_token_gets_empty_answers_with_the_header(srv):
+    srv.sim.add_instance("web", id="a", port=1)
+    srv.sim.set_acl("full")
+    srv.sim.set_acl_filtered(["reader-without-node-read"])
+    for path, empty in (("/v1/health/service/web", b"[]"), ("/v1/catalog/services", b"{}"),
+                        ("/v1/health/state/any", b"[]")):
+        status, h, body = get(srv.url + path, {"X-Consul-Token": "reader-without-node-read"})
+        assert (status, body, h["X-Consul-Results-Filtered-By-Acls"]) == (200, empty, "true")
+        status, h, body = get(srv.url + path, {"X-Consul-Token": "full"})
+        assert status == 200 and body != empty and "X-Consul-Results-Filtered-By-Acls" not in h
+
+
+def test_streaming_backend_headers(srv):
+    srv.sim.add_instance("web", id="a", port=1)
+    srv.sim.set_backend("streaming")
+    _, h, _ = get(srv.url + "/v1/health/service/web")  # index 0: the RPC path
+    assert (h["X-Consul-Query-Backend"], h["X-Consul-Knownleader"]) == ("blocking-query", "true")
+    idx = h["X-Consul-Index"]
+    _, h, _ = get(srv.url + f"/v1/health/service/web?index={int(idx) - 1}")
+    assert (h["X-Consul-Query-Backend"], h["X-Consul-Knownleader"], h["X-Consul-Lastcontact"]) == \
+        ("streaming", "false", "0")
+    assert h["X-Cache"] in ("HIT", "MISS")
+    _, h, _ = get(srv.url + f"/v1/health/service/web?index={int(idx) - 1}&near=_agent")
+    assert h["X-Consul-Query-Backend"] == "blocking-query"  # ?near disables streaming
+
+
+def test_cache_hit_miss_age_and_serving_after_losing_servers(srv):
+    srv.sim.add_instance("web", id="a", port=1)
+    _, h, body = get(srv.url + "/v1/health/service/web?cached")
+    assert h["X-Cache"] == "MISS" and "Age" not in h
+    _, h, _ = get(srv.url + "/v1/health/service/web?cached")
+    assert (h["X-Cache"], h["Age"]) == ("HIT", "0")
+    srv.sim.set_servers_lost(True)
+    srv.sim.add_instance("web", id="b", port=2)  # the servers' state moves on, unseen
+    time.sleep(1.1)
+    _, h, body2 = get(srv.url + "/v1/health/service/web?cached")
+    assert h["X-Cache"] == "HIT" and int(h["Age"]) >= 1 and body2 == body
+    assert get(srv.url + "/v1/health/service/web")[0] == 500  # no cache: needs a server
+    srv.sim.set_servers_lost(False)
+    _, h, body3 = get(srv.url + "/v1/health/service/web?cached")
+    assert h["Age"] == "0" and b'"b"' in body3
+
+
+def test_rate_limit_429_with_retry_after(srv):
+    srv.sim.set_fault("429", count=1, retry_after="7")
+    status, h, body = get(srv.url + "/v1/health/service/web")
+    assert (status, h["Retry-After"], body) == (429, "7", b"")
+
+
+def test_tags_match_case_insensitively(srv):
+    srv.sim.add_instance("web", id="a", port=1, tags=["Primary"])
+    assert len(json.loads(get(srv.url + "/v1/health/service/web?tag=primary")[2])) == 1
+    assert json.loads(get(srv.url + "/v1/health/service/web?tag=other")[2]) == []
+
+
+def test_datacenter(srv):
+    srv.sim.add_instance("web", id="a", port=1)
+    assert get(srv.url + "/v1/health/service/web?dc=dc1")[0] == 200
+    assert get(srv.url + "/v1/health/service/web?dc=elsewhere")[::2] == (500, b"No path to datacenter")
+
+
+def test_health_state_any_feed_and_catalog_index(srv):
+    srv.sim.add_instance("web", id="a", port=1)
+    _, h, body = get(srv.url + "/v1/health/state/any")
+    checks = json.loads(body)
+    assert {c["CheckID"] for c in checks} >= {"serfHealth", "service:a"}
+    idx = int(h["X-Consul-Index"])
+    _, h2, _ = get(srv.url + "/v1/catalog/services")
+    cat = int(h2["X-Consul-Index"])
+    srv.sim.update_instance("a", port=2)  # a service write: catalog moves, checks do not
+    assert int(get(srv.url + "/v1/health/state/any")[1]["X-Consul-Index"]) == idx
+    assert int(get(srv.url + "/v1/catalog/services")[1]["X-Consul-Index"]) > cat
+    srv.sim.set_check("a", "critical")
+    _, h, body = get(srv.url + "/v1/health/state/any")
+    assert int(h["X-Consul-Index"]) > idx
+    assert [c["ModifyIndex"] for c in json.loads(body) if c["CheckID"] == "service:a"] == [int(h["X-Consul-Index"])]
+    assert get(srv.url + "/v1/health/state/bogus")[0] == 400
+
+
+def test_filter_subset_node_meta_and_near(srv):
+    srv.sim.add_node("n2", "127.0.0.2", meta={"zone": "b"})
+    srv.sim.add_instance("web", id="a", port=1, tags=["x"], meta={"v": "1"})
+    srv.sim.add_instance("web", id="b", node="n2", port=2, meta={"v": "2"})
+    ids = lambda q: [e["Service"]["ID"] for e in json.loads(get(srv.url + "/v1/health/service/web?" + q)[2])]
+    assert ids('filter="x"+in+Service.Tags') == ["a"]
+    assert ids('filter=Service.Meta.v+%3D%3D+"2"') == ["b"]
+    assert ids("node-meta=zone:b") == ["b"]
+    assert ids("near=n2") == ["b", "a"]
+    assert get(srv.url + '/v1/health/service/web?filter=Service.Port+>+1')[0] == 400
+    # The change feed's filter: node checks, or checks of the named services.
+    checks = json.loads(get(srv.url + "/v1/health/state/any?filter=" + urllib.parse.quote(
+        'ServiceName == "" or ServiceName matches "^(web|db[.]x)$"'))[2])
+    assert {(c["CheckID"], c["ServiceName"]) for c in checks} == {
+        ("serfHealth", ""), ("service:a", "web"), ("service:b", "web")}
+
+
+def test_endless_body_fault(srv):
+    srv.sim.set_fault("endless", count=1)
+    with urllib.request.urlopen(srv.url + "/v1/health/service/web", timeout=5) as r:
+        assert r.status == 200
+        assert len(r.read(5_000_000)) == 5_000_000

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .goparse import parse_go_bool, parse_go_duration
-from .state import CONTROL_METHODS, ConsulSim, Fault
+from .state import AGENT_NODE, CONTROL_METHODS, ConsulSim, Fault
 
 _MAX_INDEX = (1 << 64) - 1
 #: Consul's `lib.RandomStagger(wait / 16)`.
@@ -56,12 +57,20 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes | str = b"", *, ctype: str = "text/plain; charset=utf-8",
               headers: dict[str, str] | None = None) -> None:
         data = body.encode() if isinstance(body, str) else body
+        with self.server.sim.cond:
+            self.server.sim.bytes_out[self.path.split("?", 1)[0]] += len(data)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
         sim = self.server.sim
         self.send_header("X-Consul-Default-Acl-Policy", "deny" if sim.acl_token else "allow")
+        override = getattr(self, "header_override", None) or {}
+        self.header_override = None
+        low = {k.lower() for k in override}
         for k, v in (headers or {}).items():
+            if k.lower() not in low:
+                self.send_header(k, v)
+        for k, v in override.items():
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
@@ -117,6 +126,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, fault.body, ctype="application/json",
                        headers={"X-Consul-Index": str(index)})
             return False
+        if fault.mode == "429":
+            # Consul's rate limiter (agent/http.go): 429, empty body.
+            self._send(429, b"", headers={"Retry-After": fault.retry_after} if fault.retry_after else None)
+            return False
+        if fault.mode == "endless":
+            self._endless()
+            return False
+        if fault.mode == "headers":
+            self.header_override = fault.headers
+            return True
         # stall: hold the request until the fault is cleared (then serve) or the server stops.
         with sim.cond:
             while fault in sim.faults and not sim.closing:
@@ -127,8 +146,29 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return True
 
-    def _acl_ok(self, query: dict[str, list[str]]) -> bool:
+    def _endless(self) -> None:
+        """200, a valid index, and a chunked JSON body that never ends (until the client
+        hangs up or the server stops)."""
         sim = self.server.sim
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("X-Consul-Index", str(sim.index))
+        self.end_headers()
+        chunk = b"[" + b'{"Node": {"Node": "x"}},' * 2000
+        try:
+            while not sim.closing:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                chunk = b'{"Node": {"Node": "x"}},' * 2000
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def _acl_ok(self, query: dict[str, list[str]]) -> bool:
+        """True: serve it. Sets self.acl_filtered for a valid token without read rights
+        (and for no token: the anonymous token, which has none when ACLs default to deny)."""
+        sim = self.server.sim
+        self.acl_filtered = False
         if not sim.acl_token:
             return True
         token = (query.get("token") or [""])[0] or self.headers.get("X-Consul-Token") or ""
@@ -137,7 +177,14 @@ class _Handler(BaseHTTPRequestHandler):
             token = auth[7:].strip()
         if token == sim.acl_token:
             return True
-        self._send(403, "ACL not found" if token else "Permission denied")
+        if token and token not in sim.acl_filtered_tokens:
+            self._send(403, "ACL not found")
+            return False
+        if self.command == "GET":
+            # agent/acl.go: reads are filtered to what the token may see, not refused.
+            self.acl_filtered = True
+            return True
+        self._send(403, "Permission denied")
         return False
 
     def _control(self, name: str, method: str) -> None:
@@ -156,13 +203,26 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str, path: str, q: dict[str, list[str]], body: bytes) -> None:
         reads = {"/v1/catalog/services", "/v1/agent/services", "/v1/agent/checks"}
-        if path.startswith("/v1/health/service/") or path in reads:
+        health_state = path.startswith("/v1/health/state/")
+        if path.startswith("/v1/health/service/") or path in reads or health_state:
+            dc = (q.get("dc") or [""])[0]
             if method != "GET":
                 self._send(405, f"method {method} not allowed", headers={"Allow": "GET"})
+            elif dc and dc != self.server.sim.datacenter:
+                # agent/consul/rpc.go forwardDC: an unknown datacenter
+                self._send(500, "No path to datacenter")
             elif path.startswith("/v1/health/service/"):
                 self._health_service(unquote(path[len("/v1/health/service/"):]), q)
+            elif health_state:
+                state = path[len("/v1/health/state/"):]
+                if state not in ("any", "passing", "warning", "critical"):
+                    raise BadRequest("Invalid check state")
+                filt = parse_filter((q.get("filter") or [""])[0]) if "filter" in q else None
+                self._blocking(q, lambda s: s.checks_index,
+                               lambda s: [c for c in s.checks_in_state(state) if filt is None or filt(c)],
+                               empty=[])
             elif path == "/v1/catalog/services":
-                self._blocking(q, lambda s: s.catalog_index, lambda s: s.catalog_services())
+                self._blocking(q, lambda s: s.catalog_index, lambda s: s.catalog_services(), empty={})
             elif path == "/v1/agent/services":
                 self._json(self.server.sim.agent_services())
             else:
@@ -197,8 +257,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise BadRequest("Cannot specify ?stale with ?consistent, conflicting semantics.")
         return "stale" if "stale" in q else "consistent" if "consistent" in q else "leader"
 
-    def _blocking(self, q: dict[str, list[str]], index_of: Any, result_of: Any) -> None:
-        """Consul's blocking-query loop (agent/blockingquery): see docs/CONSUL_TESTSERVER.md."""
+    def _blocking(self, q: dict[str, list[str]], index_of: Any, result_of: Any, *, empty: Any = None,
+                  streams: bool = False) -> None:
+        """Consul's blocking-query loop (agent/blockingquery), the streaming backend and the
+        agent cache: see docs/CONSUL_TESTSERVER.md."""
         sim = self.server.sim
         wait_s = (q.get("wait") or [""])[0]
         index_s = (q.get("index") or [""])[0]
@@ -213,6 +275,40 @@ class _Handler(BaseHTTPRequestHandler):
         if wait == 0:
             wait = sim.default_query_time
         wait = min(wait, sim.max_query_time)
+        # agent/health_endpoint.go: useStreaming = use_streaming_backend && index > 0 && no
+        # ?near; streaming and ?cached answer through the agent cache.
+        streaming = streams and sim.backend == "streaming" and min_index > 0 and "near" not in q
+        cached = "cached" in q or streaming
+        key = self.path.split("?")[0] + "?" + "&".join(
+            f"{k}={v}" for k, vs in sorted(q.items()) if k not in ("index", "wait") for v in vs)
+        with sim.cond:
+            lost_at = sim.servers_lost_at
+            if lost_at is not None:
+                hit = sim.cache.get(key) if cached else None
+                if hit is None:
+                    closing = sim.closing
+                    lost = True
+                else:
+                    lost = False
+            else:
+                lost = False
+        if lost:
+            if closing:
+                self._drop()
+            else:
+                self._send(500, "rpc error making call: No known Consul servers")
+            return
+        if lost_at is not None:
+            value, index = hit  # type: ignore[misc]
+            headers = {"X-Consul-Index": str(max(1, index)), "X-Cache": "HIT",
+                       "Age": str(int(time.monotonic() - lost_at)),
+                       "X-Consul-Query-Backend": "streaming" if streaming else "blocking-query",
+                       # the cached result's own meta, from when the servers still answered
+                       "X-Consul-Knownleader": "true", "X-Consul-Lastcontact": "0"}
+            if min_index > 0 and index <= min_index:
+                time.sleep(min(wait, 0.5))  # nothing new can come: block a little, like a wait
+            self._json(value, headers)
+            return
         with sim.cond:
             if min_index > 0:
                 wait += sim.rng.uniform(0, wait / JITTER_FRACTION)
@@ -227,17 +323,29 @@ class _Handler(BaseHTTPRequestHandler):
                 closing = True
             else:
                 closing = False
-                result = result_of(sim)
-                headers = {"X-Consul-Index": str(max(1, index_of(sim))),
+                filtered = getattr(self, "acl_filtered", False)
+                result = empty if filtered else result_of(sim)
+                index = max(1, index_of(sim))
+                headers = {"X-Consul-Index": str(index),
                            "X-Consul-Effective-Consistency": consistency,
-                           "X-Consul-Query-Backend": "blocking-query",
-                           "X-Consul-Knownleader": "true" if sim.known_leader else "false",
-                           "X-Consul-Lastcontact": str(sim.last_contact_ms)}
+                           "X-Consul-Query-Backend": "streaming" if streaming else "blocking-query",
+                           # agent/http.go setMeta writes the materialized view's unset
+                           # QueryMeta: KnownLeader false, LastContact 0 (upstream #9776).
+                           "X-Consul-Knownleader": "false" if streaming else
+                           "true" if sim.known_leader else "false",
+                           "X-Consul-Lastcontact": "0" if streaming else str(sim.last_contact_ms)}
+                if filtered:
+                    headers["X-Consul-Results-Filtered-By-Acls"] = "true"
+                if cached:
+                    hit = key in sim.cache
+                    sim.cache[key] = (result, index)
+                    # agent/http.go setCacheMeta: X-Cache, and Age on a hit (0: fresh).
+                    headers["X-Cache"] = "HIT" if hit else "MISS"
+                    if hit:
+                        headers["Age"] = "0"
         if closing:
             self._drop()
             return
-        if "cached" in q:
-            headers.update({"X-Cache": "HIT", "Age": "0"})
         self._json(result, headers)
 
     def _health_service(self, name: str, q: dict[str, list[str]]) -> None:
@@ -250,11 +358,27 @@ class _Handler(BaseHTTPRequestHandler):
                 passing = v == "" or parse_go_bool(v)
             except ValueError:
                 raise BadRequest("Invalid value for ?passing") from None
-        if "filter" in q:
-            raise BadRequest("consulsim: ?filter is not modelled")
+        filt = parse_filter((q.get("filter") or [""])[0]) if "filter" in q else None
+        node_meta = {}
+        for nm in q.get("node-meta", []):
+            k, sep, v = nm.partition(":")
+            if not sep:
+                raise BadRequest(f"Invalid node-meta filter {nm!r}")
+            node_meta[k] = v
         tags = q.get("tag", [])
-        self._blocking(q, lambda s: s.health_index(name),
-                       lambda s: s.health_entries(name, tags, passing))
+        near = (q.get("near") or [""])[0]
+
+        def result(sim: ConsulSim) -> list[Any]:
+            entries = sim.health_entries(name, tags, passing, node_meta)
+            if filt is not None:
+                entries = [e for e in entries if filt(e)]
+            if near:
+                # No coordinates here: the named node (or the agent's) sorts first.
+                me = AGENT_NODE if near == "_agent" else near
+                entries.sort(key=lambda e: e["Node"]["Node"] != me)
+            return entries
+
+        self._blocking(q, lambda s: s.health_index(name), result, empty=[], streams=True)
 
     def _register(self, q: dict[str, list[str]], body: bytes) -> None:
         try:
@@ -276,7 +400,12 @@ class _Handler(BaseHTTPRequestHandler):
         verb, cid = parts[4], unquote(parts[5])
         status = {"pass": "passing", "warn": "warning", "fail": "critical"}[verb]
         note = (q.get("note") or [""])[0]
-        if self.server.sim.update_ttl(cid, status, note):
+        found = self.server.sim.update_ttl(cid, status, note)
+        if found is None:
+            # agent/acl.go vetCheckUpdateWithAuthorizer, before the TTL lookup (current Consul)
+            self._send(404, f'Unknown check ID "{cid}". Ensure that the check ID is passed, '
+                            "not the check name.")
+        elif found:
             self._send(200)
         else:
             self._send(500, f'CheckID "{cid}" does not have associated TTL')
@@ -293,6 +422,60 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, f'Unknown service ID "{sid}"')
             return
         self._send(200)
+
+
+# --------------------------------------------------------------------------- ?filter
+
+
+_CLAUSE = re.compile(r'\s*(?:"([^"]*)"\s+in\s+([\w.-]+)|([\w.-]+)\s*(==|!=|matches)\s*"([^"]*)")\s*\Z')
+
+
+def _select(entry: Any, selector: str) -> Any:
+    v = entry
+    for part in selector.split("."):
+        if not isinstance(v, dict):
+            return None
+        v = v.get(part)
+    return v
+
+
+def parse_filter(expr: str) -> Any:
+    """A subset of Consul's bexpr filters (go-bexpr): clauses `"v" in Sel`, `Sel == "v"`,
+    `Sel != "v"`, `Sel matches "regexp"` (a search, as Go's MatchString), joined by `and`,
+    alternatives joined by `or` (`and` binds tighter); a selector is a dotted path
+    (`Service.Tags`, `Node.Meta.zone`, `ServiceName`). Anything else is a 400, as a filter
+    Consul cannot parse is."""
+    alternatives = []
+    for alt in re.split(r"\bor\b", expr):
+        preds = []
+        for part in re.split(r"\band\b", alt):
+            m = _CLAUSE.match(part)
+            if not m:
+                raise BadRequest(f"Failed to create boolean expression evaluator: consulsim does not "
+                                 f"model {part.strip()!r}")
+            if m.group(1) is not None:
+                preds.append(lambda e, v=m.group(1), sel=m.group(2): v in (_select(e, sel) or []))
+            else:
+                sel, op, v = m.group(3), m.group(4), m.group(5)
+                literal = re.fullmatch(r"\^\(([\w.\[\]|-]+)\)\$", v) if op == "matches" else None
+                if literal:
+                    # ^(a|b[.]c)$, the feed's filter: a set lookup. Python's backtracking re
+                    # would try a thousand alternatives per check; Go's RE2 (Consul) does not.
+                    names = frozenset(n.replace("[.]", ".") for n in literal.group(1).split("|"))
+                    preds.append(lambda e, sel=sel, names=names: _select(e, sel) in names)
+                elif op == "matches":
+                    try:
+                        rx = re.compile(v)
+                    except re.error as err:
+                        raise BadRequest(f"Failed to create boolean expression evaluator: {err}") from None
+                    preds.append(lambda e, sel=sel, rx=rx: isinstance(_select(e, sel), str)
+                                 and rx.search(_select(e, sel)) is not None)
+                elif op == "==":
+                    preds.append(lambda e, sel=sel, v=v: (_select(e, sel) or "") == v)
+                else:
+                    preds.append(lambda e, sel=sel, v=v: (_select(e, sel) or "") != v)
+        alternatives.append(preds)
+    return lambda e: any(all(p(e) for p in preds) for preds in alternatives)
 
 
 # --------------------------------------------------------------------------- registration

@@ -72,14 +72,17 @@ class Check:
     method: str = "GET"
     last_update: float = 0.0
     next_run: float = 0.0
+    modify_index: int = 1
 
 
 @dataclass
 class Fault:
-    mode: str  # "stall", "500", "garbage", "drop"
+    mode: str  # "stall", "500", "garbage", "drop", "429", "endless"
     prefix: str
     remaining: int | None
     body: str
+    retry_after: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class ConsulSim:
@@ -96,23 +99,40 @@ class ConsulSim:
         self.checks: dict[tuple[str, str], Check] = {}
         self.faults: list[Fault] = []
         self.acl_token = ""
+        #: valid tokens without service:read/node:read: reads are filtered to nothing (with
+        #: X-Consul-Results-Filtered-By-ACLs), writes get 403 (agent/acl.go filtering)
+        self.acl_filtered_tokens: set[str] = set()
+        #: index of the checks table (what /v1/health/state/* reports and blocks on)
+        self.checks_index = start_index
+        #: "blocking-query" or "streaming" (agent config use_streaming_backend)
+        self.backend = "blocking-query"
+        #: agent cache (?cached): request key -> (value, index); set_servers_lost freezes it
+        self.cache: dict[str, tuple[Any, int]] = {}
+        self.servers_lost_at: float | None = None
+        self.datacenter = "dc1"
         self.known_leader = True
         self.last_contact_ms = 0
         self.max_query_time = 600.0
         self.default_query_time = 300.0
         self.counts: Counter[str] = Counter()
+        self.bytes_out: Counter[str] = Counter()  # response body bytes by path
         self.log: deque[tuple[float, str, str]] = deque(maxlen=5000)
         self.closing = False
         self._add_node(AGENT_NODE, "127.0.0.1")
 
     # ------------------------------------------------------------------ index plumbing
 
-    def _bump(self, services: set[str] | frozenset[str] = frozenset(), catalog: bool = False) -> None:
+    def _bump(self, services: set[str] | frozenset[str] = frozenset(), catalog: bool = False,
+              checks: bool = True) -> None:
+        """One raft write. `catalog`: the services table changed (any instance written, as
+        catalog/services' index moves); `checks`: the checks table changed."""
         self.index += 1
         for s in services:
             self.service_index[s] = self.index
         if catalog:
             self.catalog_index = self.index
+        if checks:
+            self.checks_index = self.index
         self.cond.notify_all()
 
     def _services_on(self, node: str) -> set[str]:
@@ -123,10 +143,15 @@ class ConsulSim:
 
     # ------------------------------------------------------------------ queries
 
-    def health_entries(self, service: str, tags: list[str], passing: bool) -> list[dict[str, Any]]:
+    def health_entries(self, service: str, tags: list[str], passing: bool,
+                       node_meta: dict[str, str] | None = None) -> list[dict[str, Any]]:
         out = []
         for (node_name, sid), inst in sorted(self.instances.items()):
-            if inst.service != service or any(t not in inst.tags for t in tags):
+            # ?tag= matches case-insensitively (strings.EqualFold in the catalog's filter)
+            have = {t.casefold() for t in inst.tags}
+            if inst.service != service or any(t.casefold() not in have for t in tags):
+                continue
+            if node_meta and any(self.nodes[node_name].meta.get(k) != v for k, v in node_meta.items()):
                 continue
             node = self.nodes[node_name]
             checks = [c for (n, _), c in sorted(self.checks.items())
@@ -156,7 +181,12 @@ class ConsulSim:
                 "ServiceName": svc.service if svc else "",
                 "ServiceTags": list(svc.tags) if svc else [],
                 "Type": {"ttl": "ttl", "http": "http", "tcp": "tcp"}.get(c.kind, ""),
-                "CreateIndex": 1, "ModifyIndex": 1}
+                "CreateIndex": 1, "ModifyIndex": c.modify_index}
+
+    def checks_in_state(self, state: str) -> list[dict[str, Any]]:
+        """/v1/health/state/<state>: every check in the datacenter ("any": all states)."""
+        return [self._check_json(c, self.instances.get((n, c.service_id)) if c.service_id else None)
+                for (n, _), c in sorted(self.checks.items()) if state == "any" or c.status == state]
 
     def catalog_services(self) -> dict[str, list[str]]:
         out: dict[str, set[str]] = {}
@@ -210,7 +240,9 @@ class ConsulSim:
                 node.meta = dict(meta)
             if health is not None:
                 self.checks[(name, "serfHealth")].status = health
-            self._bump(self._services_on(name))
+            self._bump(self._services_on(name), checks=health is not None)
+            if health is not None:
+                self.checks[(name, "serfHealth")].modify_index = self.index
 
     @control
     def add_instance(self, service: str, id: str | None = None, node: str = "node-1",
@@ -229,6 +261,7 @@ class ConsulSim:
             self.checks[(node, f"service:{sid}")] = Check(
                 node, f"service:{sid}", f"Service '{service}' check", status, service_id=sid)
             self._bump({service}, catalog=True)
+            self.checks[(node, f"service:{sid}")].modify_index = self.index
         return sid
 
     @control
@@ -239,7 +272,15 @@ class ConsulSim:
                 if not hasattr(inst, k) or k in ("node", "id", "service"):
                     raise KeyError(f"cannot update {k!r}")
                 setattr(inst, k, v)
-            self._bump({inst.service}, catalog="tags" in changes)
+            # A service write: the services table (catalog/services' index) moves. The checks
+            # table only moves if the checks' copy of the service changes: ServiceTags
+            # (state/catalog.go ensureCheckTxn copies name and tags, skips IsSame checks).
+            tags = "tags" in changes
+            self._bump({inst.service}, catalog=True, checks=tags)
+            if tags:
+                for c in self.checks.values():
+                    if c.node == node and c.service_id == id:
+                        c.modify_index = self.index
 
     @control
     def remove_instance(self, id: str, node: str = "node-1") -> None:
@@ -256,6 +297,7 @@ class ConsulSim:
             c = self.checks.get((node, id)) or self.checks[(node, f"service:{id}")]
             c.status, c.output = status, output
             self._bump(self._services_for_check(c))
+            c.modify_index = self.index
 
     def _services_for_check(self, c: Check) -> set[str]:
         if not c.service_id:
@@ -267,7 +309,8 @@ class ConsulSim:
     def bump_index(self, service: str | None = None) -> int:
         """A write that changes nothing (Consul does these); wakes blocking queries."""
         with self.cond:
-            self._bump({service} if service else set(self.service_index), catalog=service is None)
+            self._bump({service} if service else set(self.service_index), catalog=service is None,
+                       checks=service is None)
             return self.index
 
     @control
@@ -283,11 +326,38 @@ class ConsulSim:
 
     @control
     def set_fault(self, mode: str, prefix: str = "/v1/health/", count: int | None = None,
-                  body: str = "<html><body>502 Bad Gateway</body></html>") -> None:
-        if mode not in ("stall", "500", "garbage", "drop"):
+                  body: str = "<html><body>502 Bad Gateway</body></html>", retry_after: str = "",
+                  headers: dict[str, str] | None = None) -> None:
+        """`429`: Consul's rate limit, empty body, `Retry-After: <retry_after>` if given;
+        `endless`: 200 with a valid index and a body that never ends (chunked);
+        `headers`: the normal answer with these headers replaced (hostile header values)."""
+        if mode not in ("stall", "500", "garbage", "drop", "429", "endless", "headers"):
             raise ValueError(f"unknown fault {mode!r}")
         with self.cond:
-            self.faults.append(Fault(mode, prefix, count, body))
+            self.faults.append(Fault(mode, prefix, count, body, retry_after, dict(headers or {})))
+            self.cond.notify_all()
+
+    @control
+    def set_acl_filtered(self, tokens: list[str]) -> None:
+        """Valid tokens that lack read permission: reads answer 200 filtered to nothing."""
+        with self.cond:
+            self.acl_filtered_tokens = set(tokens)
+
+    @control
+    def set_backend(self, backend: str) -> None:
+        """"streaming" (Consul >= 1.10's default for blocking health reads) or "blocking-query"."""
+        if backend not in ("streaming", "blocking-query"):
+            raise ValueError(f"unknown backend {backend!r}")
+        with self.cond:
+            self.backend = backend
+
+    @control
+    def set_servers_lost(self, lost: bool = True) -> None:
+        """The local agent loses (or regains) its servers: RPC reads fail with 500, the
+        agent cache keeps serving its last values with a growing Age."""
+        with self.cond:
+            self.servers_lost_at = time.monotonic() if lost else None
+            self.epoch += 1
             self.cond.notify_all()
 
     @control
@@ -318,9 +388,15 @@ class ConsulSim:
             return list(self.log)
 
     @control
+    def get_bytes(self) -> dict[str, int]:
+        with self.cond:
+            return dict(self.bytes_out)
+
+    @control
     def reset_counts(self) -> None:
         with self.cond:
             self.counts.clear()
+            self.bytes_out.clear()
             self.log.clear()
 
     @control
@@ -358,7 +434,9 @@ class ConsulSim:
                             and not k[1].startswith(MAINT_PREFIX)]:
                     del self.checks[key]
             services = {svc["name"]} | ({old.service} if old else set())
-            self._bump(services, catalog=True)
+            self._bump(services, catalog=True, checks=bool(checks) or replace_checks)
+            for c in checks:
+                self.checks[(AGENT_NODE, c["checkid"])].modify_index = self.index
 
     def deregister(self, sid: str) -> bool:
         with self.cond:
@@ -370,15 +448,19 @@ class ConsulSim:
             self._bump({inst.service}, catalog=True)
             return True
 
-    def update_ttl(self, check_id: str, status: str, note: str) -> bool:
+    def update_ttl(self, check_id: str, status: str, note: str) -> bool | None:
+        """None: no such check; False: not a TTL check."""
         with self.cond:
             c = self.checks.get((AGENT_NODE, check_id))
-            if c is None or c.kind != "ttl":
+            if c is None:
+                return None
+            if c.kind != "ttl":
                 return False
             c.last_update = time.monotonic()
             if (c.status, c.output) != (status, note):
                 c.status, c.output = status, note
                 self._bump(self._services_for_check(c))
+                c.modify_index = self.index
             return True
 
     def maintenance(self, sid: str, enable: bool, reason: str) -> bool:
@@ -390,7 +472,7 @@ class ConsulSim:
             if enable and key not in self.checks:
                 self.checks[key] = Check(AGENT_NODE, key[1], "Service Maintenance Mode", "critical",
                                          notes=reason or DEFAULT_MAINT_REASON, service_id=sid,
-                                         kind="maintenance")
+                                         kind="maintenance", modify_index=self.index + 1)
                 self._bump({inst.service})
             elif not enable and key in self.checks:
                 del self.checks[key]
@@ -407,6 +489,7 @@ class ConsulSim:
                 if c.kind == "ttl" and c.status != "critical" and now - c.last_update > c.ttl:
                     c.status, c.output = "critical", "TTL expired"
                     self._bump(self._services_for_check(c))
+                    c.modify_index = self.index
                 elif c.kind in ("http", "tcp") and now >= c.next_run:
                     c.next_run = now + c.interval
                     due.append(c)
@@ -418,6 +501,7 @@ class ConsulSim:
             if live is c and (c.status, c.output) != (status, output):
                 c.status, c.output = status, output
                 self._bump(self._services_for_check(c))
+                c.modify_index = self.index
 
     def close(self) -> None:
         with self.cond:

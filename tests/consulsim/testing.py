@@ -9,9 +9,9 @@ from typing import Any, AsyncIterator, Callable
 
 import trio
 
-from softlb._backoff import RetryPolicy
-from softlb._config import AgentConfig, ConsulConfig, ServiceConfig
-from softlb._types import Endpoint
+from softlb import RetryPolicy
+from softlb import AgentConfig, ConsulConfig, ServiceConfig
+from softlb import Endpoint
 from softlb_agent.consul_watch import ConsulSource
 
 

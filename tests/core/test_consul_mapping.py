@@ -259,3 +259,19 @@ def test_service_name_rules():
     for bad in ("", "web?dc=other", "web#frag", "x/../web", "..", ".web", "-web", "web x",
                 "w%2Fb", "web\n", "x" * 256, "caf\u00e9"):
         assert "not a Consul service name" in service_name_problem(bad), bad
+
+
+def test_tag_filter_is_case_insensitive_like_consul():
+    # Consul's ?tag= uses strings.EqualFold; a [services.x] tags filter must agree with it.
+    eps = endpoints_from_health([entry(sid="a", tags=("Primary", "EU")), entry(sid="b", tags=("eu",))],
+                                MappingOptions(tags=("primary", "eu")))
+    assert [e.id for e in eps] == ["a@n1"]
+    assert eps[0].tags == ("Primary", "EU")  # shown as registered
+
+
+def test_only_passing_treats_warning_as_critical():
+    warn = entry(weights={"Passing": 3, "Warning": 2},
+                 checks=(("serfHealth", "passing", ""), ("c", "warning", "web-1")))
+    ep = endpoints_from_health([warn], MappingOptions(only_passing=True))[0]
+    assert (ep.registry, ep.weight) == (RegistryHealth.CRITICAL, 0)
+    assert endpoints_from_health([entry()], MappingOptions(only_passing=True))[0].weight == 1

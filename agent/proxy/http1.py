@@ -1,0 +1,613 @@
+"""http mode: HTTP/1.1, a pick per request over pooled keep-alive upstreams.
+
+One client connection carries many requests; each is routed (Host, path prefix), picked
+on its own (held lease for the request's life), sent over a pooled upstream connection
+or a new one, and its answer streamed back as it arrives: bodies are never buffered
+whole, in either direction. A connect failure moves on to another endpoint; so does a
+reset before any answer, for idempotent requests without a body. Upgrades (WebSocket)
+become a tcp tunnel after the pick.
+
+Parsing is httptools (llhttp, C): with h11 parsing and re-serialising took ~600 µs per
+proxied request on the benchmark machine, most of the proxy's time (docs/BENCHMARKS.md);
+framing out is written here, since it is a few lines per case.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+import trio
+
+from softlb import route
+
+from .listener import KEEPALIVE_GRACE, Conn, ListenerState
+from .picks import NoEndpoint, finish, pick, release
+from .pool import Pool
+from .pump import Idle, pump
+from .upstream import LOCAL_ERRNOS, Try, UpstreamFailed, connect_picked, open_socket_pair
+
+log = logging.getLogger("softlb.proxy")
+
+RECV = 64 * 1024
+#: Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection, never forwarded.
+#: Framing (transfer-encoding, and content-length when re-chunked) is re-made per side.
+HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
+                 b"transfer-encoding"})
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+#: Reused pooled connections found closed by the server, retried at most this often per
+#: request before counting as a failure (each one found is dropped from the pool).
+STALE_RETRIES = 8
+REASONS = {200: b"OK", 400: b"Bad Request", 502: b"Bad Gateway", 503: b"Service Unavailable",
+           504: b"Gateway Timeout"}
+
+
+class Head:
+    """A parsed request or response head."""
+
+    __slots__ = ("method", "target", "status", "reason", "headers", "keep_alive", "chunked", "length", "version")
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = True
+        self.chunked = False
+        self.length: int | None = None
+        self.version = "1.1"
+
+    def get(self, name: bytes) -> bytes | None:
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return None
+
+
+class Parser:
+    """llhttp through httptools, as a queue of events: ('head', Head), ('data', bytes),
+    ('end',). Raises httptools.HttpParserError on garbage; an upgrade request leaves
+    `upgrade_data` (bytes after its head) and `upgraded` set."""
+
+    def __init__(self, response: bool) -> None:
+        self.events: collections.deque[tuple[Any, ...]] = collections.deque()
+        self.response = response
+        self.p = httptools.HttpResponseParser(self) if response else httptools.HttpRequestParser(self)
+        self.head = Head()
+        self.upgraded = False
+        self.upgrade_data = b""
+        self.in_message = False
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self.p.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self.upgraded = True
+            self.upgrade_data = data[e.args[0]:]
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.head = Head()
+        self.in_message = True
+
+    def on_url(self, url: bytes) -> None:
+        self.head.target += url
+
+    def on_status(self, reason: bytes) -> None:
+        self.head.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        h = self.head
+        h.headers.append((name, value))
+        if name == b"transfer-encoding" and b"chunked" in value.lower():
+            h.chunked = True
+        elif name == b"content-length" and value.strip().isdigit():
+            h.length = int(value)
+
+    def on_headers_complete(self) -> None:
+        h, p = self.head, self.p
+        h.keep_alive = p.should_keep_alive()
+        h.version = p.get_http_version()
+        if self.response:
+            h.status = p.get_status_code()
+        else:
+            h.method = p.get_method()
+        self.events.append(("head", h))
+
+    def on_body(self, body: bytes) -> None:
+        self.events.append(("data", body))
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        self.events.append(("end",))
+
+
+class UpstreamError(Exception):
+    """The upstream failed before answering (reset, EOF, garbage): maybe retriable."""
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@dataclass(eq=False, slots=True)
+class Upstream:
+    sock: trio.socket.SocketType
+    raw: socket.socket  # the same socket, for the peek before reuse
+    parser: Parser
+    key: tuple[str, int]
+    reused: bool = False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _pool(state: ListenerState) -> Pool[Upstream]:
+    p = state.extra.get("pool")
+    if p is None:
+        p = state.extra["pool"] = Pool(Upstream.close)
+    return p  # type: ignore[return-value]
+
+
+async def _send(sock: trio.socket.SocketType, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        n = await sock.send(view)
+        view = view[n:]
+
+
+async def _event(sock: trio.socket.SocketType, parser: Parser) -> tuple[Any, ...] | None:
+    """The next event; None at end of stream."""
+    events = parser.events
+    while not events:
+        if parser.upgraded:
+            return None
+        data = await sock.recv(RECV)
+        if not data:
+            return None
+        parser.feed(data)
+    return events.popleft()
+
+
+def _headers_for(headers: list[tuple[bytes, bytes]], xff: str | None) -> list[tuple[bytes, bytes]]:
+    drop = HOP
+    for name, value in headers:
+        if name == b"connection":  # headers the Connection header names are hop-by-hop too
+            drop = drop | {v.strip().lower() for v in value.split(b",")}
+    out = []
+    prior_xff = None
+    for name, value in headers:
+        if name in drop:
+            continue
+        if name == b"x-forwarded-for" and xff is not None:
+            prior_xff = value if prior_xff is None else prior_xff + b", " + value
+            continue
+        out.append((name, value))
+    if xff is not None:
+        me = xff.encode()
+        out.append((b"x-forwarded-for", prior_xff + b", " + me if prior_xff else me))
+    return out
+
+
+def _head_bytes(first: bytes, headers: list[tuple[bytes, bytes]], extra: bytes = b"") -> bytearray:
+    out = bytearray(first)
+    for n, v in headers:
+        out += n + b": " + v + b"\r\n"
+    out += extra + b"\r\n"
+    return out
+
+
+def _is_upgrade(h: Head) -> bool:
+    conn = b",".join(v for n, v in h.headers if n == b"connection").lower()
+    return b"upgrade" in conn and h.get(b"upgrade") is not None
+
+
+async def _error(sock: trio.socket.SocketType, status: int, text: str) -> None:
+    body = text.encode() + b"\n"
+    data = (b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % (status, REASONS.get(status, b"Error"), len(body))) + body
+    try:
+        await _send(sock, data)
+    except OSError:
+        pass
+
+
+async def serve_http1(state: ListenerState, conn: Conn) -> None:
+    sock = conn.sock
+    parser = Parser(response=False)
+    lf = state.figures.listener(state.service)
+    while True:
+        wait = KEEPALIVE_GRACE if state.closing else state.config.idle_timeout
+        ev = None
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + wait) as between:
+                conn.between = between
+                ev = await _event(sock, parser)
+        except httptools.HttpParserError as e:
+            await _error(sock, 400, f"bad request: {e}")
+            return
+        except OSError:
+            return
+        if ev is None or ev[0] != "head":
+            return  # idle, draining, closed, or the connection's end
+        lf.requests += 1
+        keep = await _request(state, conn, parser, ev[1])
+        if not keep:
+            return
+
+
+async def _request(state: ListenerState, conn: Conn, parser: Parser, req: Head) -> bool:
+    """Forward one request; True if the client connection may carry another."""
+    cfg = state.config
+    service = route(cfg.routes, state.service, (req.get(b"host") or b"").decode("latin-1"),
+                    req.target.decode("latin-1")) if cfg.routes else state.service
+    if _is_upgrade(req):
+        await _upgrade(state, conn, parser, req, service)
+        return False
+    answer = [False]  # the client has seen a response head
+    with trio.move_on_after(cfg.request_timeout) as timer:
+        try:
+            keep = await _exchange(state, conn, parser, req, service, answer)
+        except NoEndpoint as e:
+            await _error(conn.sock, 503, f"no endpoint for {service}: {e.message}")
+            return False
+        except UpstreamFailed as e:
+            await _error(conn.sock, 502, str(e))
+            return False
+        except httptools.HttpParserError as e:
+            if not answer[0]:
+                await _error(conn.sock, 400, f"bad request: {e}")
+            return False
+        except _ClientGone:
+            return False
+    if timer.cancelled_caught:
+        state.figures.listener(state.service).failures += 1
+        if not answer[0]:
+            await _error(conn.sock, 504, f"no complete answer from {service} within {cfg.request_timeout:g}s")
+        return False
+    # Closing only when the answer said so: a connection the client still thinks open
+    # would take its next request and drop it.
+    return keep
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether an idle pooled connection was closed by its server (EOF or reset waiting):
+    one non-blocking peek, cheaper than a failed request."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head, service: str,
+                    answer: list[bool]) -> bool:
+    cfg = state.config
+    figures = state.figures
+    lf = figures.listener(service)
+    pool = _pool(state)
+    headers = _headers_for(req.headers, conn.peer_ip)
+    has_body = req.chunked or bool(req.length)
+    framing = b"transfer-encoding: chunked\r\n" if req.chunked else b""
+    head = _head_bytes(req.method + b" " + req.target + b" HTTP/1.1\r\n", headers, framing)
+    expect = (req.get(b"expect") or b"").lower() == b"100-continue"
+    replayable = req.method in IDEMPOTENT and not has_body
+    body_read = not has_body  # the whole request body has been taken from the client
+    if body_read and parser.events and parser.events[0][0] == "end":
+        parser.events.popleft()
+    attempt = 0
+    stale = 0
+    tried: list[str] = []
+    while True:
+        held = await pick(state.rt, service, source=conn.peer_ip,
+                          key=f"{conn.peer_ip}#retry{attempt}" if attempt else None)
+        ep = held.endpoint
+        ef = figures.endpoint(service, ep.id)
+        key = (ep.address, ep.port)
+        up = pool.get(key, cfg.idle_timeout)
+        while up is not None and _closed(up.raw):  # the server closed it while it sat idle
+            up.close()
+            up = pool.get(key, cfg.idle_timeout)
+        t0 = trio.current_time()
+        if up is None:
+            try:
+                raw, sock = await open_socket_pair(ep.address, ep.port, cfg.connect_timeout)
+            except (OSError, trio.TooSlowError) as e:
+                if isinstance(e, OSError) and e.errno in LOCAL_ERRNOS:
+                    release(state.rt, held)
+                    raise UpstreamFailed(f"{service}: cannot open a socket: {e.strerror}") from None
+                finish(state.rt, held, ok=False, latency=trio.current_time() - t0)
+                lf.failures += 1
+                ef.failures += 1
+                tried.append(ep.id)
+                log.info("%s: connect to %s failed: %s", service, ep.id,
+                         "timed out" if isinstance(e, trio.TooSlowError) else e.strerror)
+                if attempt >= cfg.retries:
+                    raise UpstreamFailed(f"{service}: no endpoint accepted a connection (tried {', '.join(tried)})")
+                attempt += 1
+                lf.retries += 1
+                continue
+            ef.connections += 1
+            up = Upstream(sock, raw, Parser(response=True), key)
+        else:
+            up.reused = True
+        ef.requests += 1
+        ef.active += 1
+        work = state.track(service, ep.id, trio.CancelScope())
+        try:
+            with work.scope:
+                status, latency, reusable, close_client = await _forward(state, conn, parser, req, head, up, expect,
+                                                           body_read, answer, lf, ef)
+            if work.scope.cancelled_caught:  # the endpoint left and drain_timeout ran out
+                up.close()
+                release(state.rt, held)
+                if not answer[0]:
+                    raise UpstreamFailed(f"{service}: endpoint {ep.id} left while answering")
+                raise _ClientGone()
+        except UpstreamError as e:
+            up.close()
+            log.debug("%s: %s failed: %s (attempt %d)", service, ep.id, e, attempt)
+            body_read = body_read or not has_body
+            if up.reused and stale < STALE_RETRIES and not answer[0] and body_read and not has_body:
+                # A pooled connection the server had closed: not the endpoint's fault.
+                release(state.rt, held)
+                stale += 1
+                continue
+            finish(state.rt, held, ok=False, latency=trio.current_time() - t0)
+            lf.failures += 1
+            ef.failures += 1
+            tried.append(ep.id)
+            if answer[0]:
+                raise _ClientGone() from None  # mid-answer: all we can do is cut the client off
+            if not replayable or attempt >= cfg.retries:
+                raise UpstreamFailed(f"{service}: endpoint {ep.id} failed before answering: {e}") from None
+            attempt += 1
+            lf.retries += 1
+            ef.retries += 1
+            continue
+        except BaseException:
+            up.close()
+            release(state.rt, held)
+            raise
+        finally:
+            ef.active -= 1
+            state.work.discard(work)
+        finish(state.rt, held, ok=status < 500, latency=latency)
+        if status >= 500:
+            lf.failures += 1
+            ef.failures += 1
+        if reusable and not state.closing:
+            up.reused = False
+            pool.put(key, up)
+        else:
+            up.close()
+        return not close_client
+
+
+async def _forward(state: ListenerState, conn: Conn, parser: Parser, req: Head, head: bytearray, up: Upstream,
+                   expect: bool, body_read: bool, answer: list[bool], lf: Any, ef: Any) -> tuple[int, float, bool, bool]:
+    """Send the request, stream the answer back: (status, seconds to the answer's head,
+    whether the upstream connection can carry another request, whether the client's must
+    close now)."""
+    csock, usock = conn.sock, up.sock
+    t0 = trio.current_time()
+    out = head
+    try:
+        if expect and not body_read:
+            # Let the upstream decide whether it wants the body, as the client asked.
+            await _send(usock, out)
+            out = bytearray()
+            ev = await _up_event(up)
+            h = ev[1]
+            if h.status == 100:
+                await _up_end(up)
+                await _to_client(csock, b"HTTP/1.1 100 Continue\r\n\r\n")
+            else:
+                return await _answer(state, conn, req, up, h, t0, answer, lf, ef, abandon_body=True)
+        # The request body, as it arrives; what is already here goes out with the head.
+        sent = 0
+        chunked = req.chunked
+        while not body_read:
+            events = parser.events
+            if not events:
+                if out:
+                    await _send(usock, out)
+                    out = bytearray()
+                try:
+                    data = await csock.recv(RECV)
+                except OSError:
+                    raise _ClientGone() from None
+                if not data:
+                    raise _ClientGone()
+                parser.feed(data)
+                continue
+            ev = events.popleft()
+            if ev[0] == "data":
+                d = ev[1]
+                if not d:
+                    continue
+                sent += len(d)
+                out += (b"%x\r\n" % len(d) + d + b"\r\n") if chunked else d
+                if len(out) >= RECV:
+                    await _send(usock, out)
+                    out = bytearray()
+            elif ev[0] == "end":
+                if chunked:
+                    out += b"0\r\n\r\n"
+                body_read = True
+            else:  # a new head before this body ended: garbage framing
+                raise _ClientGone()
+        if out:
+            await _send(usock, out)
+    except OSError as e:
+        raise UpstreamError(e.strerror or str(e)) from None
+    lf.bytes_in += sent
+    ef.bytes_in += sent
+    while True:
+        ev = await _up_event(up)
+        h = ev[1]
+        if 100 <= h.status < 200 and h.status != 101:
+            await _up_end(up)
+            hs = _headers_for(h.headers, None)
+            await _to_client(csock, bytes(_head_bytes(b"HTTP/1.1 %d %s\r\n" % (h.status, h.reason), hs)))
+            continue
+        return await _answer(state, conn, req, up, h, t0, answer, lf, ef, abandon_body=False)
+
+
+async def _up_event(up: Upstream) -> tuple[Any, ...]:
+    try:
+        ev = await _event(up.sock, up.parser)
+    except (OSError, httptools.HttpParserError) as e:
+        raise UpstreamError(str(e) or type(e).__name__) from None
+    if ev is None:
+        raise UpstreamError("closed the connection")
+    if ev[0] != "head":
+        raise UpstreamError(f"unexpected {ev[0]}")
+    return ev
+
+
+async def _up_end(up: Upstream) -> None:
+    """The end of an interim (1xx) answer, which has no body."""
+    try:
+        ev = await _event(up.sock, up.parser)
+    except (OSError, httptools.HttpParserError) as e:
+        raise UpstreamError(str(e) or type(e).__name__) from None
+    if ev is None or ev[0] != "end":
+        raise UpstreamError("bad interim answer")
+
+
+async def _to_client(sock: trio.socket.SocketType, data: bytes | bytearray) -> None:
+    try:
+        await _send(sock, data)
+    except OSError:
+        raise _ClientGone() from None
+
+
+async def _answer(state: ListenerState, conn: Conn, req: Head, up: Upstream, h: Head, t0: float,
+                  answer: list[bool], lf: Any, ef: Any, *, abandon_body: bool) -> tuple[int, float, bool, bool]:
+    latency = trio.current_time() - t0
+    status = h.status
+    no_body = req.method == b"HEAD" or status in (204, 304)
+    headers = _headers_for(h.headers, None)
+    close_client = state.closing or abandon_body or not req.keep_alive
+    rechunk = False
+    framing = b""
+    if no_body:
+        pass
+    elif h.length is not None and not h.chunked:
+        pass  # content-length passes as is
+    elif req.version == "1.1":
+        # Chunked, or delimited by the upstream closing: chunked to the client either way.
+        rechunk = True
+        framing = b"transfer-encoding: chunked\r\n"
+        headers = [(n, v) for n, v in headers if n != b"content-length"]
+    else:
+        close_client = True  # an HTTP/1.0 client: the end of the connection ends the body
+    if close_client:
+        framing += b"connection: close\r\n"
+    out = _head_bytes(b"HTTP/1.1 %d %s\r\n" % (status, h.reason), headers, framing)
+    answer[0] = True
+    csock, usock, parser = conn.sock, up.sock, up.parser
+    got = 0
+    reusable = h.keep_alive
+    if req.method == b"HEAD":
+        # llhttp cannot be told a HEAD answer has no body: never reuse after one.
+        reusable = False
+        await _to_client(csock, out)
+    else:
+        try:
+            while True:
+                events = parser.events
+                if not events:
+                    if out:
+                        await _to_client(csock, out)
+                        out = bytearray()
+                    data = await usock.recv(RECV)
+                    if not data:
+                        if parser.in_message and h.length is None and not h.chunked:
+                            reusable = False  # a body delimited by the close: complete
+                            if rechunk:
+                                out += b"0\r\n\r\n"
+                            await _to_client(csock, out)
+                            break
+                        raise _ClientGone()  # cut mid-answer: nothing to retry; cut the client off
+                    parser.feed(data)
+                    continue
+                ev = events.popleft()
+                if ev[0] == "data":
+                    d = ev[1]
+                    if not d:
+                        continue
+                    got += len(d)
+                    out += (b"%x\r\n" % len(d) + d + b"\r\n") if rechunk else d
+                    if len(out) >= RECV:
+                        await _to_client(csock, out)
+                        out = bytearray()
+                elif ev[0] == "end":
+                    if rechunk:
+                        out += b"0\r\n\r\n"
+                    await _to_client(csock, out)
+                    break
+                else:
+                    raise _ClientGone()
+        except (OSError, httptools.HttpParserError):
+            raise _ClientGone() from None
+    lf.bytes_out += got
+    ef.bytes_out += got
+    return status, latency, reusable and not abandon_body, close_client
+
+
+async def _upgrade(state: ListenerState, conn: Conn, parser: Parser, req: Head, service: str) -> None:
+    """Pick, connect, pass the request on as it came (Upgrade kept), then tunnel bytes."""
+    cfg = state.config
+    try:
+        held, usock = await connect_picked(state.rt, state.figures, service, Try(cfg.connect_timeout, cfg.retries),
+                                           source=conn.peer_ip)
+    except NoEndpoint as e:
+        await _error(conn.sock, 503, f"no endpoint for {service}: {e.message}")
+        return
+    except UpstreamFailed as e:
+        await _error(conn.sock, 502, str(e))
+        return
+    headers = [(n, v) for n, v in req.headers if n != b"x-forwarded-for"]
+    headers.append((b"x-forwarded-for", conn.peer_ip.encode()))
+    head = _head_bytes(req.method + b" " + req.target + b" HTTP/1.1\r\n", headers)
+    ef = state.figures.endpoint(service, held.endpoint.id)
+    ef.requests += 1
+    ef.active += 1
+    broken = False
+    idle: Idle | None = None
+    try:
+        await _send(usock, head + parser.upgrade_data)
+        with trio.CancelScope() as idle_scope:
+            idle = Idle(idle_scope, cfg.idle_timeout)
+            state.idles.add(idle)
+
+            async def one_way(a: trio.socket.SocketType, b: trio.socket.SocketType) -> None:
+                nonlocal broken
+                try:
+                    await pump(a, b, idle, lambda n: None, use_splice=state.use_splice)
+                except OSError:
+                    broken = True
+                    idle_scope.cancel()
+
+            async with trio.open_nursery() as n:
+                n.start_soon(one_way, conn.sock, usock)
+                n.start_soon(one_way, usock, conn.sock)
+    except OSError:
+        broken = True
+    finally:
+        state.idles.discard(idle)
+        ef.active -= 1
+        usock.close()
+        if broken:
+            release(state.rt, held)
+        else:
+            finish(state.rt, held, ok=True, latency=None)

@@ -1,0 +1,204 @@
+"""One proxy listener: its accept loop, connection cap, per-connection bookkeeping, drain.
+
+Written so it can move onto the agent's shared listener module when that lands: the mode
+handlers (tcp.py, http1.py, http2.py) only see `ListenerState` and `Conn`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from softlb import ProxyConfig
+
+from ..runtime import Runtime
+from .figures import ProxyFigures
+from .picks import serving
+from .pump import splice_available
+
+log = logging.getLogger("softlb.proxy")
+
+#: How long an idle keep-alive connection is kept open once its listener drains.
+KEEPALIVE_GRACE = 0.5
+#: How often open work is checked against the endpoints still serving (drain start).
+DRAIN_CHECK = 0.25
+
+
+@dataclass(eq=False, slots=True)
+class Work:
+    """Something bound to one endpoint (a tcp connection, an http request, a pooled
+    upstream): cancelled once its endpoint has been leaving for drain_timeout."""
+
+    service: str
+    endpoint_id: str
+    scope: trio.CancelScope
+    leaving_since: float | None = None
+
+
+@dataclass(eq=False)
+class Conn:
+    sock: trio.socket.SocketType
+    peer_ip: str
+    #: Cancelled when the listener drains, to end a keep-alive wait between requests.
+    between: trio.CancelScope = field(default_factory=trio.CancelScope)
+    endpoint_id: str | None = None
+
+
+class ListenerState:
+    """What handlers read: the config (replaced in place on reload), figures, open work."""
+
+    def __init__(self, rt: Runtime, service: str, config: ProxyConfig, figures: ProxyFigures) -> None:
+        self.rt = rt
+        self.service = service
+        self.config = config
+        self.figures = figures
+        self.use_splice = splice_available()
+        self.conns: set[Conn] = set()
+        self.work: set[Work] = set()
+        #: Set when the listener stops accepting: keep-alive connections close after the
+        #: request in progress.
+        self.closing = False
+        #: Per-mode state kept across connections (the http upstream pool).
+        self.extra: dict[str, object] = {}
+        #: Where tasks outliving one client connection run (shared upstream readers).
+        self.nursery: trio.Nursery | None = None
+        #: Called with `now` on every drain check (pooled connection upkeep).
+        self.sweepers: list[Callable[[float], None]] = []
+        #: Idle timers of open tunnels (tcp connections, upgraded http), swept with the drain.
+        self.idles: set[Any] = set()
+
+    def track(self, service: str, endpoint_id: str, scope: trio.CancelScope) -> Work:
+        w = Work(service, endpoint_id, scope)
+        self.work.add(w)
+        return w
+
+    def check_drain(self, now: float) -> None:
+        """Give work on endpoints that stopped serving drain_timeout to finish."""
+        for w in list(self.work):
+            if serving(self.rt, w.service, w.endpoint_id):
+                if w.leaving_since is not None:  # back before its drain ran out
+                    w.leaving_since = None
+                    w.scope.deadline = float("inf")
+            elif w.leaving_since is None:
+                w.leaving_since = now
+                w.scope.deadline = now + self.config.drain_timeout
+
+
+Handler = Callable[[ListenerState, Conn], Awaitable[None]]
+
+
+class ProxyListener:
+    def __init__(self, state: ListenerState, sock: socket.socket, handler: Handler, where: str) -> None:
+        self.state = state
+        self.sock = sock
+        self.where = where
+        self.handler = handler
+        self.lsock = trio.socket.from_stdlib_socket(sock)
+        self.limiter = trio.CapacityLimiter(state.config.max_connections)
+        self._accept_scope = trio.CancelScope()
+        self._conn_scope = trio.CancelScope()
+        self.done = trio.Event()
+
+    def update(self, config: ProxyConfig) -> None:
+        """New settings for connections from now on (listen and mode never change here)."""
+        self.state.config = config
+        self.limiter.total_tokens = config.max_connections
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        lsock = self.lsock
+        try:
+            with self._conn_scope:
+                async with trio.open_nursery() as nursery:
+                    self.state.nursery = nursery
+                    nursery.start_soon(self._drain_checker)
+                    task_status.started()
+                    with self._accept_scope:
+                        await self._accept(lsock, nursery)
+                    # Stopped accepting: the handlers still running finish (bounded by retire).
+                    while self.state.conns:
+                        await trio.sleep(0.01)
+                    nursery.cancel_scope.cancel()
+        finally:
+            lsock.close()
+            self.done.set()
+
+    async def _accept(self, lsock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        state = self.state
+        lf = state.figures.listener(state.service)
+        while True:
+            token = object()
+            await self.limiter.acquire_on_behalf_of(token)
+            try:
+                sock, addr = await lsock.accept()
+            except (trio.ClosedResourceError, trio.BusyResourceError):
+                self.limiter.release_on_behalf_of(token)
+                return
+            except OSError as e:
+                self.limiter.release_on_behalf_of(token)
+                if lsock.fileno() < 0:
+                    return
+                # EMFILE and friends: the agent is out of something; wait rather than spin.
+                log.warning("%s proxy: accept failed: %s", state.service, e)
+                await trio.sleep(0.1)
+                continue
+            except BaseException:
+                self.limiter.release_on_behalf_of(token)
+                raise
+            try:
+                # Answers go out in as few writes as can be, and nothing may wait for an ACK.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            conn = Conn(sock, addr[0] if isinstance(addr, tuple) else "")
+            state.conns.add(conn)
+            lf.active += 1
+            lf.connections += 1
+            nursery.start_soon(self._serve, conn, token)
+
+    async def _serve(self, conn: Conn, token: object) -> None:
+        state = self.state
+        try:
+            await self.handler(state, conn)
+        except Exception:
+            log.exception("%s proxy: connection from %s failed", state.service, conn.peer_ip)
+        finally:
+            conn.sock.close()
+            state.conns.discard(conn)
+            state.figures.listener(state.service).active -= 1
+            self.limiter.release_on_behalf_of(token)
+
+    async def _drain_checker(self) -> None:
+        while True:
+            await trio.sleep(DRAIN_CHECK)
+            now = trio.current_time()
+            self.state.check_drain(now)
+            for sweep in self.state.sweepers:
+                sweep(now)
+            for idle in list(self.state.idles):
+                idle.sweep(now)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket now, so its address is free for a successor (under
+        socket activation systemd keeps its copy and queues new connections for the next
+        agent)."""
+        self.state.closing = True
+        self._accept_scope.cancel()
+        self.lsock.close()
+
+    async def retire(self) -> None:
+        """Stop accepting; let open connections finish within drain_timeout; then cut them."""
+        self.stop_accepting()
+        # Keep-alive connections between requests get a short grace: a request already on
+        # its way (wrk and most clients send the next one at once) is answered, with
+        # `Connection: close`, instead of meeting a closed connection it cannot retry.
+        grace = trio.current_time() + min(KEEPALIVE_GRACE, self.state.config.drain_timeout)
+        for c in list(self.state.conns):
+            c.between.deadline = min(c.between.deadline, grace)
+        with trio.move_on_after(self.state.config.drain_timeout):
+            await self.done.wait()
+        self._conn_scope.cancel()
+        await self.done.wait()

@@ -1,0 +1,92 @@
+"""Opening a connection to a picked endpoint, trying others when a connect fails."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from dataclasses import dataclass
+
+import trio
+
+from ..runtime import Runtime
+from .figures import ProxyFigures
+from .picks import Held, NoEndpoint, finish, pick, release
+
+log = logging.getLogger("softlb.proxy")
+
+#: Errors that are the agent's own trouble (out of fds or memory), not the endpoint's:
+#: they are never reported against it.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
+
+
+class UpstreamFailed(Exception):
+    """Every try failed; the text lists them."""
+
+
+@dataclass(frozen=True, slots=True)
+class Try:
+    connect_timeout: float
+    retries: int
+
+
+async def open_socket(address: str, port: int, timeout: float) -> trio.socket.SocketType:
+    return (await open_socket_pair(address, port, timeout))[1]
+
+
+async def open_socket_pair(address: str, port: int, timeout: float) -> tuple[socket.socket, trio.socket.SocketType]:
+    """The connected socket, as the stdlib object (for non-blocking peeks) and trio's."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    raw.setblocking(False)
+    sock = trio.socket.from_stdlib_socket(raw)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with trio.fail_after(timeout):
+            await sock.connect((address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return raw, sock
+
+
+async def connect_picked(rt: Runtime, figures: ProxyFigures, service: str, how: Try, *,
+                         source: str | None = None, key: str | None = None,
+                         counts: object = None) -> tuple[Held, trio.socket.SocketType]:
+    """Pick an endpoint (held lease) and connect to it; on a failed connect, report the
+    failure and try another, `how.retries` more times. Raises NoEndpoint or UpstreamFailed."""
+    tried: list[str] = []
+    lf = figures.listener(service)
+    for attempt in range(how.retries + 1):
+        held = await pick(rt, service, source=source, key=key)
+        ep = held.endpoint
+        if ep.id in tried and attempt:
+            # Hashing policies answer the same key with the same endpoint: ask again with
+            # the attempt in the key, which hashes elsewhere (other policies ignore it).
+            release(rt, held)
+            held = await pick(rt, service, key=f"{key or source or ''}#retry{attempt}")
+            ep = held.endpoint
+        if attempt:
+            lf.retries += 1
+            figures.endpoint(service, ep.id).retries += 1
+        t0 = trio.current_time()
+        try:
+            sock = await open_socket(ep.address, ep.port, how.connect_timeout)
+        except (OSError, trio.TooSlowError) as e:
+            why = "connect timed out" if isinstance(e, trio.TooSlowError) else (e.strerror or str(e))
+            tried.append(ep.id)
+            if isinstance(e, OSError) and e.errno in LOCAL_ERRNOS:
+                release(rt, held)
+                raise UpstreamFailed(f"{service}: cannot open a socket: {why}") from None
+            finish(rt, held, ok=False, latency=trio.current_time() - t0)
+            lf.failures += 1
+            figures.endpoint(service, ep.id).failures += 1
+            log.info("%s: connect to %s (%s:%d) failed: %s", service, ep.id, ep.address, ep.port, why)
+            continue
+        except BaseException:
+            release(rt, held)
+            raise
+        held.started = t0
+        figures.endpoint(service, ep.id).connections += 1
+        return held, sock
+    raise UpstreamFailed(f"{service}: no endpoint accepted a connection (tried {', '.join(tried)})")

@@ -1,0 +1,277 @@
+"""Benchmark: the loopback proxy beside direct connections and beside HAProxy, in one run.
+
+    .venv/bin/python bench/proxy.py [--rounds 3] [--duration 3] [--bulk-mib 1024] [--json]
+
+Starts (all on loopback, all stopped by pid at the end):
+  - two HTTP backends: one HAProxy process answering `http-request return` (fast, so the
+    backend is not what is measured), on two ports;
+  - a bulk server (sends N bytes per connection) and a gRPC server (grpcio, bytes in/out);
+  - a softlb agent with a tcp, an http and an http2 listener in front of them;
+  - HAProxy in front of the same backends: `mode tcp` and `mode http` (keep-alive to the
+    servers, its defaults otherwise; Debian's package), with one thread by default like the
+    agent's one event loop (--haproxy-threads 0: HAProxy's default, a thread per CPU).
+Then, for --rounds rounds, each round running every target once in turn (A/B/C, A/B/C, ...
+so drift hits all alike), measures:
+  ka      wrk -t1 -c32, keep-alive, small GETs: requests/s
+  close   wrk -t1 -c32 with `Connection: close`: a connection per request: requests/s
+  lat     wrk -t1 -c1, keep-alive: p50 and p99 latency (wrk --latency)
+  bulk    one connection moving --bulk-mib MiB from the bulk server: MiB/s
+  grpc    one grpcio channel, sequential unary calls: calls/s
+and prints medians over the rounds with ratios to direct (and to HAProxy in the same mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from agentproc import free_port  # noqa: E402
+from proxyhelp import wait_port  # noqa: E402
+
+BULK_SERVER = textwrap.dedent("""
+    import socket, sys, threading
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(64)
+    block = b"b" * (1 << 20)
+    def serve(c):
+        line = c.makefile("rb").readline()
+        if not line.strip():
+            c.close(); return  # a readiness probe
+        n = int(line)
+        while n > 0:
+            k = min(n, len(block)); c.sendall(block[:k] if k < len(block) else block); n -= k
+        c.close()
+    while True:
+        c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+""")
+
+GRPC_SERVER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[2])
+    from concurrent.futures import ThreadPoolExecutor
+    import grpc
+    h = grpc.method_handlers_generic_handler("demo.Echo", {
+        "Call": grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"ok:" + req)})
+    srv = grpc.server(ThreadPoolExecutor(max_workers=4)); srv.add_generic_rpc_handlers((h,))
+    srv.add_insecure_port("127.0.0.1:" + sys.argv[1]); srv.start(); time.sleep(1e6)
+""")
+
+GRPC_CLIENT = textwrap.dedent("""
+    import sys, time, grpc
+    ch = grpc.insecure_channel(sys.argv[1]); call = ch.unary_unary("/demo.Echo/Call")
+    for _ in range(50): call(b"w", timeout=10)
+    n, t0, d = 0, time.perf_counter(), float(sys.argv[2])
+    while time.perf_counter() - t0 < d:
+        call(b"x", timeout=10); n += 1
+    print(n / (time.perf_counter() - t0))
+""")
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, args: list[str], **kw: object) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(args, **kw)  # type: ignore[call-overload]
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+
+
+def wrk(url: str, conns: int, duration: float, close: bool = False) -> dict[str, float]:
+    args = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(duration))}s", "--latency", url]
+    if close:
+        args[4:4] = ["-H", "Connection: close"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=duration + 30)
+    out = done.stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if m is None:
+        raise RuntimeError(f"wrk {url}: no result: {out} {done.stderr}")
+    rate = float(m.group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+
+    def lat(p: str) -> float:
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out)
+        assert m, out
+        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+
+    return {"rate": rate, "p50_ms": lat("50"), "p99_ms": lat("99"), "errors": bool(errors and errors.group(0))}
+
+
+def bulk(port: int, mib: int) -> float:
+    n = mib << 20
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    buf = bytearray(1 << 20)
+    t0 = time.perf_counter()
+    s.sendall(b"%d\n" % n)
+    got = 0
+    while got < n:
+        k = s.recv_into(buf)
+        if not k:
+            raise RuntimeError(f"bulk: short read {got}/{n}")
+        got += k
+    dt = time.perf_counter() - t0
+    s.close()
+    return mib / dt
+
+
+def grpc_rate(target: str, duration: float) -> float:
+    out = subprocess.run([sys.executable, "-c", GRPC_CLIENT, target, str(duration)],
+                         capture_output=True, text=True, timeout=duration + 60)
+    return float(out.stdout.strip())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--bulk-mib", type=int, default=1024)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--haproxy-threads", type=int, default=1,
+                    help="HAProxy's nbthread (1: one event loop, like the agent; 0: its default, one per CPU)")
+    ap.add_argument("--only", default="", help="comma-separated: ka,close,lat,bulk,grpc")
+    args = ap.parse_args()
+    only = set(args.only.split(",")) if args.only else {"ka", "close", "lat", "bulk", "grpc"}
+
+    tmp = tempfile.mkdtemp(prefix="softlb-bench-proxy-")
+    procs = Procs()
+    p = {k: free_port() for k in ("b1", "b2", "bulk", "grpc", "tcp", "http", "http2", "h_tcp", "h_http", "h_bulk")}
+    try:
+        with open(os.path.join(tmp, "backends.cfg"), "w") as f:
+            f.write(textwrap.dedent(f"""
+                global
+                    nbthread 1
+                defaults
+                    mode http
+                    timeout connect 1s
+                    timeout client 30s
+                    timeout server 30s
+                frontend b1
+                    bind 127.0.0.1:{p['b1']}
+                    http-request return status 200 content-type text/plain string "hello from b1"
+                frontend b2
+                    bind 127.0.0.1:{p['b2']}
+                    http-request return status 200 content-type text/plain string "hello from b2"
+            """))
+        with open(os.path.join(tmp, "haproxy.cfg"), "w") as f:
+            f.write(("global\n    nbthread %d\n" % args.haproxy_threads) if args.haproxy_threads else "")
+            f.write(textwrap.dedent(f"""
+                defaults
+                    timeout connect 1s
+                    timeout client 60s
+                    timeout server 60s
+                listen tcp
+                    mode tcp
+                    bind 127.0.0.1:{p['h_tcp']}
+                    balance roundrobin
+                    server b1 127.0.0.1:{p['b1']}
+                    server b2 127.0.0.1:{p['b2']}
+                listen bulk
+                    mode tcp
+                    bind 127.0.0.1:{p['h_bulk']}
+                    server bulk 127.0.0.1:{p['bulk']}
+                listen http
+                    mode http
+                    bind 127.0.0.1:{p['h_http']}
+                    balance roundrobin
+                    server b1 127.0.0.1:{p['b1']}
+                    server b2 127.0.0.1:{p['b2']}
+            """))
+        with open(os.path.join(tmp, "catalog.toml"), "w") as f:
+            for svc in ("web", "webh"):
+                for b in ("b1", "b2"):
+                    f.write(f'[[services.{svc}.endpoints]]\nid = "{b}"\naddress = "127.0.0.1"\nport = {p[b]}\n')
+            f.write(f'[[services.bulk.endpoints]]\naddress = "127.0.0.1"\nport = {p["bulk"]}\n')
+            f.write(f'[[services.g.endpoints]]\naddress = "127.0.0.1"\nport = {p["grpc"]}\n')
+        bulk_port = free_port()
+        with open(os.path.join(tmp, "agent.toml"), "w") as f:
+            for svc, mode, port in (("web", "tcp", p["tcp"]), ("webh", "http", p["http"]),
+                                    ("g", "http2", p["http2"]), ("bulk", "tcp", bulk_port)):
+                f.write(f'[services.{svc}.proxy]\nlisten = "127.0.0.1:{port}"\nmode = "{mode}"\n')
+        procs.start(["haproxy", "-f", os.path.join(tmp, "backends.cfg")])
+        procs.start(["haproxy", "-f", os.path.join(tmp, "haproxy.cfg")])
+        procs.start([sys.executable, "-c", BULK_SERVER, str(p["bulk"])])
+        procs.start([sys.executable, "-c", GRPC_SERVER, str(p["grpc"]), ROOT])
+        procs.start([sys.executable, "-m", "softlb_agent", "agent", "--config", os.path.join(tmp, "agent.toml"),
+                     "--catalog-file", os.path.join(tmp, "catalog.toml"), "--socket", os.path.join(tmp, "s.sock"),
+                     "--listen", "", "--admin", "", "--log-level", "warning"])
+        for k in ("b1", "b2", "bulk", "grpc", "tcp", "http", "http2", "h_tcp", "h_http", "h_bulk"):
+            wait_port(p[k], timeout=30)
+        wait_port(bulk_port, timeout=30)
+
+        http_targets = {"direct": p["b1"], "softlb tcp": p["tcp"], "haproxy tcp": p["h_tcp"],
+                        "softlb http": p["http"], "haproxy http": p["h_http"]}
+        results: dict[str, dict[str, list[float]]] = {}
+
+        def add(scenario: str, target: str, value: float) -> None:
+            results.setdefault(scenario, {}).setdefault(target, []).append(value)
+
+        for r in range(args.rounds):
+            for name, port in http_targets.items():
+                url = f"http://127.0.0.1:{port}/"
+                if "ka" in only:
+                    add("ka req/s", name, wrk(url, 32, args.duration)["rate"])
+                if "close" in only:
+                    add("close req/s", name, wrk(url, 32, args.duration, close=True)["rate"])
+                if "lat" in only:
+                    w = wrk(url, 1, args.duration)
+                    add("lat p50 ms", name, w["p50_ms"])
+                    add("lat p99 ms", name, w["p99_ms"])
+            if "bulk" in only:
+                for name, port in (("direct", p["bulk"]), ("softlb tcp", bulk_port), ("haproxy tcp", p["h_bulk"])):
+                    add("bulk MiB/s", name, bulk(port, args.bulk_mib))
+            if "grpc" in only:
+                for name, port in (("direct", p["grpc"]), ("softlb http2", p["http2"])):
+                    add("grpc calls/s", name, grpc_rate(f"127.0.0.1:{port}", args.duration))
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+
+        med = {s: {t: statistics.median(v) for t, v in d.items()} for s, d in results.items()}
+        if args.json:
+            print(json.dumps({"medians": med, "runs": results}, indent=2))
+            return
+        print(f"median of {args.rounds} rounds, {args.duration:g}s each (bulk {args.bulk_mib} MiB); "
+              f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; haproxy nbthread "
+              f"{args.haproxy_threads or 'default'}")
+        for s, d in med.items():
+            print(f"\n{s}")
+            direct = d.get("direct")
+            for t, v in d.items():
+                extra = ""
+                if direct and t != "direct":
+                    if s.startswith("lat"):
+                        extra = f"  +{v - direct:.3f} ms over direct"
+                    else:
+                        extra = f"  {v / direct:.2f} of direct"
+                    mode = t.split()[-1]
+                    h = d.get(f"haproxy {mode}")
+                    if t.startswith("softlb") and h and not s.startswith("lat"):
+                        extra += f", {v / h:.2f} of haproxy {mode}"
+                print(f"  {t:14} {v:12.3f}{extra}")
+    finally:
+        procs.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""The http2 proxy (h2c, a pick per stream): grpcio clients and servers, and a raw h2
+client for what grpcio hides."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from agentproc import endpoint_toml, free_port
+from proxyhelp import GrpcBackend, refusing_port
+from test_proxy_tcp import proxy_config
+
+
+@pytest.fixture
+def grpcs():
+    made: list[GrpcBackend] = []
+
+    def make(n: int) -> list[GrpcBackend]:
+        new = [GrpcBackend(f"g{len(made) + i + 1}") for i in range(n)]
+        made.extend(new)
+        return new
+
+    yield make
+    for b in made:
+        b.close()
+
+
+#: Each channel its own subchannels: grpcio shares them process-wide by address, and a port
+#: an earlier test used (and stopped) would hand this test its stale failure and backoff.
+LOCAL = ("grpc.use_local_subchannel_pool", 1)
+
+
+def channel(port: int, *options: tuple[str, object]) -> grpc.Channel:
+    return grpc.insecure_channel(f"127.0.0.1:{port}", options=[LOCAL, *options])
+
+
+def catalog(bs: list[GrpcBackend], service: str = "g") -> str:
+    return "".join(endpoint_toml(service, "127.0.0.1", b.port, id=b.name) for b in bs)
+
+
+def endpoints(agent, service: str = "g") -> dict[str, dict]:
+    return {e["id"]: e for e in json.loads(agent.cli("endpoints", service, "--json").stdout)["endpoints"]}
+
+
+def test_grpc_one_channel_300_calls_reach_every_backend(make_agent, grpcs):
+    bs = grpcs(3)
+    port = free_port()
+    agent = make_agent(catalog(bs), proxy_config("g", port, "http2")).start()
+    with channel(port) as ch:
+        call = ch.unary_unary("/demo.Echo/Call")
+        answers = [call(b"%d" % i, timeout=10) for i in range(300)]
+    assert all(a.endswith(b":%d" % i) for i, a in enumerate(answers))
+    by = {b.name: b.calls for b in bs}
+    assert all(n >= 80 for n in by.values()), by  # round robin: ~100 each
+    eps = endpoints(agent)
+    assert sum(e["proxy"]["requests"] for e in eps.values()) == 300
+    assert all(e["proxy"]["connections"] == 1 for e in eps.values())  # one pooled h2 connection each
+
+
+def test_grpc_unavailable_is_a_failure_and_passes_through(make_agent, grpcs):
+    (b,) = grpcs(1)
+    port = free_port()
+    agent = make_agent(catalog([b]), proxy_config("g", port, "http2")
+                       + "[services.g.outlier]\nconsecutive_failures = 1000\n").start()
+    with channel(port) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary("/demo.Echo/Fail")(b"", timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ch.unary_unary("/demo.Echo/Call")(b"ok", timeout=10) == b"g1:ok"
+    fig = endpoints(agent)["g1"]["proxy"]
+    assert fig["failures"] == 1 and fig["requests"] == 2
+
+
+def test_grpc_connect_failure_retried(make_agent, grpcs):
+    (b,) = grpcs(1)
+    port = free_port()
+    cat = catalog([b]) + endpoint_toml("g", "127.0.0.1", refusing_port(), id="dead")
+    agent = make_agent(cat, proxy_config("g", port, "http2")
+                       + "[services.g.outlier]\nconsecutive_failures = 1000\n").start()
+    with channel(port) as ch:
+        call = ch.unary_unary("/demo.Echo/Call")
+        assert [call(b"x", timeout=10) for _ in range(10)] == [b"g1:x"] * 10
+    assert endpoints(agent)["dead"]["proxy"]["failures"] >= 4
+
+
+def test_grpc_no_endpoint_is_unavailable(make_agent):
+    port = free_port()
+    make_agent(config=proxy_config("nothing", port, "http2")).start()
+    with channel(port) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary("/demo.Echo/Call")(b"", timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class RawH2:
+    """A minimal h2c client: one request, the events of its answer."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.conn.initiate_connection()
+        self.sock.sendall(self.conn.data_to_send())
+
+    def call(self, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[dict, bytes, dict, float]:
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, headers)
+        t0 = time.monotonic()
+        head: dict = {}
+        trailers: dict = {}
+        data = b""
+        pending: list = []
+        while body:  # within the proxy's windows: wait for WINDOW_UPDATEs as a client must
+            room = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
+            if room == 0:
+                self.sock.sendall(self.conn.data_to_send())
+                pending += self.conn.receive_data(self.sock.recv(65536))
+                continue
+            self.conn.send_data(sid, body[:room], end_stream=len(body) <= room)
+            body = body[room:]
+        self.sock.sendall(self.conn.data_to_send())
+        while True:
+            if pending:
+                events, pending = pending, []
+            else:
+                chunk = self.sock.recv(65536)
+                assert chunk, "connection closed"
+                events = self.conn.receive_data(chunk)
+            for ev in events:
+                if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                    head = dict(ev.headers)
+                elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                    data += ev.data
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, sid)
+                elif isinstance(ev, h2.events.TrailersReceived) and ev.stream_id == sid:
+                    trailers = dict(ev.headers)
+                if getattr(ev, "stream_ended", None) is not None and ev.stream_id == sid \
+                        or isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                    self.sock.sendall(self.conn.data_to_send())
+                    return head, data, trailers, time.monotonic() - t0
+            self.sock.sendall(self.conn.data_to_send())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def grpc_frame(payload: bytes) -> bytes:
+    return b"\0" + len(payload).to_bytes(4, "big") + payload
+
+
+def test_grpc_timeout_header_honoured(make_agent, grpcs):
+    """The proxy itself ends a stream at its grpc-timeout (DEADLINE_EXCEEDED), even from
+    a client that does not enforce its own deadline."""
+    (b,) = grpcs(1)
+    port = free_port()
+    make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
+    c = RawH2(port)
+    try:
+        head, _, trailers, took = c.call([
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/demo.Echo/Slow"),
+            (b":authority", b"x"), (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+            (b"grpc-timeout", b"300m")], grpc_frame(b"3"))
+        status = head.get(b"grpc-status") or trailers.get(b"grpc-status")
+        assert status == b"4" and took < 2.0
+        # The connection stays usable for the next stream.
+        head, data, trailers, _ = c.call([
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/demo.Echo/Call"),
+            (b":authority", b"x"), (b"content-type", b"application/grpc"), (b"te", b"trailers")], grpc_frame(b"hi"))
+        assert trailers.get(b"grpc-status") == b"0" and data == grpc_frame(b"g1:hi")
+    finally:
+        c.close()
+
+
+def test_http2_plain_request_and_large_bodies_flow_control(make_agent, grpcs):
+    """A non-gRPC h2 request larger than every window crosses both connections."""
+    (b,) = grpcs(1)
+    port = free_port()
+    make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
+    c = RawH2(port)
+    try:
+        payload = b"p" * (3 << 20)  # 3 MiB: over the 1 MiB stream windows either way
+        head, data, trailers, _ = c.call([
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/demo.Echo/Call"),
+            (b":authority", b"x"), (b"content-type", b"application/grpc"), (b"te", b"trailers")],
+            grpc_frame(payload))
+        assert trailers.get(b"grpc-status") == b"0", (head, trailers)
+        assert data == grpc_frame(b"g1:" + payload)
+    finally:
+        c.close()
+
+
+def test_grpc_kill_backend_mid_load(make_agent):
+    """Kill a backend process under a loop of calls on one channel: calls keep succeeding
+    on the others, and the dead one gets no further work. Only calls in flight on it as it
+    dies may fail (UNAVAILABLE): they may have been processed, so they are not resent."""
+    import subprocess
+    import sys
+    import threading
+
+    from proxyhelp import ROOT, wait_port
+
+    ports = [free_port() for _ in range(3)]
+    code = ("import sys, time; sys.path.insert(0, %r); from proxyhelp import GrpcBackend; "
+            "b = GrpcBackend(sys.argv[1]); print(b.port, flush=True); time.sleep(600)") % (ROOT + "/tests",)
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"g{i + 1}"], stdout=subprocess.PIPE) for i in range(3)]
+    try:
+        ports = [int(p.stdout.readline()) for p in procs]  # type: ignore[union-attr]
+        for p in ports:
+            wait_port(p)
+        port = free_port()
+        cat = "".join(endpoint_toml("g", "127.0.0.1", p, id=f"g{i + 1}") for i, p in enumerate(ports))
+        agent = make_agent(cat, proxy_config("g", port, "http2") + """
+[services.g.probe]
+interval = "200ms"
+timeout = "200ms"
+fall = 2
+rise = 1
+""").start()
+        errors: list[tuple[float, str]] = []
+        seen: list[tuple[float, bytes]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with channel(port) as ch:
+                call = ch.unary_unary("/demo.Echo/Call")
+                while not stop.is_set():
+                    try:
+                        seen.append((time.monotonic(), call(b"x", timeout=10).split(b":")[0]))
+                    except grpc.RpcError as e:
+                        errors.append((time.monotonic(), str(e.code())))
+
+        t = threading.Thread(target=load)
+        t.start()
+        deadline = time.monotonic() + 20
+        while len(seen) < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed = time.monotonic()
+        procs[1].kill()
+        procs[1].wait(5)
+        time.sleep(2.0)
+        stop.set()
+        t.join(15)
+        assert all(abs(at - killed) < 0.5 and code == "StatusCode.UNAVAILABLE" for at, code in errors), errors
+        assert len(errors) <= 2, errors
+        later = {n for at, n in seen if at > killed + 1.0}
+        assert later == {b"g1", b"g3"}, later
+        assert not endpoints(agent)["g2"]["eligible"]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+
+def test_http2_garbage_gets_goaway_and_the_listener_serves_on(make_agent, grpcs):
+    (b,) = grpcs(1)
+    port = free_port()
+    make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not the HTTP/2 preface
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    # Only the proxy's own opening frames (SETTINGS, WINDOW_UPDATE), perhaps a GOAWAY, then
+    # the close: nothing of the garbage went anywhere.
+    types = []
+    while data:
+        n = int.from_bytes(data[:3], "big")
+        types.append(data[3])
+        data = data[9 + n:]
+    assert set(types) <= {4, 8, 7}, types
+    with channel(port) as ch:
+        assert ch.unary_unary("/demo.Echo/Call")(b"still", timeout=10) == b"g1:still"
+
+
+def test_http2_routes_by_authority(make_agent, grpcs):
+    a, b = grpcs(2)
+    port = free_port()
+    cfg = proxy_config("g", port, "http2") + """
+[[services.g.proxy.routes]]
+host = "other.local"
+service = "other"
+"""
+    make_agent(catalog([a]) + catalog([b], "other"), cfg).start()
+    with channel(port) as ch:
+        assert ch.unary_unary("/demo.Echo/Call")(b"x", timeout=10) == b"g1:x"
+    with channel(port, ("grpc.default_authority", "other.local")) as ch:
+        assert ch.unary_unary("/demo.Echo/Call")(b"x", timeout=10) == b"g2:x"
