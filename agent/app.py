@@ -56,6 +56,9 @@ DRAIN_TIMEOUT = 10.0
 LISTENER_SETTINGS = ("socket", "listen", "admin", "dns")
 
 
+#: Socket directories this process created, removed at exit when empty.
+CREATED_DIRS: set[str] = set()
+
 #: Config settings that are file system paths.
 PATH_SETTINGS = ("catalog_file", "socket", "state_dir")
 
@@ -91,6 +94,8 @@ def bind_unix(path: str, mode: int = 0o660, group: str = "") -> socket.socket:
     error (two agents must never share a socket).
     """
     parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        CREATED_DIRS.add(parent)  # removed again at exit if empty (no empty /run/softlb left)
     os.makedirs(parent, mode=0o750, exist_ok=True)
     st = os.stat(parent)
     if os.geteuid() != 0 and st.st_uid != os.geteuid() and st.st_mode & 0o022:
@@ -136,7 +141,11 @@ def _gid(group: str) -> int:
         raise ConfigError(f"agent.socket_group: no group named \"{group}\"") from None
 
 
-def bind_tcp(addr: str) -> socket.socket:
+#: Listener role -> (flag, config key), for errors about it.
+ROLE_SETTINGS = {"listen": ("--listen", "agent.listen"), "admin": ("--admin", "agent.admin")}
+
+
+def bind_tcp(addr: str, role: str = "listen") -> socket.socket:
     host, _, port = addr.rpartition(":")
     host = host.strip("[]")
     if host == "localhost":
@@ -149,10 +158,20 @@ def bind_tcp(addr: str) -> socket.socket:
     except OSError as e:
         s.close()
         if e.errno == errno.EADDRINUSE:
-            raise ConfigError(f"{addr} is already in use") from None
+            raise ConfigError(_in_use(addr, int(port), role)) from None
         raise
     s.listen(1024)
     return s
+
+
+def _in_use(addr: str, port: int, role: str) -> str:
+    from .port_holder import port_holder
+
+    flag, key = ROLE_SETTINGS.get(role, ("--listen", "agent.listen"))
+    holder = port_holder(port)
+    who = f" by pid {holder[0]} ({holder[1]})" if holder else ""
+    return (f"{addr} ({key}) is already in use{who}: stop that process, or choose another port with "
+            f"{flag} HOST:PORT or {key} in the config (\"\" turns it off)")
 
 
 def attach_prober(rt: Runtime, rng: random.Random) -> Prober:
@@ -185,6 +204,7 @@ async def _ticker(rt: Runtime) -> None:
         now = trio.current_time()
         changes, deadline = rt.engine.tick(now)
         rt.dispatch(changes)
+        rt.sample(now)
         delay = MAX_TICK if deadline is None else min(MAX_TICK, max(0.0, deadline - now))
         await trio.sleep(delay)
 
@@ -199,6 +219,7 @@ def reload_config(rt: Runtime, overrides: Callable[[AgentConfig], AgentConfig]) 
     except ConfigError as e:
         log.error("config reload refused, still running the previous config: %s", e)
         rt.stats.config_reload_errors += 1
+        rt.note_reload("config", str(e))
         return str(e)
     for key in LISTENER_SETTINGS:
         if getattr(new, key) != getattr(rt.config, key):
@@ -207,6 +228,8 @@ def reload_config(rt: Runtime, overrides: Callable[[AgentConfig], AgentConfig]) 
         log.warning("catalog.source changed to %r: the catalog source changes only on restart", new.source)
     rt.config = new
     rt.dispatch(rt.engine.reconfigure(new, trio.current_time()))
+    rt.stats.config_reloads += 1
+    rt.note_reload("config", "")
     log.info("config %s reloaded", rt.config_path)
     return None
 
@@ -225,7 +248,7 @@ async def _drain(rt: Runtime, draining: trio.Event) -> None:
         # happens once per process life.
         while True:
             await trio.sleep(0.005)
-            if not rt.stats.connections_open:
+            if not rt.stats.connections_open and not rt.stats.admin_connections_open:
                 return
     log.warning("%d connections still open after %.0fs; closing them", rt.stats.connections_open, DRAIN_TIMEOUT)
 
@@ -293,14 +316,15 @@ async def run_agent(
                 bind_sock = partial(bind_unix, mode=config.socket_mode, group=config.socket_group)
                 ipc = [listen("unix", "socket", socket_path(config), bind_sock)]
                 if config.listen:
-                    ipc.append(listen("tcp", "listen", config.listen, bind_tcp))
+                    ipc.append(listen("tcp", "listen", config.listen, partial(bind_tcp, role="listen")))
                 # One budget: the connection caps span the socket and the port together.
                 budget = ConnectionBudget(ConnectionLimits.from_config(config), rt.stats)
                 for sock in ipc:
                     await nursery.start(partial(serve_listener, draining=draining, budget=budget,
                                                 name="socket" if sock.family == socket.AF_UNIX else "listen"), rt, sock)
                 if config.admin:
-                    await nursery.start(admin.serve_admin, rt, listen("admin", "admin", config.admin, bind_tcp))
+                    await nursery.start(partial(admin.serve_admin, draining=draining), rt,
+                                        listen("admin", "admin", config.admin, partial(bind_tcp, role="admin")))
                 # Proxy listeners: systemd's socket named proxy-<service> if it passed one.
                 proxies = ProxyManager(rt, lambda service, address: _proxy_socket(sm, config, service, address))
                 rt.proxy_figures = proxies.figures
@@ -348,6 +372,10 @@ async def run_agent(
             if name.startswith("unix:") and sock not in systemds:
                 try:
                     os.unlink(name[5:])
+                    parent = os.path.dirname(name[5:])
+                    if parent in CREATED_DIRS:
+                        os.rmdir(parent)  # only if empty: OSError otherwise
+                        CREATED_DIRS.discard(parent)
                 except OSError:
                     pass
         for sig, handler in previous.items():

@@ -4,7 +4,9 @@
     softlb resolve SERVICE [--key K] [--json]
     softlb services [--json]
     softlb endpoints SERVICE [--json]
-    softlb watch SERVICE [--json]
+    softlb watch SERVICE [--json]            time-stamped changes (--json: one line per update)
+    softlb status [--json] [--admin H:P]     is this host's LB healthy (from the admin port)
+    softlb top [--admin H:P]                 live view of services and endpoints
     softlb check --config FILE               validate config + catalog, run nothing
 
 Exit codes (stable, for scripts): 0 ok; 1 the agent answered with an error (unknown
@@ -63,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow --listen/--admin on a non-loopback address")
     a.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity on stderr (default info; debug also logs each Consul request)")
+    a.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text lines, or one JSON object per line with service/endpoint/reason fields")
 
     c = sub.add_parser("check", help="validate a config (and its catalog file) without running",
                        description="Validate an agent config and, for the file source, its catalog. "
@@ -85,81 +89,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("service")
     _client_args(e)
 
-    w = sub.add_parser("watch", help="print a service's endpoints now and on every change")
+    w = sub.add_parser("watch", help="print a service's endpoints now, then a time-stamped line per change",
+                       description="Print the endpoints table once, then for every change a time stamp and what "
+                                   "changed (joined, left, served/not served and why, panic, stale). --json prints "
+                                   "one JSON object per update: {time, service, version, changes, state}.")
     w.add_argument("service")
     _client_args(w)
+
+    st = sub.add_parser("status", help="is this host's load balancer healthy? (one screen)",
+                        description="Version, uptime, catalog source and its state, the last reload, services with "
+                                    "eligible/total, panic and the first problem, listeners, clients, recent "
+                                    "errors. Read from the admin port. Exit 0 healthy, 1 a problem is shown, 3 "
+                                    "the agent is unreachable.")
+    st.add_argument("--admin", metavar="HOST:PORT", help="the agent's admin port (default $SOFTLB_ADMIN or 127.0.0.1:7071)")
+    st.add_argument("--json", action="store_true", help="print the /v1/status JSON")
+    st.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS")
+
+    t = sub.add_parser("top", help="live view: services, then a service's endpoints (keys: arrows, enter, q)",
+                       description="A refreshing terminal view of the agent's admin port: services with request "
+                                   "rate, error rate, eligible/total and panic; Enter shows a service's endpoints "
+                                   "with picks/s, latency, state and reason. Keys: up/down (or j/k) move, Enter "
+                                   "opens, Esc/Backspace goes back, q quits.")
+    t.add_argument("--admin", metavar="HOST:PORT", help="the agent's admin port (default $SOFTLB_ADMIN or 127.0.0.1:7071)")
+    t.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh period (default 1)")
     return ap
 
 
-# ------------------------------------------------------------------------ tables
+# ------------------------------------------------------------------------ views
 
-
-def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    cells = [list(map(str, header))] + [["-" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
-
-
-def _yn(v: Any) -> str:
-    return "yes" if v else "no"
-
-
-def _ago(seconds: float | None) -> str:
-    from softlb import format_duration
-
-    return "-" if seconds is None else format_duration(max(0.0, seconds))
-
-
-def _probe_cells(h: dict[str, Any]) -> tuple[str, str]:
-    """PROBE (state and current streak) and LAST PROBE (result, age, detail)."""
-    if h.get("probe") is None:
-        return "-", "-"
-    if h.get("last_probe_ok") is None:
-        return h["probe"], "none yet"
-    word = "ok" if h["last_probe_ok"] else "fail"
-    last = f"{word} {_ago(h['last_probe_age'])} ago"
-    if h.get("last_probe_detail"):
-        last += f": {h['last_probe_detail']}"
-    return f"{h['probe']} ({h['probe_streak']}x {word})", last
-
-
-def _ejection_cell(h: dict[str, Any]) -> str:
-    count = h.get("ejections", 0)
-    if h.get("ejected"):
-        return f"yes, {_ago(h['ejected_remaining'])} left (#{count})"
-    return f"no ({count} before)" if count else "no"
-
-
-def format_endpoints(d: dict[str, Any]) -> str:
-    eps = d.get("endpoints", [])
-    panic = _yn(d.get("panic"))
-    if d.get("panic_threshold") is not None:
-        eligible = sum(1 for e in eps if e.get("eligible"))
-        panic += f" ({eligible}/{len(eps)} eligible, threshold {d['panic_threshold']}%)"
-    head = f"service {d['service']}  policy {d['policy']}  panic {panic}  stale {_yn(d.get('stale'))}"
-    if d.get("age") is not None and d.get("stale"):
-        head += f" (data age {d['age']:.1f}s)"
-    rows = []
-    for e in eps:
-        h = e.get("health") or {}
-        probe, last = _probe_cells(h)
-        rows.append((e["id"], f"{e['address']}:{e['port']}", e.get("weight"), e.get("registry", ""), probe, last,
-                     _ejection_cell(h), _yn(e.get("eligible")), _yn(e.get("served", e.get("eligible"))),
-                     ",".join(e.get("tags") or ()) or "-", e.get("zone") or "-"))
-    cols = ("ID", "ADDRESS", "WEIGHT", "REGISTRY", "PROBE", "LAST PROBE", "EJECTED", "ELIGIBLE", "SERVED", "TAGS", "ZONE")
-    if any("proxy" in e for e in eps):  # the loopback proxy's figures (docs/PROXY.md)
-        cols += ("ACTIVE", "REQUESTS", "FAILURES", "RETRIES", "BYTES IN/OUT")
-        rows = [r + _proxy_cells(e.get("proxy") or {}) for r, e in zip(rows, eps)]
-    if d.get("proxy_listener"):
-        f = d["proxy_listener"]
-        head += (f"\nproxy listener: {f['active']} active, {f['connections']} connections, {f['requests']} requests, "
-                 f"{f['failures']} failures, {f['retries']} retries")
-    return head + "\n" + table(rows, cols)
-
-
-def _proxy_cells(f: dict[str, Any]) -> tuple[Any, ...]:
-    return (f.get("active", 0), f.get("requests", 0), f.get("failures", 0), f.get("retries", 0),
-            f"{f.get('bytes_in', 0)}/{f.get('bytes_out', 0)}")
+from .cli_views import format_endpoints, table, yn as _yn  # noqa: E402
 
 
 # ------------------------------------------------------------------------ commands
@@ -175,9 +133,11 @@ def _run_agent(args: argparse.Namespace) -> int:
 
     from .service_manager import JournalFormatter, stderr_is_journal
 
+    from .logfmt import JsonFormatter
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JournalFormatter() if stderr_is_journal() else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if args.log_format == "json" else JournalFormatter() if stderr_is_journal()
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     if args.log_level != "debug":
         # httpx logs every request at INFO: one line per Consul blocking query.
@@ -236,6 +196,9 @@ def _fail(args: argparse.Namespace, code: str, message: str, exit_code: int) -> 
 
 def _run_client(args: argparse.Namespace) -> int:
     from softlb_client import AgentUnavailable, Client, SoftLBError, Timeout
+    from softlb_client import ProtocolError
+
+    from .cli_views import speaks_http, watch_line
 
     if args.timeout <= 0:
         return _fail(args, "USAGE", f"--timeout must be positive, got {args.timeout}", EXIT_USAGE)
@@ -247,7 +210,10 @@ def _run_client(args: argparse.Namespace) -> int:
         if args.cmd == "resolve":
             r = client.resolve(args.service, key=args.key, tags=args.tags, lease=False)
             if args.json:
-                print(json.dumps(r.as_dict()))
+                d = r.as_dict()
+                if d.get("age") is None:
+                    d.pop("age", None)  # as on the wire and over HTTP: "age" only with stale data
+                print(json.dumps(d))
             else:
                 flags = "".join((" (panic)" if r.panic else "", " (stale)" if r.stale else ""))
                 print(f"{r.address}:{r.port}  {r.id}{flags}")
@@ -256,9 +222,9 @@ def _run_client(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(svcs))
             else:
-                rows = [[s["name"], s["policy"], s["endpoints"], s["eligible"], _yn(s["panic"]), _yn(s["stale"])]
-                        for s in svcs]
-                header = ["SERVICE", "POLICY", "ENDPOINTS", "ELIGIBLE", "PANIC", "STALE"]
+                rows = [[s["name"], s["policy"], s.get("catalog_endpoints", s["endpoints"]), s["eligible"],
+                         s.get("served", "-"), _yn(s["panic"]), _yn(s["stale"])] for s in svcs]
+                header = ["SERVICE", "POLICY", "ENDPOINTS", "ELIGIBLE", "SERVED", "PANIC", "STALE"]
                 if any("vip" in s for s in svcs):  # service addresses (docs/CONFIG.md): only when used
                     header.append("VIP")
                     for row, s in zip(rows, svcs):
@@ -269,9 +235,15 @@ def _run_client(args: argparse.Namespace) -> int:
             d = client.endpoints(args.service)
             print(json.dumps(d) if args.json else format_endpoints(d))
         elif args.cmd == "watch":
+            before = None
             for d in client.watch(args.service):
-                print(json.dumps(d) if args.json else format_endpoints(d) + "\n", flush=True)
-    except (AgentUnavailable, Timeout) as e:
+                print(watch_line(args.service, before, d, args.json), flush=True)
+                before = d
+    except (AgentUnavailable, Timeout, ProtocolError) as e:
+        if args.addr and speaks_http(args.addr):
+            return _fail(args, "WRONG_PORT", f"{args.addr} answers HTTP: that is the admin port (agent.admin), not "
+                         "the protocol port (agent.listen, default 127.0.0.1:7070); use --addr with the "
+                         f"listen port, or curl http://{args.addr}/", EXIT_UNAVAILABLE)
         hint = "" if args.json else " (is the agent running? `systemctl status softlb-agent`, or pass --socket/--addr)"
         return _fail(args, e.code, e.message + hint, EXIT_UNAVAILABLE)
     except SoftLBError as e:
@@ -289,7 +261,7 @@ def _run_client(args: argparse.Namespace) -> int:
 
 def _run_check(args: argparse.Namespace) -> int:
     from softlb import ConfigError
-    from softlb import parse_catalog_text
+    from softlb import parse_catalog_text, plural
 
     from .app import load_config_file
 
@@ -308,7 +280,8 @@ def _run_check(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{catalog}: cannot read: {e.strerror}") from None
             except ConfigError as e:
                 raise ConfigError(f"{catalog}: {e}") from None
-            summary = f"; catalog {catalog}: {len(services)} services, {sum(map(len, services.values()))} endpoints"
+            summary = (f"; catalog {catalog}: {plural(len(services), 'service')}, "
+                       f"{plural(sum(map(len, services.values())), 'endpoint')}")
     except ConfigError as e:
         print(json.dumps({"ok": False, "error": str(e)}) if args.json else f"softlb: {e}",
               file=sys.stdout if args.json else sys.stderr)
@@ -317,12 +290,41 @@ def _run_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_status(args: argparse.Namespace) -> int:
+    from .cli_views import admin_address, format_status, http_get_json
+
+    addr = admin_address(args.admin)
+    try:
+        code, st = http_get_json(addr, "/v1/status", args.timeout)
+    except (OSError, ValueError) as e:
+        hint = "" if args.json else (" (is the agent running with its admin port there? pass --admin HOST:PORT "
+                                     "or set SOFTLB_ADMIN)")
+        return _fail(args, "AGENT_UNAVAILABLE", f"cannot read status from {addr}: {e}{hint}", EXIT_UNAVAILABLE)
+    if code != 200:
+        err = (st or {}).get("error", {}) if isinstance(st, dict) else {}
+        return _fail(args, err.get("code", f"HTTP_{code}"), err.get("message", f"HTTP {code}"), EXIT_ANSWER_ERROR)
+    print(json.dumps(st) if args.json else format_status(st))
+    healthy = st["ready"] and st["source"]["up"] and not any(s.get("problem") for s in st["services"])
+    return EXIT_OK if healthy else EXIT_ANSWER_ERROR
+
+
+def _run_top(args: argparse.Namespace) -> int:
+    from .cli_views import admin_address
+    from .top import run_top
+
+    return run_top(admin_address(args.admin), args.interval)
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "agent":
         return _run_agent(args)
     if args.cmd == "check":
         return _run_check(args)
+    if args.cmd == "status":
+        return _run_status(args)
+    if args.cmd == "top":
+        return _run_top(args)
     return _run_client(args)
 
 

@@ -100,6 +100,7 @@ class ConsulCatalog:
     def on_status(self, status: ConsulStatus) -> None:
         detail = f" ({status.detail})" if status.detail else ""
         self.rt.source_status = f"consul {self._address}: {status.state}{detail}"
+        self.rt.source_state = status.state
 
     # ------------------------------------------------------------------ the agent's source API
 

@@ -21,7 +21,7 @@ import stat
 import trio
 
 from softlb import ConfigError
-from softlb import parse_catalog_text
+from softlb import parse_catalog_text, plural
 
 from .runtime import Runtime
 
@@ -117,6 +117,8 @@ async def load_catalog(rt: Runtime, path: str) -> bool:
         rt.stats.catalog_refused += 1
         return _refused(rt, path, e)
     except (OSError, UnicodeDecodeError, ConfigError) as e:
+        if isinstance(e, OSError):  # unreadable: the source is down; a bad edit is a refused reload
+            rt.source_state = "error"
         return _refused(rt, path, e)
     return await _apply(rt, path, services)
 
@@ -124,6 +126,7 @@ async def load_catalog(rt: Runtime, path: str) -> bool:
 def _refused(rt: Runtime, path: str, e: Exception) -> bool:
     rt.stats.catalog_errors += 1
     rt.stats.last_catalog_error = f"{path}: {e}"
+    rt.note_reload("catalog", rt.stats.last_catalog_error)
     if rt.catalog_ready.is_set():
         log.error("catalog %s not reloaded, still serving the last good one: %s", path, e)
     return False
@@ -136,13 +139,17 @@ async def _apply(rt: Runtime, path: str, services: dict) -> bool:
         # still works, and a catalog that is meant to be empty can be served on restart.
         rt.stats.catalog_errors += 1
         rt.stats.last_catalog_error = f"{path}: the catalog is empty"
+        rt.note_reload("catalog", rt.stats.last_catalog_error)
         log.error("catalog %s is empty: not reloaded, still serving the last good %d services", path, len(rt.engine.services))
         return False
     changed = await apply_in_slices(rt, services, trio.current_time())
     rt.stats.catalog_reloads += 1
     rt.stats.last_catalog_error = ""
+    rt.note_reload("catalog", "")
+    rt.source_state = "ok"
+    rt.source_confirmed_at = trio.current_time()
     n_eps = sum(len(v) for v in services.values())
-    rt.source_status = f"file {path}: {len(services)} services, {n_eps} endpoints"
+    rt.source_status = f"file {path}: {plural(len(services), 'service')}, {plural(n_eps, 'endpoint')}"
     if rt.catalog_ready.is_set():
         log.info("catalog %s reloaded: %d services, %d changed", path, len(services), len(changed))
     return True
@@ -172,3 +179,5 @@ class FileSource:
             if forced or (fp != seen and fp is not None):
                 seen = fp
                 await load_catalog(self.rt, self.path)
+            elif fp is not None and not self.rt.stats.last_catalog_error:
+                self.rt.source_confirmed_at = trio.current_time()  # what we serve is what the file says

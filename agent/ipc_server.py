@@ -286,9 +286,9 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
             stats.requests += 1
             t = type(ev)
             if t is Rejected:
-                if ev.id is None:  # frame-level: not a request at all
-                    stats.errors[ev.code.value] += 1
-                out.append(proto.send_error(ev.id, ev.code, ev.message))
+                stats.errors[ev.code.value] += 1
+                hint = http_hint(data) if ev.fatal else None
+                out.append(proto.send_error(ev.id, ev.code, ev.message) if hint is None else hint)
                 if ev.fatal:  # framing lost
                     await conn.send(b"".join(out))
                     return
@@ -306,6 +306,7 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                 try:
                     r = respond(engine, ev, now, source)
                 except RequestError as e:
+                    stats.errors[e.code.value] += 1
                     out.append(proto.send_error(ev.id, e.code, e.message))
                     continue
                 rt_ = type(r)
@@ -574,6 +575,23 @@ def ok_frame_packed(rid: Any, packed_result: bytes) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
+_HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
+
+
+def http_hint(data: bytes) -> bytes | None:
+    """An HTTP answer for someone who sent an HTTP request to the msgpack port (curl on the
+    wrong port): where the HTTP API is, instead of a msgpack error frame that curl shows as
+    garbage. None when `data` does not start with an HTTP request line."""
+    line = data[:256].split(b"\r\n", 1)[0]
+    if not line.startswith(_HTTP_METHODS) or b" HTTP/1." not in line:
+        return None
+    body = (b"This is softlb's msgpack protocol port (docs/PROTOCOL.md), not HTTP.\n"
+            b"The HTTP API is on the admin port (agent.admin / --admin, default 127.0.0.1:7071):\n"
+            b"  curl http://127.0.0.1:7071/\n")
+    return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
 async def _handle_deferred(rt: Runtime, conn: Connection, req: Request) -> None:
     """Requests the connection answers in a task of their own: watches, and resolves of
     services a catalog source is still fetching (answered once it has, or UNAVAILABLE)."""
@@ -597,6 +615,7 @@ async def _handle_deferred(rt: Runtime, conn: Connection, req: Request) -> None:
                     conn.deferred -= 1
                 await conn.send(ServerConnection.send_pick(rid, pick))
         except RequestError as e:
+            rt.stats.errors[e.code.value] += 1
             await conn.send(send_error(rid, e.code, e.message))
     except (ConnectionError, OSError, trio.BrokenResourceError):
         pass

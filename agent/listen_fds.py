@@ -10,7 +10,7 @@ names another process the variables leaked from a parent and are ignored. The va
 removed after reading so that no child of the agent believes the sockets are its own.
 
 Matching an inherited socket to what the config asks for (`claim`): first by fd name (a unit
-may set `FileDescriptorName=listen`, `admin`, `proxy-<service>` ...), then by bound address.
+may set `FileDescriptorName=listen`, `admin` ...), then by bound address.
 A `.socket` unit gives *one* name to all its sockets, so inside the shipped unit the Unix
 socket and the loopback port are told apart by family and address, not by name.
 """

@@ -159,9 +159,13 @@ def fd_limit() -> int:
 class ConnectionBudget:
     """Connection counts shared by the listeners that draw on it (one per cap group)."""
 
-    def __init__(self, limits: ConnectionLimits, stats: Stats, *, nofile: int | None = None) -> None:
+    def __init__(self, limits: ConnectionLimits, stats: Stats, *, nofile: int | None = None,
+                 counted_as: str = "connections") -> None:
         self.limits = limits
         self.stats = stats
+        #: Which Stats counters this budget's connections show in: `connections_open/_total`
+        #: for the host's callers, `admin_connections_open/_total` for the admin port.
+        self._open_field, self._total_field = f"{counted_as}_open", f"{counted_as}_total"
         nofile = fd_limit() if nofile is None else nofile
         room = nofile - limits.fd_reserve
         #: max_connections as it applies: never into the fd reserve.
@@ -188,13 +192,14 @@ class ConnectionBudget:
             return "peer_limit"
         self.per_peer[peer.bucket] = n + 1
         self.open += 1
-        self.stats.connections_open += 1
-        self.stats.connections_total += 1
+        stats = self.stats
+        setattr(stats, self._open_field, getattr(stats, self._open_field) + 1)
+        setattr(stats, self._total_field, getattr(stats, self._total_field) + 1)
         return None
 
     def release(self, peer: Peer) -> None:
         self.open -= 1
-        self.stats.connections_open -= 1
+        setattr(self.stats, self._open_field, getattr(self.stats, self._open_field) - 1)
         n = self.per_peer[peer.bucket] - 1
         if n:
             self.per_peer[peer.bucket] = n

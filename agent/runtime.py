@@ -11,8 +11,9 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import trio
 
@@ -27,12 +28,20 @@ class Stats:
     busy_poll_hits: int = 0  # a spin after answering found the next request
     busy_poll_misses: int = 0  # a spin ran out and the reader parked in epoll
     connections_open: int = 0
+    #: The admin port's connections, apart: they are operators and scrapers, not callers.
+    admin_connections_open: int = 0
+    admin_connections_total: int = 0
     connections_total: int = 0
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     catalog_reloads: int = 0
     catalog_errors: int = 0
     config_reload_errors: int = 0
+    config_reloads: int = 0
     last_catalog_error: str = ""
+    #: Why the last config reload was refused ("" when it applied, or none happened).
+    last_config_error: str = ""
+    #: The last reload attempt of either kind: (wall time, "config"/"catalog", error or "").
+    last_reload: tuple[float, str, str] | None = None
     started: float = 0.0
     # -- isolation: a bound was hit (docs/RELIABILITY.md)
     connections_refused: collections.Counter[str] = field(default_factory=collections.Counter)  # by reason
@@ -45,12 +54,20 @@ class Stats:
     table_builds: int = 0  # consistent-hash tables rebuilt in steps off the engine call
     table_builds_superseded: int = 0
     probe_local_failures: int = 0  # probes not run for the agent's own lack of fds/memory
+    started_wall: float = 0.0
     #: DNS front end: "udp:NOERROR", "tcp:NXDOMAIN", "udp:dropped", "tcp:refused"...
     dns: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 health_log = logging.getLogger("softlb.health")
 vip_log = logging.getLogger("softlb.vip")
+catalog_log = logging.getLogger("softlb.catalog")
+#: Above this many endpoints joining and leaving at once, one summary line is logged.
+MAX_MEMBERSHIP_LINES = 20
+
+#: `softlb status` shows errors answered over about this many seconds.
+RECENT_WINDOW = 300.0
+SAMPLE_EVERY = 10.0
 
 
 def _why(r: EndpointHealth) -> str:
@@ -72,7 +89,11 @@ class Runtime:
         self.engine = Engine(config, rng or random.Random(), on_demand=config.source == "consul", defer_builds=True)
         #: Set when the engine has table builds waiting (agent/table_builds.py).
         self.builds_waiting = trio.Event()
-        self.stats = Stats(started=trio.current_time())
+        self.stats = Stats(started=trio.current_time(), started_wall=time.time())
+        #: `now` when the catalog source last confirmed the data it serves (the file
+        #: source: the last poll that found the file unchanged or loaded it).
+        self.source_confirmed_at: float | None = None
+        self._error_history: collections.deque[tuple[float, int]] = collections.deque()
         self._events: dict[str, trio.Event] = {}
         #: Shell modules that follow changes (the prober), called by `dispatch`.
         self.change_listeners: list[Callable[[str], None]] = []
@@ -91,6 +112,9 @@ class Runtime:
         self._health_seen: dict[str, tuple[frozenset[str], frozenset[str], bool]] = {}
         #: A human line about the catalog source ("file examples/catalog.toml (fresh)").
         self.source_status = "starting"
+        #: The source's state word: "ok" while it answers; "starting", "error" (file
+        #: unreadable or invalid), or Consul's "degraded"/"acl_denied" otherwise.
+        self.source_state = "starting"
         #: The loopback proxy's counters (agent/proxy/figures.py), set when it starts.
         self.proxy_figures: Any = None
 
@@ -158,12 +182,14 @@ class Runtime:
         self.engine.release(lease, trio.current_time())
 
     def _log_health(self, name: str) -> None:
-        """One log line per endpoint that stops or starts being eligible, and per panic
-        change, with the reason: what an operator greps for after an incident. Endpoints
-        joining or leaving the catalog are the catalog source's to report."""
+        """One log line per state change, with the reason: an endpoint joining or leaving,
+        one that stops or starts being eligible, panic starting or ending. What an operator
+        greps for after an incident; never a line per request."""
         b = self.engine.services.get(name)
         before = self._health_seen.pop(name, None)
         if b is None:
+            if before is not None:
+                catalog_log.info("%s: service removed", name, extra={"service": name, "event": "removed"})
             return
         rows = {r.id: r for r in b.health.snapshot(trio.current_time()).endpoints}
         eligible = frozenset(i for i, r in rows.items() if r.eligible)
@@ -171,15 +197,39 @@ class Runtime:
         if before is None:
             return
         known, was_eligible, was_panic = before
-        for eid in sorted((was_eligible - eligible) & rows.keys()):
-            health_log.warning("%s: endpoint %s is no longer eligible (%s)", name, eid, _why(rows[eid]))
+        self._log_membership(name, known, rows.keys())
+        lost = sorted((was_eligible - eligible) & rows.keys())
+        whys = {w.id: w for w in b.explain(trio.current_time())} if lost else {}
+        for eid in lost:
+            why = whys[eid].detail if eid in whys else _why(rows[eid])
+            health_log.warning("%s: endpoint %s is no longer eligible (%s)", name, eid, _why(rows[eid]),
+                               extra={"service": name, "endpoint": eid, "reason": why, "event": "ineligible"})
         for eid in sorted((eligible - was_eligible) & known):
-            health_log.info("%s: endpoint %s is eligible again", name, eid)
+            health_log.info("%s: endpoint %s is eligible again", name, eid,
+                            extra={"service": name, "endpoint": eid, "event": "eligible"})
         if b.panic and not was_panic:
             health_log.warning("%s: panic: %d of %d endpoints eligible, below %d%%: balancing over all of them",
-                               name, len(eligible), len(rows), b.config.panic_threshold)
+                               name, len(eligible), len(rows), b.config.panic_threshold,
+                               extra={"service": name, "event": "panic", "reason": "too few eligible endpoints"})
         elif was_panic and not b.panic:
-            health_log.info("%s: panic over: %d of %d endpoints eligible", name, len(eligible), len(rows))
+            health_log.info("%s: panic over: %d of %d endpoints eligible", name, len(eligible), len(rows),
+                            extra={"service": name, "event": "panic_over"})
+
+    def _log_membership(self, name: str, known: frozenset[str], now_ids: Collection[str]) -> None:
+        """A line per endpoint joining or leaving the service (past its tag filter); a big
+        catalog change gets one summary line instead of thousands."""
+        joined = sorted(set(now_ids) - known)
+        left = sorted(known - set(now_ids))
+        if len(joined) + len(left) > MAX_MEMBERSHIP_LINES:
+            catalog_log.info("%s: %d endpoints joined, %d left", name, len(joined), len(left),
+                             extra={"service": name, "event": "membership"})
+            return
+        for eid in joined:
+            catalog_log.info("%s: endpoint %s joined", name, eid, extra={"service": name, "endpoint": eid,
+                                                                        "event": "joined"})
+        for eid in left:
+            catalog_log.info("%s: endpoint %s left", name, eid, extra={"service": name, "endpoint": eid,
+                                                                      "event": "left"})
 
     def wake(self, name: str) -> None:
         """Wake whoever waits for `name` to change (a source that gave up on it)."""
@@ -221,3 +271,42 @@ class Runtime:
 
     def now(self) -> float:
         return trio.current_time()
+
+    def sample(self, now: float) -> None:
+        """Called by the timer task: keep error totals every SAMPLE_EVERY seconds for the
+        last RECENT_WINDOW, so status can say how many errors happened lately."""
+        hist = self._error_history
+        if hist and now - hist[-1][0] < SAMPLE_EVERY:
+            return
+        hist.append((now, self._error_total()))
+        while len(hist) > 1 and now - hist[1][0] >= RECENT_WINDOW:
+            hist.popleft()
+
+    def _error_total(self) -> int:
+        return sum(self.stats.errors.values())
+
+    def recent_errors(self) -> dict[str, float]:
+        """Error answers in (about) the last RECENT_WINDOW seconds."""
+        now = self.now()
+        hist = self._error_history
+        since, base = hist[0] if hist else (self.stats.started, 0)
+        return {"count": self._error_total() - base, "seconds": round(now - since, 1)}
+
+    def note_reload(self, what: str, error: str) -> None:
+        """Record a config or catalog (re)load's result for status, readyz and metrics."""
+        self.stats.last_reload = (time.time(), what, error)
+        if what == "config":
+            self.stats.last_config_error = error
+
+    def reload_problem(self) -> str:
+        """Why the agent is not serving what its files say ("" if it is)."""
+        s = self.stats
+        problems = []
+        if s.last_config_error:
+            problems.append(f"config reload refused: {s.last_config_error}")
+        if s.last_catalog_error:
+            problems.append(f"catalog reload refused: {s.last_catalog_error}")
+        return "; ".join(problems)
+
+    def source_up(self) -> bool:
+        return self.source_state == "ok"

@@ -23,7 +23,7 @@ import trio
 from softlb import ConfigError
 from softlb import ServiceBalancer
 from softlb import check_listen
-from softlb import format_duration
+from softlb import format_duration, plural
 
 from . import sd_notify
 from .listen_fds import InheritedListeners, ListenFdsError
@@ -128,7 +128,7 @@ def status_line(
     """The one-line STATUS= for a serving agent (grammar in docs/OPERATIONS.md)."""
     endpoints = sum(len(b.endpoints) for b in services.values())
     ejected = sum(len(b.endpoints) - b.eligible_count for b in services.values())
-    parts = [f"serving {len(services)} services, {endpoints} endpoints" + (f", {ejected} ejected" if ejected else "")]
+    parts = [f"serving {plural(len(services), 'service')}, {plural(endpoints, 'endpoint')}" + (f", {ejected} ejected" if ejected else "")]
     panic = sorted(name for name, b in services.items() if b.panic)
     if panic:
         parts.append("panic: " + ", ".join(panic))

@@ -236,11 +236,11 @@ def run(args: argparse.Namespace) -> dict:
                 return -1.0
 
         def big_start(stop):
-            reloads["n"] = metric("softlb_catalog_reloads_total")
+            reloads["n"] = metric('softlb_reloads_total{result="ok",what="catalog"}')
             agent.write_catalog(big_catalog(args.big))
             return []
 
-        phase("big_reload", big_start, until=lambda: metric("softlb_catalog_reloads_total") > reloads["n"])
+        phase("big_reload", big_start, until=lambda: metric('softlb_reloads_total{result="ok",what="catalog"}') > reloads["n"])
         agent.write_catalog(base_catalog())
         time.sleep(3)
 

@@ -58,6 +58,7 @@ from ._config import parse_agent_config as parse_agent_config
 from ._config import with_overrides as with_overrides
 from ._durations import format_duration as format_duration
 from ._durations import parse_duration as parse_duration
+from ._durations import plural as plural
 from ._errors import ConfigError as ConfigError
 from ._errors import ErrorCode as ErrorCode
 from ._errors import RemoteProtocolError as RemoteProtocolError
@@ -65,6 +66,14 @@ from ._errors import RequestError as RequestError
 from ._filecatalog import parse_catalog_text as parse_catalog_text
 from ._types import Endpoint as Endpoint
 from ._types import RegistryHealth as RegistryHealth
+
+# Why endpoints are (not) served; counters read by metrics
+from ._counters import EndpointCounters as EndpointCounters
+from ._counters import ServiceCounters as ServiceCounters
+from ._explain import REASONS as REASONS
+from ._explain import Why as Why
+from ._explain import explain as explain
+from ._explain import explain_empty as explain_empty
 
 # Health
 from ._health import EndpointHealth as EndpointHealth

@@ -17,6 +17,8 @@ import random
 from typing import Sequence
 
 from ._config import ServiceConfig
+from ._counters import ServiceCounters
+from ._explain import Why, explain, explain_empty
 from ._health import HealthTracker
 from ._locality import Locality, prefer_local
 from ._protocol import pack_endpoint_fields
@@ -69,6 +71,8 @@ class ServiceBalancer:
         self.health = HealthTracker(config)
         #: Bumped whenever what `watch` shows changes.
         self.version = 0
+        #: Answers and outcomes, for metrics (read at scrape time).
+        self.counters = ServiceCounters()
         #: Per-request tag filters get their own policy instance over the filtered set,
         #: built on first use and dropped on every refresh.
         self._tag_policies: dict[tuple[str, ...], Policy] = {}
@@ -113,6 +117,7 @@ class ServiceBalancer:
         changed = eps != self.endpoints
         self.endpoints = eps
         self.by_id = {e.id: e for e in eps}
+        self.counters.keep_only(self.by_id)
         self.packed = {e.id: pack_endpoint_fields(e) for e in eps}
         # The weight-0 rule is decided on the whole catalog set, never on a subset.
         self.all_zero = bool(eps) and all(e.weight <= 0 for e in eps)
@@ -133,6 +138,7 @@ class ServiceBalancer:
         Health state carries over: a reload must not resurrect a dead or ejected endpoint."""
         self.stale, self.fetched_at = old.stale, old.fetched_at
         self.version = old.version
+        self.counters = old.counters
         self.vip = old.vip
         self.health = old.health
         self.health.reconfigure(self.config, now)
@@ -269,11 +275,30 @@ class ServiceBalancer:
 
     # ----------------------------------------------------------------- views
 
+    def explain(self, now: float, request_tags: tuple[str, ...] = ()) -> list[Why]:
+        """Why each catalog endpoint is or is not served (softlb/_explain.py)."""
+        health = {row.id: row for row in self.health.snapshot(now).endpoints}
+        return explain(self.name, self.catalog_endpoints, self.config, self.here, health,
+                       {e.id for e in self.served}, self.panic, self.weights, self.locality_level, now,
+                       request_tags)
+
+    def why_empty(self, now: float, request_tags: tuple[str, ...] = ()) -> str:
+        return explain_empty(self.name, self.explain(now, request_tags), self.config)
+
     def describe(self, now: float) -> dict[str, object]:
         """`eligible`: passes registry, probe and ejection checks; `served`: picks may land on
-        it now (in panic that includes ineligible endpoints); `health`: the detail."""
-        served = {e.id for e in self.served}
+        it now (in panic that includes ineligible endpoints); `health`: the detail; `why`:
+        the reason it is not served (or a note on how it is). Endpoints the service's tag
+        filter drops are listed too, with `filtered` true and no health."""
         health = {row.id: row for row in self.health.snapshot(now).endpoints}
+        whys = {w.id: w for w in self.explain(now)}
+        eps = []
+        for e in self.catalog_endpoints:
+            h = health.get(e.id)
+            w = whys[e.id]
+            eps.append(dict(e.as_dict(), eligible=False if h is None else h.eligible, served=w.served,
+                            filtered=h is None, health=None if h is None else h.as_dict(precision=3),
+                            why=w.as_dict()))
         return self._with_vip({
             "service": self.name,
             "policy": self.config.policy,
@@ -282,11 +307,11 @@ class ServiceBalancer:
             "panic_threshold": self.config.panic_threshold,
             "stale": self.stale,
             "age": None if self.fetched_at is None else round(max(0.0, now - self.fetched_at), 3),
-            "endpoints": [
-                dict(e.as_dict(), eligible=health[e.id].eligible, served=e.id in served,
-                     health=health[e.id].as_dict(precision=3))
-                for e in self.endpoints
-            ],
+            "tags": list(self.config.tags),
+            "locality": list(self.config.locality),
+            "locality_level": self.locality_level,
+            "here": {"node": self.here.node, "zone": self.here.zone, "region": self.here.region},
+            "endpoints": eps,
         })
 
     def summary(self) -> dict[str, object]:
@@ -295,6 +320,9 @@ class ServiceBalancer:
             "policy": self.config.policy,
             "endpoints": len(self.endpoints),
             "eligible": self.eligible_count,
+            #: Before the service's tag filter, and what picks land on now (after locality).
+            "catalog_endpoints": len(self.catalog_endpoints),
+            "served": len(self.served),
             "panic": self.panic,
             "stale": self.stale,
         })

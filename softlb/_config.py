@@ -8,6 +8,7 @@ environment variables is the agent's job; this module only validates values it i
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -30,7 +31,7 @@ LOCALITY_LEVELS = ("node", "zone", "region", "*")
 class ProbeConfig:
     kind: str = "tcp"  # "tcp" (connect) or "http" (GET path, 200-399 is success)
     path: str = "/"
-    host: str = ""  # Host header for http probes; empty means the endpoint's address
+    host: str = ""  # Host header for http probes; empty: the endpoint's address, with :port unless 80
     interval: float = 5.0
     timeout: float = 1.0
     initial_delay: float = 0.0
@@ -353,11 +354,13 @@ _DEFAULT_SERVICE = ServiceConfig()
 class _Table:
     """A TOML table being read: typed getters that know the key path, and a leftover check."""
 
-    def __init__(self, data: Any, path: str) -> None:
+    def __init__(self, data: Any, path: str, doc: str = "config") -> None:
         if not isinstance(data, Mapping):
-            raise ConfigError(f"{path or 'config'}: expected a table, got {_kind(data)}")
+            raise ConfigError(f"{path or doc}: expected a table, got {_kind(data)}")
         self.data = dict(data)
         self.path = path
+        #: "config" or "catalog": which kind of file this table is from (for hints).
+        self.doc = doc
         self.seen: set[str] = set()
 
     def _where(self, key: str) -> str:
@@ -413,12 +416,35 @@ class _Table:
 
     def table(self, key: str) -> _Table | None:
         v = self.raw(key)
-        return None if v is None else _Table(v, self._where(key))
+        return None if v is None else _Table(v, self._where(key), self.doc)
 
     def done(self) -> None:
         extra = sorted(set(self.data) - self.seen)
         if extra:
-            raise ConfigError(f"{self._where(extra[0])}: unknown setting")
+            key = extra[0]
+            msg = f"{self._where(key)}: unknown setting"
+            close = difflib.get_close_matches(key, sorted(self.seen), n=1, cutoff=0.6)
+            if close:
+                msg += f" (did you mean \"{close[0]}\"?)"
+            raise ConfigError(msg + _mixup_hint(self.doc, self.path, key))
+
+
+#: Keys that only an agent config has at its top level, and only a service's config has.
+_CONFIG_TOP = ("agent", "catalog", "consul", "provide")
+_SERVICE_KEYS = ("policy", "panic_threshold", "probe", "outlier", "locality", "slow_start", "options", "tags")
+
+
+def _mixup_hint(doc: str, path: str, key: str) -> str:
+    """The agent config and the catalog file are both TOML with [services.NAME] tables; say
+    so when a key shows the file was handed to the wrong flag."""
+    in_service = path.startswith("services.") and path.count(".") == 1
+    if doc == "config" and in_service and key == "endpoints":
+        return ("; endpoints are listed in a catalog file, not in the agent config: this looks like a catalog, "
+                "pass it as --catalog-file FILE (or set catalog.file to it in the config)")
+    if doc == "catalog" and ((path == "" and key in _CONFIG_TOP) or (in_service and key in _SERVICE_KEYS)):
+        return ("; this looks like an agent config, not a catalog (a catalog lists only "
+                "[[services.NAME.endpoints]]): pass it as --config FILE")
+    return ""
 
 
 def _kind(v: Any) -> str:

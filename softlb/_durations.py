@@ -46,3 +46,8 @@ def format_duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.3g}m"
     return f"{seconds / 3600:.3g}h"
+
+
+def plural(n: int, word: str) -> str:
+    """"1 service", "2 services": counts in messages read as English."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

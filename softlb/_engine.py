@@ -91,6 +91,10 @@ class Engine:
         #: service -> `now` of its latest pick (or of `mark_used`); on-demand sources read it
         #: to expire services nobody uses, without a callback on every pick.
         self.last_used: dict[str, float] = {}
+        #: Resolves of services nobody knows: one count, no per-name label (callers choose
+        #: names, so a label per name would be unbounded). Per-service answers are counted in
+        #: each balancer's `counters` (softlb/_counters.py), read at scrape time.
+        self.unknown_service_picks = 0
         # Changes made outside an input method's return (a pick running an ejection timer
         # that fell due before the ticker woke): handed out by the next `take_changes`.
         self._deferred: set[str] = set()
@@ -187,6 +191,7 @@ class Engine:
         if b is None:
             if self.on_demand:
                 return Pending(service)
+            self.unknown_service_picks += 1
             raise RequestError(ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\"")
         deadline = b.next_deadline()
         if deadline is not None and now >= deadline and b.tick(now):
@@ -194,8 +199,15 @@ class Engine:
             self._deferred.add(service)
         self.last_used[service] = now
         ep = b.pick(key, source, tags, now)
+        c = b.counters
         if ep is None:
-            raise RequestError(ErrorCode.NO_HEALTHY_ENDPOINT, self._why_empty(b, tags))
+            c.no_healthy += 1
+            raise RequestError(ErrorCode.NO_HEALTHY_ENDPOINT, b.why_empty(now, tags))
+        c.resolved += 1
+        ec = c.endpoints.get(ep.id)
+        if ec is None:
+            ec = c.endpoint(ep.id)
+        ec.picks += 1
         lease_id = None
         if scope is not LeaseScope.NONE:
             le, evicted = self.leases.open(service, ep.id, now, scope)
@@ -205,22 +217,6 @@ class Engine:
         age = None if b.fetched_at is None or not b.stale else max(0.0, now - b.fetched_at)
         wire = b.packed.get(ep.id) or pack_endpoint_fields(ep)
         return Pick(ep, lease_id, b.panic, b.stale, age, wire)
-
-    def _why_empty(self, b: ServiceBalancer, tags: tuple[str, ...]) -> str:
-        name = b.name
-        if not b.catalog_endpoints:
-            return f"service \"{name}\" has no endpoints"
-        if not b.endpoints:
-            return (f"none of the {len(b.catalog_endpoints)} endpoints of \"{name}\" has all the tags of its "
-                    f"filter services.{name}.tags = {list(b.config.tags)} (tags match exactly, case included)")
-        if b.config.locality and not b.served and b.eligible_count:
-            return (f"no eligible endpoint of \"{name}\" is local enough: locality = {list(b.config.locality)} "
-                    f"matched none of the {b.eligible_count} eligible endpoints (add \"*\" to fall back to any)")
-        if b.eligible_count and not b.served:
-            return f"every eligible endpoint of \"{name}\" has weight 0 (drained)"
-        if tags:
-            return f"no eligible endpoint of \"{name}\" has all the tags {', '.join(tags)}"
-        return f"none of the {len(b.endpoints)} endpoints of \"{name}\" is eligible"
 
     def finish(self, lease: int, now: float, *, ok: bool = True, latency: float | None = None) -> Changes:
         """A lease ends with a verdict: load drops, and the outcome feeds latency-aware
@@ -233,6 +229,8 @@ class Engine:
         b = self.services.get(le.service)
         if b is None:
             return NO_CHANGES
+        if le.endpoint_id in b.by_id:  # not one that left the catalog meanwhile
+            b.counters.report(le.endpoint_id, ok, latency)
         b.on_finish(le.endpoint_id, ok, latency, now)
         return frozenset((b.name,)) if b.record_outcome(le.endpoint_id, ok, now) else NO_CHANGES
 
@@ -262,6 +260,7 @@ class Engine:
             raise RequestError(ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\"")
         if endpoint_id not in b.by_id:
             raise RequestError(ErrorCode.BAD_ARGUMENT, f"service \"{service}\" has no endpoint \"{endpoint_id}\"")
+        b.counters.report(endpoint_id, ok, latency)
         # No lease: a request started and ended as far as the policy can tell.
         b.on_start(endpoint_id, now)
         b.on_finish(endpoint_id, ok, latency, now)

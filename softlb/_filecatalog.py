@@ -37,8 +37,8 @@ def parse_catalog_text(text: str) -> dict[str, tuple[Endpoint, ...]]:
 
 
 def parse_catalog(data: Mapping[str, Any]) -> dict[str, tuple[Endpoint, ...]]:
-    root = _Table(data, "")
-    services = root.table("services") or _Table({}, "services")
+    root = _Table(data, "", "catalog")
+    services = root.table("services") or _Table({}, "services", "catalog")
     root.done()
     out: dict[str, tuple[Endpoint, ...]] = {}
     for name in services.data:
@@ -50,7 +50,7 @@ def parse_catalog(data: Mapping[str, Any]) -> dict[str, tuple[Endpoint, ...]]:
         svc.done()
         if not isinstance(raw, list):
             raise ConfigError(f"services.{name}.endpoints: expected an array of tables ([[services.{name}.endpoints]])")
-        eps = [_endpoint(_Table(e, f"services.{name}.endpoints[{i}]")) for i, e in enumerate(raw)]
+        eps = [_endpoint(_Table(e, f"services.{name}.endpoints[{i}]", "catalog")) for i, e in enumerate(raw)]
         seen: set[str] = set()
         for i, ep in enumerate(eps):
             if ep.id in seen:

@@ -96,6 +96,9 @@ class AgentProcess:
             try:
                 with Client(socket_path=self.socket, timeout=0.5) as c:
                     c.hello()
+                if self.admin_port:
+                    # The admin port is bound after the socket serves: wait for it too.
+                    socket.create_connection(("127.0.0.1", self.admin_port), timeout=0.5).close()
                 return
             except Exception:
                 if time.monotonic() > deadline:

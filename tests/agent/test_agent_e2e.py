@@ -32,7 +32,7 @@ def test_cli_resolve_rotates_over_the_endpoints(agent):
 
 def test_cli_tables_and_exit_codes(agent):
     r = agent.cli("services")
-    assert r.returncode == 0 and r.stdout.split("\n")[0].split() == ["SERVICE", "POLICY", "ENDPOINTS", "ELIGIBLE", "PANIC", "STALE"]
+    assert r.returncode == 0 and r.stdout.split("\n")[0].split() == ["SERVICE", "POLICY", "ENDPOINTS", "ELIGIBLE", "SERVED", "PANIC", "STALE"]
     assert "web" in r.stdout
     r = agent.cli("endpoints", "web")
     assert r.returncode == 0 and "web-2" in r.stdout and "127.0.0.1:18002" in r.stdout
@@ -202,7 +202,7 @@ def test_check_command_validates_config_and_catalog(tmp_path):
                               capture_output=True, text=True, timeout=30)
 
     r = check()
-    assert r.returncode == 0 and "1 services, 1 endpoints" in r.stdout
+    assert r.returncode == 0 and "1 service, 1 endpoint" in r.stdout
     cat.write_text("[[services.web.endpoints]]\nport = 1\n")
     r = check()
     assert r.returncode == 2 and "services.web.endpoints[0].address: required" in r.stderr
@@ -284,7 +284,7 @@ def test_a_second_signal_does_not_cut_the_shutdown_short(agent):
 
 def test_admin_survives_a_non_ascii_digit_lease(agent):
     s = socket.create_connection(("127.0.0.1", agent.admin_port), timeout=5)
-    s.sendall(b"POST /v1/report?lease=%C2%B2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.sendall(b"POST /v1/report?lease=%C2%B2 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert s.recv(100).startswith(b"HTTP/1.1 400")
     s.close()
     assert agent.client().resolve("web") and agent.proc.poll() is None

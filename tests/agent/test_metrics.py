@@ -1,55 +1,109 @@
+"""The /metrics families, read back with prometheus_client's own text parser."""
+
+import logging
 import random
 
 import trio
 import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
 
 from softlb import AgentConfig
 from softlb._filecatalog import parse_catalog_text
-from softlb_agent.admin import render_metrics
+from softlb_agent.admin import ask, render_metrics
+from softlb_agent.metrics import MAX_ENDPOINTS_LABELLED
 from softlb_agent.runtime import Runtime
 
 CATALOG = "".join(f'[[services.web.endpoints]]\naddress = "127.0.0.1"\nport = {p}\n' for p in (1, 2, 3))
 
 
-def assert_prometheus_layout(text: str) -> None:
-    """Every sample follows its own metric's HELP and TYPE, and no metric is split."""
-    seen, current = set(), None
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            current = line.split()[2]
-            assert current not in seen, f"{current} appears twice"
-            seen.add(current)
-        elif line.startswith("# TYPE "):
-            assert line.split()[2] == current
-        else:
-            assert line.split("{")[0].split(" ")[0] == current, line
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels): value}, parsed as Prometheus would."""
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
 
 
-def test_metrics_count_ejections_and_panic():
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text)[(name, tuple(sorted(labels.items())))]
+
+
+def test_metrics_count_ejections_panic_resolves_and_reports():
     async def main():
         rt = Runtime(AgentConfig(source="consul"), None, random.Random(1))
         now = trio.current_time()
         rt.engine.replace_all(parse_catalog_text(CATALOG), now)
         for _ in range(5):
-            rt.engine.report(now, ok=False, service="web", endpoint_id="127.0.0.1:1")
+            rt.engine.report(now, ok=False, latency=0.5, service="web", endpoint_id="127.0.0.1:1")
+        for _ in range(4):
+            rt.engine.pick("web", now)
         text = render_metrics(rt)
-        assert_prometheus_layout(text)
-        assert 'softlb_service_ejected_endpoints{service="web"} 1' in text
-        assert 'softlb_service_ejections_total{service="web"} 1' in text
-        assert 'softlb_service_eligible_endpoints{service="web"} 2' in text
-        assert 'softlb_service_panic{service="web"} 0' in text
+        assert value(text, "softlb_service_ejected_endpoints", service="web") == 1
+        assert value(text, "softlb_service_ejections_total", service="web") == 1
+        assert value(text, "softlb_endpoint_ejections_total", service="web", endpoint="127.0.0.1:1") == 1
+        assert value(text, "softlb_endpoint_eligible", service="web", endpoint="127.0.0.1:1") == 0
+        assert value(text, "softlb_service_eligible_endpoints", service="web") == 2
+        assert value(text, "softlb_service_panic", service="web") == 0
+        assert value(text, "softlb_resolves_total", service="web", code="OK") == 4
+        assert value(text, "softlb_reports_total", service="web", outcome="failed") == 5
+        assert value(text, "softlb_endpoint_latency_seconds_sum", service="web", endpoint="127.0.0.1:1") == 2.5
+        picks = [value(text, "softlb_endpoint_picks_total", service="web", endpoint=f"127.0.0.1:{p}") for p in (2, 3)]
+        assert sum(picks) == 4
+        assert value(text, "process_resident_memory_bytes") > 0
+        assert ("softlb_build_info", ()) not in samples(text)  # it has labels
         await trio.sleep(3600)  # past the ejection
         rt.dispatch(rt.engine.tick(trio.current_time())[0])
         text = render_metrics(rt)
-        assert 'softlb_service_ejected_endpoints{service="web"} 0' in text
-        assert 'softlb_service_data_age_seconds{service="web"} 3600.000' in text
+        assert value(text, "softlb_service_ejected_endpoints", service="web") == 0
+        assert value(text, "softlb_service_data_age_seconds", service="web") == 3600
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_error_answers_are_counted_by_code():
+    async def main():
+        rt = Runtime(AgentConfig(), None, random.Random(1))
+        rt.engine.replace_all(parse_catalog_text(CATALOG), trio.current_time())
+        for name in ("nope", "nope2"):
+            assert (await ask(rt, {"op": "resolve", "service": name}, "test"))[0] == 404
+        assert (await ask(rt, {"op": "resolve", "service": "web", "key": 5}, "test"))[0] == 400
+        text = render_metrics(rt)
+        assert value(text, "softlb_errors_total", code="UNKNOWN_SERVICE") == 2
+        assert value(text, "softlb_errors_total", code="BAD_ARGUMENT") == 1
+        assert value(text, "softlb_unknown_service_resolves_total") == 2
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_endpoint_labels_are_capped():
+    async def main():
+        n = MAX_ENDPOINTS_LABELLED + 30
+        cat = "".join(f'[[services.big.endpoints]]\naddress = "127.0.0.1"\nport = {p}\n' for p in range(1, n + 1))
+        rt = Runtime(AgentConfig(), None, random.Random(1))
+        rt.engine.replace_all(parse_catalog_text(cat), trio.current_time())
+        for _ in range(n):
+            rt.engine.pick("big", trio.current_time())
+        s = samples(render_metrics(rt))
+        picks = {dict(k[1])["endpoint"]: v for k, v in s.items() if k[0] == "softlb_endpoint_picks_total"}
+        assert len(picks) == MAX_ENDPOINTS_LABELLED + 1 and picks["_other"] == 30 and sum(picks.values()) == n
+        assert sum(1 for k in s if k[0] == "softlb_endpoint_eligible") == MAX_ENDPOINTS_LABELLED
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_file_source_has_a_data_age_sample():
+    async def main():
+        rt = Runtime(AgentConfig(), None, random.Random(1))
+        rt.engine.replace_all(parse_catalog_text(CATALOG), trio.current_time())
+        rt.source_confirmed_at = trio.current_time()
+        await trio.sleep(2)
+        assert value(render_metrics(rt), "softlb_service_data_age_seconds", service="web") == 2
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_health_changes_are_logged_with_their_reason(caplog):
-    import logging
-
     async def main():
         rt = Runtime(AgentConfig(), None, random.Random(1))
         now = trio.current_time()

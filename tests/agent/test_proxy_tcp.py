@@ -64,9 +64,13 @@ def test_tcp_one_pick_per_connection(make_agent):
         assert eps["proxy_listener"]["connections"] == 11
         import urllib.request
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{agent.admin_port}/metrics", timeout=10).read().decode()
-        assert 'softlb_proxy_listener_requests_total{service="web"} 11' in metrics
-        assert 'softlb_proxy_endpoint_requests_total{service="web",endpoint="web-1"}' in metrics
-        assert 'softlb_proxy_listener_active{service="web"} 0' in metrics
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(metrics) for s in f.samples}
+        assert samples[("softlb_proxy_listener_requests_total", (("service", "web"),))] == 11
+        assert ("softlb_proxy_endpoint_requests_total", (("endpoint", "web-1"), ("service", "web"))) in samples
+        assert samples[("softlb_proxy_listener_active", (("service", "web"),))] == 0
     finally:
         b.stop()
 

@@ -101,7 +101,7 @@ def test_agent_under_systemd_socket_activate(tmp_path, notify):
         with Client(socket_path=path, timeout=15) as c:
             assert c.resolve("web").port in (18001, 18002, 18003)
         ready, before = notify.until("READY")
-        assert ready["STATUS"] == "serving 1 services, 3 endpoints; catalog: file (fresh)"
+        assert ready["STATUS"] == "serving 1 service, 3 endpoints; catalog: file (fresh)"
         assert {"STATUS": f"starting: loading catalog (file {catalog})"} in before
         notify.until("WATCHDOG")
 
@@ -139,7 +139,7 @@ def test_sighup_with_a_broken_config_keeps_serving_and_says_why(agent, notify):
             reloading, _ = notify.until("RELOADING")
             assert "MONOTONIC_USEC" in reloading
             ready, _ = notify.until("READY")
-            assert ready["STATUS"].startswith("serving 1 services, 3 endpoints; catalog: file (fresh); reload refused: ")
+            assert ready["STATUS"].startswith("serving 1 service, 3 endpoints; catalog: file (fresh); reload refused: ")
             assert why in ready["STATUS"]
             assert c.resolve("web").port in (18001, 18002, 18003)
         assert c._sock is conn  # the reloads dropped no connection
@@ -150,7 +150,7 @@ def test_sighup_with_a_broken_config_keeps_serving_and_says_why(agent, notify):
         agent.write_config('[services.web]\npolicy = "round_robin"\n')
         agent.send(signal.SIGHUP)
         ready, _ = notify.until("READY")
-        assert ready["STATUS"] == "serving 1 services, 3 endpoints; catalog: file (fresh)"
+        assert ready["STATUS"] == "serving 1 service, 3 endpoints; catalog: file (fresh)"
         assert c.resolve("web").port in (18001, 18002, 18003)
 
 

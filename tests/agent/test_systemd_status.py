@@ -49,7 +49,7 @@ def test_failed_catalog_reload_and_refused_config_reload():
     e = engine_with(web=eps(1))
     line = status_line(e.services, "file", 100.0, catalog_error="catalog.toml: line 3: bad\nthing",
                        reload_error="agent.toml: agent.listen: expected HOST:PORT")
-    assert line == ("serving 1 services, 1 endpoints; catalog: file (last reload failed: catalog.toml: line 3: bad thing); "
+    assert line == ("serving 1 service, 1 endpoint; catalog: file (last reload failed: catalog.toml: line 3: bad thing); "
                     "reload refused: agent.toml: agent.listen: expected HOST:PORT")
 
 

@@ -187,7 +187,10 @@ class EngineModel(RuleBasedStateMachine):
         # Weights other than the catalog's come only from an all-zero catalog or slow start.
         assert b.weights is None or b.all_zero or b.slow_start is not None
         d = self.engine.describe(SERVICE, self.now)
-        assert [e["id"] for e in d["endpoints"]] == [e.id for e in b.endpoints]
+        # Every catalog endpoint is listed (issue 14); those past the tag filter are b.endpoints.
+        assert [e["id"] for e in d["endpoints"]] == [e.id for e in b.catalog_endpoints]
+        assert [e["id"] for e in d["endpoints"] if not e["filtered"]] == [e.id for e in b.endpoints]
+        assert {e["id"] for e in d["endpoints"] if e["served"]} == {e.id for e in b.served}
 
 
 TestEngineModel = EngineModel.TestCase
