@@ -3,7 +3,8 @@
 Start order, each step `nursery.start`ed so "started" means ready:
   0. the active prober (idle until the catalog lists endpoints of a service with a probe),
   1. the catalog source (the first catalog must load, else the agent refuses to start),
-  2. the IPC listeners (Unix socket, loopback port) and the admin HTTP port,
+  2. the admin HTTP port, the proxy listeners, the DNS front end, then the IPC listeners
+     (Unix socket, loopback port) last, so a caller who can say hello finds all bound,
   3. the timer task and the signal handler; then READY=1 to systemd.
 SIGHUP reloads the config file and the catalog; SIGINT/SIGTERM stop the agent cleanly: stop
 accepting, answer what is in flight, close connections as they go idle, exit.
@@ -319,9 +320,6 @@ async def run_agent(
                     ipc.append(listen("tcp", "listen", config.listen, partial(bind_tcp, role="listen")))
                 # One budget: the connection caps span the socket and the port together.
                 budget = ConnectionBudget(ConnectionLimits.from_config(config), rt.stats)
-                for sock in ipc:
-                    await nursery.start(partial(serve_listener, draining=draining, budget=budget,
-                                                name="socket" if sock.family == socket.AF_UNIX else "listen"), rt, sock)
                 if config.admin:
                     await nursery.start(partial(admin.serve_admin, draining=draining), rt,
                                         listen("admin", "admin", config.admin, partial(bind_tcp, role="admin")))
@@ -334,6 +332,11 @@ async def run_agent(
                     where = "%s:%d" % udp.getsockname()[:2]
                     listeners += [(f"dns-udp:{where}", udp), (f"dns-tcp:{where}", tcp)]
                     await nursery.start(DnsServer(rt).serve, udp, tcp)
+                # The protocol port is served last: a caller that can say hello finds every
+                # other listener (admin, proxies, DNS) bound too.
+                for sock in ipc:
+                    await nursery.start(partial(serve_listener, draining=draining, budget=budget,
+                                                name="socket" if sock.family == socket.AF_UNIX else "listen"), rt, sock)
                 sm.close_unclaimed()
                 nursery.start_soon(_ticker, rt)
                 if config.provide:

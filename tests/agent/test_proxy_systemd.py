@@ -53,7 +53,10 @@ def container():
     leader = "/tmp/realsd/leader.pid"
     was_running = os.path.exists(leader) and in_("true", timeout=10).returncode == 0
     if not was_running:
-        out = subprocess.run([os.path.join(REALSD, "setup.sh")], capture_output=True, text=True, timeout=300)
+        # The container mounts its own /tmp: bind this checkout (and its venv) in at the
+        # same path, wherever the clone lives (CI clones into a folder of its own).
+        env = dict(os.environ, REALSD_NSPAWN_ARGS=f"--bind={ROOT}:{ROOT}")
+        out = subprocess.run([os.path.join(REALSD, "setup.sh")], capture_output=True, text=True, timeout=300, env=env)
         if not os.path.exists(leader):
             pytest.skip(f"the container did not start: {out.stdout[-500:]} {out.stderr[-500:]}")
     deadline = time.monotonic() + 60
@@ -61,6 +64,10 @@ def container():
         if time.monotonic() > deadline:
             pytest.fail("the container's systemd did not finish booting in 60s")
         time.sleep(0.2)
+    if in_("test", "-x", sys.executable, timeout=30).returncode != 0:
+        if not was_running:
+            subprocess.run([os.path.join(REALSD, "teardown.sh")], capture_output=True, timeout=120)
+        pytest.skip(f"the running container cannot see {sys.executable} (booted by someone else without this checkout)")
     try:
         yield in_
     finally:
