@@ -59,6 +59,7 @@ from softlb import (
     ServerConnection,
     Unwatch,
     Watch,
+    resolve_frame,
     respond,
 )
 
@@ -68,6 +69,8 @@ from .proxy.figures import with_proxy_figures
 
 if TYPE_CHECKING:
     from .runtime import Runtime
+
+REQUEST, NONE = LeaseScope.REQUEST, LeaseScope.NONE
 
 log = logging.getLogger("softlb.ipc")
 
@@ -271,6 +274,8 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
         out = []
         now = clock()
         lc.last_active = now
+        pick = engine.pick
+        send_error = proto.send_error
         backlog = False
         size = n = 0
         while True:
@@ -285,7 +290,22 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
             n += 1
             stats.requests += 1
             t = type(ev)
-            if t is Rejected:
+            if t is Resolve:
+                # The hot path, straight to the engine (what `respond` does for a Resolve).
+                try:
+                    r = pick(ev.service, now, key=ev.key, tags=ev.tags, source=source,
+                             scope=REQUEST if ev.lease else NONE)
+                except RequestError as e:
+                    stats.errors[e.code.value] += 1
+                    out.append(send_error(ev.id, e.code, e.message))
+                    continue
+                if type(r) is Pick:
+                    frame = resolve_frame(ev.id, r.wire, r.lease, r.panic, r.stale, r.age)
+                    out.append(frame)
+                    size += len(frame)
+                    continue
+                frame = _defer(rt, conn, ev, nursery)  # Pending: a source is fetching it
+            elif t is Rejected:
                 stats.errors[ev.code.value] += 1
                 hint = http_hint(data) if ev.fatal else None
                 out.append(proto.send_error(ev.id, ev.code, ev.message) if hint is None else hint)

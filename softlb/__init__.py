@@ -37,6 +37,7 @@ from ._protocol import Services as Services
 from ._protocol import Unwatch as Unwatch
 from ._protocol import Watch as Watch
 from ._protocol import parse_request as parse_request
+from ._protocol import resolve_frame as resolve_frame
 from ._wire import NEED_DATA as NEED_DATA
 from ._wire import PROTOCOL_VERSIONS as PROTOCOL_VERSIONS
 from ._wire import encode_frame as encode_frame

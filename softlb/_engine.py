@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from ._balancer import ServiceBalancer
 from .policies._consistent import TableBuild
@@ -46,8 +46,9 @@ Changes = frozenset[str]
 NO_CHANGES: Changes = frozenset()
 
 
-@dataclass(frozen=True, slots=True)
-class Pick:
+class Pick(NamedTuple):
+    """One pick (a NamedTuple: immutable, and cheap to build once per request)."""
+
     endpoint: Endpoint
     lease: int | None
     panic: bool
@@ -55,7 +56,7 @@ class Pick:
     age: float | None
     #: The endpoint's constant resolve-answer fields, packed once per catalog change (the
     #: socket protocol splices them into its answer).
-    wire: bytes = field(repr=False, compare=False, default=b"")
+    wire: bytes = b""
 
     def as_dict(self) -> dict[str, Any]:
         """The resolve result as the protocol documents it."""
