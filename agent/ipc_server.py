@@ -313,7 +313,7 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                     await conn.send(b"".join(out))
                     return
                 continue
-            if t is Watch or t is Unwatch:
+            elif t is Watch or t is Unwatch:
                 frame = _defer(rt, conn, ev, nursery)
             elif t is Endpoints and _is_big(engine, ev.service) and not _proxied(rt, ev.service):
                 # Answered in order (what came before first), but described off the loop:
