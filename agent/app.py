@@ -37,6 +37,7 @@ from .consul_catalog import ConsulCatalog
 from .dns import DnsServer, bind_dns
 from .consul_http import consul_settings
 from .consul_register import ProviderRegistrar
+from .gc_pauses import run_full_collections
 from .file_source import FileSource
 from .ipc_server import serve_listener
 from .listeners import ConnectionBudget, ConnectionLimits
@@ -45,6 +46,7 @@ from .proxy.manager import ProxyManager
 from .runtime import Runtime
 from .service_manager import ServiceManager, status_line
 from .table_builds import run_table_builds
+from .turns import Turns
 
 log = logging.getLogger("softlb.agent")
 
@@ -332,6 +334,8 @@ async def run_agent(
                     where = "%s:%d" % udp.getsockname()[:2]
                     listeners += [(f"dns-udp:{where}", udp), (f"dns-tcp:{where}", tcp)]
                     await nursery.start(DnsServer(rt).serve, udp, tcp)
+                rt.turns = Turns()
+                await nursery.start(rt.turns.run)
                 # The protocol port is served last: a caller that can say hello finds every
                 # other listener (admin, proxies, DNS) bound too.
                 for sock in ipc:
@@ -349,6 +353,8 @@ async def run_agent(
                     rt.source_status,
                     ", ".join(name for name, _ in listeners),
                 )
+                # Last: what start-up built is frozen out of the collector's walks.
+                await nursery.start(run_full_collections, rt)
                 task_status.started(rt)
                 sm.ready(status(""))
                 async for signum in signals:

@@ -107,6 +107,13 @@ class AgentCollector(Collector):
         builds.add_metric(["installed"], s.table_builds)
         builds.add_metric(["superseded"], s.table_builds_superseded)
         yield builds
+        yield _counter("softlb_turns_queued", "Connection wakeups that waited for their peer's turn: more were "
+                       "runnable at once than a scheduler pass allows (agent/turns.py).",
+                       rt.turns.queued_total if rt.turns is not None else 0)
+        yield _counter("softlb_gc_full_collections", "Full garbage collections, run on a timer rather than "
+                       "whenever a flood of connections ages objects (agent/gc_pauses.py).", s.gc_full_collections)
+        yield _gauge("softlb_gc_full_seconds_max", "The longest full garbage collection so far.",
+                     s.gc_full_seconds_max)
         yield _counter("softlb_catalog_refused", "Catalog files refused for their type or size.", s.catalog_refused)
 
         # DNS front end (agent/dns.py): answers by transport and rcode; "dropped" and "refused"
