@@ -333,7 +333,7 @@ async def run_agent(
                     udp, tcp = bind_dns(config.dns)
                     where = "%s:%d" % udp.getsockname()[:2]
                     listeners += [(f"dns-udp:{where}", udp), (f"dns-tcp:{where}", tcp)]
-                    await nursery.start(DnsServer(rt).serve, udp, tcp)
+                    await nursery.start(partial(DnsServer(rt).serve, draining=draining), udp, tcp)
                 rt.turns = Turns()
                 await nursery.start(rt.turns.run)
                 # The protocol port is served last: a caller that can say hello finds every

@@ -67,6 +67,10 @@ class AgentCollector(Collector):
         yield busy
         yield _gauge("softlb_connections_open", "Client connections open now.", s.connections_open)
         yield _counter("softlb_connections", "Client connections accepted.", s.connections_total)
+        yield _gauge("softlb_admin_connections_open", "Admin HTTP connections open now (capped apart).",
+                     s.admin_connections_open)
+        yield _gauge("softlb_dns_tcp_connections_open", "DNS-over-TCP connections open now (capped apart).",
+                     s.dns_connections_open)
         yield _gauge("softlb_leases_open", "Leases handed out by resolve and not yet reported or expired.",
                      len(engine.leases))
 

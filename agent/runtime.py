@@ -34,6 +34,9 @@ class Stats:
     #: The admin port's connections, apart: they are operators and scrapers, not callers.
     admin_connections_open: int = 0
     admin_connections_total: int = 0
+    #: The DNS front end's TCP connections (agent/dns.py), apart too.
+    dns_connections_open: int = 0
+    dns_connections_total: int = 0
     connections_total: int = 0
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     catalog_reloads: int = 0
