@@ -278,8 +278,11 @@ async def run_agent(
     """Run until SIGINT/SIGTERM or cancellation. Raises ConfigError for startup problems."""
     sm = ServiceManager()
     # Worker threads (catalog parsing) hand the GIL back to the loop within this, not the
-    # default 5 ms: a bystander's resolve waits at most this long behind a big reload.
-    sys.setswitchinterval(0.0005)
+    # default 5 ms. The loop gives the GIL up at every socket call and waits up to this long
+    # to get it back while a worker parses, several times per request: at 0.5 ms a
+    # bystander's p99 during catalog rewrites was 8-50 ms here, at 0.1 ms 3.7-12 ms
+    # (bench/bystander.py, watch_flood and maglev_flap). With no worker running it costs nothing.
+    sys.setswitchinterval(0.0001)
     rt = Runtime(config, config_path, random.Random())
     source: FileSource | ConsulCatalog
     if config.source == "consul":
