@@ -266,7 +266,7 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                     if lc.draining and not proto.buffered:
                         return  # between requests: closing now loses nothing
                     await lc.wait_readable()
-                    if turns is not None and not turns.free():
+                    if turns is not None and not turns.free(source):
                         await turns.wait(source)  # a flood of wakeups: wait for this peer's turn
                     turn_frames = turn_bytes = 0
                     # The gap includes the epoll wakeup itself (~30 µs here), hence the 2x.

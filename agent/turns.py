@@ -8,9 +8,9 @@ write one request on each): a thousand turns in one pass, tens of ms, and a byst
 resolve woken in the same pass waits for all of them (issue 10, the connection flood).
 
 How: a pass grants BUDGET units (a wakeup costs one, answered frames one per FRAMES_PER_UNIT).
-A connection woken when the pass has units left, and nobody is queued, goes on at once: the
-common case costs two attribute reads. Past the budget it queues under its peer (uid:pid on
-the Unix socket, the address on TCP) and parks; a releaser lets queued connections go at
+A connection woken when the pass has units left, and none of its peer's is queued, goes on at
+once: the common case costs a few attribute reads. Past the budget it queues under its peer
+(uid:pid on the Unix socket, the address on TCP) and parks; a releaser lets queued connections go at
 up to BUDGET per pass, one per peer in turn, so a bystander with one queued connection goes
 within a pass however many the flooding peer has queued. A pass is counted by a trio
 instrument hook that runs before each I/O poll.
@@ -44,12 +44,14 @@ class Turns(trio.abc.Instrument):
         self.passes += 1
 
     # -- what a connection calls
-    def free(self) -> bool:
-        """A woken connection may go on in this pass (and takes a unit) if True."""
+    def free(self, key: str) -> bool:
+        """A woken connection of peer `key` may go on in this pass (and takes a unit) if True:
+        the pass has units left and none of this peer's connections is queued (a peer's
+        wakeups keep their order; another peer's queue does not hold this one back)."""
         if self._seen != self.passes:
             self._seen = self.passes
             self.used = 0
-        if self.used < self.budget and not self._queues:
+        if self.used < self.budget and (not self._queues or key not in self._queues):
             self.used += 1
             return True
         return False
@@ -88,7 +90,7 @@ class Turns(trio.abc.Instrument):
 
     async def take(self, key: str) -> None:
         """`free()` or else `wait(key)`: call after every wakeup, before doing the work."""
-        if not self.free():
+        if not self.free(key):
             await self.wait(key)
 
     # -- the releaser

@@ -80,7 +80,7 @@ def test_a_cancelled_wait_leaves_the_queue() -> None:
         turns = Turns(1)
         async with trio.open_nursery() as nursery:
             # No releaser running: waiters stay queued until cancelled.
-            turns.free()
+            turns.free("a")
             with trio.move_on_after(0.01):
                 await turns.wait("a")
             assert turns._queues == {} and not turns._ring
@@ -178,3 +178,19 @@ def _value(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} missing from /metrics")
+
+
+def test_a_peer_with_nothing_queued_passes_while_another_peers_queue_waits() -> None:
+    async def main() -> None:
+        turns = Turns(4)  # no releaser: what is queued stays queued
+        async with trio.open_nursery() as nursery:
+            assert all(turns.free("a") for _ in range(4))
+            assert not turns.free("a") and not turns.free("b")  # the pass is spent
+            nursery.start_soon(turns.wait, "a")
+            await trio.testing.wait_all_tasks_blocked()
+            turns.passes += 1  # a new pass
+            assert turns.free("b"), "b has nothing queued and the pass has units"
+            assert not turns.free("a"), "a's later wakeups keep their place behind its queue"
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
