@@ -232,3 +232,26 @@ def test_reload_to_a_tag_filter_matching_nothing_names_it():
     e.reconfigure(AgentConfig(services={"web": ServiceConfig(tags=("V2",))}), 1.0)
     assert e.services["web"].summary()["eligible"] == 0
     assert "check services.web.tags" in no_healthy(e, 1.0)
+
+
+def test_nearest_level_explained_with_ranks():
+    eps = [ep(1, rank=2), ep(2, rank=0), ep(3, rank=1), ep(4)]
+    e = engine(ServiceConfig(locality=("nearest:2", "*")), eps)
+    w = whys(e)
+    assert w["e2"][:2] == (True, "") and w["e3"][:2] == (True, "")
+    assert w["e1"][:2] == (False, "locality")
+    assert ('serving the 2 nearest eligible endpoints by rank (level "nearest:2" of services.web.locality = '
+            '["nearest:2", "*"]); this endpoint\'s rank is 2 (0 = nearest)') in w["e1"][2]
+    assert "rank is none (the source gave no order)" in w["e4"][2]
+    d = e.services["web"].describe(0.0)
+    assert d["locality_level"] == "nearest:2"
+    assert [x.get("rank") for x in d["endpoints"]] == [2, 0, 1, None]
+
+
+def test_nearest_without_ranks_and_no_fallback_says_so():
+    e = engine(ServiceConfig(locality=("zone", "nearest:1")), [ep(1, zone="b"), ep(2, zone="c")], zone="a")
+    served, reason, detail = whys(e)["e1"]
+    assert (served, reason) == (False, "locality")
+    assert "agent: zone 'a', nearest: no eligible endpoint has a rank" in detail
+    assert "endpoint: zone 'b', rank is none (the source gave no order)" in detail
+    assert "2 locality" in no_healthy(e)
