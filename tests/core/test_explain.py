@@ -150,7 +150,8 @@ def endpoints(draw):
     n = draw(st.integers(0, 6))
     return [ep(i, zone=draw(st.sampled_from(ZONES)), weight=draw(st.sampled_from((0, 1, 3))),
                tags=tuple(draw(st.sets(st.sampled_from(TAGS)))),
-               registry=draw(st.sampled_from(list(RegistryHealth)))) for i in range(n)]
+               registry=draw(st.sampled_from(list(RegistryHealth))),
+               rank=draw(st.sampled_from((None, 0, 1, 2)))) for i in range(n)]
 
 
 class ExplainMachine(RuleBasedStateMachine):
@@ -166,7 +167,7 @@ class ExplainMachine(RuleBasedStateMachine):
     def catalog(self, eps):
         self.e.set_service("web", eps, self.now)
 
-    @rule(tags=st.sets(st.sampled_from(TAGS)), loc=st.sampled_from([(), ("zone",), ("zone", "*")]),
+    @rule(tags=st.sets(st.sampled_from(TAGS)), loc=st.sampled_from([(), ("zone",), ("zone", "*"), ("nearest:2", "*"), ("nearest:1",)]),
           panic=st.sampled_from([0, 50, 100]))
     def reload(self, tags, loc, panic):
         svc = ServiceConfig(tags=tuple(sorted(tags)), locality=loc, panic_threshold=panic,
@@ -255,3 +256,15 @@ def test_nearest_without_ranks_and_no_fallback_says_so():
     assert "agent: zone 'a', nearest: no eligible endpoint has a rank" in detail
     assert "endpoint: zone 'b', rank is none (the source gave no order)" in detail
     assert "2 locality" in no_healthy(e)
+
+
+def test_endpoints_view_shows_rank_only_when_the_source_gives_one():
+    from softlb_agent.cli_views import format_endpoints
+
+    e = engine(ServiceConfig(locality=("nearest:1", "*")), [ep(1, rank=1), ep(2, rank=0), ep(3)])
+    text = format_endpoints(e.services["web"].describe(0.0))
+    assert "locality nearest:1,* (agent: no labels; serving: nearest:1)" in text
+    head, *rows = text.splitlines()[2:]
+    assert "RANK" in head.split() and [r.split()[0] for r in rows] == ["e1", "e2", "e3"]
+    plain = format_endpoints(engine(ServiceConfig(), [ep(1), ep(2)]).services["web"].describe(0.0))
+    assert "RANK" not in plain
