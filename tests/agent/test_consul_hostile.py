@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 import trio
 
-from agentproc import AgentProcess, free_port, wait_until
+from agentproc import AgentProcess, refusing_port, wait_until
 from helpers.frames import frame, read_frames
 from softlb import AgentConfig, Endpoint
 from softlb._config import ConsulConfig
@@ -203,7 +203,7 @@ def test_damaged_snapshot_does_not_stop_the_agent(tmp_path, damage):
     path.parent.mkdir(parents=True)
     path.write_text("[" * 200000 if damage == "deep nesting" else doc)
     # Consul is down: without the snapshot, web is simply unknown until it is back.
-    agent = consul_agent(tmp_path, f"http://127.0.0.1:{free_port()}", first_answer_timeout='"200ms"')
+    agent = consul_agent(tmp_path, f"http://127.0.0.1:{refusing_port()}", first_answer_timeout='"200ms"')
     try:
         agent.start()
         with agent.client(timeout=5) as c:
