@@ -225,8 +225,16 @@ class Side:
     async def read_loop(self, on_events: Callable[[Side, list[Any]], None]) -> None:
         """Feed h2 from the socket until it closes; each batch of events goes to `on_events`."""
         try:
-            while not self.dead:
-                data = await self.sock.recv(RECV)
+            while True:
+                # Wait first, then read: for request and answer the data is rarely there
+                # already, and trio's recv would try (EAGAIN), wait, try again and yield.
+                await trio.lowlevel.wait_readable(self.sock)
+                if self.dead:
+                    break
+                try:
+                    data = os.read(self.fd, RECV)
+                except BlockingIOError:
+                    continue
                 if not data:
                     break
                 try:
