@@ -40,6 +40,7 @@ import trio
 from softlb import route
 
 from .figures import Figures
+from .h2headers import malformed_request, malformed_trailers
 from .listener import DRAIN_CHECK, Conn, ListenerState, Work
 from .picks import Held, NoEndpoint, finish, pick, pick_now, release
 from .upstream import LOCAL_ERRNOS, open_socket
@@ -59,18 +60,35 @@ GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n":
 GRPC_UNAVAILABLE = b"14"
 GRPC_DEADLINE_EXCEEDED = b"4"
 
-#: h2 work skipped on both connections. What a client sends is validated once, as it comes
-#: in (bad requests are the client's error, answered by h2, never forwarded); headers are
-#: passed on as they came, so normalizing them (lowercasing, joining cookies) or validating
-#: them again on the way out is work with no effect. An upstream's answer is not validated
-#: here: the client validates what it receives, and a malformed answer is the endpoint's
-#: failure either way.
-_SKIP = dict(header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False,
-             normalize_inbound_headers=False)
-CLIENT_FACING = h2.config.H2Configuration(client_side=False, validate_inbound_headers=True, **_SKIP)
-UPSTREAM = h2.config.H2Configuration(client_side=True, validate_inbound_headers=False, **_SKIP)
+#: h2 work skipped on both connections. What a client sends is checked once, as it comes
+#: in, by h2headers (h2's own checks cost several times more): a malformed request is the
+#: client's error, its stream reset, never forwarded. Headers are passed on as they came,
+#: so normalizing them (lowercasing, joining cookies) or validating them again on the way
+#: out is work with no effect. An upstream's answer is not checked here: the client checks
+#: what it receives, and a malformed answer is the endpoint's failure either way.
+_CONFIG = dict(header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False,
+               validate_inbound_headers=False, normalize_inbound_headers=False)
+CLIENT_FACING = h2.config.H2Configuration(client_side=False, **_CONFIG)
+UPSTREAM = h2.config.H2Configuration(client_side=True, **_CONFIG)
 
 DATA, TRAILERS = 0, 1
+
+
+class _StreamsFinishAfterGoaway(h2.connection.H2ConnectionStateMachine):
+    """h2 closes a connection to every further frame once a GOAWAY is sent or received;
+    RFC 9113 6.8 lets the streams up to its last stream id finish, and draining needs just
+    that. Here a GOAWAY leaves the connection's state as it was: the proxy itself opens no
+    stream on an upstream connection after one (Upstreams.find), and refuses new client
+    streams once it sent one (ListenerState.closing)."""
+
+    def process_input(self, input_: h2.connection.ConnectionInputs) -> list[Any]:
+        if input_ is _SEND_GOAWAY or input_ is _RECV_GOAWAY:
+            return []
+        return super().process_input(input_)
+
+
+_SEND_GOAWAY = h2.connection.ConnectionInputs.SEND_GOAWAY
+_RECV_GOAWAY = h2.connection.ConnectionInputs.RECV_GOAWAY
 
 
 def grpc_timeout(value: bytes | None) -> float:
@@ -100,6 +118,7 @@ class Side:
 
     def __init__(self, sock: trio.socket.SocketType, config: h2.config.H2Configuration) -> None:
         self.conn = h2.connection.H2Connection(config=config)
+        self.conn.state_machine = _StreamsFinishAfterGoaway()
         self.sock = sock
         self.fd = sock.fileno()
         self.streams: dict[int, Stream] = {}
@@ -313,18 +332,17 @@ class Stream:
         self.starting: trio.CancelScope | None = None
 
 
-def _forwarded(headers: list[tuple[bytes, bytes]], peer: str | None) -> list[tuple[bytes, bytes]]:
+def _forwarded(headers: list[tuple[bytes, bytes]], peer: str) -> list[tuple[bytes, bytes]]:
+    """The request's headers (already checked free of connection-specific ones) with the
+    client's address appended to X-Forwarded-For."""
     out = []
     xff = None
-    for n, v in headers:
-        if n in HOP or (n == b"te" and v != b"trailers"):
-            continue
-        if n == b"x-forwarded-for" and peer is not None:
-            xff = v
-            continue
-        out.append((n, v))
-    if peer is not None:
-        out.append((b"x-forwarded-for", xff + b", " + peer.encode() if xff else peer.encode()))
+    for h in headers:
+        if h[0] == b"x-forwarded-for":
+            xff = h[1]
+        else:
+            out.append(h)
+    out.append((b"x-forwarded-for", xff + b", " + peer.encode() if xff else peer.encode()))
     return out
 
 
@@ -333,6 +351,11 @@ def _request(state: ListenerState, conn: Conn, cside: Side, ev: h2.events.Reques
     sid = ev.stream_id
     if state.closing:
         cside.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+        return
+    why = malformed_request(ev.headers)
+    if why is not None:
+        log.info("http2 %s: malformed request from %s: %s", state.service, conn.peer_ip, why)
+        cside.reset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
         return
     cfg = state.config
     authority = path = ctype = timeout = None
@@ -656,6 +679,12 @@ def _client_events(state: ListenerState, conn: Conn, side: Side, events: list[An
         elif t is h2.events.TrailersReceived:
             st = streams.get(ev.stream_id)
             if st is not None:
+                why = malformed_trailers(ev.headers)
+                if why is not None:
+                    log.info("http2 %s: malformed trailers from %s: %s", state.service, conn.peer_ip, why)
+                    _drop(st)
+                    side.reset(ev.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                    continue
                 item = [TRAILERS, ev.headers]
                 if st.replay is not None:
                     st.replay.append(item)
