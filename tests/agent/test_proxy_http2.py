@@ -497,3 +497,27 @@ def test_http2_streams_below_an_upstream_goaway_finish(make_agent):
         assert r["failures"] == 0 and r["requests"] == 3 and r["connections"] == 3
     finally:
         finisher.close()
+
+
+def test_grpc_timeout_ends_the_streams_lease(make_agent, grpcs):
+    """A stream cut at its grpc-timeout no longer counts as open on its endpoint: with
+    least_connections, a leaked lease would send every later call to the other one."""
+    a, b = grpcs(2)
+    port = free_port()
+    make_agent(catalog([a, b]), proxy_config("g", port, "http2") + """
+[services.g]
+policy = "least_connections"
+[services.g.outlier]
+consecutive_failures = 1000
+""").start()
+    c = RawH2(port)
+    try:
+        head, _, trailers, _ = c.call([*GRPC_CALL[:2], (b":path", b"/demo.Echo/Slow"), *GRPC_CALL[3:],
+                                       (b"grpc-timeout", b"200m")], grpc_frame(b"3"))
+        assert (head.get(b"grpc-status") or trailers.get(b"grpc-status")) == b"4"
+    finally:
+        c.close()
+    with channel(port) as ch:
+        call = ch.unary_unary("/demo.Echo/Call")
+        answers = {call(b"x", timeout=10) for _ in range(20)}
+    assert answers == {b"g1:x", b"g2:x"}
