@@ -665,15 +665,31 @@ def _expired(st: Stream, now: float) -> None:
 # ------------------------------------------------------------------------ events
 
 
+def _data_stream(side: Side, ev: h2.events.DataReceived) -> Stream | None:
+    """The stream a DATA frame is for; data for a stream already ended is acknowledged and
+    dropped."""
+    st = side.streams.get(ev.stream_id)
+    if st is None:
+        side.ack(ev.stream_id, ev.flow_controlled_length)
+    return st
+
+
+def _queue(st: Stream, item: list[Any], up: bool) -> None:
+    """Queue an item in one direction; send it now unless earlier ones still wait."""
+    q = st.up_q if up else st.down_q
+    q.append(item)
+    if len(q) == 1 and (not up or st.uside is not None):
+        _pump(st, up)
+
+
 def _client_events(state: ListenerState, conn: Conn, side: Side, events: list[Any],
                    spawn: Callable[..., None]) -> None:
     streams = side.streams
     for ev in events:
         t = type(ev)
         if t is h2.events.DataReceived:
-            st = streams.get(ev.stream_id)
+            st = _data_stream(side, ev)
             if st is None:
-                side.ack(ev.stream_id, ev.flow_controlled_length)
                 continue
             item = [DATA, ev.data, ev.flow_controlled_length, ev.stream_ended is not None]
             if st.replay is not None:
@@ -682,9 +698,7 @@ def _client_events(state: ListenerState, conn: Conn, side: Side, events: list[An
                     st.replay = None
                 else:
                     st.replay.append(list(item))
-            st.up_q.append(item)
-            if st.uside is not None and len(st.up_q) == 1:
-                _pump(st, up=True)
+            _queue(st, item, up=True)
         elif t is h2.events.RequestReceived:
             _request(state, conn, side, ev, spawn)
         elif t is h2.events.TrailersReceived:
@@ -699,9 +713,7 @@ def _client_events(state: ListenerState, conn: Conn, side: Side, events: list[An
                 item = [TRAILERS, ev.headers]
                 if st.replay is not None:
                     st.replay.append(item)
-                st.up_q.append(item)
-                if st.uside is not None and len(st.up_q) == 1:
-                    _pump(st, up=True)
+                _queue(st, item, up=True)
         elif t is h2.events.StreamReset:
             st = streams.get(ev.stream_id)
             if st is not None:  # the client gave up on the stream: so do we, upstream
@@ -717,13 +729,9 @@ def _upstream_events(side: Side, events: list[Any]) -> None:
     for ev in events:
         t = type(ev)
         if t is h2.events.DataReceived:
-            st = streams.get(ev.stream_id)
-            if st is None:
-                side.ack(ev.stream_id, ev.flow_controlled_length)
-                continue
-            st.down_q.append([DATA, ev.data, ev.flow_controlled_length, ev.stream_ended is not None])
-            if len(st.down_q) == 1:
-                _pump(st, up=False)
+            st = _data_stream(side, ev)
+            if st is not None:
+                _queue(st, [DATA, ev.data, ev.flow_controlled_length, ev.stream_ended is not None], up=False)
         elif t is h2.events.ResponseReceived:
             st = streams.get(ev.stream_id)
             if st is not None:
@@ -734,9 +742,7 @@ def _upstream_events(side: Side, events: list[Any]) -> None:
                 for n, v in ev.headers:
                     if n == b"grpc-status" and v == GRPC_UNAVAILABLE:
                         st.ok = False
-                st.down_q.append([TRAILERS, ev.headers])
-                if len(st.down_q) == 1:
-                    _pump(st, up=False)
+                _queue(st, [TRAILERS, ev.headers], up=False)
         elif t is h2.events.StreamReset:
             st = streams.get(ev.stream_id)
             if st is not None:
