@@ -95,7 +95,7 @@ def _frame_name(obj: object) -> str:
 
 # h2 formats every frame it receives for a trace log line, whether or not anything logs it
 # (`_receive_frame`: `logger.trace("Received frame: %s", repr(frame))`, before the logger
-# can say it is a no-op): 8% of the proxy's time per gRPC call. That line is the only use
+# can say it is a no-op): 6% of the proxy's time per gRPC call. That line is the only use
 # of `repr` in h2.connection, and nothing in the agent logs h2's frames, so the module's
 # `repr` names the frame's class only.
 if "repr" not in vars(h2.connection):
