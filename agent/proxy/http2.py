@@ -242,6 +242,10 @@ class Side:
             self.dead = True
             self.kick.set()
             self.sock.close()
+            # What waited here will never leave: its senders' connection windows reopen.
+            acks, self.held_acks = self.held_acks, []
+            for src, sid, n in acks:
+                src.ack(sid, n)
             if self.on_lost is not None:
                 self.on_lost(self)
 
@@ -537,8 +541,18 @@ def _pump(st: Stream, up: bool) -> None:
                     _complete(st)
                     break
     except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-        q.clear()  # the other side ended the stream: its event says how
+        _unqueue(q, src, ssid)  # the other side ended the stream: its event says how
     dst.dirty()
+
+
+def _unqueue(q: deque[list[Any]], src: Side | None, sid: int) -> None:
+    """Drop what waits in one direction, acknowledged to its sender: the stream ends, but
+    the connection's window must not shrink by what it never forwarded."""
+    if src is not None:
+        for item in q:
+            if item[0] == DATA and item[2]:
+                src.ack(sid, item[2])
+    q.clear()
 
 
 def _complete(st: Stream) -> None:
@@ -557,6 +571,8 @@ def _forget(st: Stream) -> None:
     if st.done:
         return
     st.done = True
+    _unqueue(st.up_q, st.cside, st.csid)
+    _unqueue(st.down_q, st.uside, st.usid)
     now = trio.current_time()
     st.cside.streams.pop(st.csid, None)
     st.cside.last_used = now
@@ -697,7 +713,7 @@ def _client_events(state: ListenerState, conn: Conn, side: Side, events: list[An
                 if st.replay_size > REPLAY_MAX:
                     st.replay = None
                 else:
-                    st.replay.append(list(item))
+                    st.replay.append([DATA, ev.data, 0, item[3]])  # acknowledged once, as sent
             _queue(st, item, up=True)
         elif t is h2.events.RequestReceived:
             _request(state, conn, side, ev, spawn)

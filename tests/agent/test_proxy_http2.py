@@ -521,3 +521,39 @@ consecutive_failures = 1000
         call = ch.unary_unary("/demo.Echo/Call")
         answers = {call(b"x", timeout=10) for _ in range(20)}
     assert answers == {b"g1:x", b"g2:x"}
+
+
+def test_http2_streams_reset_with_answers_waiting_do_not_shrink_the_upstream_window(make_agent, grpcs):
+    """A client that resets streams while their answers wait in the proxy (its window is
+    closed): what waited is acknowledged to the endpoint, so the pooled upstream
+    connection's 16 MiB window does not shrink by it. 24 such streams of 1 MiB answers
+    would exhaust it otherwise, and the next call would hang."""
+    (b,) = grpcs(1)
+    port = free_port()
+    make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
+    payload = b"p" * (1 << 20)
+    c = RawH2(port)
+    try:
+        for _ in range(24):
+            sid = c.conn.get_next_available_stream_id()
+            c.conn.send_headers(sid, GRPC_CALL)
+            body = grpc_frame(payload)
+            answer = 0
+            while body or answer < 65535:  # the client's whole stream window
+                room = min(c.conn.local_flow_control_window(sid), c.conn.max_outbound_frame_size)
+                if body and room:
+                    c.conn.send_data(sid, body[:room], end_stream=len(body) <= room)
+                    body = body[room:]
+                    continue
+                c.sock.sendall(c.conn.data_to_send())
+                for ev in c.conn.receive_data(c.sock.recv(65536)):
+                    if isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                        answer += len(ev.data)  # the stream window stays shut; the connection's reopens
+                        c.conn.increment_flow_control_window(ev.flow_controlled_length)
+            time.sleep(0.2)  # the endpoint fills its stream window (1 MiB) meanwhile
+            c.conn.reset_stream(sid)
+            c.sock.sendall(c.conn.data_to_send())
+    finally:
+        c.close()
+    with channel(port) as ch:
+        assert ch.unary_unary("/demo.Echo/Call")(b"after", timeout=5) == b"g1:after"
