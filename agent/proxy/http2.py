@@ -489,7 +489,13 @@ def _open(st: Stream, held: Held, uside: Side) -> None:
     if ended:
         q.clear()
         st.up_ended = True
-    uside.conn.send_headers(usid, st.headers, end_stream=ended)
+    try:
+        uside.conn.send_headers(usid, st.headers, end_stream=ended)
+    except h2.exceptions.ProtocolError as e:  # h2 will not open it there (too many streams)
+        log.info("http2 %s: cannot open a stream to %s: %s", st.service, ep.id, e)
+        uside.goaway = True  # no further streams on this connection
+        _refused(st)
+        return
     uside.dirty()
     if q:
         _pump(st, up=True)
@@ -504,6 +510,8 @@ def _pump(st: Stream, up: bool) -> None:
     if dst is None or dst.dead:
         return
     conn = dst.conn
+    ef = st.ef
+    assert ef is not None
     try:
         while q:
             item = q[0]
@@ -515,23 +523,20 @@ def _pump(st: Stream, up: bool) -> None:
                         dst.blocked.append(st)
                         break
                     if room < len(data):
-                        conn.send_data(dsid, data[:room])
-                        item[1] = data[room:]
+                        data, item[1] = data[:room], data[room:]
+                        conn.send_data(dsid, data)
+                        _count(st.lf, ef, up, len(data))
                         continue
                 conn.send_data(dsid, data, end_stream=item[3])
+                _count(st.lf, ef, up, len(data))
                 q.popleft()
                 if item[2]:
                     dst.ack_for(src, ssid, item[2])  # type: ignore[arg-type]
                 if up:
-                    st.lf.bytes_in += len(data)
-                    st.ef.bytes_in += len(data)  # type: ignore[union-attr]
                     st.up_ended = item[3]
-                else:
-                    st.lf.bytes_out += len(data)
-                    st.ef.bytes_out += len(data)  # type: ignore[union-attr]
-                    if item[3]:
-                        _complete(st)
-                        break
+                elif item[3]:
+                    _complete(st)
+                    break
             else:
                 conn.send_headers(dsid, item[1], end_stream=True)
                 q.popleft()
@@ -543,6 +548,15 @@ def _pump(st: Stream, up: bool) -> None:
     except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
         _unqueue(q, src, ssid)  # the other side ended the stream: its event says how
     dst.dirty()
+
+
+def _count(lf: Figures, ef: Figures, up: bool, n: int) -> None:
+    if up:
+        lf.bytes_in += n
+        ef.bytes_in += n
+    else:
+        lf.bytes_out += n
+        ef.bytes_out += n
 
 
 def _unqueue(q: deque[list[Any]], src: Side | None, sid: int) -> None:

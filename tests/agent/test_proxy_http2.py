@@ -187,7 +187,7 @@ def test_http2_plain_request_and_large_bodies_flow_control(make_agent, grpcs):
     """A non-gRPC h2 request larger than every window crosses both connections."""
     (b,) = grpcs(1)
     port = free_port()
-    make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
+    agent = make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
     c = RawH2(port)
     try:
         payload = b"p" * (3 << 20)  # 3 MiB: over the 1 MiB stream windows either way
@@ -199,6 +199,8 @@ def test_http2_plain_request_and_large_bodies_flow_control(make_agent, grpcs):
         assert data == grpc_frame(b"g1:" + payload)
     finally:
         c.close()
+    fig = endpoints(agent)["g1"]["proxy"]  # body bytes, counted as they cross
+    assert (fig["bytes_in"], fig["bytes_out"]) == (len(grpc_frame(payload)), len(grpc_frame(b"g1:" + payload)))
 
 
 def test_grpc_kill_backend_mid_load(make_agent):
