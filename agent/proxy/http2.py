@@ -41,6 +41,7 @@ from softlb import route
 
 from .figures import Figures
 from .h2headers import malformed_request, malformed_trailers
+from .hpack_static import StaticEncoder
 from .listener import DRAIN_CHECK, Conn, ListenerState, Work
 from .picks import Held, NoEndpoint, finish, pick, pick_now, release
 from .upstream import LOCAL_ERRNOS, open_socket
@@ -130,6 +131,7 @@ class Side:
     def __init__(self, sock: trio.socket.SocketType, config: h2.config.H2Configuration) -> None:
         self.conn = h2.connection.H2Connection(config=config)
         self.conn.state_machine = _StreamsFinishAfterGoaway()
+        self.conn.encoder = StaticEncoder()  # type: ignore[assignment]
         self.sock = sock
         self.fd = sock.fileno()
         self.streams: dict[int, Stream] = {}
