@@ -118,6 +118,17 @@ def test_sighup_with_broken_config_keeps_serving(agent):
     assert agent.client().resolve("web").port in (18001, 18002, 18003)
 
 
+def test_sighup_with_a_config_that_is_not_utf8_keeps_serving(agent):
+    """Found by atheris (issue 10): tomllib's UnicodeDecodeError escaped the reload."""
+    with open(agent.config_path, "wb") as f:
+        f.write(b'[agent]\nzone = "\xff"\n')
+    agent.send(signal.SIGHUP)
+    wait_until(lambda: "config reload refused" in agent.log())
+    assert "config is not UTF-8 text: byte 0xff at offset 16" in agent.log()
+    assert agent.client().resolve("web").port in (18001, 18002, 18003)
+    assert agent.proc.poll() is None
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_clean_shutdown(agent, sig):
     assert agent.stop(sig) == 0
