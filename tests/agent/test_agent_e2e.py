@@ -101,6 +101,15 @@ def test_broken_edit_keeps_the_last_good_catalog(agent):
     wait_until(lambda: agent.client().resolve("web").id == "fixed")
 
 
+def test_a_catalog_edit_that_is_not_utf8_keeps_the_last_good_catalog(agent):
+    with open(agent.catalog_path, "ab") as f:
+        f.write(b"# \xc3\x28\n")
+    wait_until(lambda: "not reloaded" in agent.log())
+    assert "catalog is not UTF-8 text: byte 0xc3 at offset" in agent.log()
+    with agent.client() as c:
+        assert {c.resolve("web").id for _ in range(3)} == {"web-1", "web-2", "web-3"}
+
+
 def test_sighup_reloads_catalog(agent):
     # Same size and a restored mtime would defeat polling; SIGHUP must reload regardless.
     st = os.stat(agent.catalog_path)
