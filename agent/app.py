@@ -21,14 +21,13 @@ import signal
 import socket
 import stat
 import sys
-import tomllib
 from dataclasses import replace
 from functools import partial
 from typing import Callable
 
 import trio
 
-from softlb import AgentConfig, ConfigError, check_listen, parse_agent_config
+from softlb import AgentConfig, ConfigError, check_listen, parse_agent_config_text
 from softlb.policies import POLICIES
 from .paths import default_socket_path
 
@@ -70,13 +69,11 @@ def load_config_file(path: str) -> AgentConfig:
     """Read and validate an agent config file; ConfigError names the file and key."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            text = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:
-        cfg = parse_agent_config(data, frozenset(POLICIES))
+        cfg = parse_agent_config_text(text, frozenset(POLICIES))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     # Relative paths in a config file mean "beside this file", whatever the working

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
@@ -672,6 +673,25 @@ def check_listen(value: str, what: str, allow_non_loopback: bool) -> None:
             f"{what}: {host} is not a loopback address; softlb serves this host only "
             "(set allow_non_loopback = true to override)"
         )
+
+
+def toml_document(text: bytes | str, what: str) -> dict[str, Any]:
+    """A config or catalog file's bytes as a TOML document. A file that is not UTF-8 is a
+    ConfigError like bad TOML (atheris found tomllib's UnicodeDecodeError escaping: issue 10)."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{what} is not UTF-8 text: byte {text[e.start]:#04x} at offset {e.start}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} is not valid TOML: {e}") from None
+
+
+def parse_agent_config_text(text: bytes | str, known_policies: frozenset[str] = frozenset()) -> AgentConfig:
+    """Validate an agent config file's contents (bytes as read, or text)."""
+    return parse_agent_config(toml_document(text, "config"), known_policies)
 
 
 def parse_agent_config(data: Mapping[str, Any], known_policies: frozenset[str] = frozenset()) -> AgentConfig:
