@@ -191,15 +191,18 @@ class Runtime:
             if before is not None:
                 catalog_log.info("%s: service removed", name, extra={"service": name, "event": "removed"})
             return
-        rows = {r.id: r for r in b.health.snapshot(trio.current_time()).endpoints}
-        eligible = frozenset(i for i, r in rows.items() if r.eligible)
-        self._health_seen[name] = (frozenset(rows), eligible, b.panic)
+        # Ids only (no row per endpoint): this runs on every change of a service of any size.
+        now = trio.current_time()
+        ids = b.health.ids()
+        eligible = frozenset(e.id for e in b.health.eligible(now))
+        self._health_seen[name] = (ids, eligible, b.panic)
         if before is None:
             return
         known, was_eligible, was_panic = before
-        self._log_membership(name, known, rows.keys())
-        lost = sorted((was_eligible - eligible) & rows.keys())
-        whys = {w.id: w for w in b.explain(trio.current_time())} if lost else {}
+        self._log_membership(name, known, ids)
+        lost = sorted((was_eligible - eligible) & ids)
+        rows = b.health.rows(lost, now)
+        whys = {w.id: w for w in b.explain(now)} if lost else {}
         for eid in lost:
             why = whys[eid].detail if eid in whys else _why(rows[eid])
             health_log.warning("%s: endpoint %s is no longer eligible (%s)", name, eid, _why(rows[eid]),
@@ -209,10 +212,10 @@ class Runtime:
                             extra={"service": name, "endpoint": eid, "event": "eligible"})
         if b.panic and not was_panic:
             health_log.warning("%s: panic: %d of %d endpoints eligible, below %d%%: balancing over all of them",
-                               name, len(eligible), len(rows), b.config.panic_threshold,
+                               name, len(eligible), len(ids), b.config.panic_threshold,
                                extra={"service": name, "event": "panic", "reason": "too few eligible endpoints"})
         elif was_panic and not b.panic:
-            health_log.info("%s: panic over: %d of %d endpoints eligible", name, len(eligible), len(rows),
+            health_log.info("%s: panic over: %d of %d endpoints eligible", name, len(eligible), len(ids),
                             extra={"service": name, "event": "panic_over"})
 
     def _log_membership(self, name: str, known: frozenset[str], now_ids: Collection[str]) -> None:

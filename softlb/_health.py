@@ -46,6 +46,8 @@ candidate set changed (including expiries noticed on the way); `version` counts 
 
 from __future__ import annotations
 
+import itertools
+
 import enum
 import math
 from dataclasses import dataclass
@@ -313,34 +315,56 @@ class HealthTracker:
         """When the next ejection expires, or None if nothing is ejected."""
         return self._next_expiry
 
-    def snapshot(self, now: float) -> ServiceHealth:
-        eligible = self.eligible(now)
-        rows = []
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def tally(self) -> tuple[int, int, int]:
+        """(ejected now, ejections ever, probe-down) over every endpoint, without building a
+        row per endpoint (metrics read it for services of any size)."""
+        ejected = ejections = down = 0
         for e in self._entries.values():
-            p, o, ep = e.probe, e.outlier, e.endpoint
-            rows.append(
-                EndpointHealth(
-                    id=ep.id,
-                    registry=ep.registry,
-                    eligible=e.eligible,
-                    probe=None if p is None else p.state,
-                    probe_streak=0 if p is None else p.streak,
-                    last_probe_ok=None if p is None else p.last_ok,
-                    last_probe_age=None if p is None or p.last_at is None else now - p.last_at,
-                    last_probe_detail="" if p is None else p.last_detail,
-                    ejected=o.ejected_until is not None,
-                    ejected_remaining=None if o.ejected_until is None else o.ejected_until - now,
-                    ejections=o.ejections,
-                    ejection_level=self._level(o, now),
-                    consecutive_failures=o.failures,
-                )
-            )
+            o, p = e.outlier, e.probe
+            ejected += o.ejected_until is not None
+            ejections += o.ejections
+            down += p is not None and p.state is ProbeState.DOWN
+        return ejected, ejections, down
+
+    def snapshot(self, now: float, limit: int | None = None) -> ServiceHealth:
+        """Every endpoint's row (the first `limit` ones, in catalog order, if given)."""
+        eligible = self.eligible(now)
+        entries = self._entries.values()
+        rows = tuple(self._row(e, now) for e in (entries if limit is None else itertools.islice(entries, limit)))
         return ServiceHealth(
             panic=self.in_panic(now),
             panic_threshold=self._cfg.panic_threshold,
             eligible=len(eligible),
             candidates=len(self._candidates),
-            endpoints=tuple(rows),
+            endpoints=rows,
+        )
+
+    def ids(self) -> frozenset[str]:
+        return frozenset(self._entries)
+
+    def rows(self, ids: Iterable[str], now: float) -> dict[str, EndpointHealth]:
+        """The rows of just these endpoints (those still listed)."""
+        return {i: self._row(self._entries[i], now) for i in ids if i in self._entries}
+
+    def _row(self, e: _Entry, now: float) -> EndpointHealth:
+        p, o, ep = e.probe, e.outlier, e.endpoint
+        return EndpointHealth(
+            id=ep.id,
+            registry=ep.registry,
+            eligible=e.eligible,
+            probe=None if p is None else p.state,
+            probe_streak=0 if p is None else p.streak,
+            last_probe_ok=None if p is None else p.last_ok,
+            last_probe_age=None if p is None or p.last_at is None else now - p.last_at,
+            last_probe_detail="" if p is None else p.last_detail,
+            ejected=o.ejected_until is not None,
+            ejected_remaining=None if o.ejected_until is None else o.ejected_until - now,
+            ejections=o.ejections,
+            ejection_level=self._level(o, now),
+            consecutive_failures=o.failures,
         )
 
     # ------------------------------------------------------------------ internals
