@@ -124,6 +124,11 @@ class AgentCollector(Collector):
         builds.add_metric(["installed"], s.table_builds)
         builds.add_metric(["superseded"], s.table_builds_superseded)
         yield builds
+        sets = CounterMetricFamily("softlb_set_builds", "Big endpoint sets applied in steps, and those dropped "
+                                   "because a newer update of the service superseded them.", labels=["result"])
+        sets.add_metric(["installed"], s.set_builds)
+        sets.add_metric(["superseded"], s.set_builds_superseded)
+        yield sets
         yield _counter("softlb_catalog_refused", "Catalog files refused for their type or size.", s.catalog_refused)
 
         # DNS front end (agent/dns.py): answers by transport and rcode; "dropped" and "refused"

@@ -17,7 +17,8 @@ from typing import Any, Callable, Collection
 
 import trio
 
-from softlb import AgentConfig, Changes, EndpointHealth, Engine, ErrorCode, LeaseScope, Pending, Pick, PickError
+from softlb import (AgentConfig, Changes, EndpointHealth, EndpointSetBuild, Engine, ErrorCode, LeaseScope, Pending, Pick,
+                    PickError)
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Stats:
     catalog_refused: int = 0  # a catalog file of the wrong type or size
     table_builds: int = 0  # consistent-hash tables rebuilt in steps off the engine call
     table_builds_superseded: int = 0
+    set_builds: int = 0  # big endpoint sets applied in steps (agent/table_builds.py)
+    set_builds_superseded: int = 0
     probe_local_failures: int = 0  # probes not run for the agent's own lack of fds/memory
     started_wall: float = 0.0
     #: DNS front end: "udp:NOERROR", "tcp:NXDOMAIN", "udp:dropped", "tcp:refused"...
@@ -89,6 +92,8 @@ class Runtime:
         self.engine = Engine(config, rng or random.Random(), on_demand=config.source == "consul", defer_builds=True)
         #: Set when the engine has table builds waiting (agent/table_builds.py).
         self.builds_waiting = trio.Event()
+        #: Big endpoint sets a source handed over to be applied in steps (`apply_soon`).
+        self.set_build_queue: list[EndpointSetBuild] = []
         self.stats = Stats(started=trio.current_time(), started_wall=time.time())
         #: `now` when the catalog source last confirmed the data it serves (the file
         #: source: the last poll that found the file unchanged or loaded it).
@@ -129,6 +134,15 @@ class Runtime:
             for listener in self.change_listeners:
                 listener(name)
         self._log_vip_collisions()
+
+    def apply_soon(self, update: EndpointSetBuild | Changes) -> None:
+        """What `engine.begin_set_service` returned, from a caller that cannot wait: changes
+        are dispatched now; a build is run in steps by agent/table_builds.py."""
+        if isinstance(update, EndpointSetBuild):
+            self.set_build_queue.append(update)
+            self.builds_waiting.set()
+        else:
+            self.dispatch(update)
 
     def _log_vip_collisions(self) -> None:
         collisions = self.engine.vips.collisions

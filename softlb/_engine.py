@@ -147,8 +147,14 @@ class Engine:
             b = ServiceBalancer(name, self.config.service(name), self.rng, self._here(), self.table_builds)
             if b.slow_start is not None:
                 return self.set_service(name, endpoints, now, stale=stale, fetched_at=fetched_at)
+        self._supersede(name)
         build = self.set_builds[name] = EndpointSetBuild(name, b, endpoints, stale=stale, fetched_at=fetched_at)
         return build
+
+    def _supersede(self, name: str) -> None:
+        build = self.set_builds.pop(name, None)
+        if build is not None:
+            build.current = False
 
     def install_set(self, build: EndpointSetBuild, now: float) -> Changes:
         """Swap in a finished build; NO_CHANGES if a newer update superseded it."""
@@ -168,7 +174,7 @@ class Engine:
     def set_service(
         self, name: str, endpoints: Sequence[Endpoint], now: float, *, stale: bool = False, fetched_at: float | None = None
     ) -> Changes:
-        self.set_builds.pop(name, None)  # superseded
+        self._supersede(name)
         new = name not in self.services
         b = self._balancer(name)
         # A service appearing is a change even with no endpoints: whoever waits for its
@@ -178,7 +184,7 @@ class Engine:
         return frozenset((name,)) if changed else NO_CHANGES
 
     def remove_service(self, name: str, now: float) -> Changes:
-        self.set_builds.pop(name, None)  # superseded
+        self._supersede(name)
         self.last_used.pop(name, None)
         self.vips.release(name)
         if self.services.pop(name, None) is None:
@@ -206,6 +212,8 @@ class Engine:
         # Unfinished stepped updates were derived under the old settings: applied in line
         # below, after the balancers are rebuilt (a config reload is rare; losing them is not).
         pending, self.set_builds = self.set_builds, {}
+        for build in pending.values():
+            build.current = False
         moved = (old.node, old.zone, old.region) != (config.node, config.zone, config.region)
         self.vips = self.vips.rebuilt(*_vip_settings(config), self.services)
         changed = set()

@@ -42,7 +42,7 @@ REDERIVE_TRIES = 3
 
 class EndpointSetBuild:
     __slots__ = ("name", "balancer", "given", "stale", "fetched_at", "catalog", "endpoints", "same", "by_id",
-                 "packed", "all_zero", "ids", "entries", "derived", "panic", "level", "served", "weights", "prepared", "_work", "done")
+                 "packed", "all_zero", "ids", "entries", "derived", "panic", "level", "served", "weights", "prepared", "_work", "done", "current")
 
     def __init__(self, name: str, balancer: ServiceBalancer, endpoints: Sequence[Endpoint], *, stale: bool,
                  fetched_at: float | None) -> None:
@@ -69,6 +69,8 @@ class EndpointSetBuild:
         self.prepared: object = None
         self._work = self._steps()
         self.done = False
+        #: False once a newer update of the service superseded it (install refuses it then).
+        self.current = True
 
     def step(self, budget: int) -> bool:
         """Do about `budget` endpoints of work; True when the build is complete."""
