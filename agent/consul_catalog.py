@@ -128,5 +128,7 @@ class ConsulCatalog:
             with trio.move_on_after(timeout):
                 for name in self.rt.config.services:
                     await self.source.wait_ready(name, timeout)
+                    if name in self.rt.engine.set_builds:  # a big first set, applied in steps
+                        await self.rt.wait_for_service(name, timeout)
             self.rt.catalog_ready.set()
             task_status.started()
