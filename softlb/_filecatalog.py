@@ -11,6 +11,7 @@
     zone = "eu-1a"
     region = "eu-1"
     registry = "maintenance"   # optional: passing (default), warning, critical, maintenance
+    rank = 0                # optional, >= 0: nearest first, for the "nearest:N" locality level
 
 Parsing is all-or-nothing: one bad endpoint rejects the whole document, so the agent keeps
 serving the last good catalog instead of a half-applied one.
@@ -88,6 +89,7 @@ def _endpoint(t: _Table) -> Endpoint:
         zone=t.str("zone", ""),
         region=t.str("region", ""),
         registry=state,
+        rank=t.int("rank", 0, 0, 1_000_000) if t.has("rank") else None,
     )
     t.done()
     return ep
