@@ -416,7 +416,7 @@ async def h_readyz(app: Admin, req: Request, p: dict[str, str]) -> Response:
 
 
 async def h_metrics(app: Admin, req: Request, p: dict[str, str]) -> Response:
-    return Response(200, metrics.render(app.registry), metrics.CONTENT_TYPE)
+    return Response(200, await metrics.render_stepped(app.registry), metrics.CONTENT_TYPE)
 
 
 async def h_status(app: Admin, req: Request, p: dict[str, str]) -> Response:

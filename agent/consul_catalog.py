@@ -1,7 +1,8 @@
 """The "consul" catalog source for the agent: ConsulSource wired to the Engine.
 
-* Publishes each watched service's endpoints with `engine.set_service(..., stale=,
-  fetched_at=)`, and removes services that went idle.
+* Publishes each watched service's endpoints with `engine.begin_set_service(..., stale=,
+  fetched_at=)` (a big set is applied in steps, agent/table_builds.py), and removes
+  services that went idle.
 * Configured services (`[services.<name>]`) are watched from the start; any other service
   is watched when a caller first resolves it: the engine answers `Pending`, and the front
   end's `Runtime.await_source` calls `_fetch` to start the watch and waits (bounded by `consul.first_answer_timeout`) for the first answer.
@@ -87,7 +88,8 @@ class ConsulCatalog:
 
     def on_update(self, service: str, endpoints: tuple[Endpoint, ...], now: float, *,
                   stale: bool, fetched_at: float | None) -> None:
-        self.rt.dispatch(self.rt.engine.set_service(service, endpoints, now, stale=stale, fetched_at=fetched_at))
+        # A big set is applied in steps by agent/table_builds.py (issue 10, item 9).
+        self.rt.apply_soon(self.rt.engine.begin_set_service(service, endpoints, now, stale=stale, fetched_at=fetched_at))
 
     def on_remove(self, service: str, now: float) -> None:
         self.rt.dispatch(self.rt.engine.remove_service(service, now))
@@ -126,5 +128,7 @@ class ConsulCatalog:
             with trio.move_on_after(timeout):
                 for name in self.rt.config.services:
                     await self.source.wait_ready(name, timeout)
+                    if name in self.rt.engine.set_builds:  # a big first set, applied in steps
+                        await self.rt.wait_for_service(name, timeout)
             self.rt.catalog_ready.set()
             task_status.started()

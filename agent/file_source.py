@@ -20,10 +20,11 @@ import stat
 
 import trio
 
-from softlb import ConfigError
+from softlb import ConfigError, EndpointSetBuild
 from softlb import parse_catalog_text, plural
 
 from .runtime import Runtime
+from .table_builds import run_set_build
 
 log = logging.getLogger("softlb.catalog")
 
@@ -82,8 +83,9 @@ def _read_and_parse(path: str, max_bytes: int) -> dict:
 async def apply_in_slices(rt: Runtime, services: dict, now: float) -> set[str]:
     """engine.replace_all, a few services at a time with a checkpoint between, so other
     clients are answered while a big catalog is applied; each slice's changes are
-    dispatched before the checkpoint. Each service changes atomically; callers may see some
-    services new and others old for a moment, as with any reload."""
+    dispatched before the checkpoint. A service of SET_STEP_MIN endpoints or more is itself
+    applied in steps (agent/table_builds.py). Each service changes atomically; callers may
+    see some services new and others old for a moment, as with any reload."""
     engine = rt.engine
     changed: set[str] = set()
     pending: set[str] = set()
@@ -91,7 +93,13 @@ async def apply_in_slices(rt: Runtime, services: dict, now: float) -> set[str]:
         pending |= engine.remove_service(name, now)
     done = 0
     for name, eps in services.items():
-        pending |= engine.set_service(name, eps, now)
+        update = engine.begin_set_service(name, eps, now)
+        if isinstance(update, EndpointSetBuild):
+            rt.dispatch(frozenset(pending))
+            changed |= pending | await run_set_build(rt, update)
+            pending, done = set(), 0
+            continue
+        pending |= update
         done += len(eps) + 1
         if done >= APPLY_SLICE:
             done = 0

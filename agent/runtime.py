@@ -20,7 +20,8 @@ import trio
 if TYPE_CHECKING:
     from .turns import Turns
 
-from softlb import AgentConfig, Changes, EndpointHealth, Engine, ErrorCode, LeaseScope, Pending, Pick, PickError
+from softlb import (AgentConfig, Changes, EndpointHealth, EndpointSetBuild, Engine, ErrorCode, LeaseScope, Pending, Pick,
+                    PickError)
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Stats:
     catalog_refused: int = 0  # a catalog file of the wrong type or size
     table_builds: int = 0  # consistent-hash tables rebuilt in steps off the engine call
     table_builds_superseded: int = 0
+    set_builds: int = 0  # big endpoint sets applied in steps (agent/table_builds.py)
+    set_builds_superseded: int = 0
     probe_local_failures: int = 0  # probes not run for the agent's own lack of fds/memory
     gc_full_collections: int = 0  # agent/gc_pauses.py: timed full collections
     gc_full_seconds_max: float = 0.0
@@ -97,6 +100,8 @@ class Runtime:
         self.engine = Engine(config, rng or random.Random(), on_demand=config.source == "consul", defer_builds=True)
         #: Set when the engine has table builds waiting (agent/table_builds.py).
         self.builds_waiting = trio.Event()
+        #: Big endpoint sets a source handed over to be applied in steps (`apply_soon`).
+        self.set_build_queue: list[EndpointSetBuild] = []
         self.stats = Stats(started=trio.current_time(), started_wall=time.time())
         #: `now` when the catalog source last confirmed the data it serves (the file
         #: source: the last poll that found the file unchanged or loaded it).
@@ -139,6 +144,15 @@ class Runtime:
             for listener in self.change_listeners:
                 listener(name)
         self._log_vip_collisions()
+
+    def apply_soon(self, update: EndpointSetBuild | Changes) -> None:
+        """What `engine.begin_set_service` returned, from a caller that cannot wait: changes
+        are dispatched now; a build is run in steps by agent/table_builds.py."""
+        if isinstance(update, EndpointSetBuild):
+            self.set_build_queue.append(update)
+            self.builds_waiting.set()
+        else:
+            self.dispatch(update)
 
     def _log_vip_collisions(self) -> None:
         collisions = self.engine.vips.collisions
@@ -201,15 +215,18 @@ class Runtime:
             if before is not None:
                 catalog_log.info("%s: service removed", name, extra={"service": name, "event": "removed"})
             return
-        rows = {r.id: r for r in b.health.snapshot(trio.current_time()).endpoints}
-        eligible = frozenset(i for i, r in rows.items() if r.eligible)
-        self._health_seen[name] = (frozenset(rows), eligible, b.panic)
+        # Ids only (no row per endpoint): this runs on every change of a service of any size.
+        now = trio.current_time()
+        ids = b.health.ids()
+        eligible = frozenset(e.id for e in b.health.eligible(now))
+        self._health_seen[name] = (ids, eligible, b.panic)
         if before is None:
             return
         known, was_eligible, was_panic = before
-        self._log_membership(name, known, rows.keys())
-        lost = sorted((was_eligible - eligible) & rows.keys())
-        whys = {w.id: w for w in b.explain(trio.current_time())} if lost else {}
+        self._log_membership(name, known, ids)
+        lost = sorted((was_eligible - eligible) & ids)
+        rows = b.health.rows(lost, now)
+        whys = {w.id: w for w in b.explain(now)} if lost else {}
         for eid in lost:
             why = whys[eid].detail if eid in whys else _why(rows[eid])
             health_log.warning("%s: endpoint %s is no longer eligible (%s)", name, eid, _why(rows[eid]),
@@ -219,10 +236,10 @@ class Runtime:
                             extra={"service": name, "endpoint": eid, "event": "eligible"})
         if b.panic and not was_panic:
             health_log.warning("%s: panic: %d of %d endpoints eligible, below %d%%: balancing over all of them",
-                               name, len(eligible), len(rows), b.config.panic_threshold,
+                               name, len(eligible), len(ids), b.config.panic_threshold,
                                extra={"service": name, "event": "panic", "reason": "too few eligible endpoints"})
         elif was_panic and not b.panic:
-            health_log.info("%s: panic over: %d of %d endpoints eligible", name, len(eligible), len(rows),
+            health_log.info("%s: panic over: %d of %d endpoints eligible", name, len(eligible), len(ids),
                             extra={"service": name, "event": "panic_over"})
 
     def _log_membership(self, name: str, known: frozenset[str], now_ids: Collection[str]) -> None:

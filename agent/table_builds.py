@@ -1,14 +1,17 @@
-"""Consistent-hash table rebuilds (maglev, ring_hash, source_hash), run in steps on the loop.
+"""Work the engine leaves to be done in steps on the loop: consistent-hash table rebuilds
+(maglev, ring_hash, source_hash) and big endpoint sets (issue 10, item 9).
 
 Why: a maglev table at 1,000 endpoints takes 25-77 ms to build in pure Python, and health
-flaps rebuild it every time; done inside the engine call that caused it, that is a stall for
-every client on the host (issue 10, item 9). The engine (made with defer_builds) leaves each
-rebuild as a `TableBuild` and keeps answering from the old table, guarded so that it never
-returns an endpoint outside the current set (softlb/policies/_consistent.py). This task runs
-the builds a step (~1 ms) at a time with a checkpoint between steps, so other clients are
-answered in between, and installs each table unless a newer change superseded it.
+flaps rebuild it every time; applying one 100,000-endpoint service is ~1-2.5 s, and a
+5,000-endpoint Consul service changing every second cost ~278 ms per change. Done inside the
+engine call that caused it, each is a stall for every client on the host. The engine (made
+with defer_builds) leaves a `TableBuild` for each rebuild, and `begin_set_service` returns an
+`EndpointSetBuild` for a big set; both keep answering from the old state meanwhile
+(softlb/policies/_consistent.py, softlb/_set_build.py). This module runs them a step (~1 ms)
+at a time with a checkpoint between steps, so other clients are answered in between, and
+installs each unless a newer change superseded it.
 
-Why steps on the loop rather than a worker thread: the build is pure Python, so a thread
+Why steps on the loop rather than a worker thread: the work is pure Python, so a thread
 would hold the GIL against the loop anyway; on a busy 2-core host a GIL hand-over was
 measured at 100+ ms, worse than the build it would hide. Steps bound the wait by design.
 """
@@ -19,9 +22,14 @@ import logging
 
 import trio
 
+from softlb import NO_CHANGES, Changes, EndpointSetBuild
+
 from .runtime import Runtime
 
 log = logging.getLogger("softlb.tables")
+
+#: Endpoints of work per step of a set build (~0.5-2 ms here).
+SET_BUILD_BUDGET = 256
 
 
 async def run_table_builds(rt: Runtime, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -29,6 +37,8 @@ async def run_table_builds(rt: Runtime, *, task_status: trio.TaskStatus[None] = 
     while True:
         await rt.builds_waiting.wait()
         rt.builds_waiting = trio.Event()
+        while rt.set_build_queue:
+            await run_set_build(rt, rt.set_build_queue.pop(0))
         for job in rt.engine.take_builds():
             if not job.current:
                 continue
@@ -43,3 +53,20 @@ async def run_table_builds(rt: Runtime, *, task_status: trio.TaskStatus[None] = 
                     rt.stats.table_builds += 1
                     log.debug("table rebuilt for %d endpoints in %.1f ms", len(job.endpoints),
                               (trio.current_time() - start) * 1e3)
+
+
+async def run_set_build(rt: Runtime, build: EndpointSetBuild) -> Changes:
+    """Run a set build in steps, then install it and dispatch what changed (nothing if a
+    newer update of the service superseded it meanwhile)."""
+    start = trio.current_time()
+    while build.current and not build.step(SET_BUILD_BUDGET):
+        await trio.lowlevel.checkpoint()
+    if not build.current:
+        rt.stats.set_builds_superseded += 1
+        return NO_CHANGES
+    changes = rt.engine.install_set(build, trio.current_time())
+    rt.stats.set_builds += 1
+    rt.dispatch(changes)
+    log.debug("%s: %d endpoints applied in steps in %.1f ms", build.name, len(build.given),
+              (trio.current_time() - start) * 1e3)
+    return changes

@@ -4,6 +4,7 @@
     .venv/bin/python bench/bystander.py [--phase 5] [--big 100000] [--json] [--only NAME ...]
     PYTHONPATH=/tmp/base .venv/bin/python bench/bystander.py --baseline   # an older agent
                           # (/tmp/base: `git archive REV | tar -x`, plus softlb_agent -> agent)
+    .venv/bin/python bench/bystander.py --only big_reload giant_service  # the big-catalog phases
 
 The bystander is its own process: one connection on the Unix socket, one sequential
 `resolve` every millisecond, each timed. Phases, each --phase seconds:
@@ -15,6 +16,8 @@ The bystander is its own process: one connection on the Unix socket, one sequent
   conn_flood     4 processes opening Unix-socket connections as fast as they can, to the caps
   big_reload     a --big endpoint catalog (1,000 services) is written; phase lasts until it
                  is applied (at least --phase seconds)
+  giant_service  one service of --big endpoints is written (the catalog's other services
+                 unchanged); phase lasts until it is applied (at least --phase seconds)
   maglev_flap    a 1,000-endpoint maglev service whose endpoints flap (catalog rewritten
                  every 200 ms with one endpoint toggled to critical)
 
@@ -69,6 +72,12 @@ def maglev_catalog(flap: int | None) -> str:
 def base_catalog(web_extra: bool = False, flap: int | None = None) -> str:
     extra = endpoint_toml("web", "127.0.0.1", 18004, id="web-4") if web_extra else ""
     return THREE + extra + maglev_catalog(flap)
+
+
+def giant_catalog(n: int) -> str:
+    return base_catalog() + "".join(
+        f'[[services.giant.endpoints]]\naddress = "10.{i // 62500}.{i // 250 % 250}.{i % 250 + 1}"\nport = {1000 + i % 50000}\n'
+        for i in range(n))
 
 
 def big_catalog(n: int) -> str:
@@ -257,6 +266,17 @@ def run(args: argparse.Namespace) -> dict:
         agent.write_catalog(base_catalog())
         time.sleep(3)
 
+        def giant_start(stop):
+            reloads["n"] = metric('softlb_reloads_total{result="ok",what="catalog"}')
+            agent.write_catalog(giant_catalog(args.big))
+            return []
+
+        phase("giant_service", giant_start,
+              until=lambda: metric('softlb_reloads_total{result="ok",what="catalog"}') > reloads["n"])
+        if not args.only or "giant_service" in args.only:
+            agent.write_catalog(base_catalog())
+            time.sleep(3)
+
         def flap_start(stop):
             churn_stop.clear()
             churn(lambda i: base_catalog(flap=i % 1000 if i % 2 else None), 0.2)
@@ -298,7 +318,8 @@ def run(args: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase", type=float, default=5.0, help="seconds per phase (default 5)")
-    ap.add_argument("--big", type=int, default=100_000, help="endpoints in the big reload (default 100000)")
+    ap.add_argument("--big", type=int, default=100_000,
+                    help="endpoints in the big reload and in the giant service (default 100000)")
     ap.add_argument("--only", nargs="*", default=[], help="run only these attack phases (and alone)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--baseline", action="store_true",

@@ -22,6 +22,7 @@ from ._engine import Pick as Pick
 from ._engine import PickError as PickError
 from ._leases import LeaseScope as LeaseScope
 from .policies._consistent import TableBuild as TableBuild
+from ._set_build import EndpointSetBuild as EndpointSetBuild
 
 # The wire protocol (sans-I/O protocol object, typed requests)
 from ._protocol import CLOSED as CLOSED

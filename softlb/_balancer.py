@@ -14,12 +14,12 @@ precomputes whatever makes its picks cheap. A pick only reads that result.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ._config import ServiceConfig
 from ._counters import ServiceCounters
 from ._explain import Why, explain, explain_empty
-from ._health import HealthTracker
+from ._health import HealthTracker, in_panic
 from ._locality import Locality, nearest_count, prefer_local, within
 from ._protocol import pack_endpoint_fields
 from ._slowstart import SlowStart
@@ -27,6 +27,9 @@ from ._types import Endpoint
 from ._vip import Vip
 from .policies import POLICIES, LoadBoard, Policy
 from .policies._consistent import ConsistentHash, TableBuild
+
+if TYPE_CHECKING:
+    from ._set_build import EndpointSetBuild
 
 
 #: Distinct tag filters whose policy instances are kept per service (least recently used
@@ -126,6 +129,25 @@ class ServiceBalancer:
         self.refresh(now)
         return changed
 
+    def install_build(self, build: EndpointSetBuild, now: float) -> bool:
+        """Swap in a finished stepped build of `set_endpoints(build.given)` (softlb/_set_build.py),
+        leaving what that call at `now` would. True when anything changed."""
+        self.catalog_endpoints = build.catalog
+        if build.same:
+            return False
+        self.endpoints = build.endpoints
+        self.by_id = build.by_id
+        self.counters.keep_only(build.ids)
+        self.packed = build.packed
+        self.all_zero = build.all_zero
+        self.load.forget(build.ids)
+        d = build.derived
+        if self.health.install(build.entries, d, now) or d is None:
+            self.refresh(now)  # a result moved eligibility since it was derived
+        else:
+            self._serve(d.eligible, build.panic, build.level, build.served, now, build)
+        return True
+
     def set_freshness(self, stale: bool, fetched_at: float | None) -> bool:
         changed = stale != self.stale
         self.stale, self.fetched_at = stale, fetched_at
@@ -183,7 +205,20 @@ class ServiceBalancer:
     def eligible(self, now: float) -> tuple[Endpoint, ...]:
         return self.health.eligible(now)
 
-    def _local_served(self, eligible: tuple[Endpoint, ...], now: float) -> tuple[Endpoint, ...]:
+    def served_from(self, eligible: tuple[Endpoint, ...], candidates: tuple[Endpoint, ...],
+                    all_zero: bool) -> tuple[bool, str, tuple[Endpoint, ...]]:
+        """(panic, locality level, served set) for these eligible and candidate sets; reads
+        only the config (a stepped build calls it on its private sets)."""
+        panic = in_panic(len(eligible), len(candidates), self.config.panic_threshold)
+        level, served = self._local_served(eligible, candidates, panic)
+        if not all_zero:
+            # Weight 0 means drained: never picked, not even when health or locality leaves
+            # nothing else (that is "no healthy endpoint", not a reason to use a drained one).
+            served = tuple(e for e in served if e.weight > 0)
+        return panic, level, served
+
+    def _local_served(self, eligible: tuple[Endpoint, ...], candidates: tuple[Endpoint, ...],
+                      panic: bool) -> tuple[str, tuple[Endpoint, ...]]:
         """What the policy serves: the nearest preferred locality level that has eligible
         endpoints; in panic, every candidate at that same level.
 
@@ -192,19 +227,18 @@ class ServiceBalancer:
         request there while healthy endpoints wait one level out.
         """
         choice = prefer_local(eligible, self.config.locality, self.here)
-        self.locality_level = choice.level
-        if not self.panic:
-            return choice.endpoints
-        pool = self.health.serving(now)  # in panic: every candidate, eligible or not
+        if not panic:
+            return choice.level, choice.endpoints
+        pool = candidates  # in panic: every candidate, eligible or not
         if choice.level in ("node", "zone", "region"):
             mine = getattr(self.here, choice.level)
-            return tuple(e for e in pool if getattr(e, choice.level) == mine)
+            return choice.level, tuple(e for e in pool if getattr(e, choice.level) == mine)
         if nearest_count(choice.level) is not None:
-            return within(pool, choice.endpoints)
+            return choice.level, within(pool, choice.endpoints)
         if choice.level == "" and self.config.locality:
             # Nothing eligible at any preferred level and no "*": stay local, as outside panic.
-            return prefer_local(pool, self.config.locality, self.here).endpoints
-        return pool
+            return choice.level, prefer_local(pool, self.config.locality, self.here).endpoints
+        return choice.level, pool
 
     def _ramp(self, eligible: tuple[Endpoint, ...], served: tuple[Endpoint, ...], now: float) -> dict[str, float] | None:
         """Slow start: note who (re)joined the eligible set; the served set's ramped weights
@@ -219,9 +253,14 @@ class ServiceBalancer:
     def _weights(self, ramped: dict[str, float] | None) -> dict[str, float] | None:
         """The weights the policy picks by: in an all-zero catalog every endpoint counts as
         1 (scaled by slow start's ramp share when one is running)."""
-        if not self.all_zero:
+        return self.weights_for(self.served, self.all_zero, ramped)
+
+    @staticmethod
+    def weights_for(served: tuple[Endpoint, ...], all_zero: bool,
+                    ramped: dict[str, float] | None = None) -> dict[str, float] | None:
+        if not all_zero:
             return ramped
-        return {e.id: 1.0 if ramped is None else ramped.get(e.id, 1.0) for e in self.served}
+        return {e.id: 1.0 if ramped is None else ramped.get(e.id, 1.0) for e in served}
 
     def _advance_ramp(self, now: float) -> None:
         """Move slow-start weights along. The served set does not change, so watchers are
@@ -235,18 +274,22 @@ class ServiceBalancer:
 
     def refresh(self, now: float) -> None:
         eligible = self.eligible(now)
-        self.eligible_count = len(eligible)
         # Panic: below the threshold share of eligible endpoints, spread load over every
         # candidate (all but maintenance) rather than pile it onto the few left.
-        self.panic = self.health.in_panic(now)
-        served = self._local_served(eligible, now)
-        if not self.all_zero:
-            # Weight 0 means drained: never picked, not even when health or locality leaves
-            # nothing else (that is "no healthy endpoint", not a reason to use a drained one).
-            served = tuple(e for e in served if e.weight > 0)
+        self._serve(eligible, *self.served_from(eligible, self.health.candidates(now), self.all_zero), now)
+
+    def _serve(self, eligible: tuple[Endpoint, ...], panic: bool, level: str, served: tuple[Endpoint, ...],
+               now: float, build: EndpointSetBuild | None = None) -> None:
+        self.eligible_count = len(eligible)
+        self.panic = panic
+        self.locality_level = level
         self.served = served
-        self.weights = self._weights(self._ramp(eligible, served, now))
-        self.policy.update(served, now, self.weights)
+        if build is None:
+            self.weights = self._weights(self._ramp(eligible, served, now))
+            self.policy.update(served, now, self.weights)
+        else:  # no slow start on this path (Engine.begin_set_service): no ramp
+            self.weights = build.weights
+            self.policy.update_prepared(build.prepared, served, now, self.weights)
         self._tag_policies.clear()
         self.version += 1
 

@@ -30,6 +30,7 @@ from ._errors import ErrorCode, RequestError
 from ._leases import Lease, LeaseScope, LeaseTable
 from ._locality import Locality
 from ._protocol import ENDPOINT_FIELDS, pack_endpoint_fields
+from ._set_build import EndpointSetBuild
 from ._types import Endpoint
 from ._vip import VipTable, parse_pool, parse_vip
 from ._wire import PROTOCOL_VERSIONS
@@ -40,6 +41,10 @@ OPS = ("hello", "resolve", "report", "services", "endpoints", "watch", "unwatch"
 
 #: What a pick or a report raises: a request that cannot be answered, with its stable code.
 PickError = RequestError
+
+#: With deferred builds, a service given at least this many endpoints may be applied in
+#: steps (`begin_set_service`); smaller ones cost less in line than a turn of the loop.
+SET_STEP_MIN = 1000
 
 #: Names of services whose watched state changed.
 Changes = frozenset[str]
@@ -83,6 +88,9 @@ class Engine:
         #: With defer_builds, consistent-hash table rebuilds are left here for the caller to
         #: run in steps (`take_builds`); the old table serves meanwhile (policies/_consistent).
         self.table_builds: list[TableBuild] | None = [] if defer_builds else None
+        #: The unfinished stepped update of each service (`begin_set_service`); any other
+        #: update of the service supersedes it (it is dropped from here).
+        self.set_builds: dict[str, EndpointSetBuild] = {}
         self.rng = rng
         #: Whether an unknown service may still exist at the source (Consul: fetched on the
         #: first pick). Without it, an unknown name is UNKNOWN_SERVICE at once.
@@ -126,9 +134,47 @@ class Engine:
     def _here(self) -> Locality:
         return Locality(self.config.node, self.config.zone, self.config.region)
 
+    def begin_set_service(
+        self, name: str, endpoints: Sequence[Endpoint], now: float, *, stale: bool = False, fetched_at: float | None = None
+    ) -> EndpointSetBuild | Changes:
+        """`set_service`, or, for a big set on an engine made with defer_builds, a build for
+        the caller to run (`step(budget)` until it returns True, yielding between steps), then
+        `install_set`. The current set serves until then (softlb/_set_build.py)."""
+        b = self.services.get(name)
+        if self.table_builds is None or len(endpoints) < SET_STEP_MIN or (b is not None and b.slow_start is not None):
+            return self.set_service(name, endpoints, now, stale=stale, fetched_at=fetched_at)
+        if b is None:  # a new service appears when its first set is installed
+            b = ServiceBalancer(name, self.config.service(name), self.rng, self._here(), self.table_builds)
+            if b.slow_start is not None:
+                return self.set_service(name, endpoints, now, stale=stale, fetched_at=fetched_at)
+        self._supersede(name)
+        build = self.set_builds[name] = EndpointSetBuild(name, b, endpoints, stale=stale, fetched_at=fetched_at)
+        return build
+
+    def _supersede(self, name: str) -> None:
+        build = self.set_builds.pop(name, None)
+        if build is not None:
+            build.current = False
+
+    def install_set(self, build: EndpointSetBuild, now: float) -> Changes:
+        """Swap in a finished build; NO_CHANGES if a newer update superseded it."""
+        if not build.done or self.set_builds.get(build.name) is not build:
+            return NO_CHANGES
+        del self.set_builds[build.name]
+        name, b = build.name, build.balancer
+        new = name not in self.services
+        if new:
+            self.services[name] = b
+            self.vips.assign((name,))
+            b.set_vip(self.vips.get(name))
+        changed = b.install_build(build, now) or new
+        changed |= b.set_freshness(build.stale, now if build.fetched_at is None else build.fetched_at)
+        return frozenset((name,)) if changed else NO_CHANGES
+
     def set_service(
         self, name: str, endpoints: Sequence[Endpoint], now: float, *, stale: bool = False, fetched_at: float | None = None
     ) -> Changes:
+        self._supersede(name)
         new = name not in self.services
         b = self._balancer(name)
         # A service appearing is a change even with no endpoints: whoever waits for its
@@ -138,6 +184,7 @@ class Engine:
         return frozenset((name,)) if changed else NO_CHANGES
 
     def remove_service(self, name: str, now: float) -> Changes:
+        self._supersede(name)
         self.last_used.pop(name, None)
         self.vips.release(name)
         if self.services.pop(name, None) is None:
@@ -162,6 +209,11 @@ class Engine:
         old = self.config
         self.config = config
         self.leases.ttl = config.lease_ttl
+        # Unfinished stepped updates were derived under the old settings: applied in line
+        # below, after the balancers are rebuilt (a config reload is rare; losing them is not).
+        pending, self.set_builds = self.set_builds, {}
+        for build in pending.values():
+            build.current = False
         moved = (old.node, old.zone, old.region) != (config.node, config.zone, config.region)
         self.vips = self.vips.rebuilt(*_vip_settings(config), self.services)
         changed = set()
@@ -174,6 +226,8 @@ class Engine:
                 changed.add(name)
             elif b.set_vip(self.vips.get(name)):
                 changed.add(name)
+        for name, build in pending.items():
+            changed |= self.set_service(name, build.given, now, stale=build.stale, fetched_at=build.fetched_at)
         return frozenset(changed)
 
     # ----------------------------------------------------------------- picks and verdicts

@@ -46,10 +46,12 @@ candidate set changed (including expiries noticed on the way); `version` counts 
 
 from __future__ import annotations
 
+import itertools
+
 import enum
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Generator, Iterable, Sequence
 
 from ._config import ProbeConfig, ServiceConfig
 from ._types import Endpoint, RegistryHealth
@@ -126,6 +128,17 @@ class _Entry:
         self.probe = ProbeMachine() if probing else None
         self.outlier = OutlierState()
 
+    @classmethod
+    def sharing(cls, old: _Entry, endpoint: Endpoint, probing: bool) -> _Entry:
+        """The entry `set_endpoints` would leave for `old` listed as `endpoint`, sharing its
+        state objects: an endpoint whose address or port changed is a new probe target."""
+        e = cls.__new__(cls)
+        e.endpoint = endpoint
+        moved = (old.endpoint.address, old.endpoint.port) != (endpoint.address, endpoint.port)
+        e.probe = (ProbeMachine() if probing else None) if moved else old.probe
+        e.outlier = old.outlier
+        return e
+
     @property
     def candidate(self) -> bool:
         return self.endpoint.registry is not RegistryHealth.MAINTENANCE
@@ -180,6 +193,19 @@ class EndpointHealth:
 
 
 @dataclass(frozen=True, slots=True)
+class Derived:
+    """A stepped build's eligibility, derived at `epoch` (HealthTracker.derive_steps)."""
+
+    epoch: int
+    eligible: tuple[Endpoint, ...]
+    candidates: tuple[Endpoint, ...]
+    next_expiry: float | None
+    #: No more candidates are ejected than max_ejection_percent allows (else install
+    #: returns some, at its `now`, in line).
+    cap_holds: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceHealth:
     panic: bool
     panic_threshold: int
@@ -197,6 +223,11 @@ class ServiceHealth:
         }
 
 
+def in_panic(eligible: int, candidates: int, threshold: int) -> bool:
+    """Fewer than `threshold` percent of the candidates are eligible."""
+    return candidates > 0 and eligible * 100 < threshold * candidates
+
+
 class HealthTracker:
     """Health of one service's endpoints. Single-threaded; never blocks; time passed in."""
 
@@ -207,6 +238,9 @@ class HealthTracker:
         # Kept current by _changed() after every mutation, so answers are O(1).
         self._eligible: tuple[Endpoint, ...] = ()
         self._candidates: tuple[Endpoint, ...] = ()
+        #: Bumped whenever eligibility or ejections may have moved (every `_changed`): a
+        #: stepped build derived at an older epoch is re-derived when installed.
+        self.epoch = 0
 
     # ------------------------------------------------------------------ inputs
 
@@ -288,6 +322,65 @@ class HealthTracker:
         """Return endpoints whose ejection has expired; True if the eligible set changed."""
         return self._expire(now)
 
+    # ------------------------------------------------------------------ stepped set builds
+
+    def entries_steps(self, endpoints: Sequence[Endpoint], chunk: int) -> Generator[int, None, dict[str, _Entry]]:
+        """The table `set_endpoints(endpoints)` would make, built on private data, yielding
+        the work done every `chunk` endpoints (softlb/_set_build.py). An endpoint that stays
+        shares its probe and outlier state objects with the live table, so results arriving
+        meanwhile carry over; nothing live is written. Ids must be unique."""
+        probing = self._cfg.probe is not None
+        live = self._entries
+        entries: dict[str, _Entry] = {}
+        for i, ep in enumerate(endpoints):
+            old = live.get(ep.id)
+            e = _Entry(ep, probing) if old is None else _Entry.sharing(old, ep, probing)
+            entries[ep.id] = e
+            if i % chunk == chunk - 1:
+                yield chunk
+        return entries
+
+    def derive_steps(self, entries: dict[str, _Entry], chunk: int) -> Generator[int, None, Derived]:
+        """What `_changed` and `_enforce_ejection_cap` would compute over `entries`, at the
+        current epoch (compare it with `epoch` before use)."""
+        epoch = self.epoch
+        eligible: list[Endpoint] = []
+        candidates: list[Endpoint] = []
+        ejected_candidates = 0
+        next_expiry: float | None = None
+        for i, e in enumerate(entries.values()):
+            until = e.outlier.ejected_until
+            if e.eligible:
+                eligible.append(e.endpoint)
+            if e.candidate:
+                candidates.append(e.endpoint)
+                ejected_candidates += until is not None
+            if until is not None and (next_expiry is None or until < next_expiry):
+                next_expiry = until
+            if i % chunk == chunk - 1:
+                yield chunk
+        cfg = self._cfg.outlier
+        room = (0 if cfg is None else cfg.max_ejection_percent) * len(candidates) // 100
+        return Derived(epoch, tuple(eligible), tuple(candidates), next_expiry, ejected_candidates <= room)
+
+    def install(self, entries: dict[str, _Entry], derived: Derived | None, now: float) -> bool:
+        """Make a stepped build's table the live one, leaving what `set_endpoints` at `now`
+        would. Cheap when `derived` is still current; when a result moved eligibility since
+        (or the ejection cap must return some endpoints), it is recomputed in line. True
+        when it was recomputed (the caller's own derivations are stale too)."""
+        self._expire(now)
+        fresh = derived is not None and derived.epoch == self.epoch and derived.cap_holds
+        self._entries = entries
+        if not fresh:
+            self._enforce_ejection_cap(now)
+            self._changed()
+            return True
+        assert derived is not None
+        self._next_expiry = derived.next_expiry
+        self._eligible, self._candidates = derived.eligible, derived.candidates
+        self.epoch += 1
+        return False
+
     # ------------------------------------------------------------------ answers
 
     def eligible(self, now: float) -> tuple[Endpoint, ...]:
@@ -301,9 +394,7 @@ class HealthTracker:
         return self._candidates
 
     def in_panic(self, now: float) -> bool:
-        eligible = self.eligible(now)
-        n = len(self._candidates)
-        return n > 0 and len(eligible) * 100 < self._cfg.panic_threshold * n
+        return in_panic(len(self.eligible(now)), len(self._candidates), self._cfg.panic_threshold)
 
     def serving(self, now: float) -> tuple[Endpoint, ...]:
         """What picks are made from: the eligible endpoints, or every candidate in panic."""
@@ -313,34 +404,56 @@ class HealthTracker:
         """When the next ejection expires, or None if nothing is ejected."""
         return self._next_expiry
 
-    def snapshot(self, now: float) -> ServiceHealth:
-        eligible = self.eligible(now)
-        rows = []
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def tally(self) -> tuple[int, int, int]:
+        """(ejected now, ejections ever, probe-down) over every endpoint, without building a
+        row per endpoint (metrics read it for services of any size)."""
+        ejected = ejections = down = 0
         for e in self._entries.values():
-            p, o, ep = e.probe, e.outlier, e.endpoint
-            rows.append(
-                EndpointHealth(
-                    id=ep.id,
-                    registry=ep.registry,
-                    eligible=e.eligible,
-                    probe=None if p is None else p.state,
-                    probe_streak=0 if p is None else p.streak,
-                    last_probe_ok=None if p is None else p.last_ok,
-                    last_probe_age=None if p is None or p.last_at is None else now - p.last_at,
-                    last_probe_detail="" if p is None else p.last_detail,
-                    ejected=o.ejected_until is not None,
-                    ejected_remaining=None if o.ejected_until is None else o.ejected_until - now,
-                    ejections=o.ejections,
-                    ejection_level=self._level(o, now),
-                    consecutive_failures=o.failures,
-                )
-            )
+            o, p = e.outlier, e.probe
+            ejected += o.ejected_until is not None
+            ejections += o.ejections
+            down += p is not None and p.state is ProbeState.DOWN
+        return ejected, ejections, down
+
+    def snapshot(self, now: float, limit: int | None = None) -> ServiceHealth:
+        """Every endpoint's row (the first `limit` ones, in catalog order, if given)."""
+        eligible = self.eligible(now)
+        entries = self._entries.values()
+        rows = tuple(self._row(e, now) for e in (entries if limit is None else itertools.islice(entries, limit)))
         return ServiceHealth(
             panic=self.in_panic(now),
             panic_threshold=self._cfg.panic_threshold,
             eligible=len(eligible),
             candidates=len(self._candidates),
-            endpoints=tuple(rows),
+            endpoints=rows,
+        )
+
+    def ids(self) -> frozenset[str]:
+        return frozenset(self._entries)
+
+    def rows(self, ids: Iterable[str], now: float) -> dict[str, EndpointHealth]:
+        """The rows of just these endpoints (those still listed)."""
+        return {i: self._row(self._entries[i], now) for i in ids if i in self._entries}
+
+    def _row(self, e: _Entry, now: float) -> EndpointHealth:
+        p, o, ep = e.probe, e.outlier, e.endpoint
+        return EndpointHealth(
+            id=ep.id,
+            registry=ep.registry,
+            eligible=e.eligible,
+            probe=None if p is None else p.state,
+            probe_streak=0 if p is None else p.streak,
+            last_probe_ok=None if p is None else p.last_ok,
+            last_probe_age=None if p is None or p.last_at is None else now - p.last_at,
+            last_probe_detail="" if p is None else p.last_detail,
+            ejected=o.ejected_until is not None,
+            ejected_remaining=None if o.ejected_until is None else o.ejected_until - now,
+            ejections=o.ejections,
+            ejection_level=self._level(o, now),
+            consecutive_failures=o.failures,
         )
 
     # ------------------------------------------------------------------ internals
@@ -403,6 +516,7 @@ class HealthTracker:
 
     def _changed(self) -> bool:
         """Recompute the cached sets; True when either actually differs."""
+        self.epoch += 1
         eligible = tuple(e.endpoint for e in self._entries.values() if e.eligible)
         candidates = tuple(e.endpoint for e in self._entries.values() if e.candidate)
         if (eligible, candidates) == (self._eligible, self._candidates):

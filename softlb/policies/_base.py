@@ -25,7 +25,7 @@ import random
 from abc import ABC, abstractmethod
 from bisect import bisect_right
 from itertools import accumulate
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Generator, Mapping, Sequence
 
 from .._errors import ConfigError
 from .._types import Endpoint
@@ -79,6 +79,22 @@ class Policy(ABC):
         endpoints that stay, so leases opened before the update still close correctly.
         """
 
+    def prepare_steps(
+        self, endpoints: Sequence[Endpoint], weights: Mapping[str, float] | None, chunk: int
+    ) -> Generator[int, None, Any]:
+        """The part of `update(endpoints, ...)` that reads no state of the policy, done on
+        private data, yielding the endpoints of work done every `chunk` (a stepped set build,
+        softlb/_set_build.py); its result goes to `update_prepared`. By default there is none:
+        `update_prepared` does the whole update."""
+        return None
+        yield 0  # a generator
+
+    def update_prepared(
+        self, prepared: Any, endpoints: Sequence[Endpoint], now: float, weights: Mapping[str, float] | None = None
+    ) -> None:
+        """`update(endpoints, now, weights)`, given what `prepare_steps` returned for them."""
+        self.update(endpoints, now, weights)
+
     @abstractmethod
     def pick(self, key: str | None, source: str | None, now: float) -> Endpoint | None:
         """Choose one endpoint, or None when the set is empty.
@@ -112,6 +128,23 @@ def effective_weights(
     if kept or not pairs:
         return kept
     return [(ep, 1.0) for ep, _ in pairs]
+
+
+def effective_weights_steps(
+    endpoints: Sequence[Endpoint], weights: Mapping[str, float] | None, chunk: int
+) -> Generator[int, None, list[tuple[Endpoint, float]]]:
+    """`effective_weights`, a chunk of endpoints per step (stepped set builds)."""
+    kept: list[tuple[Endpoint, float]] = []
+    for i in range(0, len(endpoints), chunk):
+        part = endpoints[i : i + chunk]
+        if weights:
+            kept += [(ep, w) for ep in part if (w := float(weights.get(ep.id, ep.weight))) > 0]
+        else:
+            kept += [(ep, w) for ep in part if (w := float(ep.weight)) > 0]
+        yield len(part)
+    if kept or not endpoints:
+        return kept
+    return [(ep, 1.0) for ep in endpoints]  # every weight zero: all count as 1
 
 
 class WeightedSampler:

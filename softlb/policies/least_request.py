@@ -30,10 +30,10 @@ is removed by health checks and outlier ejection, which run before the policy se
 from __future__ import annotations
 
 import random
-from typing import Mapping, Sequence
+from typing import Any, Generator, Mapping, Sequence
 
 from .._types import Endpoint
-from ._base import Policy, WeightedSampler, effective_weights
+from ._base import Policy, WeightedSampler, effective_weights, effective_weights_steps
 from ._load import LoadBoard
 
 #: How many draws to spend finding a second endpoint distinct from the first before
@@ -57,6 +57,17 @@ class LeastRequest(Policy):
         self, endpoints: Sequence[Endpoint], now: float, weights: Mapping[str, float] | None = None
     ) -> None:
         self._sampler = WeightedSampler(effective_weights(endpoints, weights))
+
+    def prepare_steps(
+        self, endpoints: Sequence[Endpoint], weights: Mapping[str, float] | None, chunk: int
+    ) -> Generator[int, None, Any]:
+        pairs = yield from effective_weights_steps(endpoints, weights, chunk)
+        return WeightedSampler(pairs)
+
+    def update_prepared(
+        self, prepared: Any, endpoints: Sequence[Endpoint], now: float, weights: Mapping[str, float] | None = None
+    ) -> None:
+        self._sampler = prepared
 
     def pick(self, key: str | None, source: str | None, now: float) -> Endpoint | None:
         sampler = self._sampler

@@ -6,10 +6,10 @@ zero-weight endpoints are skipped unless all are zero; see `effective_weights`.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Generator, Mapping, Sequence
 
 from .._types import Endpoint
-from ._base import Policy, effective_weights
+from ._base import Policy, effective_weights, effective_weights_steps
 
 
 class RoundRobin(Policy):
@@ -21,7 +21,22 @@ class RoundRobin(Policy):
     def update(
         self, endpoints: Sequence[Endpoint], now: float, weights: Mapping[str, float] | None = None
     ) -> None:
-        self._endpoints = tuple(ep for ep, _ in effective_weights(endpoints))
+        self.update_prepared(tuple(ep for ep, _ in effective_weights(endpoints)), endpoints, now)
+
+    def prepare_steps(
+        self, endpoints: Sequence[Endpoint], weights: Mapping[str, float] | None, chunk: int
+    ) -> Generator[int, None, Any]:
+        pairs = yield from effective_weights_steps(endpoints, None, chunk)  # weights: see update
+        picked: list[Endpoint] = []
+        for i in range(0, len(pairs), chunk):
+            picked += [ep for ep, _ in pairs[i : i + chunk]]
+            yield chunk
+        return tuple(picked)
+
+    def update_prepared(
+        self, prepared: Any, endpoints: Sequence[Endpoint], now: float, weights: Mapping[str, float] | None = None
+    ) -> None:
+        self._endpoints = prepared
         # Randomised start so a fleet of agents restarted together does not send every
         # host's first request to the same backend (envoy's seed_, grpc-go's random start).
         self._next = self.rng.randrange(len(self._endpoints)) if self._endpoints else 0

@@ -177,3 +177,43 @@ locality = ["nearest:2", "*"]
         if agent is not None:
             agent.stop()
         sim.kill()
+
+
+def test_a_big_consul_service_is_applied_in_steps(tmp_path):
+    """Issue 10, item 9: a Consul service of 1,000 endpoints or more is applied in steps
+    (Runtime.apply_soon -> agent/table_builds.py), first load and changes alike, and what
+    is served afterwards is the whole set, changes included."""
+    import urllib.request
+
+    from softlb_client import SoftLBError
+
+    def installed(agent) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{agent.admin_port}/metrics", timeout=10) as r:
+            return sum(float(x.rsplit(" ", 1)[1]) for x in r.read().decode().splitlines()
+                       if x.startswith('softlb_set_builds_total{result="installed"}'))
+
+    n = 1200
+    sim = SimProcess()
+    agent = None
+    try:
+        ctl = sim.control
+        for i in range(n):
+            ctl.add_instance(service="web", id=f"i{i}", address=f"10.1.{i // 250}.{i % 250 + 1}", port=80)
+        agent = consul_agent(tmp_path, sim.url).start()
+        with agent.client(timeout=10) as c:
+            def listed() -> int:
+                try:
+                    return len(c.endpoints("web")["endpoints"])
+                except SoftLBError:  # a loaded machine: the first answer may outlast first_answer_timeout
+                    return -1
+            wait_until(lambda: listed() == n, timeout=20.0, interval=0.05)
+            assert installed(agent) >= 1
+            ctl.update_instance(id="i7", port=81)
+            wait_until(lambda: next(e for e in c.endpoints("web")["endpoints"] if e["id"] == "i7@node-1")["port"] == 81,
+                       timeout=10.0, interval=0.05)
+            assert installed(agent) >= 2
+            assert c.resolve("web", lease=False).address.startswith("10.1.")
+    finally:
+        if agent is not None:
+            agent.stop()
+        sim.kill()

@@ -119,3 +119,42 @@ def test_health_changes_are_logged_with_their_reason(caplog):
     assert msgs[0].startswith("web: endpoint 127.0.0.1:1 is no longer eligible (ejected by outlier detection for 30s")
     assert msgs[1] == "web: endpoint 127.0.0.1:1 is eligible again"
     assert len(msgs) == 2
+
+
+def test_a_stepped_scrape_equals_the_inline_one_and_lets_others_run():
+    """Issue 10, item 9: a scrape of a big catalog (here 60 services x 100 endpoints) is made
+    in slices; what it renders is what the one-piece render gives, and another task gets
+    turns while it runs."""
+    from softlb_agent import metrics
+
+    async def main():
+        cat = "".join(f'[[services.s{s}.endpoints]]\naddress = "127.0.{s}.1"\nport = {p}\n'
+                      for s in range(60) for p in range(1, 101))
+        rt = Runtime(AgentConfig(), None, random.Random(1))
+        rt.engine.replace_all(parse_catalog_text(cat), trio.current_time())
+        for _ in range(500):
+            rt.engine.pick("s7", trio.current_time())
+        registry = metrics.make_registry(rt)
+        turns = 0
+
+        async def other():
+            nonlocal turns
+            while True:
+                await trio.lowlevel.checkpoint()
+                turns += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            await trio.lowlevel.checkpoint()
+            stepped = (await metrics.render_stepped(registry)).decode()
+            nursery.cancel_scope.cancel()
+        whole = metrics.render(registry).decode()
+
+        def ours(text):  # the process collector's CPU and memory move between two scrapes
+            return {k: v for k, v in samples(text).items() if not k[0].startswith("process_")}
+
+        assert ours(stepped) == ours(whole) and len(ours(whole)) > 6000
+        assert stepped.count("# HELP softlb_endpoint_picks_total ") == 1  # one family, not one per slice
+        assert turns > 6000 // metrics.SAMPLES_PER_TURN  # the other task ran between slices
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

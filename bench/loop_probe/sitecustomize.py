@@ -1,0 +1,84 @@
+"""A loop-lag probe for the agent, for finding what holds the loop (issue 10, item 9).
+
+Not part of the agent: Python imports `sitecustomize` at start-up from the path, so putting
+this directory on PYTHONPATH with SOFTLB_PROBE=<file> set arms it in every `python -m
+softlb_agent` started from there (the benches start the agent that way; other processes
+ignore it). It writes to <file>:
+
+- STEP <ms> <task>: a trio task step over 20 ms (a trio Instrument);
+- LONG STEP in progress: the loop thread's stack, sampled once a step has run 50 ms;
+- GIL/sleep lateness <ms>: a thread that sleeps 1 ms woke that late (the GIL was held);
+- GC gen <n> took <ms>: a collection over 20 ms, and in which thread.
+
+    SOFTLB_PROBE=/tmp/probe.txt PYTHONPATH=bench/loop_probe \\
+        .venv/bin/python bench/bystander.py --only giant_service
+"""
+
+import gc
+import os
+import sys
+import threading
+import time
+import traceback
+
+_out = os.environ.get("SOFTLB_PROBE")
+if _out and sys.argv and sys.argv[0] == "-m":  # `python -m softlb_agent ...` (argv[0] is "-m" here)
+    import trio
+    import trio.abc
+
+    _f = open(_out, "a", buffering=1)  # noqa: SIM115 - open for the life of the process
+
+    def _log(*a: object) -> None:
+        _f.write("%.4f %s\n" % (time.monotonic(), " ".join(str(x) for x in a)))
+
+    _gc: dict[str, float] = {}
+
+    def _gc_timer(phase: str, info: dict) -> None:
+        if phase == "start":
+            _gc["t"] = time.perf_counter()
+            return
+        took = time.perf_counter() - _gc.get("t", time.perf_counter())
+        if took > 0.02:
+            _log("GC gen", info["generation"], "took %.1f ms" % (took * 1e3), "collected", info["collected"],
+                 "thread", threading.current_thread().name)
+
+    gc.callbacks.append(_gc_timer)
+    _state: dict = {"start": None, "task": None, "main": None}
+
+    class _Steps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            _state["start"], _state["task"] = time.perf_counter(), task.name
+
+        def after_task_step(self, task: trio.lowlevel.Task) -> None:
+            took = time.perf_counter() - _state["start"]
+            _state["start"] = None
+            if took > 0.02:
+                _log("STEP %.1f ms" % (took * 1e3), task.name)
+
+    _run = trio.run
+
+    def _run_probed(*a, **k):  # type: ignore[no-untyped-def]
+        _state["main"] = threading.get_ident()
+        k.setdefault("instruments", []).append(_Steps())
+        return _run(*a, **k)
+
+    trio.run = _run_probed
+
+    def _sampler() -> None:
+        last, reported = time.perf_counter(), None
+        while True:
+            time.sleep(0.001)
+            now = time.perf_counter()
+            if now - last > 0.05:
+                _log("GIL/sleep lateness %.1f ms" % ((now - last) * 1e3))
+            last = now
+            s = _state["start"]
+            if s is not None and now - s > 0.05 and reported != s:
+                reported = s
+                frame = sys._current_frames().get(_state["main"])
+                if frame is not None:
+                    _log("LONG STEP in progress (%.0f ms) %s:\n" % ((now - s) * 1e3, _state["task"])
+                         + "".join(traceback.format_stack(frame)[-12:]))
+
+    threading.Thread(target=_sampler, daemon=True, name="probe").start()
+    _log("probe on", sys.argv)
