@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -25,11 +26,11 @@ import trio
 
 from softlb import route
 
-from .listener import KEEPALIVE_GRACE, Conn, ListenerState
+from .listener import KEEPALIVE_GRACE, Conn, ListenerState, Work
 from .picks import NoEndpoint, finish, pick, release
 from .pool import Pool
 from .pump import Idle, pump
-from .upstream import LOCAL_ERRNOS, Try, UpstreamFailed, connect_picked, open_socket_pair
+from .upstream import LOCAL_ERRNOS, Try, UpstreamFailed, connect_picked, open_raw
 
 log = logging.getLogger("softlb.proxy")
 
@@ -39,6 +40,10 @@ RECV = 64 * 1024
 HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
                  b"transfer-encoding"})
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+#: A pooled connection idle longer than this is peeked at (one syscall) before reuse, in
+#: case its server closed it meanwhile; one used more recently is taken as it is (a
+#: server closing it that soon without saying so meets the stale retry below).
+PEEK_AFTER = 1.0
 #: Reused pooled connections found closed by the server, retried at most this often per
 #: request before counting as a failure (each one found is dropped from the pool).
 STALE_RETRIES = 8
@@ -49,7 +54,8 @@ REASONS = {200: b"OK", 400: b"Bad Request", 502: b"Bad Gateway", 503: b"Service 
 class Head:
     """A parsed request or response head."""
 
-    __slots__ = ("method", "target", "status", "reason", "headers", "keep_alive", "chunked", "length", "version")
+    __slots__ = ("method", "target", "status", "reason", "headers", "keep_alive", "chunked", "length", "version",
+                 "upgrade")
 
     def __init__(self) -> None:
         self.method = b""
@@ -61,6 +67,7 @@ class Head:
         self.chunked = False
         self.length: int | None = None
         self.version = "1.1"
+        self.upgrade = False  # has an Upgrade header
 
     def get(self, name: bytes) -> bytes | None:
         for n, v in self.headers:
@@ -109,6 +116,8 @@ class Parser:
             h.chunked = True
         elif name == b"content-length" and value.strip().isdigit():
             h.length = int(value)
+        elif name == b"upgrade":
+            h.upgrade = True
 
     def on_headers_complete(self) -> None:
         h, p = self.head, self.p
@@ -138,8 +147,7 @@ class _ClientGone(Exception):
 
 @dataclass(eq=False, slots=True)
 class Upstream:
-    sock: trio.socket.SocketType
-    raw: socket.socket  # the same socket, for the peek before reuse
+    sock: socket.socket
     parser: Parser
     key: tuple[str, int]
     reused: bool = False
@@ -155,20 +163,74 @@ def _pool(state: ListenerState) -> Pool[Upstream]:
     return p  # type: ignore[return-value]
 
 
-async def _send(sock: trio.socket.SocketType, data: bytes | bytearray) -> None:
-    view = memoryview(data)
+class _Phase:
+    """Where a client connection is, for its one cancel scope: between requests (until the
+    idle or keep-alive grace deadline) or in one (until the request timeout). The
+    listener's sweep (every DRAIN_CHECK) cancels the scope past the deadline: a deadline
+    moved on a trio scope twice per request cost more than the rest of the bookkeeping."""
+
+    __slots__ = ("scope", "in_request", "deadline", "grace", "answer", "work", "service")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.in_request = False
+        self.deadline = math.inf
+        self.grace = math.inf
+        self.answer = [False]  # the client has seen a response head
+        self.work: Work | None = None
+        self.service = ""
+
+    def keepalive_grace(self, deadline: float) -> None:
+        """The listener drains: a keep-alive wait ends at `deadline`; a request in progress
+        keeps its own deadline and meets this one after it."""
+        self.grace = min(self.grace, deadline)
+
+    def sweep(self, now: float) -> None:
+        if now >= self.deadline or (now >= self.grace and not self.in_request):
+            self.scope.cancel()
+
+
+# Sockets are driven directly: a try first, a trio wait only when the kernel says
+# EAGAIN. (A trio socket ends every successful call with a scheduler pass: four per
+# proxied request, most of what a keep-alive request cost.) Long transfers yield every
+# RECV bytes or so, and serve_http1 every few requests, so one connection cannot hold the
+# loop.
+_wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
+
+
+async def _send(sock: socket.socket, data: bytes | bytearray) -> None:
+    try:
+        n = sock.send(data)
+    except BlockingIOError:
+        n = 0
+    if n == len(data):
+        return
+    view = memoryview(data)[n:]
     while view:
-        n = await sock.send(view)
+        try:
+            n = sock.send(view)
+        except BlockingIOError:
+            await _wait_writable(sock)
+            continue
         view = view[n:]
 
 
-async def _event(sock: trio.socket.SocketType, parser: Parser) -> tuple[Any, ...] | None:
+async def _recv(sock: socket.socket) -> bytes:
+    while True:
+        try:
+            return sock.recv(RECV)
+        except BlockingIOError:
+            await _wait_readable(sock)
+
+
+async def _event(sock: socket.socket, parser: Parser) -> tuple[Any, ...] | None:
     """The next event; None at end of stream."""
     events = parser.events
     while not events:
         if parser.upgraded:
             return None
-        data = await sock.recv(RECV)
+        data = await _recv(sock)
         if not data:
             return None
         parser.feed(data)
@@ -204,11 +266,13 @@ def _head_bytes(first: bytes, headers: list[tuple[bytes, bytes]], extra: bytes =
 
 
 def _is_upgrade(h: Head) -> bool:
+    if not h.upgrade:
+        return False
     conn = b",".join(v for n, v in h.headers if n == b"connection").lower()
     return b"upgrade" in conn and h.get(b"upgrade") is not None
 
 
-async def _error(sock: trio.socket.SocketType, status: int, text: str) -> None:
+async def _error(sock: socket.socket, status: int, text: str) -> None:
     body = text.encode() + b"\n"
     data = (b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
             % (status, REASONS.get(status, b"Error"), len(body))) + body
@@ -219,57 +283,83 @@ async def _error(sock: trio.socket.SocketType, status: int, text: str) -> None:
 
 
 async def serve_http1(state: ListenerState, conn: Conn) -> None:
-    sock = conn.sock
+    sock = conn.raw
     parser = Parser(response=False)
     lf = state.figures.listener(state.service)
-    while True:
-        wait = KEEPALIVE_GRACE if state.closing else state.config.idle_timeout
-        ev = None
-        try:
-            with trio.CancelScope(deadline=trio.current_time() + wait) as between:
-                conn.between = between
-                ev = await _event(sock, parser)
-        except httptools.HttpParserError as e:
-            await _error(sock, 400, f"bad request: {e}")
-            return
-        except OSError:
-            return
-        if ev is None or ev[0] != "head":
-            return  # idle, draining, closed, or the connection's end
-        lf.requests += 1
-        keep = await _request(state, conn, parser, ev[1])
-        if not keep:
-            return
+    # One cancel scope for the connection's life, cancelled by the listener's sweep past
+    # ph.deadline (a scope per request and per wait was a fifth of a keep-alive request's
+    # cost). Timeouts are thus as precise as DRAIN_CHECK.
+    ph = _Phase()
+    conn.keepalive_grace = ph.keepalive_grace
+    state.idles.add(ph)
+    served = 0
+    try:
+        with ph.scope:
+            while True:
+                ph.deadline = trio.current_time() + (KEEPALIVE_GRACE if state.closing else state.config.idle_timeout)
+                try:
+                    ev = await _event(sock, parser)
+                except httptools.HttpParserError as e:
+                    await _error(sock, 400, f"bad request: {e}")
+                    return
+                except OSError:
+                    return
+                if ev is None or ev[0] != "head":
+                    return  # idle, draining, closed, or the connection's end
+                lf.requests += 1
+                ph.in_request = True
+                ph.answer[0] = False
+                ph.work = None
+                ph.deadline = trio.current_time() + state.config.request_timeout
+                keep = await _request(state, conn, parser, ev[1], ph)
+                ph.in_request = False
+                if ph.work is not None and ph.work.leaving_since is not None:
+                    ph.scope.deadline = math.inf  # that endpoint's drain is not the next request's
+                if not keep:
+                    return
+                served += 1
+                if served % 8 == 0:
+                    await trio.lowlevel.checkpoint()  # a pipelining client takes turns too
+    finally:
+        state.idles.discard(ph)
+    if not ph.in_request:
+        return  # idle or drained between requests
+    cfg = state.config
+    w = ph.work
+    if w is not None and w.leaving_since is not None and trio.current_time() >= w.leaving_since + cfg.drain_timeout:
+        if not ph.answer[0]:  # the endpoint left and drain_timeout ran out
+            await _error(sock, 502, f"{w.service}: endpoint {w.endpoint_id} left while answering")
+        return
+    lf.failures += 1
+    if not ph.answer[0]:
+        await _error(sock, 504, f"no complete answer from {ph.service} within {cfg.request_timeout:g}s")
 
 
-async def _request(state: ListenerState, conn: Conn, parser: Parser, req: Head) -> bool:
-    """Forward one request; True if the client connection may carry another."""
+async def _request(state: ListenerState, conn: Conn, parser: Parser, req: Head, ph: _Phase) -> bool:
+    """Forward one request; True if the client connection may carry another. A request
+    timeout cancels ph.scope; serve_http1 answers it."""
     cfg = state.config
     service = route(cfg.routes, state.service, (req.get(b"host") or b"").decode("latin-1"),
                     req.target.decode("latin-1")) if cfg.routes else state.service
+    ph.service = service
     if _is_upgrade(req):
+        ph.deadline = math.inf  # a tunnel now: its own idle timer bounds it
         await _upgrade(state, conn, parser, req, service)
         return False
-    answer = [False]  # the client has seen a response head
-    with trio.move_on_after(cfg.request_timeout) as timer:
-        try:
-            keep = await _exchange(state, conn, parser, req, service, answer)
-        except NoEndpoint as e:
-            await _error(conn.sock, 503, f"no endpoint for {service}: {e.message}")
-            return False
-        except UpstreamFailed as e:
-            await _error(conn.sock, 502, str(e))
-            return False
-        except httptools.HttpParserError as e:
-            if not answer[0]:
-                await _error(conn.sock, 400, f"bad request: {e}")
-            return False
-        except _ClientGone:
-            return False
-    if timer.cancelled_caught:
-        state.figures.listener(state.service).failures += 1
+    answer = ph.answer
+    try:
+        keep = await _exchange(state, conn, parser, req, service, ph)
+    except NoEndpoint as e:
+        await _error(conn.raw, 503, f"no endpoint for {service}: {e.message}")
+        return False
+    except UpstreamFailed as e:
+        await _error(conn.raw, 502, str(e))
+        return False
+    except httptools.HttpParserError as e:
         if not answer[0]:
-            await _error(conn.sock, 504, f"no complete answer from {service} within {cfg.request_timeout:g}s")
+            await _error(conn.raw, 400, f"bad request: {e}")
+        return False
+    except _ClientGone:
         return False
     # Closing only when the answer said so: a connection the client still thinks open
     # would take its next request and drop it.
@@ -287,12 +377,12 @@ def _closed(sock: socket.socket) -> bool:
         return True
 
 
-async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head, service: str,
-                    answer: list[bool]) -> bool:
+async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head, service: str, ph: _Phase) -> bool:
     cfg = state.config
     figures = state.figures
     lf = figures.listener(service)
     pool = _pool(state)
+    answer = ph.answer
     headers = _headers_for(req.headers, conn.peer_ip)
     has_body = req.chunked or bool(req.length)
     framing = b"transfer-encoding: chunked\r\n" if req.chunked else b""
@@ -311,14 +401,18 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
         ep = held.endpoint
         ef = figures.endpoint(service, ep.id)
         key = (ep.address, ep.port)
-        up = pool.get(key, cfg.idle_timeout)
-        while up is not None and _closed(up.raw):  # the server closed it while it sat idle
-            up.close()
-            up = pool.get(key, cfg.idle_timeout)
+        up = None
+        while (got := pool.take(key, cfg.idle_timeout)) is not None:
+            up = got[0]
+            if got[1] < PEEK_AFTER or not _closed(up.sock):
+                up.reused = True
+                break
+            up.close()  # the server closed it while it sat idle
+            up = None
         t0 = trio.current_time()
         if up is None:
             try:
-                raw, sock = await open_socket_pair(ep.address, ep.port, cfg.connect_timeout)
+                sock = await open_raw(ep.address, ep.port, cfg.connect_timeout)
             except (OSError, trio.TooSlowError) as e:
                 if isinstance(e, OSError) and e.errno in LOCAL_ERRNOS:
                     release(state.rt, held)
@@ -335,22 +429,15 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
                 lf.retries += 1
                 continue
             ef.connections += 1
-            up = Upstream(sock, raw, Parser(response=True), key)
-        else:
-            up.reused = True
+            up = Upstream(sock, Parser(response=True), key)
         ef.requests += 1
         ef.active += 1
-        work = state.track(service, ep.id, trio.CancelScope())
+        # The endpoint leaving cuts the request after drain_timeout: through the connection's
+        # scope (serve_http1 tells that from a timeout by the work's leaving_since).
+        work = ph.work = state.track(service, ep.id, ph.scope)
         try:
-            with work.scope:
-                status, latency, reusable, close_client = await _forward(state, conn, parser, req, head, up, expect,
-                                                           body_read, answer, lf, ef)
-            if work.scope.cancelled_caught:  # the endpoint left and drain_timeout ran out
-                up.close()
-                release(state.rt, held)
-                if not answer[0]:
-                    raise UpstreamFailed(f"{service}: endpoint {ep.id} left while answering")
-                raise _ClientGone()
+            status, latency, reusable, close_client = await _forward(state, conn, parser, req, head, up, expect,
+                                                                     body_read, answer, lf, ef)
         except UpstreamError as e:
             up.close()
             log.debug("%s: %s failed: %s (attempt %d)", service, ep.id, e, attempt)
@@ -396,7 +483,7 @@ async def _forward(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
     """Send the request, stream the answer back: (status, seconds to the answer's head,
     whether the upstream connection can carry another request, whether the client's must
     close now)."""
-    csock, usock = conn.sock, up.sock
+    csock, usock = conn.raw, up.sock
     t0 = trio.current_time()
     out = head
     try:
@@ -421,7 +508,7 @@ async def _forward(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
                     await _send(usock, out)
                     out = bytearray()
                 try:
-                    data = await csock.recv(RECV)
+                    data = await _recv(csock)
                 except OSError:
                     raise _ClientGone() from None
                 if not data:
@@ -438,6 +525,7 @@ async def _forward(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
                 if len(out) >= RECV:
                     await _send(usock, out)
                     out = bytearray()
+                    await trio.lowlevel.checkpoint()
             elif ev[0] == "end":
                 if chunked:
                     out += b"0\r\n\r\n"
@@ -483,7 +571,7 @@ async def _up_end(up: Upstream) -> None:
         raise UpstreamError("bad interim answer")
 
 
-async def _to_client(sock: trio.socket.SocketType, data: bytes | bytearray) -> None:
+async def _to_client(sock: socket.socket, data: bytes | bytearray) -> None:
     try:
         await _send(sock, data)
     except OSError:
@@ -514,7 +602,7 @@ async def _answer(state: ListenerState, conn: Conn, req: Head, up: Upstream, h: 
         framing += b"connection: close\r\n"
     out = _head_bytes(b"HTTP/1.1 %d %s\r\n" % (status, h.reason), headers, framing)
     answer[0] = True
-    csock, usock, parser = conn.sock, up.sock, up.parser
+    csock, usock, parser = conn.raw, up.sock, up.parser
     got = 0
     reusable = h.keep_alive
     if req.method == b"HEAD":
@@ -529,7 +617,7 @@ async def _answer(state: ListenerState, conn: Conn, req: Head, up: Upstream, h: 
                     if out:
                         await _to_client(csock, out)
                         out = bytearray()
-                    data = await usock.recv(RECV)
+                    data = await _recv(usock)
                     if not data:
                         if parser.in_message and h.length is None and not h.chunked:
                             reusable = False  # a body delimited by the close: complete
@@ -550,6 +638,7 @@ async def _answer(state: ListenerState, conn: Conn, req: Head, up: Upstream, h: 
                     if len(out) >= RECV:
                         await _to_client(csock, out)
                         out = bytearray()
+                        await trio.lowlevel.checkpoint()
                 elif ev[0] == "end":
                     if rechunk:
                         out += b"0\r\n\r\n"
@@ -571,10 +660,10 @@ async def _upgrade(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
         held, usock = await connect_picked(state.rt, state.figures, service, Try(cfg.connect_timeout, cfg.retries),
                                            source=conn.peer_ip)
     except NoEndpoint as e:
-        await _error(conn.sock, 503, f"no endpoint for {service}: {e.message}")
+        await _error(conn.raw, 503, f"no endpoint for {service}: {e.message}")
         return
     except UpstreamFailed as e:
-        await _error(conn.sock, 502, str(e))
+        await _error(conn.raw, 502, str(e))
         return
     headers = [(n, v) for n, v in req.headers if n != b"x-forwarded-for"]
     headers.append((b"x-forwarded-for", conn.peer_ip.encode()))
@@ -590,7 +679,7 @@ async def _upgrade(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
             idle = Idle(idle_scope, cfg.idle_timeout)
             state.idles.add(idle)
 
-            async def one_way(a: trio.socket.SocketType, b: trio.socket.SocketType) -> None:
+            async def one_way(a: socket.socket, b: socket.socket) -> None:
                 nonlocal broken
                 try:
                     await pump(a, b, idle, lambda n: None, use_splice=state.use_splice)
@@ -599,8 +688,8 @@ async def _upgrade(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
                     idle_scope.cancel()
 
             async with trio.open_nursery() as n:
-                n.start_soon(one_way, conn.sock, usock)
-                n.start_soon(one_way, usock, conn.sock)
+                n.start_soon(one_way, conn.raw, usock)
+                n.start_soon(one_way, usock, conn.raw)
     except OSError:
         broken = True
     finally:

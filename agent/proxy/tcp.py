@@ -17,7 +17,7 @@ log = logging.getLogger("softlb.proxy")
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-def _reset(sock: trio.socket.SocketType) -> None:
+def _reset(sock: socket.socket) -> None:
     """Close with RST rather than FIN: the peer must see the failure, not a clean end."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -27,7 +27,7 @@ def _reset(sock: trio.socket.SocketType) -> None:
 
 async def serve_tcp(state: ListenerState, conn: Conn) -> None:
     cfg = state.config
-    client = conn.sock
+    client = conn.raw
     try:
         held, upstream = await connect_picked(state.rt, state.figures, state.service,
                                               Try(cfg.connect_timeout, cfg.retries), source=conn.peer_ip)
@@ -52,27 +52,29 @@ async def serve_tcp(state: ListenerState, conn: Conn) -> None:
         lf.bytes_out += n
         ef.bytes_out += n
 
-    drain = trio.CancelScope()
-    work = state.track(state.service, held.endpoint.id, drain)
-    idle: Idle | None = None
+    # One scope for everything that ends the tunnel early: the endpoint's drain running
+    # out, the idle sweep, a reset on either side.
+    scope = trio.CancelScope()
+    work = state.track(state.service, held.endpoint.id, scope)
+    idle = Idle(scope, cfg.idle_timeout)
+    state.idles.add(idle)
+    use_splice = state.use_splice
+
+    async def one_way(src: socket.socket, dst: socket.socket, count) -> None:
+        nonlocal broken
+        try:
+            await pump(src, dst, idle, count, use_splice=use_splice)
+        except OSError:
+            broken = True
+            scope.cancel()
+
     try:
-        with drain, trio.CancelScope() as idle_scope:
-            idle = Idle(idle_scope, cfg.idle_timeout)
-            state.idles.add(idle)
-
-            async def one_way(src: trio.socket.SocketType, dst: trio.socket.SocketType, count) -> None:
-                nonlocal broken
-                try:
-                    await pump(src, dst, idle, count, use_splice=state.use_splice)
-                except OSError:
-                    broken = True
-                    idle_scope.cancel()
-
+        with scope:
             async with trio.open_nursery() as n:
                 n.start_soon(one_way, upstream, client, down)
                 await one_way(client, upstream, up)  # this task carries one direction itself
-        if broken or idle_scope.cancelled_caught or drain.cancelled_caught:
-            # A reset on either side, or idle too long: the other side hears a reset too.
+        if broken or scope.cancelled_caught:
+            # A reset on either side, idle too long, or drained: the other side hears a reset too.
             _reset(client)
             _reset(upstream)
     finally:
