@@ -29,7 +29,7 @@ from softlb import route
 from .listener import KEEPALIVE_GRACE, Conn, ListenerState, Work
 from .picks import NoEndpoint, finish, pick, release
 from .pool import Pool
-from .pump import Idle, pump
+from .relay import Idle, Tunnel
 from .upstream import LOCAL_ERRNOS, Try, UpstreamFailed, connect_picked, open_raw
 
 log = logging.getLogger("softlb.proxy")
@@ -671,32 +671,25 @@ async def _upgrade(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
     ef = state.figures.endpoint(service, held.endpoint.id)
     ef.requests += 1
     ef.active += 1
-    broken = False
+    tunnel: Tunnel | None = None
     idle: Idle | None = None
     try:
         await _send(usock, head + parser.upgrade_data)
         with trio.CancelScope() as idle_scope:
             idle = Idle(idle_scope, cfg.idle_timeout)
             state.idles.add(idle)
-
-            async def one_way(a: socket.socket, b: socket.socket) -> None:
-                nonlocal broken
-                try:
-                    await pump(a, b, idle, lambda n: None, use_splice=state.use_splice)
-                except OSError:
-                    broken = True
-                    idle_scope.cancel()
-
-            async with trio.open_nursery() as n:
-                n.start_soon(one_way, conn.raw, usock)
-                n.start_soon(one_way, usock, conn.raw)
+            tunnel = Tunnel(conn.raw, usock, idle, lambda n: None, lambda n: None, use_splice=state.use_splice)
+            state.relay().add(tunnel)
+            await tunnel.done.wait()
     except OSError:
-        broken = True
+        pass
     finally:
+        if tunnel is not None:
+            tunnel.abort()
         state.idles.discard(idle)
         ef.active -= 1
         usock.close()
-        if broken:
+        if tunnel is None or tunnel.broken:
             release(state.rt, held)
         else:
             finish(state.rt, held, ok=True, latency=None)

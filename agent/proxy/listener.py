@@ -18,7 +18,7 @@ from softlb import ProxyConfig
 from ..runtime import Runtime
 from .figures import ProxyFigures
 from .picks import serving
-from .pump import splice_available
+from .relay import Relay, splice_available
 
 log = logging.getLogger("softlb.proxy")
 
@@ -98,8 +98,18 @@ class ListenerState:
         self.nursery: trio.Nursery | None = None
         #: Called with `now` on every drain check (pooled connection upkeep).
         self.sweepers: list[Callable[[float], None]] = []
-        #: Idle timers of open tunnels (tcp connections, upgraded http), swept with the drain.
+        #: Idle timers of open tunnels (tcp connections, upgraded http) and http1
+        #: connections' deadlines, swept with the drain.
         self.idles: set[Any] = set()
+        self._relay: Relay | None = None
+
+    def relay(self) -> Relay:
+        """The listener's relay (tcp tunnels), its task started on first use."""
+        if self._relay is None:
+            assert self.nursery is not None
+            self._relay = Relay()
+            self.nursery.start_soon(self._relay.run)
+        return self._relay
 
     def track(self, service: str, endpoint_id: str, scope: trio.CancelScope) -> Work:
         w = Work(service, endpoint_id, scope, None, scope.deadline)
