@@ -19,7 +19,8 @@ import logging
 import math
 import socket
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Awaitable, Callable
 
 import httptools
 import trio
@@ -500,37 +501,9 @@ async def _forward(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
                 return await _answer(state, conn, req, up, h, t0, answer, lf, ef, abandon_body=True)
         # The request body, as it arrives; what is already here goes out with the head.
         sent = 0
-        chunked = req.chunked
-        while not body_read:
-            events = parser.events
-            if not events:
-                if out:
-                    await _send(usock, out)
-                    out = bytearray()
-                try:
-                    data = await _recv(csock)
-                except OSError:
-                    raise _ClientGone() from None
-                if not data:
-                    raise _ClientGone()
-                parser.feed(data)
-                continue
-            ev = events.popleft()
-            if ev[0] == "data":
-                d = ev[1]
-                if not d:
-                    continue
-                sent += len(d)
-                out += (b"%x\r\n" % len(d) + d + b"\r\n") if chunked else d
-                if len(out) >= RECV:
-                    await _send(usock, out)
-                    out = bytearray()
-                    await trio.lowlevel.checkpoint()
-            elif ev[0] == "end":
-                if chunked:
-                    out += b"0\r\n\r\n"
-                body_read = True
-            else:  # a new head before this body ended: garbage framing
+        if not body_read:
+            out, sent, ended = await _body(_client_recv(csock), parser, out, req.chunked, partial(_send, usock))
+            if not ended:
                 raise _ClientGone()
         if out:
             await _send(usock, out)
@@ -547,6 +520,55 @@ async def _forward(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
             await _to_client(csock, bytes(_head_bytes(b"HTTP/1.1 %d %s\r\n" % (h.status, h.reason), hs)))
             continue
         return await _answer(state, conn, req, up, h, t0, answer, lf, ef, abandon_body=False)
+
+
+async def _body(recv: Callable[[], Awaitable[bytes]], parser: Parser, out: bytearray, chunked: bool,
+                send: Callable[[bytearray], Awaitable[None]]) -> tuple[bytearray, int, bool]:
+    """Stream one message body as it arrives, appended to `out` (chunked: re-framed) and
+    sent whenever `out` holds RECV bytes or before waiting for more. Returns what is left
+    in `out`, the body's bytes, and whether the message ended (False: its sender closed
+    first)."""
+    n = 0
+    events = parser.events
+    while True:
+        if not events:
+            if out:
+                await send(out)
+                out = bytearray()
+            data = await recv()
+            if not data:
+                return out, n, False
+            parser.feed(data)
+            continue
+        ev = events.popleft()
+        if ev[0] == "data":
+            d = ev[1]
+            if not d:
+                continue
+            n += len(d)
+            out += (b"%x\r\n" % len(d) + d + b"\r\n") if chunked else d
+            if len(out) >= RECV:
+                await send(out)
+                out = bytearray()
+                await trio.lowlevel.checkpoint()
+        elif ev[0] == "end":
+            if chunked:
+                out += b"0\r\n\r\n"
+            return out, n, True
+        else:  # a new head before this body ended: garbage framing
+            raise _ClientGone()
+
+
+def _client_recv(sock: socket.socket) -> Callable[[], Awaitable[bytes]]:
+    """Reads from the client for _body: its failures are the client's, not the upstream's."""
+
+    async def recv() -> bytes:
+        try:
+            return await _recv(sock)
+        except OSError:
+            raise _ClientGone() from None
+
+    return recv
 
 
 async def _up_event(up: Upstream) -> tuple[Any, ...]:
@@ -611,41 +633,14 @@ async def _answer(state: ListenerState, conn: Conn, req: Head, up: Upstream, h: 
         await _to_client(csock, out)
     else:
         try:
-            while True:
-                events = parser.events
-                if not events:
-                    if out:
-                        await _to_client(csock, out)
-                        out = bytearray()
-                    data = await _recv(usock)
-                    if not data:
-                        if parser.in_message and h.length is None and not h.chunked:
-                            reusable = False  # a body delimited by the close: complete
-                            if rechunk:
-                                out += b"0\r\n\r\n"
-                            await _to_client(csock, out)
-                            break
-                        raise _ClientGone()  # cut mid-answer: nothing to retry; cut the client off
-                    parser.feed(data)
-                    continue
-                ev = events.popleft()
-                if ev[0] == "data":
-                    d = ev[1]
-                    if not d:
-                        continue
-                    got += len(d)
-                    out += (b"%x\r\n" % len(d) + d + b"\r\n") if rechunk else d
-                    if len(out) >= RECV:
-                        await _to_client(csock, out)
-                        out = bytearray()
-                        await trio.lowlevel.checkpoint()
-                elif ev[0] == "end":
-                    if rechunk:
-                        out += b"0\r\n\r\n"
-                    await _to_client(csock, out)
-                    break
-                else:
-                    raise _ClientGone()
+            out, got, ended = await _body(partial(_recv, usock), parser, out, rechunk, partial(_to_client, csock))
+            if not ended:
+                if not (parser.in_message and h.length is None and not h.chunked):
+                    raise _ClientGone()  # cut mid-answer: nothing to retry; cut the client off
+                reusable = False  # a body delimited by the close: complete
+                if rechunk:
+                    out += b"0\r\n\r\n"
+            await _to_client(csock, out)
         except (OSError, httptools.HttpParserError):
             raise _ClientGone() from None
     lf.bytes_out += got

@@ -67,6 +67,28 @@ def _setup(use_splice: bool):
     return client, upstream, tunnel, counts, (ca, ub)
 
 
+def _run(body, use_splice: bool = True) -> Tunnel:
+    """Relay a client <-> upstream pair; run `body(client, upstream, tunnel, inner)` beside
+    the relay task; close every socket after."""
+    client, upstream, tunnel, _, inner = _setup(use_splice)
+
+    async def main() -> None:
+        relay = Relay()
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                n.start_soon(relay.run)
+                relay.add(tunnel)
+                await body(client, upstream, tunnel, inner, relay)
+                n.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        for s in (client, upstream, *inner):
+            s.close()
+    return tunnel
+
+
 @pytest.mark.parametrize("use_splice", [False, pytest.param(True, marks=pytest.mark.skipif(
     not splice_available(), reason="os.splice needs Linux and Python 3.10+"))])
 def test_relay_moves_both_ways_with_half_close_and_backpressure(use_splice: bool) -> None:
@@ -100,70 +122,42 @@ def test_relay_moves_both_ways_with_half_close_and_backpressure(use_splice: bool
 
 
 def test_relay_one_side_ends_the_other_keeps_flowing() -> None:
-    async def main() -> None:
-        client, upstream, tunnel, _, inner = _setup(True)
-        relay = Relay()
-        with trio.fail_after(10):
-            async with trio.open_nursery() as n:
-                n.start_soon(relay.run)
-                relay.add(tunnel)
-                await _send_all(upstream, b"bye\n")  # the upstream is done talking
-                got: list[bytes] = []
-                await _read_all(client, got)  # EOF reaches the client
-                assert b"".join(got) == b"bye\n"
-                await _send_all(client, b"still talking")  # the client side still flows
-                got = []
-                await _read_all(upstream, got)
-                assert b"".join(got) == b"still talking"
-                await tunnel.done.wait()
-                n.cancel_scope.cancel()
-        assert not tunnel.broken
-        for s in (client, upstream, *inner):
-            s.close()
+    async def body(client, upstream, tunnel, inner, relay) -> None:
+        await _send_all(upstream, b"bye\n")  # the upstream is done talking
+        got: list[bytes] = []
+        await _read_all(client, got)  # EOF reaches the client
+        assert b"".join(got) == b"bye\n"
+        await _send_all(client, b"still talking")  # the client side still flows
+        got = []
+        await _read_all(upstream, got)
+        assert b"".join(got) == b"still talking"
+        await tunnel.done.wait()
 
-    trio.run(main)
+    assert not _run(body).broken
 
 
 def test_relay_reset_on_one_side_resets_the_other() -> None:
-    async def main() -> None:
-        client, upstream, tunnel, _, inner = _setup(True)
-        relay = Relay()
-        with trio.fail_after(10):
-            async with trio.open_nursery() as n:
-                n.start_soon(relay.run)
-                relay.add(tunnel)
-                upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                upstream.close()  # RST
-                await tunnel.done.wait()
-                for s in inner:
-                    s.close()  # what the owner does next; the resets go out now
-                with pytest.raises(ConnectionResetError):
-                    await _read_all(client, [])
-                n.cancel_scope.cancel()
-        assert tunnel.broken
-        client.close()
+    async def body(client, upstream, tunnel, inner, relay) -> None:
+        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        upstream.close()  # RST
+        await tunnel.done.wait()
+        for s in inner:
+            s.close()  # what the owner does next; the resets go out now
+        with pytest.raises(ConnectionResetError):
+            await _read_all(client, [])
 
-    trio.run(main)
+    assert _run(body).broken
 
 
 def test_relay_abort_resets_both_and_stops_watching() -> None:
-    async def main() -> None:
-        client, upstream, tunnel, _, inner = _setup(True)
-        relay = Relay()
-        with trio.fail_after(10):
-            async with trio.open_nursery() as n:
-                n.start_soon(relay.run)
-                relay.add(tunnel)
-                tunnel.abort()  # the owner's scope was cancelled (drain, idle)
-                assert tunnel.done.is_set() and tunnel.broken
-                assert not relay._tunnels  # nothing left that names those fds
-                for s in inner:
-                    s.close()
-                for s in (client, upstream):
-                    with pytest.raises(ConnectionResetError):
-                        await _read_all(s, [])
-                n.cancel_scope.cancel()
-        for s in (client, upstream):
+    async def body(client, upstream, tunnel, inner, relay) -> None:
+        tunnel.abort()  # the owner's scope was cancelled (drain, idle)
+        assert tunnel.done.is_set() and tunnel.broken
+        assert not relay._tunnels  # nothing left that names those fds
+        for s in inner:
             s.close()
+        for s in (client, upstream):
+            with pytest.raises(ConnectionResetError):
+                await _read_all(s, [])
 
-    trio.run(main)
+    _run(body)
