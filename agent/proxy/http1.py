@@ -165,17 +165,24 @@ def _pool(state: ListenerState) -> Pool[Upstream]:
 
 
 class _Phase:
-    """Where a client connection is, for its one cancel scope: between requests (until the
-    idle or keep-alive grace deadline) or in one (until the request timeout). The
-    listener's sweep (every DRAIN_CHECK) cancels the scope past the deadline: a deadline
-    moved on a trio scope twice per request cost more than the rest of the bookkeeping."""
+    """Where a client connection is, for its one cancel scope: between requests (bounded
+    by the idle timeout, or the keep-alive grace at a drain) or in one (the request
+    timeout). The hot path only counts phase changes (`n`); the listener's sweep, every
+    DRAIN_CHECK, cancels the scope once one phase has lasted its timeout (so up to two
+    sweeps late). A deadline moved on a trio scope twice per request, and the clock reads
+    for it, cost more than the rest of the request's bookkeeping."""
 
-    __slots__ = ("scope", "in_request", "deadline", "grace", "answer", "work", "service")
+    __slots__ = ("scope", "in_request", "n", "seen", "since", "idle", "request", "grace", "answer", "work",
+                 "service")
 
-    def __init__(self) -> None:
+    def __init__(self, idle: float, request: float) -> None:
         self.scope = trio.CancelScope()
         self.in_request = False
-        self.deadline = math.inf
+        self.n = 0
+        self.seen = -1
+        self.since = 0.0
+        self.idle = idle  # the current wait's bound between requests
+        self.request = request
         self.grace = math.inf
         self.answer = [False]  # the client has seen a response head
         self.work: Work | None = None
@@ -183,11 +190,17 @@ class _Phase:
 
     def keepalive_grace(self, deadline: float) -> None:
         """The listener drains: a keep-alive wait ends at `deadline`; a request in progress
-        keeps its own deadline and meets this one after it."""
+        keeps its own timeout and meets this one after it."""
         self.grace = min(self.grace, deadline)
 
     def sweep(self, now: float) -> None:
-        if now >= self.deadline or (now >= self.grace and not self.in_request):
+        if self.n != self.seen:
+            self.seen = self.n
+            self.since = now
+        if self.in_request:
+            if now - self.since >= self.request:
+                self.scope.cancel()
+        elif now >= self.grace or now - self.since >= self.idle:
             self.scope.cancel()
 
 
@@ -287,17 +300,19 @@ async def serve_http1(state: ListenerState, conn: Conn) -> None:
     sock = conn.raw
     parser = Parser(response=False)
     lf = state.figures.listener(state.service)
-    # One cancel scope for the connection's life, cancelled by the listener's sweep past
-    # ph.deadline (a scope per request and per wait was a fifth of a keep-alive request's
-    # cost). Timeouts are thus as precise as DRAIN_CHECK.
-    ph = _Phase()
+    # One cancel scope for the connection's life, cancelled by the listener's sweep (a
+    # scope per request and per wait was a fifth of a keep-alive request's cost).
+    cfg = state.config
+    ph = _Phase(cfg.idle_timeout, cfg.request_timeout)
     conn.keepalive_grace = ph.keepalive_grace
     state.idles.add(ph)
     served = 0
     try:
         with ph.scope:
             while True:
-                ph.deadline = trio.current_time() + (KEEPALIVE_GRACE if state.closing else state.config.idle_timeout)
+                ph.n += 1
+                if state.closing:
+                    ph.idle = KEEPALIVE_GRACE
                 try:
                     ev = await _event(sock, parser)
                 except httptools.HttpParserError as e:
@@ -309,9 +324,9 @@ async def serve_http1(state: ListenerState, conn: Conn) -> None:
                     return  # idle, draining, closed, or the connection's end
                 lf.requests += 1
                 ph.in_request = True
+                ph.n += 1
                 ph.answer[0] = False
                 ph.work = None
-                ph.deadline = trio.current_time() + state.config.request_timeout
                 keep = await _request(state, conn, parser, ev[1], ph)
                 ph.in_request = False
                 if ph.work is not None and ph.work.leaving_since is not None:
@@ -325,7 +340,6 @@ async def serve_http1(state: ListenerState, conn: Conn) -> None:
         state.idles.discard(ph)
     if not ph.in_request:
         return  # idle or drained between requests
-    cfg = state.config
     w = ph.work
     if w is not None and w.leaving_since is not None and trio.current_time() >= w.leaving_since + cfg.drain_timeout:
         if not ph.answer[0]:  # the endpoint left and drain_timeout ran out
@@ -333,7 +347,7 @@ async def serve_http1(state: ListenerState, conn: Conn) -> None:
         return
     lf.failures += 1
     if not ph.answer[0]:
-        await _error(sock, 504, f"no complete answer from {ph.service} within {cfg.request_timeout:g}s")
+        await _error(sock, 504, f"no complete answer from {ph.service} within {ph.request:g}s")
 
 
 async def _request(state: ListenerState, conn: Conn, parser: Parser, req: Head, ph: _Phase) -> bool:
@@ -344,7 +358,7 @@ async def _request(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
                     req.target.decode("latin-1")) if cfg.routes else state.service
     ph.service = service
     if _is_upgrade(req):
-        ph.deadline = math.inf  # a tunnel now: its own idle timer bounds it
+        ph.request = math.inf  # a tunnel now: its own idle timer bounds it
         await _upgrade(state, conn, parser, req, service)
         return False
     answer = ph.answer
@@ -431,6 +445,7 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
                 continue
             ef.connections += 1
             up = Upstream(sock, Parser(response=True), key)
+            t0 = trio.current_time()  # latency counts from the request sent, not the connect
         ef.requests += 1
         ef.active += 1
         # The endpoint leaving cuts the request after drain_timeout: through the connection's
@@ -438,7 +453,7 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
         work = ph.work = state.track(service, ep.id, ph.scope)
         try:
             status, latency, reusable, close_client = await _forward(state, conn, parser, req, head, up, expect,
-                                                                     body_read, answer, lf, ef)
+                                                                     body_read, answer, lf, ef, t0)
         except UpstreamError as e:
             up.close()
             log.debug("%s: %s failed: %s (attempt %d)", service, ep.id, e, attempt)
@@ -480,12 +495,12 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
 
 
 async def _forward(state: ListenerState, conn: Conn, parser: Parser, req: Head, head: bytearray, up: Upstream,
-                   expect: bool, body_read: bool, answer: list[bool], lf: Any, ef: Any) -> tuple[int, float, bool, bool]:
+                   expect: bool, body_read: bool, answer: list[bool], lf: Any, ef: Any,
+                   t0: float) -> tuple[int, float, bool, bool]:
     """Send the request, stream the answer back: (status, seconds to the answer's head,
     whether the upstream connection can carry another request, whether the client's must
     close now)."""
     csock, usock = conn.raw, up.sock
-    t0 = trio.current_time()
     out = head
     try:
         if expect and not body_read:
