@@ -44,8 +44,11 @@ _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _POOL: list[tuple[int, int]] = []
 POOL_MAX = 256
 _chunk = CHUNK
-_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 _LINGER_RESET = struct.pack("ii", 1, 0)
+#: What an event says about a socket: bytes (or an end, or an error) to read; room (or an
+#: error) to write. Errors and hang-ups set both, so the next call surfaces them.
+_READ_EDGE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WRITE_EDGE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 
 def splice_available() -> bool:
@@ -108,7 +111,8 @@ class Idle:
 class _Way:
     """One direction: src -> dst."""
 
-    __slots__ = ("src", "dst", "count", "pending", "pipe", "in_pipe", "eof", "done", "splice")
+    __slots__ = ("src", "dst", "count", "pending", "pipe", "in_pipe", "eof", "done", "splice", "can_read",
+                 "can_write")
 
     def __init__(self, src: socket.socket, dst: socket.socket, count: Callable[[int], None], splice: bool) -> None:
         self.src = src
@@ -120,26 +124,33 @@ class _Way:
         self.eof = False  # src ended
         self.done = False  # ... and dst was told (shutdown)
         self.splice = splice
+        # Edge-triggered: whether src may have bytes / dst may have room, until a call
+        # says EAGAIN; the next edge on that socket sets it again. No syscall is spent on
+        # a side known to be dry or full.
+        self.can_read = True
+        self.can_write = True
 
     @property
     def blocked(self) -> bool:
         return self.pending is not None or self.in_pipe > 0
 
-    def move(self) -> None:
-        """Move what can be moved now. OSError (a reset) propagates."""
-        if self.done:
-            return
-        if not self._flush():
-            return
+    def move(self) -> bool:
+        """Move what can be moved now; True if it stopped with more to move (its batch
+        used up: no new edge will say so). OSError (a reset) propagates."""
+        if self.done or not self._flush():
+            return False
         src, dst = self.src, self.dst
         for _ in range(BATCH):
             if self.eof:
                 break
+            if not self.can_read:
+                return False
             if self.pipe is None:
                 try:
                     n = src.recv_into(_BUF)
                 except BlockingIOError:
-                    return
+                    self.can_read = False
+                    return False
                 if n == 0:
                     self.eof = True
                     break
@@ -147,24 +158,28 @@ class _Way:
                     sent = dst.send(_VIEW[:n])
                 except BlockingIOError:
                     sent = 0
+                    self.can_write = False
                 self.count(n)
                 if sent < n:
                     self.pending = memoryview(bytes(_VIEW[sent:n]))
-                    return
+                    return False
                 if n == SMALL and self.splice:
                     self.pipe = _new_pipe()
             else:
                 try:
                     n = _SPLICE(src.fileno(), self.pipe[1], _chunk, None, None, _FLAGS)  # type: ignore[misc]
                 except BlockingIOError:
-                    return
+                    self.can_read = False
+                    return False
                 if n == 0:
                     self.eof = True
                     break
                 self.in_pipe = n
                 self.count(n)
                 if not self._flush():
-                    return
+                    return False
+        else:
+            return True
         if self.eof and not self.blocked:
             self.done = True
             try:
@@ -172,13 +187,19 @@ class _Way:
             except OSError as e:
                 if e.errno != errno.ENOTCONN:
                     raise
+        return False
 
     def _flush(self) -> bool:
         """Send what is held back; True once nothing is."""
+        if self.pending is None and not self.in_pipe:
+            return True
+        if not self.can_write:
+            return False
         if self.pending is not None:
             try:
                 n = self.dst.send(self.pending)
             except BlockingIOError:
+                self.can_write = False
                 return False
             rest = self.pending[n:]
             self.pending = rest if rest else None
@@ -191,6 +212,7 @@ class _Way:
                 try:
                     self.in_pipe -= _SPLICE(self.pipe[0], dfd, self.in_pipe, None, None, _FLAGS)  # type: ignore[misc]
                 except BlockingIOError:
+                    self.can_write = False
                     return False
         return True
 
@@ -204,7 +226,7 @@ class Tunnel:
     """Two connected sockets relayed both ways by a Relay. `done` is set when both
     directions ended (`broken`: by a reset, after which both sides were reset)."""
 
-    __slots__ = ("a", "b", "ab", "ba", "idle", "done", "broken", "finished", "_masks", "_relay")
+    __slots__ = ("a", "b", "ab", "ba", "idle", "done", "broken", "finished", "_relay")
 
     def __init__(self, a: socket.socket, b: socket.socket, idle: Idle, count_ab: Callable[[int], None],
                  count_ba: Callable[[int], None], *, use_splice: bool = True) -> None:
@@ -216,24 +238,24 @@ class Tunnel:
         self.done = trio.Event()
         self.broken = False
         self.finished = False
-        self._masks = [-1, -1]
         self._relay: Relay | None = None
 
-    def _want(self) -> tuple[int, int]:
-        ab, ba = self.ab, self.ba
-        ma = (0 if ab.eof or ab.blocked else _IN) | (_OUT if ba.blocked else 0)
-        mb = (0 if ba.eof or ba.blocked else _IN) | (_OUT if ab.blocked else 0)
-        return ma, mb
-
-    def step(self, events: int = 0) -> None:
-        """Run both directions as far as they go; update what the relay watches."""
+    def step(self, fd: int = -1, events: int = 0) -> bool:
+        """Note what an event on `fd` says, run both directions as far as they go; True
+        if one has more to move now."""
         self.idle.touch()
+        if fd >= 0:
+            src, dst = (self.ab, self.ba) if fd == self.a.fileno() else (self.ba, self.ab)
+            if events & _READ_EDGE:
+                src.can_read = True
+            if events & _WRITE_EDGE:
+                dst.can_write = True
         try:
-            self.ab.move()
-            self.ba.move()
+            more = self.ab.move()
+            more = self.ba.move() or more
             if self.ab.done and self.ba.done:
                 self._end(broken=False)
-                return
+                return False
             if events & select.EPOLLERR:
                 # An error with nothing to read or write that would surface it.
                 err = self.a.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or \
@@ -242,17 +264,8 @@ class Tunnel:
                     raise OSError(err, os.strerror(err))
         except OSError:
             self._end(broken=True)
-            return
-        relay = self._relay
-        assert relay is not None
-        ma, mb = self._want()
-        masks = self._masks
-        if ma != masks[0]:
-            relay.watch(self.a, ma, masks[0] < 0)
-            masks[0] = ma
-        if mb != masks[1]:
-            relay.watch(self.b, mb, masks[1] < 0)
-            masks[1] = mb
+            return False
+        return more
 
     def abort(self) -> None:
         """The owner was cancelled (drain, idle, agent stop): both sides hear a reset."""
@@ -263,8 +276,7 @@ class Tunnel:
         self.finished = True
         self.broken = broken
         if self._relay is not None:
-            self._relay.forget(self.a, self._masks[0] >= 0)
-            self._relay.forget(self.b, self._masks[1] >= 0)
+            self._relay.forget(self)
         self.ab.release()
         self.ba.release()
         if broken:
@@ -274,58 +286,55 @@ class Tunnel:
 
 
 class Relay:
-    """The tunnels of one listener, served by one task."""
+    """The tunnels of one listener, served by one task.
+
+    Each socket is registered once, edge-triggered for both readable and writable, and
+    never modified: a direction runs until its source says EAGAIN (the next bytes bring
+    a new edge), its destination says EAGAIN (space freed brings one), or its batch is
+    used up (then the tunnel is queued to run again after the others had their turn).
+    The kernel drops a socket from the set when it is closed; nothing is unregistered.
+    """
+
+    _MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
     def __init__(self) -> None:
         self._ep = select.epoll()
         self._tunnels: dict[int, Tunnel] = {}
-        self._closed = False
+        self._again: list[Tunnel] = []
 
     def add(self, t: Tunnel) -> None:
         """Start relaying (moves whatever is already waiting at once)."""
         t._relay = self
-        self._tunnels[t.a.fileno()] = t
-        self._tunnels[t.b.fileno()] = t
-        t.step()
+        for sock in (t.a, t.b):
+            self._tunnels[sock.fileno()] = t
+            self._ep.register(sock, self._MASK)
+        if t.step():
+            self._again.append(t)
 
-    def watch(self, sock: socket.socket, mask: int, new: bool) -> None:
-        # With mask 0 a socket stays in the set, for errors and hang-ups only.
-        if new:
-            self._ep.register(sock, mask)
-        else:
-            self._ep.modify(sock, mask)
-
-    def forget(self, sock: socket.socket, registered: bool) -> None:
-        fd = sock.fileno()
-        self._tunnels.pop(fd, None)
-        if registered and not self._closed:
-            try:
-                self._ep.unregister(fd)
-            except (OSError, ValueError):
-                pass
+    def forget(self, t: Tunnel) -> None:
+        """The tunnel ended: its sockets' events, until their owner closes them (the set
+        then drops them), are for nobody; edge-triggered, they are few."""
+        for sock in (t.a, t.b):
+            self._tunnels.pop(sock.fileno(), None)
 
     async def run(self) -> None:
         ep = self._ep
         tunnels = self._tunnels
-        hup = select.EPOLLHUP
         try:
             while True:
-                await trio.lowlevel.wait_readable(ep)
+                if self._again:
+                    await trio.lowlevel.checkpoint()  # the others' turn first
+                    again, self._again = self._again, []
+                    for t in again:
+                        if not t.finished and t.step():
+                            self._again.append(t)
+                else:
+                    await trio.lowlevel.wait_readable(ep)
                 for fd, ev in ep.poll(0, 256):
                     t = tunnels.get(fd)
-                    if t is None or t.finished:
-                        continue
-                    t.step(ev)
-                    if ev & hup and not t.finished and fd in tunnels:
-                        # Both ways shut on that socket and nothing more to move: stop
-                        # hearing about it (level-triggered, it would be reported on).
-                        sock = t.a if t.a.fileno() == fd else t.b
-                        i = 0 if sock is t.a else 1
-                        if t._masks[i] == 0:
-                            ep.unregister(fd)
-                            t._masks[i] = -1
+                    if t is not None and not t.finished and t.step(fd, ev):
+                        self._again.append(t)
         finally:
-            self._closed = True
             for t in list(tunnels.values()):
                 t.abort()
             trio.lowlevel.notify_closing(ep)
