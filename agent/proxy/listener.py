@@ -54,8 +54,9 @@ class Conn:
     def __init__(self, raw: socket.socket, peer_ip: str) -> None:
         self.raw = raw
         self.peer_ip = peer_ip
-        #: Cancelled when the listener drains, to end a keep-alive wait between requests.
-        self.between = trio.CancelScope()
+        #: The scope of a keep-alive wait between requests (a handler sets it), which the
+        #: listener's drain gives a deadline.
+        self.between: trio.CancelScope | None = None
         self.endpoint_id: str | None = None
         self._sock: trio.socket.SocketType | None = None
         #: How the listener's drain ends a keep-alive wait (`deadline`); handlers whose
@@ -69,7 +70,8 @@ class Conn:
         return self._sock
 
     def _grace(self, deadline: float) -> None:
-        self.between.deadline = min(self.between.deadline, deadline)
+        if self.between is not None:
+            self.between.deadline = min(self.between.deadline, deadline)
 
     def close(self) -> None:
         if self._sock is not None:

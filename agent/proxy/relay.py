@@ -28,7 +28,7 @@ from typing import Callable
 import trio
 
 #: Bytes moved per splice. Pipes are grown to this so one call moves a whole chunk.
-CHUNK = 1024 * 1024
+CHUNK = 256 * 1024
 #: Chunks (or small reads) moved per direction per event, so one busy tunnel cannot hold
 #: the loop (the epoll set is level-triggered: what is left is reported again).
 BATCH = 16
