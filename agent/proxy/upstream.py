@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 from dataclasses import dataclass
 
@@ -45,8 +46,13 @@ async def open_raw(address: str, port: int, timeout: float) -> socket.socket:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         err = raw.connect_ex((address, port))
         if err in (errno.EINPROGRESS, errno.EAGAIN):
-            with trio.fail_after(timeout):
-                await trio.lowlevel.wait_writable(raw)
+            # On loopback the handshake is over by the time connect returns: one poll
+            # says so, and spares a timeout scope and a trio wait (~60 µs here).
+            p = select.poll()
+            p.register(raw, select.POLLOUT)
+            if not p.poll(0):
+                with trio.fail_after(timeout):
+                    await trio.lowlevel.wait_writable(raw)
             err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))
