@@ -21,14 +21,13 @@ import signal
 import socket
 import stat
 import sys
-import tomllib
 from dataclasses import replace
 from functools import partial
 from typing import Callable
 
 import trio
 
-from softlb import AgentConfig, ConfigError, check_listen, parse_agent_config
+from softlb import AgentConfig, ConfigError, check_listen, parse_agent_config_text
 from softlb.policies import POLICIES
 from .paths import default_socket_path
 
@@ -37,6 +36,7 @@ from .consul_catalog import ConsulCatalog
 from .dns import DnsServer, bind_dns
 from .consul_http import consul_settings
 from .consul_register import ProviderRegistrar
+from .gc_pauses import run_full_collections
 from .file_source import FileSource
 from .ipc_server import serve_listener
 from .listeners import ConnectionBudget, ConnectionLimits
@@ -45,6 +45,7 @@ from .proxy.manager import ProxyManager
 from .runtime import Runtime
 from .service_manager import ServiceManager, status_line
 from .table_builds import run_table_builds
+from .turns import Turns
 
 log = logging.getLogger("softlb.agent")
 
@@ -68,13 +69,11 @@ def load_config_file(path: str) -> AgentConfig:
     """Read and validate an agent config file; ConfigError names the file and key."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            text = f.read()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
     try:
-        cfg = parse_agent_config(data, frozenset(POLICIES))
+        cfg = parse_agent_config_text(text, frozenset(POLICIES))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     # Relative paths in a config file mean "beside this file", whatever the working
@@ -276,8 +275,11 @@ async def run_agent(
     """Run until SIGINT/SIGTERM or cancellation. Raises ConfigError for startup problems."""
     sm = ServiceManager()
     # Worker threads (catalog parsing) hand the GIL back to the loop within this, not the
-    # default 5 ms: a bystander's resolve waits at most this long behind a big reload.
-    sys.setswitchinterval(0.0005)
+    # default 5 ms. The loop gives the GIL up at every socket call and waits up to this long
+    # to get it back while a worker parses, several times per request: at 0.5 ms a
+    # bystander's p99 during catalog rewrites was 8-50 ms here, at 0.1 ms 3.7-12 ms
+    # (bench/bystander.py, watch_flood and maglev_flap). With no worker running it costs nothing.
+    sys.setswitchinterval(0.0001)
     rt = Runtime(config, config_path, random.Random())
     source: FileSource | ConsulCatalog
     if config.source == "consul":
@@ -331,7 +333,9 @@ async def run_agent(
                     udp, tcp = bind_dns(config.dns)
                     where = "%s:%d" % udp.getsockname()[:2]
                     listeners += [(f"dns-udp:{where}", udp), (f"dns-tcp:{where}", tcp)]
-                    await nursery.start(DnsServer(rt).serve, udp, tcp)
+                    await nursery.start(partial(DnsServer(rt).serve, draining=draining), udp, tcp)
+                rt.turns = Turns()
+                await nursery.start(rt.turns.run)
                 # The protocol port is served last: a caller that can say hello finds every
                 # other listener (admin, proxies, DNS) bound too.
                 for sock in ipc:
@@ -349,6 +353,8 @@ async def run_agent(
                     rt.source_status,
                     ", ".join(name for name, _ in listeners),
                 )
+                # Last: what start-up built is frozen out of the collector's walks.
+                await nursery.start(run_full_collections, rt)
                 task_status.started(rt)
                 sm.ready(status(""))
                 async for signum in signals:

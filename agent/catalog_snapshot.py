@@ -95,8 +95,11 @@ def endpoint_from_dict(d: Mapping[str, Any]) -> Endpoint:
     problem = address_problem(address)
     if problem:
         raise ValueError(f"address {address[:100]!r}: {problem}")
+    rank = d.get("rank")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
+        raise ValueError(f"bad rank {rank!r}")
     return Endpoint(
-        id=str(d["id"]), address=address, port=port, weight=weight,
+        id=str(d["id"]), address=address, port=port, weight=weight, rank=rank,
         tags=tuple(str(t) for t in d.get("tags", ())),
         meta={str(k): str(v) for k, v in dict(d.get("meta", {})).items()},
         node=str(d.get("node", "")), zone=str(d.get("zone", "")), region=str(d.get("region", "")),

@@ -274,7 +274,7 @@ def _run_check(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.config}: no catalog: set catalog.file, or catalog.source = \"consul\"")
         if catalog:
             try:
-                with open(catalog, encoding="utf-8") as f:
+                with open(catalog, "rb") as f:  # bytes: a file that is not UTF-8 is a ConfigError
                     services = parse_catalog_text(f.read())
             except OSError as e:
                 raise ConfigError(f"{catalog}: cannot read: {e.strerror}") from None

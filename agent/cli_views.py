@@ -142,15 +142,18 @@ def format_endpoints(d: dict[str, Any]) -> str:
         filters.append(f"locality {','.join(d['locality'])} (agent: {mine}; serving: {level})")
     if filters:
         head += "\n" + "  ".join(filters)
+    # RANK (the source's nearest-first order) only when the source gives one.
+    ranked = any(e.get("rank") is not None for e in eps)
     rows = []
     for e in eps:
         h = e.get("health") or {}
         probe, last = _probe_cells(h) if h else ("-", "-")
+        rank = ("-" if e.get("rank") is None else e["rank"],) if ranked else ()
         rows.append((e["id"], f"{e['address']}:{e['port']}", e.get("weight"), e.get("registry", ""), probe, last,
                      _ejection_cell(h) if h else "-", yn(e.get("eligible")), yn(e.get("served", e.get("eligible"))),
-                     ",".join(e.get("tags") or ()) or "-", e.get("zone") or "-", why_text(e)))
+                     ",".join(e.get("tags") or ()) or "-", e.get("zone") or "-", *rank, why_text(e)))
     return head + "\n" + table(rows, ("ID", "ADDRESS", "WEIGHT", "REGISTRY", "PROBE", "LAST PROBE", "EJECTED",
-                                       "ELIGIBLE", "SERVED", "TAGS", "ZONE", "WHY"))
+                                       "ELIGIBLE", "SERVED", "TAGS", "ZONE", *(("RANK",) if ranked else ()), "WHY"))
 
 
 # ------------------------------------------------------------------------ watch

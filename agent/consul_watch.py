@@ -418,9 +418,10 @@ class ConsulSource:
         return st
 
     def _mapping(self, service: str) -> MappingOptions:
+        query = self._config.consul.query_for(service)
         return MappingOptions(tags=self._config.service(service).tags,
                               tagged_address=self._config.consul.tagged_address,
-                              only_passing=self._config.consul.query_for(service).only_passing)
+                              only_passing=query.only_passing, ranked=bool(query.near))
 
     def _apply(self, change: PlanChange, now: float) -> None:
         if not change:

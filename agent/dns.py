@@ -10,17 +10,19 @@ Bounded (a query flood must not starve socket callers; the agent is one trio thr
   scheduler, where every other task runs before the loop reads again; what the kernel
   buffer cannot hold is dropped by the kernel. Answers that wait for a catalog source run
   as tasks, at most MAX_PENDING at once (SERVFAIL beyond: the resolver retries).
-- TCP: at most MAX_TCP connections (more are closed at once), an idle timeout, one query
-  in flight per connection; every connection's questions are answered by one task under
-  the same budget as UDP's.
+- TCP: on the shared listener (agent/listeners.py): at most MAX_TCP connections (more are
+  closed at once), an idle timeout, the drain; one query in flight per connection; every
+  connection's questions are answered by one task under the same budget as UDP's.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import socket
 import time
+from functools import partial
 from typing import Any
 
 import dns.rcode
@@ -29,6 +31,7 @@ import trio
 from softlb import ConfigError, ErrorCode
 
 from .dns_answers import Deferred, Responder, fetch
+from .listeners import Connection, ConnectionBudget, ConnectionLimits, serve_listener
 from .runtime import Runtime
 
 log = logging.getLogger("softlb.dns")
@@ -67,7 +70,11 @@ class DnsServer:
         self.rt = rt
         self.responder = Responder(rt)
         self.pending = 0
-        self.tcp_open = 0
+        #: TCP connections: a budget of their own (resolvers use a few), counted apart.
+        self.tcp_budget = ConnectionBudget(
+            ConnectionLimits(max_connections=MAX_TCP, max_connections_per_uid=MAX_TCP, idle_timeout=TCP_IDLE,
+                             fd_reserve=0),
+            rt.stats, counted_as="dns_connections", refused=collections.Counter())
         #: Questions read by TCP connections, for the one task that answers them; each
         #: connection has at most one in flight, so MAX_TCP never blocks a sender.
         self._tcp_queries, self._tcp_queued = trio.open_memory_channel[_Slot](MAX_TCP)
@@ -77,13 +84,15 @@ class DnsServer:
         self.rt.stats.dns[key] += 1
 
     async def serve(self, udp: socket.socket | None, tcp: socket.socket | None, *,
+                    draining: trio.Event | None = None,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             if udp is not None:
                 nursery.start_soon(self._serve_udp, udp, nursery)
             if tcp is not None:
-                nursery.start_soon(self._serve_tcp, tcp, nursery)
                 nursery.start_soon(self._answer_tcp)
+                await nursery.start(partial(serve_listener, tcp, self._tcp_conn, self.tcp_budget,
+                                            name="dns-tcp", draining=draining, refuse=self._refused))
             task_status.started()
 
     # -- UDP
@@ -133,28 +142,6 @@ class DnsServer:
 
     # -- TCP
 
-    async def _serve_tcp(self, listener: socket.socket, nursery: trio.Nursery) -> None:
-        listener.setblocking(False)
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                await trio.lowlevel.wait_readable(listener)
-                continue
-            except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("dns: accept failed (%s); retrying in 0.1s", e)
-                    await trio.sleep(0.1)
-                continue
-            if self.tcp_open >= MAX_TCP:
-                conn.close()  # at the cap: a resolver falls back to its next try or server
-                self.rt.stats.dns["tcp:refused"] += 1
-                await trio.lowlevel.checkpoint()
-                continue
-            self.tcp_open += 1
-            nursery.start_soon(self._tcp_conn, conn)
-            await trio.lowlevel.checkpoint()
-
     async def _answer_tcp(self) -> None:
         """Every TCP connection's questions, answered here under the same budget as UDP's:
         32 connections each answering for itself would get 32 turns per scheduler pass."""
@@ -174,50 +161,61 @@ class DnsServer:
                 except trio.WouldBlock:
                     break
 
-    async def _tcp_conn(self, conn: socket.socket) -> None:
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+    def _refused(self, why: str) -> bytes:
+        self.rt.stats.dns["tcp:refused"] += 1
+        return b""  # at the cap the connection is closed: a resolver falls back to its next try
+
+    async def _tcp_conn(self, lc: Connection) -> None:
+        """One resolver's connection (RFC 7766 framing), one question in flight. Caps, the
+        idle close and the drain are the shared listener's (agent/listeners.py)."""
+        sock = lc.sock
         buf = bytearray()
-        source = _peer_ip(conn)
+        source = lc.peer.source
         try:
             while True:
-                with trio.move_on_after(TCP_IDLE) as idle:
-                    while len(buf) < 2 or len(buf) < 2 + int.from_bytes(buf[:2], "big"):
-                        chunk = await stream.receive_some(65537)
-                        if not chunk:
-                            return
-                        buf += chunk
-                if idle.cancelled_caught:
-                    return
+                while len(buf) < 2 or len(buf) < 2 + int.from_bytes(buf[:2], "big"):
+                    try:
+                        chunk = sock.recv(65537)
+                    except BlockingIOError:
+                        if lc.draining and not buf:
+                            return  # between questions: closing now loses nothing
+                        await lc.wait_readable()
+                        continue
+                    if not chunk:
+                        return
+                    buf += chunk
+                lc.touch()
                 n = int.from_bytes(buf[:2], "big")
                 wire, buf = bytes(buf[2:2 + n]), buf[2 + n:]
-                slot = _Slot(wire, source)
-                await self._tcp_queries.send(slot)
-                await slot.done.wait()
-                out = slot.out
-                if isinstance(out, Deferred):
-                    out = self.responder.finish(out, await fetch(self.rt, out.service), source)
-                self._count("tcp", out)
-                if out is None:
-                    continue
-                with trio.move_on_after(TCP_IDLE) as slow:
-                    await stream.send_all(len(out).to_bytes(2, "big") + out)
-                if slow.cancelled_caught:
-                    return
+                with lc.busy():
+                    out = await self._answer_one(wire, source)
+                    self._count("tcp", out)
+                    if out is None:
+                        continue
+                    with trio.move_on_after(TCP_IDLE) as slow:
+                        await _send_all(sock, len(out).to_bytes(2, "big") + out)
+                    if slow.cancelled_caught:
+                        return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
-        except Exception:
-            log.exception("dns: TCP connection failed")
-            self.rt.stats.errors["INTERNAL"] += 1
-        finally:
-            self.tcp_open -= 1
-            await trio.aclose_forcefully(stream)
+
+    async def _answer_one(self, wire: bytes, source: str | None) -> bytes | None:
+        slot = _Slot(wire, source)
+        await self._tcp_queries.send(slot)
+        await slot.done.wait()
+        out = slot.out
+        if isinstance(out, Deferred):
+            out = self.responder.finish(out, await fetch(self.rt, out.service), source)
+        return out
 
 
-def _peer_ip(conn: socket.socket) -> str | None:
-    try:
-        return str(conn.getpeername()[0])
-    except OSError:
-        return None
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
 
 
 def _sendto(sock: socket.socket, data: bytes, peer: Any) -> None:

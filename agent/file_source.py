@@ -48,9 +48,10 @@ class CatalogFileError(Exception):
     """The catalog path is not a regular file of a sane size."""
 
 
-def read_catalog_file(path: str, max_bytes: int) -> str:
-    """The file's text; CatalogFileError for a FIFO, a device, a directory or a file over
-    `max_bytes`. Never blocks on a FIFO (O_NONBLOCK) and never reads more than max_bytes+1."""
+def read_catalog_file(path: str, max_bytes: int) -> bytes:
+    """The file's bytes (parse_catalog_text decodes them: not UTF-8 is a ConfigError);
+    CatalogFileError for a FIFO, a device, a directory or a file over `max_bytes`. Never
+    blocks on a FIFO (O_NONBLOCK) and never reads more than max_bytes+1."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -71,7 +72,7 @@ def read_catalog_file(path: str, max_bytes: int) -> str:
             raise CatalogFileError(f"is over catalog.max_bytes = {max_bytes}")
     finally:
         os.close(fd)
-    return b"".join(chunks).decode("utf-8")
+    return b"".join(chunks)
 
 
 def _read_and_parse(path: str, max_bytes: int) -> dict:
@@ -116,7 +117,7 @@ async def load_catalog(rt: Runtime, path: str) -> bool:
     except CatalogFileError as e:
         rt.stats.catalog_refused += 1
         return _refused(rt, path, e)
-    except (OSError, UnicodeDecodeError, ConfigError) as e:
+    except (OSError, ConfigError) as e:
         if isinstance(e, OSError):  # unreadable: the source is down; a bad edit is a refused reload
             rt.source_state = "error"
         return _refused(rt, path, e)

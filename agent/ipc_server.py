@@ -66,6 +66,7 @@ from softlb import (
 from . import listeners
 from .listeners import ConnectionBudget, ConnectionLimits
 from .proxy.figures import with_proxy_figures
+from .turns import FRAMES_PER_UNIT
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -233,6 +234,7 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
     stats = rt.stats
     recv = sock.recv
     checkpoint = trio.lowlevel.checkpoint
+    turns = rt.turns
     # Spin only while it pays: after a spin that found nothing, wait in epoll and spin again
     # only if the next request came back within the spin window (a caller in a tight loop).
     may_spin = False
@@ -264,6 +266,8 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                     if lc.draining and not proto.buffered:
                         return  # between requests: closing now loses nothing
                     await lc.wait_readable()
+                    if turns is not None and not turns.free(source):
+                        await turns.wait(source)  # a flood of wakeups: wait for this peer's turn
                     turn_frames = turn_bytes = 0
                     # The gap includes the epoll wakeup itself (~30 µs here), hence the 2x.
                     spin_ok = perf() - answered_at <= 2 * busy_poll
@@ -350,11 +354,16 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
             await conn.send(out[0] if len(out) == 1 else b"".join(out))
         turn_frames += n
         turn_bytes += size
+        if turns is not None and n >= FRAMES_PER_UNIT:
+            turns.spend(n)
         if backlog or turn_frames >= MAX_TURN_FRAMES or turn_bytes >= MAX_TURN_BYTES:
             # This task has had its turn without parking (a pipeline, or a spin that kept
             # finding data): let the others run before reading on.
             stats.turns_yielded += 1
-            await checkpoint()
+            if turns is not None:
+                await turns.wait(source)
+            else:
+                await checkpoint()
             turn_frames = turn_bytes = 0
             if backlog:
                 continue  # answer what is buffered before reading more

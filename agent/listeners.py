@@ -43,6 +43,7 @@ INTERNAL. Cancellation propagates, so a shutdown stays one cancel.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -160,9 +161,12 @@ class ConnectionBudget:
     """Connection counts shared by the listeners that draw on it (one per cap group)."""
 
     def __init__(self, limits: ConnectionLimits, stats: Stats, *, nofile: int | None = None,
-                 counted_as: str = "connections") -> None:
+                 counted_as: str = "connections", refused: collections.Counter[str] | None = None) -> None:
         self.limits = limits
         self.stats = stats
+        #: Refusals by reason ("limit", "peer_limit", "denied"): the callers' ports share
+        #: `stats.connections_refused`; a port counted apart brings its own.
+        self.refused = stats.connections_refused if refused is None else refused
         #: Which Stats counters this budget's connections show in: `connections_open/_total`
         #: for the host's callers, `admin_connections_open/_total` for the admin port.
         self._open_field, self._total_field = f"{counted_as}_open", f"{counted_as}_total"
@@ -347,7 +351,7 @@ async def serve_listener(
             peer = Peer.of(sock)
             why = budget.admit(peer)
             if why is not None:
-                stats.connections_refused[why] += 1
+                budget.refused[why] += 1
                 _refuse(sock, refuse, why, name, peer, budget)
                 # A flood of refusals must not keep the loop from everyone else.
                 await trio.lowlevel.checkpoint()
@@ -377,7 +381,7 @@ def refusal_text(why: str) -> str:
 def _refuse(sock: socket.socket, refuse: Refuse | None, why: str, name: str, peer: Peer, budget: ConnectionBudget) -> None:
     # Rate-limit the log line by the counter: a flood logs its first refusals and then
     # one line per thousand, never one per attempt.
-    n = budget.stats.connections_refused[why]
+    n = budget.refused[why]
     if n <= 10 or n % 1000 == 0:
         log.warning("%s: refused a connection from %s: %s (%d refused so far)", name, peer, refusal_text(why), n)
     try:

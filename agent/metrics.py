@@ -67,6 +67,10 @@ class AgentCollector(Collector):
         yield busy
         yield _gauge("softlb_connections_open", "Client connections open now.", s.connections_open)
         yield _counter("softlb_connections", "Client connections accepted.", s.connections_total)
+        yield _gauge("softlb_admin_connections_open", "Admin HTTP connections open now (capped apart).",
+                     s.admin_connections_open)
+        yield _gauge("softlb_dns_tcp_connections_open", "DNS-over-TCP connections open now (capped apart).",
+                     s.dns_connections_open)
         yield _gauge("softlb_leases_open", "Leases handed out by resolve and not yet reported or expired.",
                      len(engine.leases))
 
@@ -107,6 +111,13 @@ class AgentCollector(Collector):
         builds.add_metric(["installed"], s.table_builds)
         builds.add_metric(["superseded"], s.table_builds_superseded)
         yield builds
+        yield _counter("softlb_turns_queued", "Connection wakeups that waited for their peer's turn: more were "
+                       "runnable at once than a scheduler pass allows (agent/turns.py).",
+                       rt.turns.queued_total if rt.turns is not None else 0)
+        yield _counter("softlb_gc_full_collections", "Full garbage collections, run on a timer rather than "
+                       "whenever a flood of connections ages objects (agent/gc_pauses.py).", s.gc_full_collections)
+        yield _gauge("softlb_gc_full_seconds_max", "The longest full garbage collection so far.",
+                     s.gc_full_seconds_max)
         yield _counter("softlb_catalog_refused", "Catalog files refused for their type or size.", s.catalog_refused)
 
         # DNS front end (agent/dns.py): answers by transport and rcode; "dropped" and "refused"

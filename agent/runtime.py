@@ -13,9 +13,12 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection
+from typing import TYPE_CHECKING, Any, Callable, Collection
 
 import trio
+
+if TYPE_CHECKING:
+    from .turns import Turns
 
 from softlb import AgentConfig, Changes, EndpointHealth, Engine, ErrorCode, LeaseScope, Pending, Pick, PickError
 
@@ -31,6 +34,9 @@ class Stats:
     #: The admin port's connections, apart: they are operators and scrapers, not callers.
     admin_connections_open: int = 0
     admin_connections_total: int = 0
+    #: The DNS front end's TCP connections (agent/dns.py), apart too.
+    dns_connections_open: int = 0
+    dns_connections_total: int = 0
     connections_total: int = 0
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     catalog_reloads: int = 0
@@ -54,6 +60,8 @@ class Stats:
     table_builds: int = 0  # consistent-hash tables rebuilt in steps off the engine call
     table_builds_superseded: int = 0
     probe_local_failures: int = 0  # probes not run for the agent's own lack of fds/memory
+    gc_full_collections: int = 0  # agent/gc_pauses.py: timed full collections
+    gc_full_seconds_max: float = 0.0
     started_wall: float = 0.0
     #: DNS front end: "udp:NOERROR", "tcp:NXDOMAIN", "udp:dropped", "tcp:refused"...
     dns: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -117,6 +125,8 @@ class Runtime:
         self.source_state = "starting"
         #: The loopback proxy's counters (agent/proxy/figures.py), set when it starts.
         self.proxy_figures: Any = None
+        #: Round-robin turns between peers (agent/turns.py), set when the agent runs them.
+        self.turns: Turns | None = None
 
     def dispatch(self, changes: Changes) -> None:
         if self.engine.table_builds:

@@ -20,6 +20,11 @@ The bystander is its own process: one connection on the Unix socket, one sequent
 
 Reported per phase: bystander calls, p50, p99, max, errors, and p99 / alone p99. The issue's
 target is bystander p99 <= 5 ms under every attack. The attacker processes are stopped by pid.
+
+CPU groups: where cgroups are writable, the agent, the bystander and the attackers each run in
+a CPU group of its own with equal weight (bench/cpugroups.py), as systemd runs each unit and
+each login user's slice: four attacker processes then share one party's CPU instead of taking
+four shares of the machine's two CPUs from the agent. `--no-cgroups` runs them all in one.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from agentproc import THREE, AgentProcess, endpoint_toml  # noqa: E402
+from cpugroups import CpuGroups  # noqa: E402
 from helpers.frames import frame  # noqa: E402
 
 LIMITS = """
@@ -159,12 +165,17 @@ def run(args: argparse.Namespace) -> dict:
                          extra_args=["--log-level", "warning"])
     agent.start()
     procs: list[mp.Process] = []
+    # Each party in a CPU group of its own, as systemd runs each unit (see bench/cpugroups.py).
+    groups = CpuGroups.open("bystander") if args.cgroups else None
     try:
         out = ctx.Queue()
         stop_all = ctx.Event()
         by = ctx.Process(target=bystander, args=(agent.socket, out, stop_all))
         by.start()
         procs.append(by)
+        if groups is not None:
+            groups.put("agent", agent.proc.pid)
+            groups.put("bystander", by.pid)
         time.sleep(1.0)
         phases: list[tuple[str, float, float]] = []
 
@@ -195,6 +206,8 @@ def run(args: argparse.Namespace) -> dict:
                 ps = [ctx.Process(target=target, args=(*a, stop)) for _ in range(n)]
                 for p in ps:
                     p.start()
+                    if groups is not None:
+                        groups.put("attacker", p.pid)
                 return ps
             return start
 
@@ -259,6 +272,8 @@ def run(args: argparse.Namespace) -> dict:
                 os.kill(p.pid, signal.SIGKILL)
                 p.join(timeout=5)
         agent.stop()
+        if groups is not None:
+            groups.close()
     result = {}
     for name, t0, t1 in phases:
         # A call belongs to the phase it ended in: one that waited through a stall counts.
@@ -271,7 +286,8 @@ def run(args: argparse.Namespace) -> dict:
         result[name] = {"calls": len(lat), "errors": errors, "p50_ms": round(q[49] * 1e3, 3),
                         "p99_ms": round(q[98] * 1e3, 3), "max_ms": round(lat[-1] * 1e3, 3),
                         "seconds": round(t1 - t0, 1)}
-    result["machine"] = {"loadavg_1m": round(os.getloadavg()[0], 1), "cpus": os.cpu_count()}
+    result["machine"] = {"loadavg_1m": round(os.getloadavg()[0], 1), "cpus": os.cpu_count(),
+                         "cpu_groups": groups is not None}
     alone = result.get("alone", {}).get("p99_ms")
     for r in result.values():
         if alone and "p99_ms" in r:  # (the "machine" entry has none)
@@ -288,6 +304,10 @@ def main() -> None:
     ap.add_argument("--baseline", action="store_true",
                     help="leave out the settings older agents lack (run with PYTHONPATH=<an older checkout> "
                          "to measure that revision's agent)")
+    ap.add_argument("--no-cgroups", dest="cgroups", action="store_false",
+                    help="run every party in the bench's own CPU group (default: the agent, the bystander "
+                         "and the attackers each in a group of its own where cgroups are writable, as "
+                         "systemd runs each unit)")
     args = ap.parse_args()
     result = run(args)
     if args.json:
@@ -296,7 +316,8 @@ def main() -> None:
     print(f"{'phase':<14}{'calls':>7}{'errors':>7}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'p99/alone':>10}")
     for name, r in result.items():
         if name == "machine":
-            print(f"load average {r['loadavg_1m']} on {r['cpus']} CPUs")
+            groups = "each party in its own CPU group" if r["cpu_groups"] else "one CPU group for all"
+            print(f"load average {r['loadavg_1m']} on {r['cpus']} CPUs; {groups}")
             continue
         print(f"{name:<14}{r['calls']:>7}{r['errors']:>7}{r.get('p50_ms', '-'):>9}{r.get('p99_ms', '-'):>9}"
               f"{r.get('max_ms', '-'):>9}{r.get('p99_ratio', '-'):>10}")

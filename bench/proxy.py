@@ -17,7 +17,7 @@ so drift hits all alike), measures:
   close   wrk -t1 -c32 with `Connection: close`: a connection per request: requests/s
   lat     wrk -t1 -c1, keep-alive: p50 and p99 latency (wrk --latency)
   bulk    one connection moving --bulk-mib MiB from the bulk server: MiB/s
-  grpc    one grpcio channel, sequential unary calls: calls/s
+  grpc    one grpcio channel, sequential unary calls: calls/s and the median call
 and prints medians over the rounds with ratios to direct (and to HAProxy in the same mode).
 """
 
@@ -71,13 +71,13 @@ GRPC_SERVER = textwrap.dedent("""
 """)
 
 GRPC_CLIENT = textwrap.dedent("""
-    import sys, time, grpc
+    import statistics, sys, time, grpc
     ch = grpc.insecure_channel(sys.argv[1]); call = ch.unary_unary("/demo.Echo/Call")
     for _ in range(50): call(b"w", timeout=10)
-    n, t0, d = 0, time.perf_counter(), float(sys.argv[2])
+    took, t0, d = [], time.perf_counter(), float(sys.argv[2])
     while time.perf_counter() - t0 < d:
-        call(b"x", timeout=10); n += 1
-    print(n / (time.perf_counter() - t0))
+        t = time.perf_counter(); call(b"x", timeout=10); took.append(time.perf_counter() - t)
+    print(len(took) / (time.perf_counter() - t0), statistics.median(took) * 1e3)
 """)
 
 
@@ -138,10 +138,12 @@ def bulk(port: int, mib: int) -> float:
     return mib / dt
 
 
-def grpc_rate(target: str, duration: float) -> float:
+def grpc_rate(target: str, duration: float) -> tuple[float, float]:
+    """Sequential unary calls on one channel: calls/s and the median call in ms."""
     out = subprocess.run([sys.executable, "-c", GRPC_CLIENT, target, str(duration)],
                          capture_output=True, text=True, timeout=duration + 60)
-    return float(out.stdout.strip())
+    rate, p50 = out.stdout.split()
+    return float(rate), float(p50)
 
 
 def main() -> None:
@@ -266,7 +268,9 @@ def main() -> None:
                     add("bulk MiB/s", name, bulk(port, args.bulk_mib))
             if "grpc" in only:
                 for name, port in (("direct", p["grpc"]), ("softlb http2", p["http2"])):
-                    add("grpc calls/s", name, grpc_rate(f"127.0.0.1:{port}", args.duration))
+                    rate, p50 = grpc_rate(f"127.0.0.1:{port}", args.duration)
+                    add("grpc calls/s", name, rate)
+                    add("lat grpc p50 ms", name, p50)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
         med = {s: {t: statistics.median(v) for t, v in d.items()} for s, d in results.items()}

@@ -169,13 +169,28 @@ def in_process(n: int) -> dict[str, float]:
     return {"resolves_per_s": n / dt, "per_call_us": dt / n * 1e6}
 
 
-def measure(sock: str, addr: str, calls: int) -> dict[str, dict[str, float]]:
-    return {
-        "seq_unix": seq("unix", sock, calls),
-        "seq_tcp": seq("tcp", addr, calls),
-        "conc16_unix": concurrent(sock, 16, calls // 8),
-        "pipelined_unix": pipelined(sock, calls // 50),
+def cpu_seconds(pid: int) -> float:
+    """The process's user + system CPU time so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(sock: str, addr: str, calls: int, pid: int) -> dict[str, dict[str, float]]:
+    """Each figure, plus the agent's CPU time per call during it: a cost that a busy machine
+    inflates far less than it inflates rates and latencies."""
+    phases = {
+        "seq_unix": (lambda: seq("unix", sock, calls), calls + 200),
+        "seq_tcp": (lambda: seq("tcp", addr, calls), calls + 200),
+        "conc16_unix": (lambda: concurrent(sock, 16, calls // 8), 16 * (calls // 8 + 1)),
+        "pipelined_unix": (lambda: pipelined(sock, calls // 50), (calls // 50 + 1) * 100),
     }
+    out = {}
+    for name, (run, n) in phases.items():
+        c0 = cpu_seconds(pid)
+        out[name] = run()
+        out[name]["agent_cpu_us_per_call"] = (cpu_seconds(pid) - c0) / n * 1e6
+    return out
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -211,13 +226,13 @@ def main() -> None:
             for i in range(args.runs):
                 # Alternate which agent goes first, so drift in the machine's state (other
                 # load, CPU frequency) does not favour one side.
-                order = [("now", sock, addr, results)]
+                order = [("now", sock, addr, results, proc.pid)]
                 if args.baseline:
-                    order.append(("base", bsock, baddr, base))
+                    order.append(("base", bsock, baddr, base, bproc.pid))
                     if i % 2:
                         order.reverse()
-                for _, s, a, into in order:
-                    for name, r in measure(s, a, args.calls).items():
+                for _, s, a, into, pid in order:
+                    for name, r in measure(s, a, args.calls, pid).items():
                         into.setdefault(name, []).append(r)
                 results.setdefault("in_process", []).append(in_process(args.calls * 5))
         finally:

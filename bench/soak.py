@@ -11,7 +11,9 @@ probes on three live loopback backends; the catalog file is rewritten every seco
 endpoint joins or leaves). Reported: calls/s, resolve p50/p99, failed calls (must be 0),
 agent RSS and open fds at start (after warm-up) and end, and the resolve p50/p99 of one
 sequential client in its own process (bench/bystander.py's) beside the load. Exit status 1 if a target is
-missed: 0 failures, bystander p99 < 5 ms, RSS growth < 10%, no fd growth.
+missed: 0 failures, bystander p99 < 5 ms, RSS growth < 10%, no fd growth. Where cgroups are
+writable, the agent, the load clients and the bystander each run in a CPU group of their own
+(bench/cpugroups.py; `--no-cgroups` to run them in one).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from agentproc import AgentProcess, endpoint_toml  # noqa: E402
+from cpugroups import CpuGroups  # noqa: E402
 
 CONFIG = """
 [services.web]
@@ -125,6 +128,9 @@ def main() -> None:
                          "~5,000 resolves/s, what Python client processes on a small machine can drive)")
     ap.add_argument("--short", action="store_true", help="CI mode: 20 s, 200 clients, 2 processes")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-cgroups", dest="cgroups", action="store_false",
+                    help="run every party in one CPU group (default: agent, load clients and bystander each "
+                         "in its own where cgroups are writable, as systemd runs each unit)")
     args = ap.parse_args()
     if args.short:
         args.duration, args.clients, args.procs = 20.0, 200, 2
@@ -157,9 +163,15 @@ def main() -> None:
 
     by_out, by_stop = ctx.Queue(), ctx.Event()
     procs.append(ctx.Process(target=bystander_proc, args=(agent.socket, by_out, by_stop)))
+    # Each party in a CPU group of its own where cgroups are writable (bench/cpugroups.py).
+    groups = CpuGroups.open("soak") if args.cgroups else None
     try:
         for p in procs:
             p.start()
+            if groups is not None:
+                groups.put("bystander" if p is procs[-1] else "clients", p.pid)
+        if groups is not None:
+            groups.put("agent", agent.proc.pid)
 
         def churn() -> None:
             i = 0
@@ -184,6 +196,8 @@ def main() -> None:
                 os.kill(p.pid, signal.SIGKILL)
                 p.join(timeout=5)
         agent.stop()
+        if groups is not None:
+            groups.close()
         for b in backends:
             b.close()
     lat = sorted(x for r in results for x in r["lat"])
@@ -197,7 +211,7 @@ def main() -> None:
         "resolve_p50_ms": round(q[49] * 1e3, 3), "resolve_p99_ms": round(q[98] * 1e3, 3),
         "bystander_p50_ms": round(statistics.median(by) * 1e3, 3),
         "bystander_p99_ms": round(statistics.quantiles(by, n=100)[98] * 1e3, 3),
-        "rss_kb_start": rss0, "rss_kb_end": rss1, "rss_growth_pct": round(100 * (rss1 - rss0) / rss0, 1),
+        "cpu_groups": groups is not None, "rss_kb_start": rss0, "rss_kb_end": rss1, "rss_growth_pct": round(100 * (rss1 - rss0) / rss0, 1),
         "fds_start": fds0, "fds_end": fds1,
         "loadavg_1m": round(os.getloadavg()[0], 1), "cpus": os.cpu_count(),
     }

@@ -56,6 +56,7 @@ from ._config import ProxyPlan as ProxyPlan
 from ._config import plan_proxies as plan_proxies
 from ._config import route as route
 from ._config import parse_agent_config as parse_agent_config
+from ._config import parse_agent_config_text as parse_agent_config_text
 from ._config import with_overrides as with_overrides
 from ._durations import format_duration as format_duration
 from ._durations import parse_duration as parse_duration

@@ -20,7 +20,7 @@ from ._config import ServiceConfig
 from ._counters import ServiceCounters
 from ._explain import Why, explain, explain_empty
 from ._health import HealthTracker
-from ._locality import Locality, prefer_local
+from ._locality import Locality, nearest_count, prefer_local, within
 from ._protocol import pack_endpoint_fields
 from ._slowstart import SlowStart
 from ._types import Endpoint
@@ -199,6 +199,8 @@ class ServiceBalancer:
         if choice.level in ("node", "zone", "region"):
             mine = getattr(self.here, choice.level)
             return tuple(e for e in pool if getattr(e, choice.level) == mine)
+        if nearest_count(choice.level) is not None:
+            return within(pool, choice.endpoints)
         if choice.level == "" and self.config.locality:
             # Nothing eligible at any preferred level and no "*": stay local, as outside panic.
             return prefer_local(pool, self.config.locality, self.here).endpoints

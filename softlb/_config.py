@@ -11,11 +11,13 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from ._durations import parse_duration
 from ._errors import ConfigError
+from ._locality import level_problem, nearest_count
 from ._vip import check_unique, parse_pool, parse_vip
 from .policies import POLICIES
 
@@ -24,7 +26,6 @@ DEFAULT_ADMIN = "127.0.0.1:7071"
 #: 1 MiB: far above any real request (a resolve is ~40 bytes) yet small enough that one
 #: hostile client cannot make the agent buffer much.
 DEFAULT_MAX_FRAME = 1 << 20
-LOCALITY_LEVELS = ("node", "zone", "region", "*")
 
 
 @dataclass(frozen=True)
@@ -497,11 +498,7 @@ def parse_service(t: _Table, known_policies: frozenset[str], allow_non_loopback:
             f"{t.path}.policy: unknown policy \"{policy}\" (one of: {', '.join(sorted(known_policies))})"
         )
     locality = t.strings("locality", d.locality)
-    for i, level in enumerate(locality):
-        if level not in LOCALITY_LEVELS:
-            raise ConfigError(f"{t.path}.locality: unknown level \"{level}\" (one of: node, zone, region, *)")
-        if level == "*" and i != len(locality) - 1:
-            raise ConfigError(f"{t.path}.locality: \"*\" must come last")
+    _check_locality(locality, f"{t.path}.locality")
     probe = t.table("probe")
     outlier_t = t.table("outlier")
     options = t.raw("options", {})
@@ -528,6 +525,32 @@ def parse_service(t: _Table, known_policies: frozenset[str], allow_non_loopback:
     )
     t.done()
     return s
+
+
+def _check_locality(locality: tuple[str, ...], where: str) -> None:
+    for i, level in enumerate(locality):
+        problem = level_problem(level)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
+        if level == "*" and i != len(locality) - 1:
+            raise ConfigError(f"{where}: \"*\" must come last")
+    near = [lv for lv in locality if nearest_count(lv) is not None]
+    if len(near) > 1:
+        raise ConfigError(f"{where}: only one nearest:N level (\"{near[1]}\" could never match: "
+                          f"\"{near[0]}\" already takes any ranked endpoint)")
+
+
+def _check_nearest_has_order(cfg: AgentConfig) -> None:
+    """With Consul as the source, a "nearest:N" level needs `near` for that service: without
+    it Consul's answer has no distance order and the level would never match."""
+    if cfg.source != "consul":
+        return
+    for name, s in cfg.services.items():
+        level = next((lv for lv in s.locality if nearest_count(lv) is not None), None)
+        if level is not None and not cfg.consul.query_for(name).near:
+            raise ConfigError(
+                f"services.{name}.locality: \"{level}\" ranks endpoints by Consul's network distance, "
+                f"but Consul is not asked for it: set consul.near = \"_agent\" (or consul.services.{name}.near)")
 
 
 def parse_consul_query(t: _Table, d: ConsulQuery) -> ConsulQuery:
@@ -652,6 +675,25 @@ def check_listen(value: str, what: str, allow_non_loopback: bool) -> None:
         )
 
 
+def toml_document(text: bytes | str, what: str) -> dict[str, Any]:
+    """A config or catalog file's bytes as a TOML document. A file that is not UTF-8 is a
+    ConfigError like bad TOML (atheris found tomllib's UnicodeDecodeError escaping: issue 10)."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{what} is not UTF-8 text: byte {text[e.start]:#04x} at offset {e.start}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} is not valid TOML: {e}") from None
+
+
+def parse_agent_config_text(text: bytes | str, known_policies: frozenset[str] = frozenset()) -> AgentConfig:
+    """Validate an agent config file's contents (bytes as read, or text)."""
+    return parse_agent_config(toml_document(text, "config"), known_policies)
+
+
 def parse_agent_config(data: Mapping[str, Any], known_policies: frozenset[str] = frozenset()) -> AgentConfig:
     """Validate a whole agent config document (the parsed TOML)."""
     root = _Table(data, "")
@@ -741,6 +783,7 @@ def finalize(cfg: AgentConfig) -> AgentConfig:
         raise ConfigError("agent.busy_poll: at most 10ms (it spins a core while it waits)")
     check_listen(cfg.dns, "agent.dns", cfg.allow_non_loopback)
     _check_vips_and_dns(cfg)
+    _check_nearest_has_order(cfg)
     return cfg
 
 

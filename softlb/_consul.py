@@ -235,6 +235,9 @@ class MappingOptions:
     tagged_address: str = ""
     #: Only passing instances are routable: a warning one is treated as critical.
     only_passing: bool = False
+    #: The answer is in Consul's nearest-first order (`?near=` was sent): stamp each endpoint
+    #: with its place in it (Endpoint.rank), for the "nearest:N" locality level.
+    ranked: bool = False
 
 
 def decode_health_body(body: bytes | str) -> list[Any]:
@@ -258,13 +261,14 @@ def endpoints_from_health(
 
     Instances lacking a required tag are left out entirely; unhealthy ones are kept with
     their registry state (CRITICAL or MAINTENANCE) and weight 0. A duplicate id (the same
-    service id on the same node twice, which Consul never sends) keeps the first.
+    service id on the same node twice, which Consul never sends) keeps the first. With
+    `options.ranked`, each endpoint's rank is its place among those kept, in answer order.
     """
     if not isinstance(entries, list):
         raise ConsulDataError(f"response body: expected a JSON array, got {_kind(entries)}")
     out: dict[str, Endpoint] = {}
     for i, entry in enumerate(entries):
-        ep = _endpoint(entry, f"entry[{i}]", options)
+        ep = _endpoint(entry, f"entry[{i}]", options, len(out) if options.ranked else None)
         if ep is not None and ep.id not in out:
             out[ep.id] = ep
     return tuple(out[k] for k in sorted(out))
@@ -299,7 +303,7 @@ def aggregate_health(checks: Sequence[Any], where: str = "Checks") -> RegistryHe
     return worst
 
 
-def _endpoint(entry: Any, where: str, options: MappingOptions) -> Endpoint | None:
+def _endpoint(entry: Any, where: str, options: MappingOptions, rank: int | None) -> Endpoint | None:
     e = _Obj(entry, where)
     node = e.obj("Node")
     svc = e.obj("Service")
@@ -336,6 +340,7 @@ def _endpoint(entry: Any, where: str, options: MappingOptions) -> Endpoint | Non
         zone=_first(node_meta, ZONE_KEYS) or _first(service_meta, ZONE_KEYS),
         region=_first(node_meta, REGION_KEYS) or _first(service_meta, REGION_KEYS),
         registry=health,
+        rank=rank,
     )
 
 

@@ -27,7 +27,7 @@ from typing import Collection, Mapping, Sequence
 
 from ._config import ServiceConfig
 from ._health import REGISTRY_ELIGIBLE, EndpointHealth, ProbeState
-from ._locality import Locality
+from ._locality import Locality, nearest_count
 from ._types import Endpoint
 
 #: Reason codes, in pipeline order (stable: they appear in JSON and metrics docs).
@@ -55,11 +55,22 @@ def _locality_detail(name: str, ep: Endpoint, cfg: ServiceConfig, here: Locality
     if level in ("node", "zone", "region"):
         return (f"locality: serving {level} {getattr(here, level)!r} (the first level of services.{name}.locality = [{order}] with eligible "
                 f"endpoints); this endpoint's {level} is {getattr(ep, level) or '(none)'!r}")
-    mine = ", ".join(f"{lv} {getattr(here, lv)!r}" if getattr(here, lv) else f"{lv} unset"
-                     for lv in cfg.locality if lv != "*")
-    theirs = ", ".join(f"{lv} {getattr(ep, lv) or '(none)'!r}" for lv in cfg.locality if lv != "*")
+    n = nearest_count(level)
+    if n is not None:
+        return (f"locality: serving the {n} nearest eligible endpoint{'s' if n != 1 else ''} by rank (level \"{level}\" of "
+                f"services.{name}.locality = [{order}]); this endpoint's {_rank(ep)}")
+    labels = [lv for lv in cfg.locality if lv in ("node", "zone", "region")]
+    mine = [f"{lv} {getattr(here, lv)!r}" if getattr(here, lv) else f"{lv} unset" for lv in labels]
+    theirs = [f"{lv} {getattr(ep, lv) or '(none)'!r}" for lv in labels]
+    if any(nearest_count(lv) is not None for lv in cfg.locality):
+        mine.append("nearest: no eligible endpoint has a rank")
+        theirs.append(_rank(ep))
     return (f"locality: no eligible endpoint matches the agent at any level of services.{name}.locality = [{order}] "
-            f"(agent: {mine}; endpoint: {theirs}); add \"*\" to fall back to any")
+            f"(agent: {', '.join(mine)}; endpoint: {', '.join(theirs)}); add \"*\" to fall back to any")
+
+
+def _rank(ep: Endpoint) -> str:
+    return "rank is none (the source gave no order)" if ep.rank is None else f"rank is {ep.rank} (0 = nearest)"
 
 
 def explain(

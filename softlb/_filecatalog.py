@@ -11,6 +11,7 @@
     zone = "eu-1a"
     region = "eu-1"
     registry = "maintenance"   # optional: passing (default), warning, critical, maintenance
+    rank = 0                # optional, >= 0: nearest first, for the "nearest:N" locality level
 
 Parsing is all-or-nothing: one bad endpoint rejects the whole document, so the agent keeps
 serving the last good catalog instead of a half-applied one.
@@ -18,22 +19,18 @@ serving the last good catalog instead of a half-applied one.
 
 from __future__ import annotations
 
-import tomllib
 from typing import Any, Mapping
 
 from ._address import address_problem
-from ._config import _Table
+from ._config import _Table, toml_document
 from ._errors import ConfigError
 from ._types import Endpoint, RegistryHealth
 
 
 
-def parse_catalog_text(text: str) -> dict[str, tuple[Endpoint, ...]]:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"catalog is not valid TOML: {e}") from None
-    return parse_catalog(data)
+def parse_catalog_text(text: bytes | str) -> dict[str, tuple[Endpoint, ...]]:
+    """A catalog file's contents (bytes as read, or text); ConfigError for anything wrong."""
+    return parse_catalog(toml_document(text, "catalog"))
 
 
 def parse_catalog(data: Mapping[str, Any]) -> dict[str, tuple[Endpoint, ...]]:
@@ -88,6 +85,7 @@ def _endpoint(t: _Table) -> Endpoint:
         zone=t.str("zone", ""),
         region=t.str("region", ""),
         registry=state,
+        rank=t.int("rank", 0, 0, 1_000_000) if t.has("rank") else None,
     )
     t.done()
     return ep

@@ -23,6 +23,10 @@ class Endpoint:
     `id` is unique within a service and is what health, leases and reports key on.
     `weight` is already resolved for the registry state (Consul Weights.Passing or
     Weights.Warning); a weight of 0 means "listed but never picked by weight-aware policies".
+    `rank` is the endpoint's place in the source's nearest-first order (0 = nearest; Consul's
+    `?near=` answer, or the file catalog's `rank`), None when the source gives no order. Only
+    the "nearest:N" locality level reads it; resolve answers do not carry it, and the
+    `endpoints` view (as_dict) has a "rank" key only when it is set.
     """
 
     id: str
@@ -35,9 +39,10 @@ class Endpoint:
     zone: str = ""
     region: str = ""
     registry: RegistryHealth = RegistryHealth.PASSING
+    rank: int | None = None
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        d: dict[str, object] = {
             "id": self.id,
             "address": self.address,
             "port": self.port,
@@ -49,3 +54,6 @@ class Endpoint:
             "region": self.region,
             "registry": self.registry.value,
         }
+        if self.rank is not None:  # optional: older readers of `endpoints` never see it
+            d["rank"] = self.rank
+        return d

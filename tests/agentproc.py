@@ -6,23 +6,112 @@ which the fixtures call in a finally.
 
 from __future__ import annotations
 
+import atexit
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
 from softlb_client import Client
 
 
+#: free_port() hands out ports from here: below the kernel's ephemeral range
+#: (/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 by default), so no bind to port 0 and
+#: no outgoing connection's source port, in any process, can take one between the pick and
+#: the child process's bind. That was the race of the old "bind 0, read, close" version.
+PORT_RANGE = (20000, 32000)
+#: One file per port handed out, naming the pid that holds it: concurrent test runs (and
+#: two calls in one process) never get the same port while its holder lives.
+PORT_DIR = os.path.join(tempfile.gettempdir(), "softlb-test-ports")
+_rng = random.SystemRandom()
+_mine: list[str] = []
+_held: list[socket.socket] = []
+
+
+def _bindable(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):  # DNS listens on both
+        with socket.socket(socket.AF_INET, kind) as s:
+            if kind == socket.SOCK_STREAM:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as listeners do
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reserve(port: int) -> bool:
+    """Claim `port` for this process (atomically, O_EXCL); a claim whose pid is gone is
+    taken over (renamed away first, so two takers cannot both win)."""
+    path = os.path.join(PORT_DIR, str(port))
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or "0")
+            except (OSError, ValueError):
+                return False  # being written right now: someone else's
+            if pid and _alive(pid):
+                return False
+            try:
+                os.rename(path, f"{path}.stale.{os.getpid()}")
+                os.unlink(f"{path}.stale.{os.getpid()}")
+            except OSError:
+                return False  # another process took it over first
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        _mine.append(path)
+        return True
+    return False
+
+
+@atexit.register
+def _release() -> None:
+    for path in _mine:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def free_port() -> int:
+    """A loopback port (TCP and UDP) nothing is bound to, for a process the test starts to
+    bind: outside the ephemeral range and reserved for this process's life (see PORT_RANGE)."""
+    os.makedirs(PORT_DIR, exist_ok=True)
+    for _ in range(1000):
+        port = _rng.randrange(*PORT_RANGE)
+        if _reserve(port):
+            if _bindable(port):
+                return port
+            # Bound by something that is not ours: keep the claim (nobody else should try it).
+    raise RuntimeError(f"no free port in {PORT_RANGE} after 1000 tries")
+
+
+def refusing_port() -> int:
+    """A port where connects are refused for the whole test run: bound and never listening,
+    so nothing else can take it (a port that was merely free could be taken)."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    _held.append(s)
+    return s.getsockname()[1]
 
 
 def endpoint_toml(service: str, address: str, port: int, **extra: Any) -> str:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from agentproc import endpoint_toml, free_port
+from agentproc import endpoint_toml, free_port, refusing_port  # noqa: F401  (re-exported)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -265,18 +265,6 @@ class HttpBackend:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-_refusing: list[socket.socket] = []
-
-
-def refusing_port() -> int:
-    """A port where connects are refused, reserved for the test run (bound, never
-    listening), so no other free_port() can hand it out meanwhile."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    _refusing.append(s)
-    return s.getsockname()[1]
 
 
 class GrpcBackend:

@@ -3,20 +3,31 @@
 A client's streams are spread over the service's endpoints, each carried on a pooled
 upstream HTTP/2 connection to the picked endpoint (many streams share one). Headers,
 data and trailers pass through as they come, under both connections' flow control: data
-is acknowledged to its sender only once forwarded, so a slow side slows its peer instead
-of filling memory. A stream ends ok unless the answer is a 5xx, a gRPC status
-UNAVAILABLE, or a reset. `grpc-timeout` shortens request_timeout for its stream. GOAWAY
-from an upstream moves new streams to another connection; streams it refused (above its
-last stream id, or REFUSED_STREAM) are tried again elsewhere when their request was
-small enough to keep.
+is acknowledged to its sender only once forwarded (handed to the other connection's
+socket), so a slow side slows its peer instead of filling memory. A stream ends ok unless
+the answer is a 5xx, a gRPC status UNAVAILABLE, or a reset. `grpc-timeout` shortens
+request_timeout for its stream. GOAWAY from an upstream moves new streams to another
+connection; streams it refused (above its last stream id, or REFUSED_STREAM) are tried
+again elsewhere when their request was small enough to keep.
+
+Design, for speed (docs/BENCHMARKS.md, "Where the time goes"): a stream is state, not a
+task. Each connection, client-facing or upstream, has one reader task that feeds h2 and
+forwards every event at once to the other connection's h2 state machine, and one writer
+task that only runs when the kernel did not take a write whole; writes are gathered per
+batch of events (one `send` per connection per wakeup). A stream needs a task of its own
+only when its pick must wait (a catalog source still fetching the service) or a new
+upstream connection must be opened. Deadlines (request_timeout, grpc-timeout, drain) are
+swept by one housekeeping task per client connection instead of a cancel scope per stream.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import h2.config
 import h2.connection
@@ -28,8 +39,11 @@ import trio
 
 from softlb import route
 
-from .listener import Conn, ListenerState
-from .picks import Held, NoEndpoint, finish, pick, release
+from .figures import Figures
+from .h2headers import malformed_request, malformed_trailers
+from .hpack_static import StaticEncoder
+from .listener import DRAIN_CHECK, Conn, ListenerState, Work
+from .picks import Held, NoEndpoint, finish, pick, pick_now, release
 from .upstream import LOCAL_ERRNOS, open_socket
 
 log = logging.getLogger("softlb.proxy")
@@ -45,6 +59,48 @@ REPLAY_MAX = 64 * 1024
 HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 GRPC_UNAVAILABLE = b"14"
+GRPC_DEADLINE_EXCEEDED = b"4"
+
+#: h2 work skipped on both connections. What a client sends is checked once, as it comes
+#: in, by h2headers (h2's own checks cost several times more): a malformed request is the
+#: client's error, its stream reset, never forwarded. Headers are passed on as they came,
+#: so normalizing them (lowercasing, joining cookies) or validating them again on the way
+#: out is work with no effect. An upstream's answer is not checked here: the client checks
+#: what it receives, and a malformed answer is the endpoint's failure either way.
+_CONFIG = dict(header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False,
+               validate_inbound_headers=False, normalize_inbound_headers=False)
+CLIENT_FACING = h2.config.H2Configuration(client_side=False, **_CONFIG)
+UPSTREAM = h2.config.H2Configuration(client_side=True, **_CONFIG)
+
+DATA, TRAILERS = 0, 1
+
+
+class _StreamsFinishAfterGoaway(h2.connection.H2ConnectionStateMachine):
+    """h2 closes a connection to every further frame once a GOAWAY is sent or received;
+    RFC 9113 6.8 lets the streams up to its last stream id finish, and draining needs just
+    that. Here a GOAWAY leaves an open connection open: the proxy itself opens no stream on
+    an upstream connection after one (Upstreams.find), and refuses new client streams once
+    it sent one (ListenerState.closing). A table, like h2's, so no call is added per frame."""
+
+    _transitions = {
+        **h2.connection.H2ConnectionStateMachine._transitions,
+        **{(state, goaway): (None, state)
+           for state in (h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN)
+           for goaway in (h2.connection.ConnectionInputs.SEND_GOAWAY, h2.connection.ConnectionInputs.RECV_GOAWAY)},
+    }
+
+
+def _frame_name(obj: object) -> str:
+    return type(obj).__name__
+
+
+# h2 formats every frame it receives for a trace log line, whether or not anything logs it
+# (`_receive_frame`: `logger.trace("Received frame: %s", repr(frame))`, before the logger
+# can say it is a no-op): 6% of the proxy's time per gRPC call. That line is the only use
+# of `repr` in h2.connection, and nothing in the agent logs h2's frames, so the module's
+# `repr` names the frame's class only.
+if "repr" not in vars(h2.connection):
+    h2.connection.repr = _frame_name  # type: ignore[attr-defined]
 
 
 def grpc_timeout(value: bytes | None) -> float:
@@ -54,35 +110,44 @@ def grpc_timeout(value: bytes | None) -> float:
     return int(value[:-1]) * GRPC_UNITS[value[-1:]]
 
 
-class Inbox:
-    """What one side said on one stream, in order: ('headers', h), ('data', bytes, n),
-    ('trailers', h), ('end',), ('reset', code), ('refused',)."""
+# ------------------------------------------------------------------------ connections
 
-    __slots__ = ("send", "recv")
-
-    def __init__(self) -> None:
-        self.send, self.recv = trio.open_memory_channel[tuple[Any, ...]](math.inf)
-
-    def put(self, item: tuple[Any, ...]) -> None:
-        try:
-            self.send.send_nowait(item)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+#: Sides with frames queued by h2 during the current synchronous step; sent at its end
+#: (`flush_all`), so one step's frames for one connection leave in one `send`.
+_dirty: list[Side] = []
 
 
 class Side:
-    """One HTTP/2 connection: h2's state machine, its socket, a write lock, per-stream inboxes."""
+    """One HTTP/2 connection: h2's state machine, its socket, the streams it carries.
 
-    def __init__(self, sock: trio.socket.SocketType, client_side: bool) -> None:
-        cfg = h2.config.H2Configuration(client_side=client_side, header_encoding=None)
-        self.conn = h2.connection.H2Connection(config=cfg)
+    Writes go straight to the socket while the kernel takes them; what it does not take
+    waits in `out` for the writer task, and flow-control acknowledgements of data forwarded
+    onto this connection wait with it (`held_acks`): the sender is not told "send more"
+    before its bytes have left."""
+
+    __slots__ = ("conn", "sock", "fd", "streams", "blocked", "out", "writing", "kick", "held_acks",
+                 "dead", "goaway", "last_used", "on_lost", "is_dirty", "timer")
+
+    def __init__(self, sock: trio.socket.SocketType, config: h2.config.H2Configuration) -> None:
+        self.conn = h2.connection.H2Connection(config=config)
+        self.conn.state_machine = _StreamsFinishAfterGoaway()
+        self.conn.encoder = StaticEncoder()  # type: ignore[assignment]
         self.sock = sock
-        self.lock = trio.Lock()
-        self.streams: dict[int, Inbox] = {}
-        self._window = trio.Event()
+        self.fd = sock.fileno()
+        self.streams: dict[int, Stream] = {}
+        #: Streams with data for this connection waiting for its peer's windows to open.
+        self.blocked: list[Stream] = []
+        self.out = bytearray()
+        self.writing = False
+        self.kick = trio.Event()
+        self.held_acks: list[tuple[Side, int, int]] = []
         self.dead = False
         self.goaway = False
         self.last_used = trio.current_time()
+        self.on_lost: Callable[[Side], None] | None = None
+        self.is_dirty = False
+        #: The housekeeping task's sleep (client-facing side): moved up for an earlier deadline.
+        self.timer = trio.CancelScope()
 
     def start(self) -> None:
         self.conn.local_settings = h2.settings.Settings(client=self.conn.config.client_side, initial_values={
@@ -91,136 +156,673 @@ class Side:
         })
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(CONN_WINDOW - 65535)
+        self.dirty()
 
-    async def flush(self) -> None:
-        async with self.lock:
-            data = self.conn.data_to_send()
-            if data and not self.dead:
-                try:
-                    await _send(self.sock, data)
-                except OSError:
-                    self.lost()
+    def dirty(self) -> None:
+        if not self.is_dirty:
+            self.is_dirty = True
+            _dirty.append(self)
 
-    def wake(self) -> None:
-        self._window.set()
-        self._window = trio.Event()
+    def flush(self) -> None:
+        self.is_dirty = False
+        if self.dead:
+            return
+        data = self.conn.data_to_send()
+        if not data:
+            return
+        if self.writing:
+            self.out += data
+            return
+        try:
+            n = os.write(self.fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self.lost()
+            return
+        if n < len(data):
+            self.out += memoryview(data)[n:]
+            self.writing = True
+            self.kick.set()
 
-    async def send_data(self, sid: int, data: bytes, end: bool, flush: bool = True) -> None:
-        """Send within the peer's flow-control windows, waiting for them to open. With
-        `flush` false the frames stay queued (the caller flushes once it has nothing more),
-        unless a window must be waited for."""
-        view = memoryview(data)
-        while view:
-            if self.dead:
-                raise ConnectionError("connection lost")
-            try:
-                room = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
-            except (h2.exceptions.StreamClosedError, KeyError):
-                raise ConnectionError("stream closed") from None
-            if room <= 0:
-                opened = self._window  # taken before the flush: an update during it must count
-                await self.flush()
-                await opened.wait()
-                continue
-            chunk = view[:room]
-            self.conn.send_data(sid, bytes(chunk), end_stream=end and len(chunk) == len(view))
-            view = view[len(chunk):]
-        if not data and end:
-            self.conn.end_stream(sid)
-        if flush:
-            await self.flush()
+    async def write_loop(self) -> None:
+        """Send what the kernel did not take at once; then release the held acks."""
+        try:
+            while not self.dead:
+                await self.kick.wait()
+                self.kick = trio.Event()
+                while self.out and not self.dead:
+                    await trio.lowlevel.wait_writable(self.sock)
+                    try:
+                        n = os.write(self.fd, self.out)
+                    except BlockingIOError:
+                        continue
+                    del self.out[:n]
+                self.writing = False
+                acks, self.held_acks = self.held_acks, []
+                for src, sid, n in acks:
+                    src.ack(sid, n)
+                flush_all()
+        except (OSError, trio.ClosedResourceError):
+            self.lost()
+            flush_all()
+
+    def ack_for(self, src: Side, sid: int, n: int) -> None:
+        """Acknowledge `n` bytes `src` received on `sid` now forwarded onto this connection."""
+        if self.writing:
+            self.held_acks.append((src, sid, n))
+        else:
+            src.ack(sid, n)
 
     def ack(self, sid: int, n: int) -> None:
+        if self.dead:
+            return
         try:
             self.conn.acknowledge_received_data(n, sid)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-            pass
+            return
+        self.dirty()
 
     def reset(self, sid: int, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        if self.dead:
+            return
         try:
             self.conn.reset_stream(sid, code)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-            pass
+            return
+        self.dirty()
+
+    def close(self) -> None:
+        """GOAWAY, sent as far as the kernel takes it, then closed."""
+        if not self.dead:
+            self.conn.close_connection()
+            self.flush()
+            self.lost()
 
     def lost(self) -> None:
         if not self.dead:
             self.dead = True
-            for box in self.streams.values():
-                box.put(("reset", None))
-            self.wake()
+            self.kick.set()
             self.sock.close()
+            # What waited here will never leave: its senders' connection windows reopen.
+            acks, self.held_acks = self.held_acks, []
+            for src, sid, n in acks:
+                src.ack(sid, n)
+            if self.on_lost is not None:
+                self.on_lost(self)
 
-    def dispatch(self, ev: object) -> int | None:
-        """Route one h2 event to its stream's inbox; returns a new request's stream id."""
-        if isinstance(ev, h2.events.DataReceived):
-            box = self.streams.get(ev.stream_id)
-            if box is None:
-                self.ack(ev.stream_id, ev.flow_controlled_length)
-            else:
-                box.put(("data", ev.data, ev.flow_controlled_length))
-            if ev.stream_ended:
-                self._put(ev.stream_id, ("end",))
-        elif isinstance(ev, (h2.events.ResponseReceived, h2.events.RequestReceived)):
-            # Headers that end the stream (gRPC's trailers-only answer) stay one item, so
-            # they are passed on as one HEADERS frame with END_STREAM.
-            self._put(ev.stream_id, ("headers", ev.headers, ev.stream_ended is not None))
-            if isinstance(ev, h2.events.RequestReceived):
-                return ev.stream_id
-        elif isinstance(ev, h2.events.TrailersReceived):
-            self._put(ev.stream_id, ("trailers", ev.headers))
-            self._put(ev.stream_id, ("end",))
-        elif isinstance(ev, h2.events.StreamEnded):
-            pass  # reported with the frame that carried END_STREAM
-        elif isinstance(ev, h2.events.StreamReset):
-            code = ev.error_code
-            self._put(ev.stream_id, ("refused",) if code == h2.errors.ErrorCodes.REFUSED_STREAM else ("reset", code))
-        elif isinstance(ev, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
-            self.wake()
-        elif isinstance(ev, h2.events.ConnectionTerminated):
-            self.goaway = True
-            last = ev.last_stream_id or 0
-            for sid, box in self.streams.items():
-                if sid > last:
-                    box.put(("refused",))
-        return None
+    def unblock(self) -> None:
+        """The peer opened windows: send what waited for them."""
+        waiting, self.blocked = self.blocked, []
+        for st in waiting:
+            if not st.done:
+                _pump(st, up=self is st.uside)
 
-    def _put(self, sid: int, item: tuple[Any, ...]) -> None:
-        box = self.streams.get(sid)
-        if box is not None:
-            box.put(item)
-
-    async def read_loop(self, on_request: Any = None) -> None:
-        """Feed h2 from the socket until it closes; `on_request(stream_id)` for new
-        requests (client-facing side)."""
+    async def read_loop(self, on_events: Callable[[Side, list[Any]], None]) -> None:
+        """Feed h2 from the socket until it closes; each batch of events goes to `on_events`."""
         try:
-            while not self.dead:
-                data = await self.sock.recv(RECV)
+            while True:
+                # Wait first, then read: for request and answer the data is rarely there
+                # already, and trio's recv would try (EAGAIN), wait, try again and yield.
+                await trio.lowlevel.wait_readable(self.sock)
+                if self.dead:
+                    break
+                try:
+                    data = os.read(self.fd, RECV)
+                except BlockingIOError:
+                    continue
                 if not data:
                     break
                 try:
                     events = self.conn.receive_data(data)
                 except h2.exceptions.ProtocolError as e:
                     log.info("http2: protocol error from peer: %s", e)
-                    await self.flush()  # h2 queued a GOAWAY saying why
+                    self.flush()  # h2 queued a GOAWAY saying why
                     break
-                for ev in events:
-                    if isinstance(ev, h2.events.RequestReceived):
-                        self.streams[ev.stream_id] = Inbox()
-                    sid = self.dispatch(ev)
-                    if sid is not None and on_request is not None:
-                        on_request(sid)
-                await self.flush()
-        except OSError:
+                try:
+                    on_events(self, events)
+                except Exception:  # a bug here ends this connection, never the listener
+                    log.exception("http2: connection ended")
+                    break
+                finally:
+                    flush_all()
+        except (OSError, trio.ClosedResourceError):
             pass
         finally:
             self.lost()
+            flush_all()
 
 
-async def _send(sock: trio.socket.SocketType, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = await sock.send(view)
-        view = view[n:]
+def flush_all() -> None:
+    while _dirty:
+        _dirty.pop().flush()
+
+
+# ------------------------------------------------------------------------ streams
+
+
+class Stream:
+    """One client stream, from its request headers until its answer ended (or failed)."""
+
+    __slots__ = ("state", "conn", "cside", "csid", "service", "headers", "grpc", "deadline", "lf",
+                 "held", "ef", "uside", "usid", "work", "t0", "latency", "ok", "answered", "done",
+                 "up_q", "down_q", "up_ended", "replay", "replay_size", "attempt", "tried", "starting",
+                 "budget", "spawn")
+
+    def __init__(self, state: ListenerState, conn: Conn, cside: Side, csid: int, service: str,
+                 headers: list[tuple[bytes, bytes]], grpc: bool, budget: float,
+                 spawn: Callable[..., None]) -> None:
+        self.state = state
+        self.conn = conn
+        self.cside = cside
+        self.csid = csid
+        self.service = service
+        self.headers = headers
+        self.grpc = grpc
+        self.budget = budget
+        self.deadline = trio.current_time() + budget
+        #: Starts a task in the client connection's nursery.
+        self.spawn = spawn
+        self.lf = state.figures.listener(service)
+        self.held: Held | None = None
+        self.ef: Figures | None = None
+        self.uside: Side | None = None
+        self.usid = 0
+        self.work: Work | None = None
+        self.t0 = 0.0
+        self.latency: float | None = None
+        self.ok = True
+        self.answered = False
+        self.done = False
+        #: Towards the upstream, not yet handed to its h2: [DATA, bytes, flow-controlled
+        #: length, end] or [TRAILERS, headers]. Towards the client likewise.
+        self.up_q: deque[list[Any]] = deque()
+        self.down_q: deque[list[Any]] = deque()
+        self.up_ended = False
+        #: The request so far while at most REPLAY_MAX (None once larger): to resend a
+        #: stream an upstream refused unprocessed.
+        self.replay: list[list[Any]] | None = []
+        self.replay_size = 0
+        self.attempt = 0
+        self.tried: list[str] = []
+        #: Set while a task picks or connects for this stream (cancelled at its deadline).
+        self.starting: trio.CancelScope | None = None
+
+
+def _forwarded(headers: list[tuple[bytes, bytes]], peer: str) -> list[tuple[bytes, bytes]]:
+    """The request's headers (already checked free of connection-specific ones) with the
+    client's address appended to X-Forwarded-For."""
+    out = []
+    xff = None
+    for h in headers:
+        if h[0] == b"x-forwarded-for":
+            xff = h[1]
+        else:
+            out.append(h)
+    out.append((b"x-forwarded-for", xff + b", " + peer.encode() if xff else peer.encode()))
+    return out
+
+
+def _request(state: ListenerState, conn: Conn, cside: Side, ev: h2.events.RequestReceived,
+             spawn: Callable[..., None]) -> None:
+    sid = ev.stream_id
+    if state.closing:
+        cside.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+        return
+    why = malformed_request(ev.headers)
+    if why is not None:
+        log.info("http2 %s: malformed request from %s: %s", state.service, conn.peer_ip, why)
+        cside.reset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        return
+    cfg = state.config
+    authority = path = ctype = timeout = None
+    for n, v in ev.headers:
+        if n == b":authority" or (n == b"host" and authority is None):
+            authority = v
+        elif n == b":path":
+            path = v
+        elif n == b"content-type":
+            ctype = v
+        elif n == b"grpc-timeout":
+            timeout = v
+    service = state.service
+    if cfg.routes:
+        service = route(cfg.routes, state.service, (authority or b"").decode("latin-1"),
+                        (path or b"/").decode("latin-1"))
+    state.figures.listener(state.service).requests += 1
+    budget = min(cfg.request_timeout, grpc_timeout(timeout))
+    st = Stream(state, conn, cside, sid, service, _forwarded(ev.headers, conn.peer_ip),
+                (ctype or b"").startswith(b"application/grpc"), budget, spawn)
+    cside.streams[sid] = st
+    if st.deadline < cside.timer.deadline:
+        cside.timer.deadline = st.deadline
+    if ev.stream_ended is not None:
+        st.up_q.append([DATA, b"", 0, True])
+        st.replay.append([DATA, b"", 0, True])  # type: ignore[union-attr]
+    _begin(st, spawn)
+
+
+def _begin(st: Stream, spawn: Callable[..., None]) -> None:
+    """Pick and open the stream upstream at once when no wait is needed, else in a task."""
+    state = st.state
+    key = f"{st.conn.peer_ip}#retry{st.attempt}" if st.attempt else None
+    try:
+        held = pick_now(state.rt, st.service, source=st.conn.peer_ip, key=key)
+    except NoEndpoint as e:
+        _fail(st, 503, GRPC_UNAVAILABLE, f"no endpoint for {st.service}: {e.message}")
+        return
+    if held is not None:
+        uside = _upstreams(state).find((held.endpoint.address, held.endpoint.port))
+        if uside is not None:
+            _open(st, held, uside)
+            return
+    st.starting = trio.CancelScope()
+    spawn(_begin_slowly, st, held)
+
+
+async def _begin_slowly(st: Stream, held: Held | None) -> None:
+    """The pick waits for a catalog source, or the endpoint needs a new connection; a
+    failed connect is reported and another endpoint tried, `retries` more times."""
+    state = st.state
+    cfg = state.config
+    figures = state.figures
+    assert st.starting is not None
+    try:
+        with st.starting:
+            while True:
+                if held is None:
+                    key = f"{st.conn.peer_ip}#retry{st.attempt}" if st.attempt else None
+                    held = await pick(state.rt, st.service, source=st.conn.peer_ip, key=key)
+                ep = held.endpoint
+                t0 = trio.current_time()
+                try:
+                    uside = await _upstream(state, held)
+                except (OSError, trio.TooSlowError) as e:
+                    if isinstance(e, OSError) and e.errno in LOCAL_ERRNOS:
+                        release(state.rt, held)
+                        raise Failed(f"{st.service}: cannot open a socket: {e.strerror}") from None
+                    finish(state.rt, held, ok=False, latency=trio.current_time() - t0)
+                    st.lf.failures += 1
+                    figures.endpoint(st.service, ep.id).failures += 1
+                    st.tried.append(ep.id)
+                    held = None
+                    if st.attempt >= cfg.retries:
+                        raise Failed(f"{st.service}: no endpoint accepted a connection "
+                                     f"(tried {', '.join(st.tried)})") from None
+                    st.attempt += 1
+                    st.lf.retries += 1
+                    continue
+                except BaseException:
+                    release(state.rt, held)
+                    raise
+                break
+    except NoEndpoint as e:
+        _fail(st, 503, GRPC_UNAVAILABLE, f"no endpoint for {st.service}: {e.message}")
+    except Failed as e:
+        _fail(st, 502, GRPC_UNAVAILABLE, str(e))
+    else:
+        if st.starting.cancelled_caught:
+            return  # the deadline or the client ended it meanwhile (what it held is released)
+        if st.done:
+            release(state.rt, held)
+            return
+        st.starting = None
+        _open(st, held, uside)
+    finally:
+        flush_all()
+
+
+def _open(st: Stream, held: Held, uside: Side) -> None:
+    """Open the stream on `uside` and send what the client said so far."""
+    state = st.state
+    ep = held.endpoint
+    st.held = held
+    st.ef = ef = state.figures.endpoint(st.service, ep.id)
+    st.uside = uside
+    st.usid = usid = uside.conn.get_next_available_stream_id()
+    uside.streams[usid] = st
+    st.t0 = uside.last_used = trio.current_time()
+    ef.requests += 1
+    ef.active += 1
+    st.work = state.track(st.service, ep.id, trio.CancelScope())
+    q = st.up_q
+    # A request without a body goes as one HEADERS frame with END_STREAM.
+    ended = len(q) == 1 and q[0][0] == DATA and not q[0][1] and q[0][3]
+    if ended:
+        q.clear()
+        st.up_ended = True
+    try:
+        uside.conn.send_headers(usid, st.headers, end_stream=ended)
+    except h2.exceptions.ProtocolError as e:  # h2 will not open it there (too many streams)
+        log.info("http2 %s: cannot open a stream to %s: %s", st.service, ep.id, e)
+        uside.goaway = True  # no further streams on this connection
+        _refused(st)
+        return
+    uside.dirty()
+    if q:
+        _pump(st, up=True)
+
+
+def _pump(st: Stream, up: bool) -> None:
+    """Hand what waits in one direction to the other connection's h2, within its windows."""
+    if up:
+        q, dst, dsid, src, ssid = st.up_q, st.uside, st.usid, st.cside, st.csid
+    else:
+        q, dst, dsid, src, ssid = st.down_q, st.cside, st.csid, st.uside, st.usid
+    if dst is None or dst.dead:
+        return
+    conn = dst.conn
+    ef = st.ef
+    assert ef is not None
+    try:
+        while q:
+            item = q[0]
+            if item[0] == DATA:
+                data = item[1]
+                if data:
+                    room = min(conn.local_flow_control_window(dsid), conn.max_outbound_frame_size)
+                    if room <= 0:
+                        dst.blocked.append(st)
+                        break
+                    if room < len(data):
+                        data, item[1] = data[:room], data[room:]
+                        conn.send_data(dsid, data)
+                        _count(st.lf, ef, up, len(data))
+                        continue
+                conn.send_data(dsid, data, end_stream=item[3])
+                _count(st.lf, ef, up, len(data))
+                q.popleft()
+                if item[2]:
+                    dst.ack_for(src, ssid, item[2])  # type: ignore[arg-type]
+                if up:
+                    st.up_ended = item[3]
+                elif item[3]:
+                    _complete(st)
+                    break
+            else:
+                conn.send_headers(dsid, item[1], end_stream=True)
+                q.popleft()
+                if up:
+                    st.up_ended = True
+                else:
+                    _complete(st)
+                    break
+    except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+        _unqueue(q, src, ssid)  # the other side ended the stream: its event says how
+    dst.dirty()
+
+
+def _count(lf: Figures, ef: Figures, up: bool, n: int) -> None:
+    if up:
+        lf.bytes_in += n
+        ef.bytes_in += n
+    else:
+        lf.bytes_out += n
+        ef.bytes_out += n
+
+
+def _unqueue(q: deque[list[Any]], src: Side | None, sid: int) -> None:
+    """Drop what waits in one direction, acknowledged to its sender: the stream ends, but
+    the connection's window must not shrink by what it never forwarded."""
+    if src is not None:
+        for item in q:
+            if item[0] == DATA and item[2]:
+                src.ack(sid, item[2])
+    q.clear()
+
+
+def _complete(st: Stream) -> None:
+    """The answer ended: the verdict to the core, the stream forgotten by both sides."""
+    _forget(st)
+    assert st.held is not None and st.ef is not None
+    if not st.up_ended:  # answered before the request ended: the rest is not wanted
+        st.uside.reset(st.usid, h2.errors.ErrorCodes.NO_ERROR)  # type: ignore[union-attr]
+    finish(st.state.rt, st.held, ok=st.ok, latency=st.latency)
+    if not st.ok:
+        st.lf.failures += 1
+        st.ef.failures += 1
+
+
+def _forget(st: Stream) -> None:
+    if st.done:
+        return
+    st.done = True
+    _unqueue(st.up_q, st.cside, st.csid)
+    _unqueue(st.down_q, st.uside, st.usid)
+    now = trio.current_time()
+    st.cside.streams.pop(st.csid, None)
+    st.cside.last_used = now
+    if st.starting is not None:
+        st.starting.cancel()
+    u = st.uside
+    if u is not None:
+        u.streams.pop(st.usid, None)
+        u.last_used = now
+        assert st.ef is not None and st.work is not None
+        st.ef.active -= 1
+        st.state.work.discard(st.work)
+
+
+def _drop(st: Stream) -> None:
+    """The stream ends with no verdict on its endpoint (the client left, or the endpoint
+    left and its drain ran out)."""
+    _forget(st)
+    if st.uside is not None:
+        st.uside.reset(st.usid)
+    if st.held is not None:
+        release(st.state.rt, st.held)
+
+
+def _fail(st: Stream, status: int, grpc_status: bytes, text: str) -> None:
+    """End a stream the proxy answers itself (the lease is already dealt with)."""
+    if not st.done:
+        _forget(st)
+        _answer(st, status, grpc_status, text)
+
+
+def _answer(st: Stream, status: int, grpc_status: bytes, text: str) -> None:
+    """The proxy's own error answer to the client (a reset once the answer has begun)."""
+    side, sid = st.cside, st.csid
+    if side.dead:
+        return
+    if st.answered:
+        side.reset(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        return
+    try:
+        if st.grpc:  # gRPC wants a trailers-only answer with its own status
+            side.conn.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                                         (b"grpc-status", grpc_status), (b"grpc-message", text.encode()[:512])],
+                                   end_stream=True)
+        else:
+            body = text.encode() + b"\n"
+            side.conn.send_headers(sid, [(b":status", str(status).encode()), (b"content-type", b"text/plain"),
+                                         (b"content-length", str(len(body)).encode())])
+            side.conn.send_data(sid, body, end_stream=True)
+    except (h2.exceptions.ProtocolError, h2.exceptions.FlowControlError, KeyError):
+        side.reset(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+    side.dirty()
+
+
+def _refused(st: Stream) -> None:
+    """The upstream did not process the stream: send it again elsewhere if it can be."""
+    held, ef = st.held, st.ef
+    assert held is not None and ef is not None
+    _forget(st)
+    release(st.state.rt, held)  # says nothing against the endpoint
+    if st.replay is None or st.attempt >= st.state.config.retries:
+        _answer(st, 502, GRPC_UNAVAILABLE, f"{st.service}: endpoint {held.endpoint.id} refused the stream")
+        return
+    st.attempt += 1
+    st.lf.retries += 1
+    ef.retries += 1
+    st.done = False
+    st.held = st.ef = st.uside = st.work = None
+    st.cside.streams[st.csid] = st
+    st.up_q = deque([list(item) for item in st.replay])
+    _begin(st, st.spawn)
+
+
+def _upstream_failed(st: Stream) -> None:
+    """Reset by the endpoint, or its connection broke: a failure; not resent (it may have
+    been processed)."""
+    held, ef = st.held, st.ef
+    assert held is not None and ef is not None
+    _forget(st)
+    finish(st.state.rt, held, ok=False, latency=trio.current_time() - st.t0)
+    st.lf.failures += 1
+    ef.failures += 1
+    _answer(st, 502, GRPC_UNAVAILABLE, f"{st.service}: endpoint {held.endpoint.id} reset the stream")
+
+
+def _expired(st: Stream, now: float) -> None:
+    """The stream's deadline passed, or its endpoint left and drain_timeout ran out."""
+    if st.starting is not None:  # still picking or connecting: the task releases what it holds
+        _forget(st)
+    elif st.work is not None and st.work.scope.deadline <= now:
+        _drop(st)
+        _answer(st, 502, GRPC_UNAVAILABLE, f"{st.service}: endpoint {st.work.endpoint_id} left while answering")
+        return
+    else:
+        _forget(st)
+        if st.uside is not None:
+            st.uside.reset(st.usid)
+        if st.held is not None:
+            finish(st.state.rt, st.held, ok=False, latency=now - st.t0)
+            assert st.ef is not None
+            st.ef.failures += 1
+    st.state.figures.listener(st.state.service).failures += 1
+    _answer(st, 504, GRPC_DEADLINE_EXCEEDED, f"no answer from {st.service} within {st.budget:g}s")
+
+
+# ------------------------------------------------------------------------ events
+
+
+def _data_stream(side: Side, ev: h2.events.DataReceived) -> Stream | None:
+    """The stream a DATA frame is for; data for a stream already ended is acknowledged and
+    dropped."""
+    st = side.streams.get(ev.stream_id)
+    if st is None:
+        side.ack(ev.stream_id, ev.flow_controlled_length)
+    return st
+
+
+def _queue(st: Stream, item: list[Any], up: bool) -> None:
+    """Queue an item in one direction; send it now unless earlier ones still wait."""
+    q = st.up_q if up else st.down_q
+    q.append(item)
+    if len(q) == 1 and (not up or st.uside is not None):
+        _pump(st, up)
+
+
+def _client_events(state: ListenerState, conn: Conn, side: Side, events: list[Any],
+                   spawn: Callable[..., None]) -> None:
+    streams = side.streams
+    for ev in events:
+        t = type(ev)
+        if t is h2.events.DataReceived:
+            st = _data_stream(side, ev)
+            if st is None:
+                continue
+            item = [DATA, ev.data, ev.flow_controlled_length, ev.stream_ended is not None]
+            if st.replay is not None:
+                st.replay_size += len(ev.data)
+                if st.replay_size > REPLAY_MAX:
+                    st.replay = None
+                else:
+                    st.replay.append([DATA, ev.data, 0, item[3]])  # acknowledged once, as sent
+            _queue(st, item, up=True)
+        elif t is h2.events.RequestReceived:
+            _request(state, conn, side, ev, spawn)
+        elif t is h2.events.TrailersReceived:
+            st = streams.get(ev.stream_id)
+            if st is not None:
+                why = malformed_trailers(ev.headers)
+                if why is not None:
+                    log.info("http2 %s: malformed trailers from %s: %s", state.service, conn.peer_ip, why)
+                    _drop(st)
+                    side.reset(ev.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                    continue
+                item = [TRAILERS, ev.headers]
+                if st.replay is not None:
+                    st.replay.append(item)
+                _queue(st, item, up=True)
+        elif t is h2.events.StreamReset:
+            st = streams.get(ev.stream_id)
+            if st is not None:  # the client gave up on the stream: so do we, upstream
+                _drop(st)
+        elif t is h2.events.WindowUpdated or t is h2.events.RemoteSettingsChanged:
+            side.unblock()
+        elif t is h2.events.ConnectionTerminated:
+            side.goaway = True
+
+
+def _upstream_events(side: Side, events: list[Any]) -> None:
+    streams = side.streams
+    for ev in events:
+        t = type(ev)
+        if t is h2.events.DataReceived:
+            st = _data_stream(side, ev)
+            if st is not None:
+                _queue(st, [DATA, ev.data, ev.flow_controlled_length, ev.stream_ended is not None], up=False)
+        elif t is h2.events.ResponseReceived:
+            st = streams.get(ev.stream_id)
+            if st is not None:
+                _answer_head(st, ev.headers, ev.stream_ended is not None)
+        elif t is h2.events.TrailersReceived:
+            st = streams.get(ev.stream_id)
+            if st is not None:
+                for n, v in ev.headers:
+                    if n == b"grpc-status" and v == GRPC_UNAVAILABLE:
+                        st.ok = False
+                _queue(st, [TRAILERS, ev.headers], up=False)
+        elif t is h2.events.StreamReset:
+            st = streams.get(ev.stream_id)
+            if st is not None:
+                if ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM and not st.answered:
+                    _refused(st)
+                else:
+                    _upstream_failed(st)
+        elif t is h2.events.WindowUpdated or t is h2.events.RemoteSettingsChanged:
+            side.unblock()
+        elif t is h2.events.ConnectionTerminated:
+            side.goaway = True
+            last = ev.last_stream_id or 0
+            for sid, st in list(streams.items()):
+                if sid > last and not st.answered:
+                    _refused(st)
+        elif t is h2.events.InformationalResponseReceived:
+            pass  # 1xx: not passed on
+
+
+def _answer_head(st: Stream, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+    if st.latency is None:
+        st.latency = trio.current_time() - st.t0
+    hop = False
+    for n, v in headers:
+        if n == b":status":
+            if v[:1] == b"5":
+                st.ok = False
+        elif n == b"grpc-status":
+            if v == GRPC_UNAVAILABLE:
+                st.ok = False
+        elif n in HOP:
+            hop = True
+    if hop:
+        headers = [(n, v) for n, v in headers if n not in HOP]
+    try:
+        st.cside.conn.send_headers(st.csid, headers, end_stream=ended)
+    except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+        _drop(st)  # the client is gone
+        return
+    st.answered = True
+    st.cside.dirty()
+    if ended:
+        _complete(st)
+
+
+def _upstream_lost(side: Side) -> None:
+    for st in list(side.streams.values()):
+        _upstream_failed(st)
 
 
 # ------------------------------------------------------------------------ upstreams
@@ -237,7 +839,7 @@ class Upstreams:
             if side.dead or side.goaway:
                 continue
             limit = side.conn.remote_settings.max_concurrent_streams
-            if side.conn.open_outbound_streams < limit:
+            if len(side.streams) < limit:
                 return side
         return None
 
@@ -251,9 +853,7 @@ class Upstreams:
             keep = []
             for s in sides:
                 if not s.dead and not s.streams and (s.goaway or key not in serving or now - s.last_used > idle):
-                    s.conn.close_connection()
-                    s.dead = True
-                    s.sock.close()
+                    s.close()
                 if not s.dead:
                     keep.append(s)
             if keep:
@@ -277,10 +877,7 @@ def _sweep(state: ListenerState, u: Upstreams, now: float) -> None:
         if b is not None:
             serving.update((e.address, e.port) for e in b.served)
     u.sweep(now, state.config.idle_timeout, serving)
-
-
-class Refused(Exception):
-    """The upstream did not process the stream (GOAWAY, REFUSED_STREAM): safe to resend."""
+    flush_all()
 
 
 class Failed(Exception):
@@ -295,12 +892,17 @@ async def _upstream(state: ListenerState, held: Held) -> Side:
     if side is not None:
         return side
     sock = await open_socket(ep.address, ep.port, state.config.connect_timeout)
-    side = Side(sock, client_side=True)
+    side = pool.find(key)  # another stream opened one meanwhile
+    if side is not None:
+        sock.close()
+        return side
+    side = Side(sock, UPSTREAM)
+    side.on_lost = _upstream_lost
     side.start()
-    await side.flush()
     pool.add(key, side)
     assert state.nursery is not None
-    state.nursery.start_soon(side.read_loop)
+    state.nursery.start_soon(side.read_loop, _upstream_events)
+    state.nursery.start_soon(side.write_loop)
     state.figures.endpoint(held.service, ep.id).connections += 1
     return side
 
@@ -309,301 +911,52 @@ async def _upstream(state: ListenerState, held: Held) -> Side:
 
 
 async def serve_http2(state: ListenerState, conn: Conn) -> None:
-    side = Side(conn.sock, client_side=False)
+    side = Side(conn.sock, CLIENT_FACING)
+    side.on_lost = _client_lost
     side.start()
-    await side.flush()
-    lf = state.figures.listener(state.service)
-    async with trio.open_nursery() as streams:
-
-        def on_request(sid: int) -> None:
-            if state.closing:
-                side.streams.pop(sid, None)
-                side.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
-                return
-            lf.requests += 1
-            streams.start_soon(_stream, state, conn, side, sid)
-
-        with trio.CancelScope() as idle:
-            conn.between = idle
-            streams.start_soon(_idle_watch, state, side, idle)
-            await side.read_loop(on_request)
-        streams.cancel_scope.cancel()  # the client is gone: its streams with it
+    flush_all()
+    async with trio.open_nursery() as tasks:
+        spawn = tasks.start_soon
+        tasks.start_soon(side.write_loop)
+        tasks.start_soon(_housekeeping, state, side)
+        # Draining is the housekeeping's: GOAWAY, open streams finish (conn.between, the
+        # keep-alive grace of HTTP/1.1, does not apply).
+        await side.read_loop(lambda s, events: _client_events(state, conn, s, events, spawn))
+        tasks.cancel_scope.cancel()  # the client is gone: so is what worked for it
 
 
-async def _idle_watch(state: ListenerState, side: Side, reader: trio.CancelScope) -> None:
-    """GOAWAY a client connection with no open stream for idle_timeout, or at drain."""
+def _client_lost(side: Side) -> None:
+    for st in list(side.streams.values()):
+        _drop(st)
+
+
+async def _housekeeping(state: ListenerState, side: Side) -> None:
+    """Deadlines of the connection's streams (request_timeout, grpc-timeout, drain), its
+    idle timeout, and GOAWAY at drain: one task per client connection, not a cancel scope
+    per stream."""
     while not side.dead:
-        await trio.sleep(min(1.0, state.config.idle_timeout / 4))
-        idle = not side.streams and trio.current_time() - side.last_used > state.config.idle_timeout
-        if idle or (state.closing and not side.streams):
-            side.conn.close_connection()
-            await side.flush()
-            reader.cancel()
-            side.lost()
-            return
-        if state.closing and not side.goaway:
+        now = trio.current_time()
+        streams = side.streams
+        if not streams:
+            idle = now - side.last_used > state.config.idle_timeout
+            if idle or state.closing:
+                side.close()
+                flush_all()
+                return
+        elif state.closing and not side.goaway:
             side.goaway = True  # tell the client now; open streams finish
-            side.conn.close_connection(last_stream_id=max(side.streams, default=0))
-            await side.flush()
-
-
-def _forwarded(headers: list[tuple[bytes, bytes]], peer: str | None) -> list[tuple[bytes, bytes]]:
-    out = []
-    xff = None
-    for n, v in headers:
-        if n in HOP or (n == b"te" and v != b"trailers"):
-            continue
-        if n == b"x-forwarded-for" and peer is not None:
-            xff = v
-            continue
-        out.append((n, v))
-    if peer is not None:
-        out.append((b"x-forwarded-for", xff + b", " + peer.encode() if xff else peer.encode()))
-    return out
-
-
-async def _stream(state: ListenerState, conn: Conn, cside: Side, sid: int) -> None:
-    inbox = cside.streams[sid]
-    cfg = state.config
-    try:
-        first = inbox.recv.receive_nowait()
-    except trio.WouldBlock:  # pragma: no cover - the headers are queued before the stream starts
-        first = ("reset", None)
-    if first[0] != "headers":
-        cside.streams.pop(sid, None)
-        return
-    headers = first[1]
-    if first[2]:
-        inbox.put(("end",))
-    h = dict(headers)
-    authority = (h.get(b":authority") or h.get(b"host") or b"").decode("latin-1")
-    path = (h.get(b":path") or b"/").decode("latin-1")
-    service = route(cfg.routes, state.service, authority, path) if cfg.routes else state.service
-    grpc = (h.get(b"content-type") or b"").startswith(b"application/grpc")
-    budget = min(cfg.request_timeout, grpc_timeout(h.get(b"grpc-timeout")))
-    answered = [False]
-    try:
-        with trio.move_on_after(budget) as timer:
-            await _proxy_stream(state, conn, cside, sid, inbox, service, _forwarded(headers, conn.peer_ip), answered)
-        if timer.cancelled_caught:
-            state.figures.listener(state.service).failures += 1
-            await _fail(cside, sid, answered[0], grpc, 504, b"4", f"no answer from {service} within {budget:g}s")
-    except NoEndpoint as e:
-        await _fail(cside, sid, answered[0], grpc, 503, GRPC_UNAVAILABLE, f"no endpoint for {service}: {e.message}")
-    except Failed as e:
-        await _fail(cside, sid, answered[0], grpc, 502, GRPC_UNAVAILABLE, str(e))
-    finally:
-        cside.streams.pop(sid, None)
-        cside.last_used = trio.current_time()
-
-
-async def _fail(side: Side, sid: int, answered: bool, grpc: bool, status: int, grpc_status: bytes, text: str) -> None:
-    if side.dead:
-        return
-    if answered:
-        side.reset(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
-    else:
-        try:
-            if grpc:  # gRPC wants a trailers-only answer with its own status
-                side.conn.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc"),
-                                             (b"grpc-status", grpc_status), (b"grpc-message", text.encode()[:512])],
-                                       end_stream=True)
-            else:
-                body = text.encode() + b"\n"
-                side.conn.send_headers(sid, [(b":status", str(status).encode()), (b"content-type", b"text/plain"),
-                                             (b"content-length", str(len(body)).encode())])
-                side.conn.send_data(sid, body, end_stream=True)
-        except (h2.exceptions.ProtocolError, h2.exceptions.FlowControlError, KeyError):
-            side.reset(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
-    await side.flush()
-
-
-async def _proxy_stream(state: ListenerState, conn: Conn, cside: Side, sid: int, inbox: Inbox, service: str,
-                        headers: list[tuple[bytes, bytes]], answered: list[bool]) -> None:
-    cfg = state.config
-    figures = state.figures
-    lf = figures.listener(service)
-    replay: list[tuple[Any, ...]] = []  # the request so far, while small enough to resend
-    replay_size = 0
-    replayable = True
-    request_done = False
-    attempt = 0
-    tried: list[str] = []
-    while True:
-        held = await pick(state.rt, service, source=conn.peer_ip,
-                          key=f"{conn.peer_ip}#retry{attempt}" if attempt else None)
-        ep = held.endpoint
-        ef = figures.endpoint(service, ep.id)
-        t0 = trio.current_time()
-        try:
-            uside = await _upstream(state, held)
-        except (OSError, trio.TooSlowError) as e:
-            if isinstance(e, OSError) and e.errno in LOCAL_ERRNOS:
-                release(state.rt, held)
-                raise Failed(f"{service}: cannot open a socket: {e.strerror}") from None
-            finish(state.rt, held, ok=False, latency=trio.current_time() - t0)
-            lf.failures += 1
-            ef.failures += 1
-            tried.append(ep.id)
-            if attempt >= cfg.retries:
-                raise Failed(f"{service}: no endpoint accepted a connection (tried {', '.join(tried)})") from None
-            attempt += 1
-            lf.retries += 1
-            continue
-        usid = uside.conn.get_next_available_stream_id()
-        ubox = uside.streams[usid] = Inbox()
-        uside.last_used = t0
-        ef.requests += 1
-        ef.active += 1
-        work = state.track(service, ep.id, trio.CancelScope())
-        outcome: dict[str, Any] = {"ok": True, "latency": None, "refused": False}
-        try:
-            with work.scope:
-                uside.conn.send_headers(usid, headers, end_stream=request_done and not replay)
-                if request_done and not replay:
-                    await uside.flush()
-                async with trio.open_nursery() as n:
-
-                    async def upload() -> None:
-                        nonlocal replay_size, replayable, request_done
-                        for item in list(replay):  # a resend: what the client already sent
-                            await _up_item(uside, usid, item)
-                        if request_done:
-                            return
-                        if inbox.recv.statistics().current_buffer_used == 0:
-                            await uside.flush()  # the headers go now: the body may take a while
-                        async for item in inbox.recv:
-                            more = inbox.recv.statistics().current_buffer_used > 0
-                            if item[0] == "data":
-                                if replayable:
-                                    replay_size += len(item[1])
-                                    if replay_size > REPLAY_MAX:
-                                        replayable = False
-                                        replay.clear()
-                                    else:
-                                        replay.append(item)
-                                await _up_item(uside, usid, item, flush=not more)
-                                cside.ack(sid, item[2])
-                                if not more:
-                                    await cside.flush()
-                                lf.bytes_in += len(item[1])
-                                ef.bytes_in += len(item[1])
-                            elif item[0] in ("trailers", "end"):
-                                if replayable:
-                                    replay.append(item)
-                                await _up_item(uside, usid, item)
-                                if item[0] == "end":
-                                    request_done = True
-                                    return
-                            elif item[0] in ("reset", "refused"):
-                                # The client gave up on the stream: so do we, upstream.
-                                uside.reset(usid)
-                                await uside.flush()
-                                n.cancel_scope.cancel()
-                                outcome["client_gone"] = True
-                                return
-                        await cside.flush()
-
-                    async def download() -> None:
-                        async for item in ubox.recv:
-                            kind = item[0]
-                            more = ubox.recv.statistics().current_buffer_used > 0
-                            if kind == "headers":
-                                hs = [(k, v) for k, v in item[1] if k not in HOP]
-                                status = dict(hs).get(b":status", b"200")
-                                if status.startswith(b"1"):
-                                    continue
-                                if outcome["latency"] is None:
-                                    outcome["latency"] = trio.current_time() - t0
-                                if status.startswith(b"5") or dict(hs).get(b"grpc-status") == GRPC_UNAVAILABLE:
-                                    outcome["ok"] = False
-                                cside.conn.send_headers(sid, hs, end_stream=item[2])
-                                answered[0] = True
-                                if item[2] or not more:
-                                    await cside.flush()
-                                if item[2]:
-                                    n.cancel_scope.cancel()
-                                    return
-                            elif kind == "data":
-                                await cside.send_data(sid, item[1], False, flush=not more)
-                                uside.ack(usid, item[2])
-                                if not more:
-                                    await uside.flush()
-                                lf.bytes_out += len(item[1])
-                                ef.bytes_out += len(item[1])
-                            elif kind == "trailers":
-                                if dict(item[1]).get(b"grpc-status") == GRPC_UNAVAILABLE:
-                                    outcome["ok"] = False
-                                cside.conn.send_headers(sid, item[1], end_stream=True)
-                                await cside.flush()
-                                n.cancel_scope.cancel()
-                                return
-                            elif kind == "end":
-                                await cside.send_data(sid, b"", True)
-                                n.cancel_scope.cancel()
-                                return
-                            elif kind == "refused" and not answered[0]:
-                                outcome["refused"] = True
-                                n.cancel_scope.cancel()
-                                return
-                            else:  # reset, or the connection was lost
-                                outcome["ok"] = False
-                                outcome["reset"] = item[1]
-                                n.cancel_scope.cancel()
-                                return
-
-                    n.start_soon(upload)
-                    n.start_soon(download)
-        except ConnectionError:
-            outcome["ok"] = False
-            outcome["reset"] = None
-        finally:
-            ef.active -= 1
-            state.work.discard(work)
-            uside.streams.pop(usid, None)
-            uside.last_used = trio.current_time()
-        if work.scope.cancelled_caught:  # the endpoint left and drain_timeout ran out
-            uside.reset(usid)
-            await uside.flush()
-            release(state.rt, held)
-            raise Failed(f"{service}: endpoint {ep.id} left while answering")
-        if outcome.get("client_gone"):
-            release(state.rt, held)
-            return
-        if outcome["refused"]:
-            release(state.rt, held)  # not processed: says nothing against the endpoint
-            if not replayable or attempt >= cfg.retries:
-                raise Failed(f"{service}: endpoint {ep.id} refused the stream")
-            attempt += 1
-            lf.retries += 1
-            ef.retries += 1
-            continue
-        if "reset" in outcome:
-            finish(state.rt, held, ok=False, latency=trio.current_time() - t0)
-            lf.failures += 1
-            ef.failures += 1
-            if not answered[0]:
-                raise Failed(f"{service}: endpoint {ep.id} reset the stream")
-            cside.reset(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
-            await cside.flush()
-            return
-        finish(state.rt, held, ok=outcome["ok"], latency=outcome["latency"])
-        if not outcome["ok"]:
-            lf.failures += 1
-            ef.failures += 1
-        return
-
-
-async def _up_item(uside: Side, usid: int, item: tuple[Any, ...], flush: bool = True) -> None:
-    kind = item[0]
-    if kind == "data":
-        await uside.send_data(usid, item[1], False, flush=flush)
-    elif kind == "trailers":
-        uside.conn.send_headers(usid, item[1], end_stream=True)
-        await uside.flush()
-    elif kind == "end":
-        try:
-            uside.conn.end_stream(usid)
-        except h2.exceptions.ProtocolError:
-            pass  # already ended by trailers
-        await uside.flush()
+            side.conn.close_connection(last_stream_id=max(streams))
+            side.dirty()
+        wake = now + (DRAIN_CHECK if streams else min(1.0, state.config.idle_timeout / 4))
+        for st in list(streams.values()):
+            due = st.deadline
+            if st.work is not None and st.work.scope.deadline < due:
+                due = st.work.scope.deadline
+            if due <= now:
+                _expired(st, now)
+            elif due < wake:
+                wake = due
+        flush_all()
+        side.timer = trio.CancelScope(deadline=wake)
+        with side.timer:
+            await trio.sleep_forever()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import trio
 
-from softlb import Endpoint, LeaseScope, PickError, RequestError
+from softlb import Endpoint, LeaseScope, Pending, PickError, RequestError
 
 from ..runtime import Runtime
 
@@ -67,3 +67,17 @@ def serving(rt: Runtime, service: str, endpoint_id: str) -> bool:
     """Whether `endpoint_id` may still get new work (for draining what it has)."""
     b = rt.engine.services.get(service)
     return b is not None and any(e.id == endpoint_id for e in b.served)
+
+
+def pick_now(rt: Runtime, service: str, *, source: str | None = None, key: str | None = None) -> Held | None:
+    """`pick` without a task switch, for per-request hot paths: None when the service's
+    catalog source has not answered yet (then `await pick(...)`). Raises NoEndpoint."""
+    now = trio.current_time()
+    try:
+        p = rt.engine.pick(service, now, key=key, source=source, scope=LeaseScope.HELD)
+    except (PickError, RequestError) as e:
+        raise NoEndpoint(e.code.value, e.message) from None
+    if type(p) is Pending:
+        return None
+    rt.flush()
+    return Held(service, p.endpoint, p.lease, now)

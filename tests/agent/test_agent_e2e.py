@@ -101,6 +101,15 @@ def test_broken_edit_keeps_the_last_good_catalog(agent):
     wait_until(lambda: agent.client().resolve("web").id == "fixed")
 
 
+def test_a_catalog_edit_that_is_not_utf8_keeps_the_last_good_catalog(agent):
+    with open(agent.catalog_path, "ab") as f:
+        f.write(b"# \xc3\x28\n")
+    wait_until(lambda: "not reloaded" in agent.log())
+    assert "catalog is not UTF-8 text: byte 0xc3 at offset" in agent.log()
+    with agent.client() as c:
+        assert {c.resolve("web").id for _ in range(3)} == {"web-1", "web-2", "web-3"}
+
+
 def test_sighup_reloads_catalog(agent):
     # Same size and a restored mtime would defeat polling; SIGHUP must reload regardless.
     st = os.stat(agent.catalog_path)
@@ -116,6 +125,17 @@ def test_sighup_with_broken_config_keeps_serving(agent):
     wait_until(lambda: "config reload refused" in agent.log())
     assert "agent.bogus: unknown setting" in agent.log()
     assert agent.client().resolve("web").port in (18001, 18002, 18003)
+
+
+def test_sighup_with_a_config_that_is_not_utf8_keeps_serving(agent):
+    """Found by atheris (issue 10): tomllib's UnicodeDecodeError escaped the reload."""
+    with open(agent.config_path, "wb") as f:
+        f.write(b'[agent]\nzone = "\xff"\n')
+    agent.send(signal.SIGHUP)
+    wait_until(lambda: "config reload refused" in agent.log())
+    assert "config is not UTF-8 text: byte 0xff at offset 16" in agent.log()
+    assert agent.client().resolve("web").port in (18001, 18002, 18003)
+    assert agent.proc.poll() is None
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -46,8 +46,11 @@ def test_acl_filtered_answer_is_acl_denied_never_an_empty_service(srv):
         async with watching(cfg) as (src, rec):
             await until(lambda: rec.eps("web"))
             src._client._token = "no-node-read"  # the operator swapped the token file
-            srv.sim.add_instance("web", id="b", port=82)
+            # The blocking query already waiting was sent with the old token: let it end
+            # (same data) before the catalog changes, or it would read b with the old rights.
+            srv.sim.bump_index("web")
             await until(lambda: src.status.state == "acl_denied")
+            srv.sim.add_instance("web", id="b", port=82)
             await trio.sleep(0.3)
             assert [e.port for e in rec.eps("web")] == [80] and rec.stale("web")
     run(body)
@@ -173,6 +176,34 @@ def test_basic_auth_and_query_options_reach_consul(srv):
         async with watching(cfg) as (src, rec):
             await until(lambda: [e.port for e in rec.eps("web")] == [81])
         assert any("node-meta=rack%3Ar2" in q for _, p, q in srv.sim.get_log() if p == "/v1/health/service/web")
+    run(body)
+
+
+def test_near_order_becomes_ranks_and_a_resort_is_republished(srv):
+    from softlb._config import ConsulQuery
+    from tests.consulsim import AGENT_NODE
+    srv.sim.set_coordinate(AGENT_NODE, rtt=0.0)
+    for i, (node, ms) in enumerate((("n1", 3), ("n2", 1), ("n3", None))):
+        srv.sim.add_node(node, f"127.0.0.{i + 2}")
+        srv.sim.add_instance("web", id=f"w{i + 1}", node=node, port=80)
+        if ms is not None:
+            srv.sim.set_coordinate(node, rtt=ms / 1000)
+
+    async def body():
+        cfg = agent_config(srv.url, query=ConsulQuery(near="_agent"))
+        async with watching(cfg) as (src, rec):
+            def ranks():
+                return {e.id: e.rank for e in rec.eps("web")}
+            await until(lambda: ranks() == {"w1@n1": 1, "w2@n2": 0, "w3@n3": 2})
+            # A new estimate alone wakes no query (Consul does not either); the next index
+            # change brings the new order, and a re-sorted set is published though every
+            # instance is the same.
+            srv.sim.set_coordinate("n3", rtt=0.0001)
+            updates = len(rec.updates)
+            srv.sim.bump_index("web")
+            await until(lambda: ranks() == {"w1@n1": 2, "w2@n2": 1, "w3@n3": 0})
+            assert len(rec.updates) == updates + 1
+        assert all("near=_agent" in q for _, p, q in srv.sim.get_log() if p == "/v1/health/service/web")
     run(body)
 
 

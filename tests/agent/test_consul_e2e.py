@@ -123,3 +123,57 @@ def test_acl_denied_is_visible_in_status(tmp_path):
         if agent is not None:
             agent.stop()
         sim.kill()
+
+
+def test_nearest_locality_follows_consuls_round_trip_order(tmp_path):
+    # Five instances on five nodes; the test server sorts ?near=_agent answers by modelled
+    # RTT (tests/consulsim/coordinates.py). locality = ["nearest:2", "*"]: picks go to the
+    # two nearest healthy instances, and to the next nearest when one of them fails.
+    sim = SimProcess()
+    agent = None
+    try:
+        ctl = sim.control
+        ctl.set_coordinate(node=AGENT_NODE, rtt=0.0)
+        rtt_ms = {"n1": 5, "n2": 1, "n3": 3, "n4": 2, "n5": None}
+        for i, (node, ms) in enumerate(rtt_ms.items()):
+            ctl.add_node(name=node, address=f"127.0.1.{i + 1}")
+            ctl.add_instance(service="web", id="web", node=node, port=8080)
+            if ms is not None:
+                ctl.set_coordinate(node=node, rtt=ms / 1000)
+        config = f"""
+[agent]
+state_dir = "{tmp_path}/state"
+[consul]
+wait = "2s"
+min_query_interval = "20ms"
+first_answer_timeout = "3s"
+near = "_agent"
+[services.web]
+locality = ["nearest:2", "*"]
+"""
+        agent = AgentProcess(str(tmp_path), "", config, extra_args=["--consul", sim.url]).start()
+        with agent.client(timeout=5) as c:
+            assert resolve_ids(c, n=40) == {"web@n2", "web@n4"}
+            view = c.endpoints("web")
+            assert view["locality_level"] == "nearest:2"
+            assert {e["id"]: e["rank"] for e in view["endpoints"]} == {
+                "web@n2": 0, "web@n4": 1, "web@n3": 2, "web@n1": 3, "web@n5": 4}
+            # The nearest fails its Consul check: the next nearest (n3, 3 ms) takes its place.
+            ctl.set_check(id="web", node="n2", status="critical")
+            wait_until(lambda: resolve_ids(c, n=40) == {"web@n4", "web@n3"}, timeout=3.0, interval=0.02)
+            ctl.set_check(id="web", node="n4", status="critical")
+            wait_until(lambda: resolve_ids(c, n=40) == {"web@n3", "web@n1"}, timeout=3.0, interval=0.02)
+            # n1 moves next door. Consul does not wake a blocking query for a new coordinate;
+            # the order arrives with the service's next change (n2 passing again).
+            ctl.set_coordinate(node="n1", rtt=0.0005)
+            ctl.set_check(id="web", node="n2", status="passing")
+            wait_until(lambda: resolve_ids(c, n=40) == {"web@n1", "web@n2"}, timeout=3.0, interval=0.02)
+            out = agent.cli("endpoints", "web")
+            assert out.returncode == 0, out.stderr
+            assert "serving: nearest:2" in out.stdout and "RANK" in out.stdout
+            assert "serving the 2 nearest eligible endpoints by rank" in out.stdout
+        assert agent.stop() == 0
+    finally:
+        if agent is not None:
+            agent.stop()
+        sim.kill()

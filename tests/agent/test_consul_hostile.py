@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 import trio
 
-from agentproc import AgentProcess, free_port, wait_until
+from agentproc import AgentProcess, refusing_port, wait_until
 from helpers.frames import frame, read_frames
 from softlb import AgentConfig, Endpoint
 from softlb._config import ConsulConfig
@@ -138,6 +138,9 @@ def test_a_watched_on_demand_service_stays_until_its_watchers_leave(tmp_path):
     with consul_with_agent(tmp_path, idle_timeout='"500ms"') as (ctl, agent), \
             agent.client(timeout=10) as c:
         ctl.add_instance(service="b", id="b1", address="10.0.0.2", port=81)
+        # The catalog list may still be on its way from Consul (docs/CONSUL.md: the answer
+        # in flight): what this test is about starts once the agent knows b.
+        wait_until(lambda: _resolves(c, "b"), timeout=10)
         updates = c.watch("b", timeout=10)
         assert [e["id"] for e in next(updates)["endpoints"]] == ["b1@node-1"]
         time.sleep(2.0)  # four idle timeouts without a resolve of b
@@ -203,7 +206,7 @@ def test_damaged_snapshot_does_not_stop_the_agent(tmp_path, damage):
     path.parent.mkdir(parents=True)
     path.write_text("[" * 200000 if damage == "deep nesting" else doc)
     # Consul is down: without the snapshot, web is simply unknown until it is back.
-    agent = consul_agent(tmp_path, f"http://127.0.0.1:{free_port()}", first_answer_timeout='"200ms"')
+    agent = consul_agent(tmp_path, f"http://127.0.0.1:{refusing_port()}", first_answer_timeout='"200ms"')
     try:
         agent.start()
         with agent.client(timeout=5) as c:
@@ -264,3 +267,13 @@ def test_a_name_consul_does_not_know_is_answered_without_waiting_out_the_timeout
         with pytest.raises(SoftLBError, match="UNKNOWN_SERVICE"):  # then from the negative cache
             c.resolve("nope", lease=False)
         assert "internal error" not in agent.log()
+
+
+def _resolves(c, service: str) -> bool:
+    try:
+        c.resolve(service, lease=False)
+        return True
+    except SoftLBError as e:
+        if e.code != "UNKNOWN_SERVICE":
+            raise
+        return False

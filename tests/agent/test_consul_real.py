@@ -143,3 +143,38 @@ def test_a_deregistered_provider_comes_back(consul_url):
         assert not registered()
         await listener.aclose()
     run(body)
+
+
+def test_near_ranks_instances_and_nearest_follows_failures(consul_url):
+    """`near = "_agent"`: Consul takes `?near=_agent` and every endpoint carries its place
+    in the answer; a "nearest:1" level serves the first and moves on when it fails. The
+    instances share one node here (a dev agent is one node), so this checks the plumbing
+    against a real Consul; the RTT order itself is the test server's (test_consulsim.py,
+    test_consul_e2e.py)."""
+    import random
+
+    from softlb import AgentConfig, Engine, LeaseScope, ServiceConfig
+    from softlb._config import ConsulQuery
+
+    agent = Agent(consul_url)
+    for i, sid in enumerate(("web-a", "web-b", "web-c")):
+        agent.add("web", sid, 8080 + i)
+    engine = Engine(AgentConfig(services={"web": ServiceConfig(locality=("nearest:1", "*"))}), random.Random(1))
+
+    def picks(eps):
+        engine.replace_all({"web": list(eps)}, 0.0)
+        return {engine.pick("web", 0.0, scope=LeaseScope.NONE).endpoint.id for _ in range(20)}
+
+    async def body():
+        cfg = agent_config(consul_url, query=ConsulQuery(near="_agent"))
+        async with watching(cfg) as (src, rec):
+            await until(lambda: len(rec.eps("web")) == 3)
+            eps = rec.eps("web")
+            assert sorted(e.rank for e in eps) == [0, 1, 2]
+            first, second = sorted(eps, key=lambda e: e.rank)[:2]
+            assert picks(eps) == {first.id}
+            agent.fail(first.id.split("@")[0])
+            await until(lambda: any(e.registry is RegistryHealth.CRITICAL for e in rec.eps("web")), timeout=2.0)
+            assert picks(rec.eps("web")) == {second.id}
+            assert src.status.state == "ok"
+    run(body)

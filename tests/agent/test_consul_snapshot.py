@@ -18,7 +18,7 @@ from tests.consulsim.testing import Recorder, agent_config, run, until, watching
 EPS = (
     Endpoint(id="a@n1", address="10.0.0.1", port=80, weight=3, tags=("x",), meta={"k": "v"},
              node="n1", zone="z", region="r", registry=RegistryHealth.WARNING),
-    Endpoint(id="b@n2", address="10.0.0.2", port=81),
+    Endpoint(id="b@n2", address="10.0.0.2", port=81, rank=0),  # ?near= order survives a restart
 )
 
 
@@ -45,10 +45,12 @@ def test_missing_corrupt_or_wrong_files_are_ignored(tmp_path, caplog):
                  b"[" * 200000,  # json.loads raised RecursionError, ending the agent's start
                  b'{"version": 1, "services": {"w": {"fetched_at": 1, "endpoints": [{"id": "a", "address": "x", "port": 80, "weight": 1180591620717411303424}]}}}',
                  b'{"version": 1, "services": {"w": {"fetched_at": 1, "endpoints": [{"id": "a", "address": "db..x", "port": 80}]}}}',
-                 b'{"version": 1, "services": {"w": {"fetched_at": 1e999, "endpoints": []}}}'):
+                 b'{"version": 1, "services": {"w": {"fetched_at": 1e999, "endpoints": []}}}',
+                 b'{"version": 1, "services": {"w": {"fetched_at": 1, "endpoints": [{"id": "a", "address": "x", "port": 80, "rank": -1}]}}}',
+                 b'{"version": 1, "services": {"w": {"fetched_at": 1, "endpoints": [{"id": "a", "address": "x", "port": 80, "rank": "1"}]}}}'):
         path.write_bytes(data)
         assert snap.load(path, 0, 0) == {}
-    assert len([r for r in caplog.records if "ignored" in r.message]) == 8
+    assert len([r for r in caplog.records if "ignored" in r.message]) == 10
 
 
 def test_duplicate_endpoint_ids_keep_the_first(tmp_path, caplog):

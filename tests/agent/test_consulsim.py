@@ -297,7 +297,9 @@ def test_filter_subset_node_meta_and_near(srv):
     assert ids('filter="x"+in+Service.Tags') == ["a"]
     assert ids('filter=Service.Meta.v+%3D%3D+"2"') == ["b"]
     assert ids("node-meta=zone:b") == ["b"]
-    assert ids("near=n2") == ["b", "a"]
+    srv.sim.set_coordinate("n2", rtt=0.0)
+    srv.sim.set_coordinate("node-1", rtt=0.010)
+    assert ids("near=n2") == ["b", "a"] and ids("near=node-1") == ["a", "b"]
     assert get(srv.url + '/v1/health/service/web?filter=Service.Port+>+1')[0] == 400
     # The change feed's filter: node checks, or checks of the named services.
     checks = json.loads(get(srv.url + "/v1/health/state/any?filter=" + urllib.parse.quote(
@@ -311,3 +313,48 @@ def test_endless_body_fault(srv):
     with urllib.request.urlopen(srv.url + "/v1/health/service/web", timeout=5) as r:
         assert r.status == 200
         assert len(r.read(5_000_000)) == 5_000_000
+
+
+def test_near_sorts_by_modelled_round_trip_time(srv):
+    # Consul's rtt.go: the source's coordinate against each node's (serf DistanceTo), a stable
+    # sort; nodes without a coordinate last in store order; no source coordinate, no sort.
+    for i, n in enumerate(["n1", "n2", "n3", "n4", "n5"]):
+        srv.sim.add_node(n, f"127.0.0.{i + 2}")
+        srv.sim.add_instance("web", id=f"w{i + 1}", node=n, port=8000 + i)
+    url = srv.url + "/v1/health/service/web?"
+
+    def nodes(q):
+        status, h, body = get(url + q)
+        assert status == 200
+        return [e["Node"]["Node"] for e in json.loads(body)]
+
+    store = nodes("")
+    assert store == ["n1", "n2", "n3", "n4", "n5"]
+    assert nodes("near=_agent") == store  # the agent has no coordinate yet
+    srv.sim.set_coordinate(AGENT_NODE, rtt=0.0)
+    assert nodes("near=_agent") == store  # ... and none of the nodes: all +Inf, stable
+    srv.sim.set_coordinate("n3", rtt=0.002)
+    srv.sim.set_coordinate("n5", rtt=0.001)
+    srv.sim.set_coordinate("n1", rtt=0.002)  # ties n3: store order between them
+    assert nodes("near=_agent") == ["n5", "n1", "n3", "n2", "n4"]
+    # Height and adjustment count as serf counts them (vectors 1 ms apart, +heights).
+    srv.sim.set_coordinate("n2", rtt=0.0005, height=0.001)
+    assert nodes("near=_agent") == ["n5", "n2", "n1", "n3", "n4"]  # 1.5 ms
+    srv.sim.set_coordinate("n2", rtt=0.0005, height=0.001, adjustment=-0.0009)  # 0.6 ms
+    assert nodes("near=_agent")[0] == "n2"
+    srv.sim.set_coordinate("n4", vec=[0.0] * 8, adjustment=-1.0)  # a non-positive sum: unadjusted
+    assert nodes("near=_agent")[0] == "n4"
+    # Another source node; a source with no coordinate leaves the store's order.
+    assert nodes("near=n3")[:2] == ["n1", "n3"]  # at the same spot: a tie, store order
+    assert nodes("near=n2&passing")[0] == "n2"
+    assert nodes("near=nobody") == store
+    with pytest.raises(Exception, match="8 numbers"):
+        srv.sim.set_coordinate("n1", vec=[1.0])
+    # A new coordinate moves no index: a blocking watcher is not woken by it.
+    _, h, _ = get(url + "near=_agent")
+    idx = h["X-Consul-Index"]
+    srv.sim.set_coordinate("n4", rtt=9.0)
+    t0 = time.monotonic()
+    _, h2, body = get(url + f"near=_agent&index={idx}&wait=300ms")
+    assert h2["X-Consul-Index"] == idx and time.monotonic() - t0 >= 0.3
+    assert json.loads(body)[-1]["Node"]["Node"] == "n4"  # the order itself is current

@@ -247,6 +247,9 @@ def test_tcp_connections_are_capped_and_udp_still_answers(agent):
         for _ in range(MAX_TCP):
             held.append(socket.create_connection(("127.0.0.1", agent.dns_port), timeout=3))
         time.sleep(0.2)  # let the agent accept them all
+        # On the shared listener module, counted apart from the socket callers' connections.
+        with urllib.request.urlopen(f"http://127.0.0.1:{agent.admin_port}/metrics", timeout=5) as r:
+            assert f"softlb_dns_tcp_connections_open {float(MAX_TCP)}" in r.read().decode()
         extra = socket.create_connection(("127.0.0.1", agent.dns_port), timeout=3)
         extra.settimeout(3)
         assert extra.recv(10) == b"", "a connection past the cap is closed at once"

@@ -67,6 +67,21 @@ def test_check_names_the_catalog_config_mixup_and_typos(tmp_path):
     assert r.returncode == 2 and 'agent.zome: unknown setting (did you mean "zone"?)' in r.stderr, r.stderr
 
 
+def test_check_refuses_config_and_catalog_files_that_are_not_utf8(tmp_path):
+    """Found by atheris (issue 10): tomllib's UnicodeDecodeError escaped as a traceback, and
+    would have escaped a SIGHUP reload the same way; now a ConfigError naming the file."""
+    cfg, cat = tmp_path / "agent.toml", tmp_path / "catalog.toml"
+    cfg.write_bytes(b'[agent]\nzone = "\xff"\n')
+    r = subprocess.run([sys.executable, "-m", "softlb_agent", "check", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and f"{cfg}: config is not UTF-8 text: byte 0xff at offset 16" in r.stderr, r.stderr
+    cfg.write_text(f'[catalog]\nfile = "{cat}"\n')
+    cat.write_bytes(b"\xfe" + endpoint_toml("web", "127.0.0.1", 1).encode())
+    r = subprocess.run([sys.executable, "-m", "softlb_agent", "check", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and f"{cat}: catalog is not UTF-8 text: byte 0xfe at offset 0" in r.stderr, r.stderr
+
+
 def test_watch_prints_time_stamps_and_what_changed(agent):
     p = subprocess.Popen([sys.executable, "-m", "softlb_agent", "watch", "web", "--json", "--socket", agent.socket],
                          stdout=subprocess.PIPE, text=True)

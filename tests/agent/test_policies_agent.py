@@ -40,6 +40,22 @@ def test_locality_follows_the_agents_zone_flag(make_agent):
         assert {c.resolve("web", lease=False).id for _ in range(12)} == {"web-2", "web-3"}
 
 
+def test_nearest_follows_the_catalog_files_rank(make_agent):
+    # The file catalog's `rank` orders endpoints as Consul's ?near= does; rewriting the
+    # file (web-2 drained to maintenance) moves picks to the next nearest.
+    ranks = {"web-0": 3, "web-1": 1, "web-2": 0, "web-3": 2}
+
+    def catalog(maintenance=()):
+        return "".join(endpoint_toml("web", "127.0.0.1", 18100 + i, id=f"web-{i}", rank=ranks[f"web-{i}"],
+                                     **({"registry": "maintenance"} if f"web-{i}" in maintenance else {}))
+                       for i in range(4))
+    agent = make_agent(catalog=catalog(), config='[services.web]\nlocality = ["nearest:2", "*"]\n').start()
+    with agent.client() as c:
+        assert {c.resolve("web", lease=False).id for _ in range(20)} == {"web-2", "web-1"}
+        agent.write_catalog(catalog(maintenance=("web-2",)))
+        wait_until(lambda: {c.resolve("web", lease=False).id for _ in range(20)} == {"web-1", "web-3"}, timeout=5)
+
+
 def test_source_hash_pins_a_calling_process(make_agent):
     agent = make_agent(catalog=ZONED, config='[services.web]\npolicy = "source_hash"\n').start()
     with agent.client() as c:

@@ -13,7 +13,7 @@ from typing import Callable
 import pytest
 import trio
 
-from agentproc import free_port
+from agentproc import refusing_port
 
 from softlb import Endpoint
 from softlb._config import ProbeConfig
@@ -100,8 +100,8 @@ def ep(eid: str, port: int, address: str = "127.0.0.1") -> Endpoint:
     return Endpoint(eid, address, port)
 
 
-# A port that was free a moment ago: nothing listens there.
-closed_port = free_port
+# Bound, never listening, held for the run: connects there are refused.
+closed_port = refusing_port
 
 
 def run(fn, timeout: float = 10.0) -> None:

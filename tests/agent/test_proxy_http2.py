@@ -4,17 +4,22 @@ client for what grpcio hides."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import threading
 import time
 
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import h2.exceptions
+import h2.settings
 import pytest
 
 from agentproc import endpoint_toml, free_port
-from proxyhelp import GrpcBackend, refusing_port
+from proxyhelp import GrpcBackend, refusing_port, wait_port
 from test_proxy_tcp import proxy_config
 
 
@@ -102,9 +107,10 @@ def test_grpc_no_endpoint_is_unavailable(make_agent):
 class RawH2:
     """A minimal h2c client: one request, the events of its answer."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, **config: object) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None,
+                                                                         **config))
         self.conn.initiate_connection()
         self.sock.sendall(self.conn.data_to_send())
 
@@ -181,7 +187,7 @@ def test_http2_plain_request_and_large_bodies_flow_control(make_agent, grpcs):
     """A non-gRPC h2 request larger than every window crosses both connections."""
     (b,) = grpcs(1)
     port = free_port()
-    make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
+    agent = make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
     c = RawH2(port)
     try:
         payload = b"p" * (3 << 20)  # 3 MiB: over the 1 MiB stream windows either way
@@ -193,6 +199,8 @@ def test_http2_plain_request_and_large_bodies_flow_control(make_agent, grpcs):
         assert data == grpc_frame(b"g1:" + payload)
     finally:
         c.close()
+    fig = endpoints(agent)["g1"]["proxy"]  # body bytes, counted as they cross
+    assert (fig["bytes_in"], fig["bytes_out"]) == (len(grpc_frame(payload)), len(grpc_frame(b"g1:" + payload)))
 
 
 def test_grpc_kill_backend_mid_load(make_agent):
@@ -293,3 +301,279 @@ service = "other"
         assert ch.unary_unary("/demo.Echo/Call")(b"x", timeout=10) == b"g1:x"
     with channel(port, ("grpc.default_authority", "other.local")) as ch:
         assert ch.unary_unary("/demo.Echo/Call")(b"x", timeout=10) == b"g2:x"
+
+
+GRPC_CALL = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/demo.Echo/Call"), (b":authority", b"x"),
+             (b"content-type", b"application/grpc"), (b"te", b"trailers")]
+
+
+def test_http2_malformed_request_is_reset_and_the_connection_serves_on(make_agent, grpcs):
+    """A request h2 would call malformed is the client's error: that stream is reset
+    (PROTOCOL_ERROR), nothing reaches an endpoint, and the connection carries on."""
+    (b,) = grpcs(1)
+    port = free_port()
+    agent = make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
+    c = RawH2(port, validate_outbound_headers=False, normalize_outbound_headers=False)
+    try:
+        for bad in ([*GRPC_CALL, (b"X-Upper", b"v")], [*GRPC_CALL, (b"connection", b"close")],
+                    [h for h in GRPC_CALL if h[0] != b":path"]):
+            sid = c.conn.get_next_available_stream_id()
+            c.conn.send_headers(sid, bad)
+            c.conn.send_data(sid, grpc_frame(b"bad"), end_stream=True)
+            c.sock.sendall(c.conn.data_to_send())
+            reset = None
+            while reset is None:
+                for ev in c.conn.receive_data(c.sock.recv(65536)):
+                    if isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
+                        reset = ev.error_code
+                c.sock.sendall(c.conn.data_to_send())
+            assert reset == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        _, data, trailers, _ = c.call(GRPC_CALL, grpc_frame(b"fine"))
+        assert trailers.get(b"grpc-status") == b"0" and data == grpc_frame(b"g1:fine")
+    finally:
+        c.close()
+    assert b.calls == 1
+    assert endpoints(agent)["g1"]["proxy"]["failures"] == 0
+
+
+class RefusingH2:
+    """A raw h2c server that never processes a stream: it answers each request with
+    RST_STREAM(REFUSED_STREAM) (`how="rst"`) or with GOAWAY(last stream id 0); or
+    (`how="finish"`) it says GOAWAY up to that stream and then answers it."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.requests = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        try:
+            c.sendall(conn.data_to_send())
+            while data := c.recv(65536):
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        self.requests += 1
+                        if self.how == "rst":
+                            conn.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                        elif self.how == "goaway":
+                            conn.close_connection(last_stream_id=0)
+                        else:  # GOAWAY saying this stream is processed, then (a frame later) its answer
+                            frame = bytes([0, 0, 8, 7, 0, 0, 0, 0, 0]) + ev.stream_id.to_bytes(4, "big") + bytes(4)
+                            c.sendall(conn.data_to_send() + frame)
+                            time.sleep(0.05)
+                            conn.send_headers(ev.stream_id, [(b":status", b"200"),
+                                                             (b"content-type", b"application/grpc")])
+                            conn.send_data(ev.stream_id, grpc_frame(b"r:finished"))
+                            conn.send_headers(ev.stream_id, [(b"grpc-status", b"0")], end_stream=True)
+                c.sendall(conn.data_to_send())
+        except (OSError, h2.exceptions.ProtocolError):
+            pass
+        finally:
+            c.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("how", ["rst", "goaway"])
+def test_http2_streams_an_upstream_refused_are_sent_elsewhere(make_agent, grpcs, how):
+    (b,) = grpcs(1)
+    refuser = RefusingH2(how)
+    try:
+        port = free_port()
+        cat = catalog([b]) + endpoint_toml("g", "127.0.0.1", refuser.port, id="r")
+        agent = make_agent(cat, proxy_config("g", port, "http2")
+                           + "[services.g.outlier]\nconsecutive_failures = 1000\n").start()
+        with channel(port) as ch:
+            call = ch.unary_unary("/demo.Echo/Call")
+            assert [call(b"%d" % i, timeout=10) for i in range(10)] == [b"g1:%d" % i for i in range(10)]
+        assert refuser.requests >= 3  # round robin sent it its share; each went on to g1
+        r = endpoints(agent)["r"]["proxy"]
+        assert r["failures"] == 0 and r["retries"] == refuser.requests
+    finally:
+        refuser.close()
+
+
+def test_http2_a_client_not_reading_stalls_only_itself(make_agent, grpcs):
+    """A client that asks for big answers and stops reading them: what the kernel does not
+    take waits in the proxy (bounded by the windows it grants the endpoint, which are not
+    reopened meanwhile), while other clients' calls over the same upstream connection go on."""
+    (b,) = grpcs(1)
+    port = free_port()
+    make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: (1 << 31) - 1})
+    conn.increment_flow_control_window((1 << 31) - 1 - 65535)
+    payload = b"p" * (3 << 20)
+    sids = []
+    pending: list = []
+    for _ in range(3):
+        sid = conn.get_next_available_stream_id()
+        sids.append(sid)
+        conn.send_headers(sid, GRPC_CALL)
+        body = grpc_frame(payload)
+        while body:
+            room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+            if room == 0:
+                s.sendall(conn.data_to_send())
+                pending += conn.receive_data(s.recv(65536))
+                continue
+            conn.send_data(sid, body[:room], end_stream=len(body) <= room)
+            body = body[room:]
+    s.sendall(conn.data_to_send())
+    time.sleep(1.0)  # the answers (9 MiB) pile up: this client reads nothing
+    t0 = time.monotonic()
+    with channel(port) as ch:
+        call = ch.unary_unary("/demo.Echo/Call")
+        assert [call(b"%d" % i, timeout=5) for i in range(20)] == [b"g1:%d" % i for i in range(20)]
+    assert time.monotonic() - t0 < 5
+    got = {sid: b"" for sid in sids}
+    ended: set[int] = set()
+    events = pending
+    while True:
+        for ev in events:
+            if isinstance(ev, h2.events.DataReceived):
+                got[ev.stream_id] += ev.data
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.TrailersReceived):
+                assert dict(ev.headers)[b"grpc-status"] == b"0"
+                ended.add(ev.stream_id)
+        if len(ended) == 3:
+            break
+        s.sendall(conn.data_to_send())
+        events = conn.receive_data(s.recv(1 << 20))
+    s.close()
+    assert all(v == grpc_frame(b"g1:" + payload) for v in got.values())
+
+
+def test_http2_listener_removed_by_reload_lets_open_streams_finish(make_agent, grpcs):
+    """Draining a listener: its port closes at once, a stream in flight finishes (beyond
+    the HTTP/1.1 keep-alive grace of 0.5 s), within drain_timeout."""
+    (b,) = grpcs(1)
+    port, other = free_port(), free_port()
+    agent = make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
+    result: list = []
+    with channel(port) as ch:
+        slow = ch.unary_unary("/demo.Echo/Slow")
+        t = threading.Thread(target=lambda: result.append(slow(b"2", timeout=10)))
+        t.start()
+        time.sleep(0.5)
+        agent.write_config(proxy_config("g", other, "http2"))
+        agent.send(signal.SIGHUP)
+        wait_port(other)
+        t.join(10)
+    assert result == [b"late"]
+
+
+def test_http2_streams_below_an_upstream_goaway_finish(make_agent):
+    """An upstream GOAWAY lets the streams it processed finish (h2 alone would refuse every
+    frame after it), and the next stream goes on a new connection."""
+    finisher = RefusingH2("finish")
+    try:
+        port = free_port()
+        agent = make_agent(endpoint_toml("g", "127.0.0.1", finisher.port, id="r"), proxy_config("g", port, "http2")).start()
+        with channel(port) as ch:
+            call = ch.unary_unary("/demo.Echo/Call")
+            assert [call(b"x", timeout=10) for _ in range(3)] == [b"r:finished"] * 3
+        r = endpoints(agent)["r"]["proxy"]
+        assert r["failures"] == 0 and r["requests"] == 3 and r["connections"] == 3
+    finally:
+        finisher.close()
+
+
+def test_grpc_timeout_ends_the_streams_lease(make_agent, grpcs):
+    """A stream cut at its grpc-timeout no longer counts as open on its endpoint: with
+    least_connections, a leaked lease would send every later call to the other one."""
+    a, b = grpcs(2)
+    port = free_port()
+    make_agent(catalog([a, b]), proxy_config("g", port, "http2") + """
+[services.g]
+policy = "least_connections"
+[services.g.outlier]
+consecutive_failures = 1000
+""").start()
+    c = RawH2(port)
+    try:
+        head, _, trailers, _ = c.call([*GRPC_CALL[:2], (b":path", b"/demo.Echo/Slow"), *GRPC_CALL[3:],
+                                       (b"grpc-timeout", b"200m")], grpc_frame(b"3"))
+        assert (head.get(b"grpc-status") or trailers.get(b"grpc-status")) == b"4"
+    finally:
+        c.close()
+    with channel(port) as ch:
+        call = ch.unary_unary("/demo.Echo/Call")
+        answers = {call(b"x", timeout=10) for _ in range(20)}
+    assert answers == {b"g1:x", b"g2:x"}
+
+
+def test_http2_streams_reset_with_answers_waiting_do_not_shrink_the_upstream_window(make_agent, grpcs):
+    """A client that resets streams while their answers wait in the proxy (its window is
+    closed): what waited is acknowledged to the endpoint, so the pooled upstream
+    connection's 16 MiB window does not shrink by it. 24 such streams of 1 MiB answers
+    would exhaust it otherwise, and the next call would hang."""
+    (b,) = grpcs(1)
+    port = free_port()
+    make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
+    payload = b"p" * (1 << 20)
+    c = RawH2(port)
+    try:
+        for _ in range(24):
+            sid = c.conn.get_next_available_stream_id()
+            c.conn.send_headers(sid, GRPC_CALL)
+            body = grpc_frame(payload)
+            answer = 0
+            while body or answer < 65535:  # the client's whole stream window
+                room = min(c.conn.local_flow_control_window(sid), c.conn.max_outbound_frame_size)
+                if body and room:
+                    c.conn.send_data(sid, body[:room], end_stream=len(body) <= room)
+                    body = body[room:]
+                    continue
+                c.sock.sendall(c.conn.data_to_send())
+                for ev in c.conn.receive_data(c.sock.recv(65536)):
+                    if isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                        answer += len(ev.data)  # the stream window stays shut; the connection's reopens
+                        c.conn.increment_flow_control_window(ev.flow_controlled_length)
+            time.sleep(0.2)  # the endpoint fills its stream window (1 MiB) meanwhile
+            c.conn.reset_stream(sid)
+            c.sock.sendall(c.conn.data_to_send())
+    finally:
+        c.close()
+    with channel(port) as ch:
+        assert ch.unary_unary("/demo.Echo/Call")(b"after", timeout=5) == b"g1:after"
+
+
+def test_grpc_many_concurrent_calls_on_one_channel(make_agent, grpcs):
+    """300 calls in flight at once on one channel (one client connection, many streams at
+    a time on each pooled upstream): every answer right, every backend used, and nothing
+    left open in the figures afterwards."""
+    bs = grpcs(3)
+    port = free_port()
+    agent = make_agent(catalog(bs), proxy_config("g", port, "http2")).start()
+    with channel(port) as ch:
+        call = ch.unary_unary("/demo.Echo/Call")
+        futures = [call.future(b"%d" % i + b"." * (i * 97 % 40000), timeout=20) for i in range(300)]
+        answers = [f.result() for f in futures]
+    assert all(a.split(b":", 1)[1] == b"%d" % i + b"." * (i * 97 % 40000) for i, a in enumerate(answers))
+    assert all(b.calls >= 50 for b in bs), [b.calls for b in bs]
+    eps = endpoints(agent)
+    assert sum(e["proxy"]["requests"] for e in eps.values()) == 300
+    assert all(e["proxy"]["active"] == 0 and e["proxy"]["failures"] == 0 for e in eps.values())

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .coordinates import sort_near
 from .goparse import parse_go_bool, parse_go_duration
 from .state import AGENT_NODE, CONTROL_METHODS, ConsulSim, Fault
 
@@ -373,9 +374,8 @@ class _Handler(BaseHTTPRequestHandler):
             if filt is not None:
                 entries = [e for e in entries if filt(e)]
             if near:
-                # No coordinates here: the named node (or the agent's) sorts first.
-                me = AGENT_NODE if near == "_agent" else near
-                entries.sort(key=lambda e: e["Node"]["Node"] != me)
+                # agent/http.go parseSource; agent/consul/rtt.go (see coordinates.py)
+                return sort_near(entries, AGENT_NODE if near == "_agent" else near, sim.coords)
             return entries
 
         self._blocking(q, lambda s: s.health_index(name), result, empty=[], streams=True)

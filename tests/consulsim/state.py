@@ -15,8 +15,10 @@ import random
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
+
+from .coordinates import DIMENSIONS, Coordinate
 
 CONTROL_METHODS: set[str] = set()
 
@@ -118,6 +120,8 @@ class ConsulSim:
         self.bytes_out: Counter[str] = Counter()  # response body bytes by path
         self.log: deque[tuple[float, str, str]] = deque(maxlen=5000)
         self.closing = False
+        #: network coordinates by node (coordinates.py): the `?near=` sort reads them
+        self.coords: dict[str, Coordinate] = {}
         self._add_node(AGENT_NODE, "127.0.0.1")
 
     # ------------------------------------------------------------------ index plumbing
@@ -243,6 +247,23 @@ class ConsulSim:
             self._bump(self._services_on(name), checks=health is not None)
             if health is not None:
                 self.checks[(name, "serfHealth")].modify_index = self.index
+
+    @control
+    def set_coordinate(self, node: str, rtt: float | None = None, vec: list[float] | None = None,
+                       height: float = 0.0, adjustment: float = 0.0) -> None:
+        """Give `node` a network coordinate: `rtt` seconds from the origin (Consul's
+        GenerateCoordinate), or a full Vivaldi `vec`; neither removes it. Moves no index:
+        coordinates are their own table, which health queries do not watch."""
+        with self.cond:
+            if rtt is None and vec is None:
+                self.coords.pop(node, None)
+            elif vec is not None:
+                if len(vec) != DIMENSIONS:
+                    raise ValueError(f"vec: {DIMENSIONS} numbers, got {len(vec)}")
+                self.coords[node] = Coordinate(tuple(float(x) for x in vec), height, adjustment)
+            else:
+                assert rtt is not None
+                self.coords[node] = replace(Coordinate.at_rtt(rtt), height=height, adjustment=adjustment)
 
     @control
     def add_instance(self, service: str, id: str | None = None, node: str = "node-1",

@@ -105,3 +105,35 @@ def test_consul_max_on_demand():
     assert parse("[consul]\nmax_on_demand = 0").consul.max_on_demand == 0  # configured services only
     with pytest.raises(ConfigError, match="consul.max_on_demand: -1 is out of range"):
         parse("[consul]\nmax_on_demand = -1")
+
+
+@pytest.mark.parametrize(
+    "locality, message",
+    [
+        ('["nearest"]', 'services.web.locality: "nearest" is not a valid nearest level: write "nearest:N"'),
+        ('["nearest:0", "*"]', '"nearest:0" is not a valid nearest level'),
+        ('["nearest:two"]', '"nearest:two" is not a valid nearest level'),
+        ('["near"]', '"near" is not a valid nearest level'),
+        ('["nearest:1", "zone", "nearest:3"]', 'only one nearest:N level ("nearest:3" could never match'),
+        ('["*", "nearest:2"]', '"*" must come last'),
+        ('["rack"]', 'unknown level "rack" (one of: node, zone, region, nearest:N, *)'),
+    ],
+)
+def test_nearest_locality_errors(locality, message):
+    with pytest.raises(ConfigError) as e:
+        parse(f"[services.web]\nlocality = {locality}")
+    assert message in str(e.value)
+
+
+def test_nearest_locality_with_consul_needs_near():
+    ok = parse('[services.web]\nlocality = ["nearest:2", "*"]')  # the file source: ranks from the file
+    assert ok.service("web").locality == ("nearest:2", "*")
+    base = '[catalog]\nsource = "consul"\n[services.web]\nlocality = ["zone", "nearest:2", "*"]\n'
+    with pytest.raises(ConfigError) as e:
+        parse(base)
+    assert ('services.web.locality: "nearest:2" ranks endpoints by Consul\'s network distance, but Consul is not '
+            'asked for it: set consul.near = "_agent" (or consul.services.web.near)') in str(e.value)
+    with pytest.raises(ConfigError):
+        parse(base + '[consul]\n[consul.services.web]\nnear = ""\n[consul.services.db]\nnear = "_agent"\n')
+    assert parse(base + '[consul]\nnear = "_agent"\n').consul.query_for("web").near == "_agent"
+    assert parse(base + '[consul.services.web]\nnear = "node-7"\n').consul.query_for("web").near == "node-7"

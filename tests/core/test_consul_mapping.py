@@ -275,3 +275,19 @@ def test_only_passing_treats_warning_as_critical():
     ep = endpoints_from_health([warn], MappingOptions(only_passing=True))[0]
     assert (ep.registry, ep.weight) == (RegistryHealth.CRITICAL, 0)
     assert endpoints_from_health([entry()], MappingOptions(only_passing=True))[0].weight == 1
+
+
+def test_ranked_answers_stamp_each_endpoint_with_its_place():
+    # ?near= answers come nearest first; the endpoints come out sorted by id either way.
+    entries = [entry(sid="web-3", node="n3"), entry(sid="web-1", node="n1", tags=("b",)),
+               entry(sid="web-2", node="n2")]
+    plain = endpoints_from_health(entries)
+    assert [(e.id, e.rank) for e in plain] == [("web-1@n1", None), ("web-2@n2", None), ("web-3@n3", None)]
+    near = endpoints_from_health(entries, MappingOptions(ranked=True))
+    assert [(e.id, e.rank) for e in near] == [("web-1@n1", 1), ("web-2@n2", 2), ("web-3@n3", 0)]
+    # Ranks count the instances kept: a tag filter leaves no gaps.
+    tagged = endpoints_from_health(entries, MappingOptions(ranked=True, tags=("a",)))
+    assert [(e.id, e.rank) for e in tagged] == [("web-2@n2", 1), ("web-3@n3", 0)]
+    # A re-sorted answer is a different endpoint set (so it is published).
+    again = endpoints_from_health(entries[::-1], MappingOptions(ranked=True))
+    assert again != near and [e.id for e in again] == [e.id for e in near]

@@ -49,12 +49,14 @@ ALLOWED = {ErrorCode.UNKNOWN_SERVICE, ErrorCode.NO_HEALTHY_ENDPOINT}
 
 endpoints = st.lists(
     st.builds(
-        lambda i, port, weight, tags, zone, registry: Endpoint(
-            id=i, address="127.0.0.1", port=port, weight=weight, tags=tuple(tags), zone=zone, registry=registry),
+        lambda i, port, weight, tags, zone, registry, rank: Endpoint(
+            id=i, address="127.0.0.1", port=port, weight=weight, tags=tuple(tags), zone=zone, registry=registry,
+            rank=rank),
         st.sampled_from(IDS), st.integers(1, 3), st.sampled_from([0, 0, 1, 1, 2, 3]),
         st.lists(st.sampled_from(TAGS), unique=True, max_size=2), st.sampled_from(["", "z1", "z2"]),
         st.sampled_from([RegistryHealth.PASSING, RegistryHealth.PASSING, RegistryHealth.WARNING,
                          RegistryHealth.CRITICAL, RegistryHealth.MAINTENANCE]),
+        st.sampled_from([None, 0, 1, 2, 3, 4]),
     ),
     max_size=6,
 )
@@ -67,7 +69,7 @@ service_configs = st.builds(
                               max_ejection_percent=100)),
     st.sampled_from(POLICIES),
     st.sampled_from([(), ("a",), ("A",), ("a", "b")]),
-    st.sampled_from([(), ("zone", "*"), ("zone",)]),
+    st.sampled_from([(), ("zone", "*"), ("zone",), ("nearest:2", "*"), ("zone", "nearest:1")]),
     st.sampled_from([0, 50, 100]),
     st.sampled_from([0.0, 20.0]),
     st.booleans(),
@@ -191,6 +193,25 @@ class EngineModel(RuleBasedStateMachine):
         assert [e["id"] for e in d["endpoints"]] == [e.id for e in b.catalog_endpoints]
         assert [e["id"] for e in d["endpoints"] if not e["filtered"]] == [e.id for e in b.endpoints]
         assert {e["id"] for e in d["endpoints"] if e["served"]} == {e.id for e in b.served}
+
+    @invariant()
+    def nearest_serves_the_n_nearest_eligible(self) -> None:
+        # Said independently of _locality: outside panic, each served endpoint is eligible
+        # and fewer than N eligible ones are strictly nearer (unranked counting as farthest).
+        b = self.engine.services.get(SERVICE)
+        if b is None or not b.locality_level.startswith("nearest:") or b.panic:
+            return
+        n = int(b.locality_level.split(":")[1])
+        eligible = b.eligible(self.now)
+        far = float("inf")
+
+        def key(e: Endpoint) -> tuple[float, str]:
+            return (far if e.rank is None else e.rank, e.id)
+
+        assert any(e.rank is not None for e in eligible)
+        for e in b.served:
+            assert e in eligible
+            assert sum(1 for o in eligible if key(o) < key(e)) < n
 
 
 TestEngineModel = EngineModel.TestCase

@@ -150,7 +150,8 @@ def endpoints(draw):
     n = draw(st.integers(0, 6))
     return [ep(i, zone=draw(st.sampled_from(ZONES)), weight=draw(st.sampled_from((0, 1, 3))),
                tags=tuple(draw(st.sets(st.sampled_from(TAGS)))),
-               registry=draw(st.sampled_from(list(RegistryHealth)))) for i in range(n)]
+               registry=draw(st.sampled_from(list(RegistryHealth))),
+               rank=draw(st.sampled_from((None, 0, 1, 2)))) for i in range(n)]
 
 
 class ExplainMachine(RuleBasedStateMachine):
@@ -166,7 +167,7 @@ class ExplainMachine(RuleBasedStateMachine):
     def catalog(self, eps):
         self.e.set_service("web", eps, self.now)
 
-    @rule(tags=st.sets(st.sampled_from(TAGS)), loc=st.sampled_from([(), ("zone",), ("zone", "*")]),
+    @rule(tags=st.sets(st.sampled_from(TAGS)), loc=st.sampled_from([(), ("zone",), ("zone", "*"), ("nearest:2", "*"), ("nearest:1",)]),
           panic=st.sampled_from([0, 50, 100]))
     def reload(self, tags, loc, panic):
         svc = ServiceConfig(tags=tuple(sorted(tags)), locality=loc, panic_threshold=panic,
@@ -232,3 +233,38 @@ def test_reload_to_a_tag_filter_matching_nothing_names_it():
     e.reconfigure(AgentConfig(services={"web": ServiceConfig(tags=("V2",))}), 1.0)
     assert e.services["web"].summary()["eligible"] == 0
     assert "check services.web.tags" in no_healthy(e, 1.0)
+
+
+def test_nearest_level_explained_with_ranks():
+    eps = [ep(1, rank=2), ep(2, rank=0), ep(3, rank=1), ep(4)]
+    e = engine(ServiceConfig(locality=("nearest:2", "*")), eps)
+    w = whys(e)
+    assert w["e2"][:2] == (True, "") and w["e3"][:2] == (True, "")
+    assert w["e1"][:2] == (False, "locality")
+    assert ('serving the 2 nearest eligible endpoints by rank (level "nearest:2" of services.web.locality = '
+            '["nearest:2", "*"]); this endpoint\'s rank is 2 (0 = nearest)') in w["e1"][2]
+    assert "rank is none (the source gave no order)" in w["e4"][2]
+    d = e.services["web"].describe(0.0)
+    assert d["locality_level"] == "nearest:2"
+    assert [x.get("rank") for x in d["endpoints"]] == [2, 0, 1, None]
+
+
+def test_nearest_without_ranks_and_no_fallback_says_so():
+    e = engine(ServiceConfig(locality=("zone", "nearest:1")), [ep(1, zone="b"), ep(2, zone="c")], zone="a")
+    served, reason, detail = whys(e)["e1"]
+    assert (served, reason) == (False, "locality")
+    assert "agent: zone 'a', nearest: no eligible endpoint has a rank" in detail
+    assert "endpoint: zone 'b', rank is none (the source gave no order)" in detail
+    assert "2 locality" in no_healthy(e)
+
+
+def test_endpoints_view_shows_rank_only_when_the_source_gives_one():
+    from softlb_agent.cli_views import format_endpoints
+
+    e = engine(ServiceConfig(locality=("nearest:1", "*")), [ep(1, rank=1), ep(2, rank=0), ep(3)])
+    text = format_endpoints(e.services["web"].describe(0.0))
+    assert "locality nearest:1,* (agent: no labels; serving: nearest:1)" in text
+    head, *rows = text.splitlines()[2:]
+    assert "RANK" in head.split() and [r.split()[0] for r in rows] == ["e1", "e2", "e3"]
+    plain = format_endpoints(engine(ServiceConfig(), [ep(1), ep(2)]).services["web"].describe(0.0))
+    assert "RANK" not in plain

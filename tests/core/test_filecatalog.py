@@ -72,3 +72,21 @@ def test_missing_port_says_required():
     with pytest.raises(ConfigError) as e:
         parse_catalog_text('[[services.w.endpoints]]\naddress = "h"\n')
     assert "services.w.endpoints[0].port: required" in str(e.value)
+
+
+def test_rank_is_optional_and_checked():
+    cat = parse_catalog_text("""
+[[services.web.endpoints]]
+address = "127.0.0.1"
+port = 8001
+rank = 2
+[[services.web.endpoints]]
+address = "127.0.0.1"
+port = 8002
+""")
+    assert [e.rank for e in cat["web"]] == [2, None]
+    assert cat["web"][0].as_dict()["rank"] == 2 and "rank" not in cat["web"][1].as_dict()
+    for bad, msg in (("-1", "out of range"), ('"near"', "expected an integer"), ("true", "expected an integer")):
+        with pytest.raises(ConfigError) as e:
+            parse_catalog_text(f'[[services.web.endpoints]]\naddress = "127.0.0.1"\nport = 1\nrank = {bad}\n')
+        assert "services.web.endpoints[0].rank" in str(e.value) and msg in str(e.value)

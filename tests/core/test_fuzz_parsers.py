@@ -1,7 +1,8 @@
 """Fuzzing the parsers that take untrusted input (issue 10): the frame decoder, the agent
 config, the file catalog and the Consul health answer. Each must answer anything with its own
 documented error type, never another exception, and never hang or grow without bound.
-Hypothesis explores; shapes that once broke a parser are pinned with @example.
+Hypothesis explores; shapes that once broke a parser are pinned with @example. The same
+parsers are fuzzed coverage-guided with atheris in tests/fuzz; its finds are pinned here too.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import msgpack
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from softlb import ConfigError, parse_agent_config
+import pytest
+
+from softlb import ConfigError, parse_agent_config, parse_agent_config_text
 from softlb._consul import ConsulDataError, decode_health_body, endpoints_from_health
 from softlb._errors import RemoteProtocolError
 from softlb._filecatalog import parse_catalog, parse_catalog_text
@@ -112,6 +115,25 @@ def test_catalog_text_raises_only_config_error(text):
         parse_catalog_text(text)
     except ConfigError:
         pass
+
+
+@FUZZ
+@given(st.binary(max_size=200))
+@example(b'[agent]\nzone = "\xff"\n')  # found by atheris: tomllib's UnicodeDecodeError escaped
+@example(b"\xef\xbb\xbf[agent]\n")  # a UTF-8 BOM is not TOML either
+def test_config_and_catalog_file_bytes_raise_only_config_error(data):
+    """Both files are read as bytes: text that is not UTF-8 is a ConfigError like bad TOML."""
+    for parse in (lambda b: parse_agent_config_text(b, frozenset(POLICIES)), parse_catalog_text):
+        try:
+            parse(data)
+        except ConfigError:
+            pass
+
+
+@pytest.mark.parametrize("parse, what", [(parse_agent_config_text, "config"), (parse_catalog_text, "catalog")])
+def test_a_file_that_is_not_utf8_names_the_byte_and_offset(parse, what):
+    with pytest.raises(ConfigError, match=f"^{what} is not UTF-8 text: byte 0xff at offset 9$"):
+        parse(b'zone = "a\xff"\n')
 
 
 jsonish = st.recursive(st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)

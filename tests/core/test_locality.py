@@ -103,3 +103,131 @@ def test_panic_picks_its_locality_level_from_eligible_endpoints():
     b2 = ServiceBalancer("web", ServiceConfig(locality=("zone",)), random.Random(1), Locality(zone="z1"))
     b2.set_endpoints(eps, 0.0)
     assert {b2.pick(None, None, (), 0.0).id for _ in range(20)} == {"local-0", "local-1"}
+
+
+# ----------------------------------------------------------------- "nearest:N"
+
+from softlb._locality import MAX_NEAREST, level_problem, nearest_count, rank_key  # noqa: E402
+
+
+def ranked(i: str, rank: int | None, zone: str = "") -> Endpoint:
+    return Endpoint(id=i, address="10.0.0.1", port=80, zone=zone, rank=rank)
+
+
+def test_nearest_level_names() -> None:
+    assert nearest_count("nearest:1") == 1 and nearest_count(f"nearest:{MAX_NEAREST}") == MAX_NEAREST
+    for bad in ("nearest", "nearest:", "nearest:0", "nearest:-1", "nearest:x", "nearest:2 ", "nearest:١",
+                f"nearest:{MAX_NEAREST + 1}", "near", "Nearest:2", "zone"):
+        assert nearest_count(bad) is None, bad
+    assert level_problem("nearest:3") == "" and level_problem("zone") == "" and level_problem("*") == ""
+    assert "nearest:N" in level_problem("nearest") and "N from 1" in level_problem("nearest:0")
+    assert "unknown level \"rack\"" in level_problem("rack")
+
+
+def test_nearest_takes_the_n_lowest_ranks_in_catalog_order() -> None:
+    eps = [ranked("a", 3), ranked("b", 0), ranked("c", 2), ranked("d", 1)]
+    assert prefer_local(eps, ["nearest:2", "*"], HERE) == LocalChoice("nearest:2", (eps[1], eps[3]))
+    assert ids(prefer_local(eps, ["nearest:3"], HERE)) == ["b", "c", "d"]
+    assert ids(prefer_local(eps, ["nearest:9"], HERE)) == ["a", "b", "c", "d"]
+
+
+def test_unranked_endpoints_sort_after_every_ranked_one() -> None:
+    eps = [ranked("a", None), ranked("b", 7), ranked("c", None), ranked("d", 0)]
+    assert ids(prefer_local(eps, ["nearest:2"], HERE)) == ["b", "d"]
+    # Places the ranked ones leave go to unranked ones, by id.
+    assert ids(prefer_local(eps, ["nearest:3"], HERE)) == ["a", "b", "d"]
+
+
+def test_nearest_without_any_rank_falls_through() -> None:
+    # No order from the source: the level matches nothing rather than N endpoints by name.
+    eps = [ranked("a", None, zone="z1"), ranked("b", None, zone="z2")]
+    assert prefer_local(eps, ["nearest:1"], HERE) == LocalChoice("", ())
+    assert prefer_local(eps, ["nearest:1", "zone", "*"], HERE) == LocalChoice("zone", (eps[0],))
+    assert prefer_local(eps, ["nearest:1", "*"], HERE).level == "*"
+    assert prefer_local([], ["nearest:1", "*"], HERE) == LocalChoice("*", ())
+    # A level before it still wins when it can.
+    eps2 = [ranked("a", 1, zone="z1"), ranked("b", 0, zone="z2")]
+    assert ids(prefer_local(eps2, ["zone", "nearest:1"], HERE)) == ["a"]
+
+
+_ranks = st.one_of(st.none(), st.integers(0, 6))
+
+
+@given(
+    eps=st.lists(st.builds(ranked, st.text("uvwxyz", min_size=1, max_size=2), _ranks,
+                           st.sampled_from(["", "z1", "z2"])),
+                 max_size=8, unique_by=lambda e: e.id),
+    n=st.integers(1, 5),
+    before=st.sampled_from([[], ["zone"]]),
+    after=st.sampled_from([[], ["zone"], ["*"], ["zone", "*"]]),
+)
+def test_nearest_level_properties(eps, n, before, after) -> None:
+    level = f"nearest:{n}"
+    pref = before + [level] + after
+    choice = prefer_local(eps, pref, HERE)
+    assert set(choice.endpoints) <= set(eps)
+    assert [e for e in eps if e in choice.endpoints] == list(choice.endpoints)  # catalog order
+    any_ranked = any(e.rank is not None for e in eps)
+    if choice.level == level:
+        assert any_ranked
+        assert len(choice.endpoints) == min(n, len(eps))
+        # The N lowest: nothing left out is nearer than anything taken.
+        out = [e for e in eps if e not in choice.endpoints]
+        if out:
+            assert max(map(rank_key, choice.endpoints)) < min(map(rank_key, out))
+        # An unranked endpoint is taken only when every ranked one is.
+        if any(e.rank is None for e in choice.endpoints):
+            assert all(e in choice.endpoints for e in eps if e.rank is not None)
+    elif choice.level not in ("zone",) or not before:
+        # The nearest level fell through only because nothing has a rank.
+        assert not any_ranked
+    if not eps and "*" in after:
+        assert choice == LocalChoice("*", ())
+
+
+def _balancer(locality, eps, panic_threshold=0):
+    import random
+
+    from softlb._balancer import ServiceBalancer
+    from softlb._config import ServiceConfig
+
+    b = ServiceBalancer("web", ServiceConfig(locality=locality, panic_threshold=panic_threshold),
+                        random.Random(1), HERE)
+    b.set_endpoints(eps, 0.0)
+    return b
+
+
+def _picks(b, n=60):
+    return {b.pick(None, None, (), 0.0).id for _ in range(n)}
+
+
+def test_nearest_moves_to_the_next_nearest_when_one_fails():
+    from dataclasses import replace
+
+    from softlb._types import RegistryHealth
+
+    eps = [Endpoint(f"e{r}", "127.0.0.1", 9000 + r, rank=r) for r in range(5)]
+    b = _balancer(("nearest:2", "*"), eps)
+    assert _picks(b) == {"e0", "e1"} and b.locality_level == "nearest:2"
+    b.set_endpoints([replace(eps[0], registry=RegistryHealth.CRITICAL)] + eps[1:], 0.0)
+    assert _picks(b) == {"e1", "e2"}
+    b.set_endpoints([replace(eps[0], registry=RegistryHealth.CRITICAL),
+                     replace(eps[1], registry=RegistryHealth.MAINTENANCE)] + eps[2:], 0.0)
+    assert _picks(b) == {"e2", "e3"}
+    # A new order from the source (Consul re-sorted) moves the set with it.
+    b.set_endpoints([replace(e, rank=4 - e.rank) for e in eps], 0.0)
+    assert _picks(b) == {"e3", "e4"}
+
+
+def test_nearest_in_panic_spreads_within_the_radius_of_the_eligible_ones():
+    # The two nearest are critical and so is e4; 2/6 eligible < 50%: panic. The eligible
+    # nearest two are e2 and e3, so panic serves every candidate at least as near: e0..e3,
+    # not the farther e4/e5 (as a zone level in panic stays in the zone).
+    from softlb._types import RegistryHealth
+
+    crit, ok = RegistryHealth.CRITICAL, RegistryHealth.PASSING
+    states = [crit, crit, ok, ok, crit, crit]
+    eps = [Endpoint(f"e{r}", "127.0.0.1", 9000 + r, rank=r, registry=s) for r, s in enumerate(states)]
+    b = _balancer(("nearest:2", "*"), eps, panic_threshold=50)
+    assert b.panic and b.locality_level == "nearest:2"
+    assert _picks(b, 200) == {"e0", "e1", "e2", "e3"}

@@ -1,0 +1,63 @@
+"""Keep Python's full garbage collections off the callers' latency.
+
+CPython's cyclic collector stops the whole process while it walks every tracked object of the
+generations it collects. The oldest generation holds everything the agent has kept a while:
+its own modules and config (~45,000 objects) and ~43 objects per open connection (task,
+coroutines, buffers). A local user holding a thousand idle connections and churning them
+made CPython run full collections every few seconds, each 35-80 ms on this machine and up to
+370 ms under CPU contention: a stall for every caller (issue 10, the connection flood).
+
+So, once the agent has started:
+- `gc.freeze()` moves what start-up built into the permanent generation, which no collection
+  walks again (those objects live as long as the process anyway);
+- the oldest generation is no longer collected automatically (its threshold is set out of
+  reach); the young generations still are, so cycles that die young, most of them, are freed
+  as before;
+- a full collection runs every FULL_INTERVAL seconds from here instead: the rare cycle that
+  outlived the young generations is still freed, at a cost paid a few times an hour rather
+  than whenever a flood of connections pushes objects into the old generation.
+
+Counted in `Stats.gc_full_collections` and timed in `gc_full_seconds_max`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger("softlb.gc")
+
+FULL_INTERVAL = 300.0
+#: Young-generation thresholds as CPython's defaults; the oldest's set out of reach.
+THRESHOLDS = (700, 10, 1 << 30)
+
+
+async def run_full_collections(rt: Runtime, *, interval: float = FULL_INTERVAL,
+                               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Settle (see the module docstring), then collect fully every `interval` seconds until
+    cancelled; the process's collector is as it was again afterwards (an agent run inside
+    another program, as the tests do, must not leave it changed)."""
+    before = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*THRESHOLDS)
+    try:
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            t0 = time.perf_counter()
+            freed = gc.collect()
+            took = time.perf_counter() - t0
+            rt.stats.gc_full_collections += 1
+            rt.stats.gc_full_seconds_max = max(rt.stats.gc_full_seconds_max, took)
+            log.debug("full collection: %d objects freed in %.1f ms", freed, took * 1000)
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()

@@ -1,0 +1,88 @@
+"""HPACK encoding without the dynamic table, for the headers the http2 proxy sends on.
+
+h2's encoder (the hpack library) looks every field up in its dynamic table, Huffman-codes
+new values and adds them to the table: 6% of the proxy's time per gRPC call. On loopback
+the bytes that saves do not matter. Here each field is its static-table index when the
+static table has it whole, else a literal "without indexing" (with the static name index
+when there is one), never Huffman-coded; a field the peer must never index stays "never
+indexed". The first header block of a connection sets the dynamic table to 0 bytes
+(RFC 7541 6.3), so the encoding holds whatever table size the peer allows. Nothing depends
+on what was sent before, so each field's bytes are computed once and reused.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from hpack.struct import NeverIndexedHeaderTuple
+from hpack.table import HeaderTable
+
+_EXACT: dict[tuple[bytes, bytes], int] = {}
+_NAME: dict[bytes, int] = {}
+for _i, (_n, _v) in enumerate(HeaderTable.STATIC_TABLE, start=1):
+    _EXACT.setdefault((_n, _v), _i)
+    _NAME.setdefault(_n, _i)
+
+#: Encoded fields by (never indexed, name, value); cleared when it grows past a bound.
+_cache: dict[tuple[bool, bytes, bytes], bytes] = {}
+_CACHE_MAX = 4096
+#: A dynamic table size update to 0 (RFC 7541 6.3).
+_TABLE_SIZE_ZERO = b"\x20"
+
+
+def _integer(value: int, prefix_bits: int, first: int) -> bytes:
+    """RFC 7541 5.1: `value` with an N-bit prefix, the first octet's high bits `first`."""
+    top = (1 << prefix_bits) - 1
+    if value < top:
+        return bytes([first | value])
+    out = [first | top]
+    value -= top
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _string(s: bytes) -> bytes:
+    return _integer(len(s), 7, 0) + s
+
+
+def field(name: bytes, value: bytes, never_indexed: bool = False) -> bytes:
+    """One header field's representation."""
+    if not never_indexed:
+        i = _EXACT.get((name, value))
+        if i is not None:
+            return _integer(i, 7, 0x80)  # indexed header field
+    first = 0x10 if never_indexed else 0x00  # literal never indexed / without indexing
+    i = _NAME.get(name)
+    if i is not None:
+        return _integer(i, 4, first) + _string(value)
+    return bytes([first]) + _string(name) + _string(value)
+
+
+class StaticEncoder:
+    """Stands in for h2's `H2Connection.encoder` (h2 calls `encode(headers)` and sets
+    `header_table_size` when the peer's setting changes; this table is always 0 bytes)."""
+
+    __slots__ = ("header_table_size", "_first")
+
+    def __init__(self) -> None:
+        self.header_table_size = 4096
+        self._first = True
+
+    def encode(self, headers: Iterable[tuple[bytes, bytes]], huffman: bool = True) -> bytes:
+        out = []
+        if self._first:
+            out.append(_TABLE_SIZE_ZERO)
+            self._first = False
+        for h in headers:
+            never = type(h) is NeverIndexedHeaderTuple
+            key = (never, h[0], h[1])
+            b = _cache.get(key)
+            if b is None:
+                if len(_cache) >= _CACHE_MAX:
+                    _cache.clear()
+                b = _cache[key] = field(h[0], h[1], never)
+            out.append(b)
+        return b"".join(out)

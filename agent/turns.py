@@ -1,0 +1,131 @@
+"""Turns: a bound on the work the connections do in one scheduler pass, shared round robin
+by the peers, so one peer's many connections cannot make everyone else wait behind them.
+
+Why: trio runs, in one pass, every task made runnable since it last polled for I/O. Each
+connection already bounds its own turn (ipc_server: MAX_TURN_FRAMES), but a local user
+holding a thousand connections can make them all readable at once (close them together, or
+write one request on each): a thousand turns in one pass, tens of ms, and a bystander's
+resolve woken in the same pass waits for all of them (issue 10, the connection flood).
+
+How: a pass grants BUDGET units (a wakeup costs one, answered frames one per FRAMES_PER_UNIT).
+A connection woken when the pass has units left, and none of its peer's is queued, goes on at
+once: the common case costs a few attribute reads. Past the budget it queues under its peer
+(uid:pid on the Unix socket, the address on TCP) and parks; a releaser lets queued connections go at
+up to BUDGET per pass, one per peer in turn, so a bystander with one queued connection goes
+within a pass however many the flooding peer has queued. A pass is counted by a trio
+instrument hook that runs before each I/O poll.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+
+#: Units per scheduler pass: ~64 wakeups, or ~1,000 answered frames, a few ms at most here.
+BUDGET = 64
+FRAMES_PER_UNIT = 16
+
+
+class Turns(trio.abc.Instrument):
+    def __init__(self, budget: int = BUDGET) -> None:
+        self.budget = budget
+        self.passes = 0  # bumped before each I/O poll: one per scheduler pass
+        self._seen = -1
+        self.used = 0
+        self._queues: dict[str, deque[trio.lowlevel.Task]] = {}
+        self._ring: deque[str] = deque()  # peers with someone queued, in turn order
+        self._idle: trio.lowlevel.Task | None = None  # the releaser, parked with nothing queued
+        #: Connections that had to queue (a flood is on): a counter for /metrics.
+        self.queued_total = 0
+
+    # -- trio instrument hook
+    def before_io_wait(self, timeout: float) -> None:
+        self.passes += 1
+
+    # -- what a connection calls
+    def free(self, key: str) -> bool:
+        """A woken connection of peer `key` may go on in this pass (and takes a unit) if True:
+        the pass has units left and none of this peer's connections is queued (a peer's
+        wakeups keep their order; another peer's queue does not hold this one back)."""
+        if self._seen != self.passes:
+            self._seen = self.passes
+            self.used = 0
+        if self.used < self.budget and (not self._queues or key not in self._queues):
+            self.used += 1
+            return True
+        return False
+
+    def spend(self, frames: int) -> None:
+        """Charge a turn's answered frames to this pass."""
+        if self._seen != self.passes:
+            self._seen = self.passes
+            self.used = 0
+        self.used += frames // FRAMES_PER_UNIT
+
+    async def wait(self, key: str) -> None:
+        """Queue under `key` until the releaser lets this task go (round robin by key)."""
+        q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = deque()
+            self._ring.append(key)
+        task = trio.lowlevel.current_task()
+        q.append(task)
+        self.queued_total += 1
+        if self._idle is not None:
+            trio.lowlevel.reschedule(self._idle)
+            self._idle = None
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            try:
+                q.remove(task)
+            except ValueError:
+                pass
+            if not q and self._queues.get(key) is q:
+                del self._queues[key]
+                self._ring.remove(key)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def take(self, key: str) -> None:
+        """`free()` or else `wait(key)`: call after every wakeup, before doing the work."""
+        if not self.free(key):
+            await self.wait(key)
+
+    # -- the releaser
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        trio.lowlevel.add_instrument(self)
+        try:
+            task_status.started()
+            while True:
+                if not self._queues:
+                    self._idle = trio.lowlevel.current_task()
+
+                    def abort(_: object) -> trio.lowlevel.Abort:
+                        self._idle = None
+                        return trio.lowlevel.Abort.SUCCEEDED
+
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+                    continue
+                self._release()
+                await trio.lowlevel.checkpoint()
+        finally:
+            trio.lowlevel.remove_instrument(self)
+
+    def _release(self) -> None:
+        if self._seen != self.passes:
+            self._seen = self.passes
+            self.used = 0
+        room = max(1, self.budget - self.used)  # at least one: the queue always moves
+        queues, ring = self._queues, self._ring
+        while room and ring:
+            key = ring.popleft()
+            q = queues[key]
+            trio.lowlevel.reschedule(q.popleft())
+            room -= 1
+            self.used += 1
+            if q:
+                ring.append(key)
+            else:
+                del queues[key]

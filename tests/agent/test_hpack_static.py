@@ -1,0 +1,40 @@
+"""The http2 proxy's HPACK encoder without a dynamic table: what any HPACK decoder reads
+back is what was encoded, across many blocks on one connection."""
+
+from __future__ import annotations
+
+from hpack import Decoder
+from hpack.struct import NeverIndexedHeaderTuple
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from softlb_agent.proxy.hpack_static import StaticEncoder, field
+
+names = st.one_of(st.sampled_from([b":method", b":path", b":status", b"content-type", b"grpc-status", b"te",
+                                   b"cookie", b"x-forwarded-for", b"user-agent"]),
+                  st.binary(min_size=1, max_size=300).map(lambda b: b.lower()))
+values = st.one_of(st.sampled_from([b"GET", b"POST", b"/", b"200", b"404", b"0", b"trailers", b""]),
+                   st.binary(max_size=5000))
+blocks = st.lists(st.lists(st.tuples(names, values, st.booleans()), max_size=12), min_size=1, max_size=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(blocks)
+def test_decoder_reads_back_every_block(bs):
+    enc, dec = StaticEncoder(), Decoder()
+    dec.max_allowed_table_size = 4096
+    for block in bs:
+        headers = [NeverIndexedHeaderTuple(n, v) if never else (n, v) for n, v, never in block]
+        got = dec.decode(enc.encode(headers), raw=True)
+        assert [tuple(h) for h in got] == [(n, v) for n, v, _ in block]
+        assert [isinstance(h, NeverIndexedHeaderTuple) for h in got] == [never for _, _, never in block]
+    assert len(dec.header_table.dynamic_entries) == 0
+
+
+def test_representations():
+    assert field(b":method", b"POST") == b"\x83"  # static index 3, whole
+    assert field(b":status", b"200") == b"\x88"
+    assert field(b"content-type", b"application/grpc") == b"\x0f\x10" + b"\x10application/grpc"  # name index 31
+    assert field(b"x-a", b"b") == b"\x00\x03x-a\x01b"
+    assert field(b":method", b"POST", never_indexed=True) == b"\x12\x04POST"
+    assert StaticEncoder().encode([(b":status", b"200")]) == b"\x20\x88"  # table size 0 first
