@@ -1,6 +1,7 @@
 """Benchmark: the loopback proxy beside direct connections and beside HAProxy, in one run.
 
     .venv/bin/python bench/proxy.py [--rounds 3] [--duration 3] [--bulk-mib 1024] [--json]
+    .venv/bin/python bench/proxy.py --baseline DIR   # A/B: DIR's agent too (`git archive main | tar -x -C DIR`)
 
 Starts (all on loopback, all stopped by pid at the end):
   - two HTTP backends: one HAProxy process answering `http-request return` (fast, so the
@@ -154,12 +155,16 @@ def main() -> None:
     ap.add_argument("--haproxy-threads", type=int, default=1,
                     help="HAProxy's nbthread (1: one event loop, like the agent; 0: its default, one per CPU)")
     ap.add_argument("--only", default="", help="comma-separated: ka,close,lat,bulk,grpc")
+    ap.add_argument("--baseline", default="",
+                    help="a checkout of another revision (e.g. `git archive main | tar -x -C DIR`): its agent runs "
+                         "beside this one, measured in the same rounds as 'base tcp' and 'base http' (A/B in one run)")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else {"ka", "close", "lat", "bulk", "grpc"}
 
     tmp = tempfile.mkdtemp(prefix="softlb-bench-proxy-")
     procs = Procs()
-    p = {k: free_port() for k in ("b1", "b2", "bulk", "grpc", "tcp", "http", "http2", "h_tcp", "h_http", "h_bulk")}
+    p = {k: free_port() for k in ("b1", "b2", "bulk", "grpc", "tcp", "http", "http2", "h_tcp", "h_http", "h_bulk",
+                                  "base_tcp", "base_http", "base_bulk")}
     try:
         with open(os.path.join(tmp, "backends.cfg"), "w") as f:
             f.write(textwrap.dedent(f"""
@@ -216,15 +221,32 @@ def main() -> None:
         procs.start(["haproxy", "-f", os.path.join(tmp, "haproxy.cfg")])
         procs.start([sys.executable, "-c", BULK_SERVER, str(p["bulk"])])
         procs.start([sys.executable, "-c", GRPC_SERVER, str(p["grpc"]), ROOT])
+        agent_args = ["--catalog-file", os.path.join(tmp, "catalog.toml"), "--listen", "", "--admin", "",
+                      "--log-level", "warning"]
         procs.start([sys.executable, "-m", "softlb_agent", "agent", "--config", os.path.join(tmp, "agent.toml"),
-                     "--catalog-file", os.path.join(tmp, "catalog.toml"), "--socket", os.path.join(tmp, "s.sock"),
-                     "--listen", "", "--admin", "", "--log-level", "warning"])
+                     "--socket", os.path.join(tmp, "s.sock"), *agent_args])
+        if args.baseline:
+            with open(os.path.join(tmp, "base.toml"), "w") as f:
+                for svc, mode, port in (("web", "tcp", p["base_tcp"]), ("webh", "http", p["base_http"]),
+                                        ("bulk", "tcp", p["base_bulk"])):
+                    f.write(f'[services.{svc}.proxy]\nlisten = "127.0.0.1:{port}"\nmode = "{mode}"\n')
+            # The baseline's own `agent` and `softlb` packages, ahead of this checkout's.
+            run_base = f"import sys; sys.path.insert(0, {os.path.abspath(args.baseline)!r}); from agent.cli import main; main()"
+            procs.start([sys.executable, "-c", run_base, "agent", "--config", os.path.join(tmp, "base.toml"),
+                         "--socket", os.path.join(tmp, "base.sock"), *agent_args])
         for k in ("b1", "b2", "bulk", "grpc", "tcp", "http", "http2", "h_tcp", "h_http", "h_bulk"):
             wait_port(p[k], timeout=30)
+        if args.baseline:
+            for k in ("base_tcp", "base_http", "base_bulk"):
+                wait_port(p[k], timeout=30)
         wait_port(bulk_port, timeout=30)
 
         http_targets = {"direct": p["b1"], "softlb tcp": p["tcp"], "haproxy tcp": p["h_tcp"],
                         "softlb http": p["http"], "haproxy http": p["h_http"]}
+        bulk_targets = {"direct": p["bulk"], "softlb tcp": bulk_port, "haproxy tcp": p["h_bulk"]}
+        if args.baseline:
+            http_targets.update({"base tcp": p["base_tcp"], "base http": p["base_http"]})
+            bulk_targets["base tcp"] = p["base_bulk"]
         results: dict[str, dict[str, list[float]]] = {}
 
         def add(scenario: str, target: str, value: float) -> None:
@@ -242,7 +264,7 @@ def main() -> None:
                     add("lat p50 ms", name, w["p50_ms"])
                     add("lat p99 ms", name, w["p99_ms"])
             if "bulk" in only:
-                for name, port in (("direct", p["bulk"]), ("softlb tcp", bulk_port), ("haproxy tcp", p["h_bulk"])):
+                for name, port in bulk_targets.items():
                     add("bulk MiB/s", name, bulk(port, args.bulk_mib))
             if "grpc" in only:
                 for name, port in (("direct", p["grpc"]), ("softlb http2", p["http2"])):
@@ -270,8 +292,11 @@ def main() -> None:
                         extra = f"  {v / direct:.2f} of direct"
                     mode = t.split()[-1]
                     h = d.get(f"haproxy {mode}")
-                    if t.startswith("softlb") and h and not s.startswith("lat"):
+                    if t.startswith(("softlb", "base")) and h and not s.startswith("lat"):
                         extra += f", {v / h:.2f} of haproxy {mode}"
+                    b = d.get(f"base {mode}")
+                    if t.startswith("softlb") and b and not s.startswith("lat"):
+                        extra += f", {v / b:.2f} of base"
                 print(f"  {t:14} {v:12.3f}{extra}")
     finally:
         procs.stop()

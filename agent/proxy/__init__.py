@@ -1,10 +1,12 @@
 """The local loopback proxy: per-service listeners that forward to endpoints the agent picks.
 
-    tcp    a pick per connection, held for its life; bytes spliced in the kernel (tcp.py)
+    tcp    a pick per connection, held for its life; bytes moved by the listener's relay,
+           bulk spliced in the kernel (tcp.py, relay.py)
     http   HTTP/1.1, a pick per request over pooled keep-alive upstreams (http1.py)
     http2  h2c, a pick per stream over pooled upstream HTTP/2 connections (http2.py;
            h2headers.py checks client header blocks, hpack_static.py encodes what is sent on)
 
-listeners.py runs the listeners and follows reloads; picks.py is the one place that talks
+listener.py runs one listener (accept, cap, drain, the sweep of deadlines); manager.py
+keeps the set in step with reloads; picks.py is the one place that talks
 to the core; figures.py keeps the per-listener and per-endpoint counters. docs/PROXY.md.
 """

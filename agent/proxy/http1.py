@@ -16,20 +16,22 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import socket
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Awaitable, Callable
 
 import httptools
 import trio
 
 from softlb import route
 
-from .listener import KEEPALIVE_GRACE, Conn, ListenerState
+from .listener import KEEPALIVE_GRACE, Conn, ListenerState, Work
 from .picks import NoEndpoint, finish, pick, release
 from .pool import Pool
-from .pump import Idle, pump
-from .upstream import LOCAL_ERRNOS, Try, UpstreamFailed, connect_picked, open_socket_pair
+from .relay import Idle, Tunnel
+from .upstream import LOCAL_ERRNOS, Try, UpstreamFailed, connect_picked, open_raw
 
 log = logging.getLogger("softlb.proxy")
 
@@ -39,6 +41,10 @@ RECV = 64 * 1024
 HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
                  b"transfer-encoding"})
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+#: A pooled connection idle longer than this is peeked at (one syscall) before reuse, in
+#: case its server closed it meanwhile; one used more recently is taken as it is (a
+#: server closing it that soon without saying so meets the stale retry below).
+PEEK_AFTER = 1.0
 #: Reused pooled connections found closed by the server, retried at most this often per
 #: request before counting as a failure (each one found is dropped from the pool).
 STALE_RETRIES = 8
@@ -49,7 +55,8 @@ REASONS = {200: b"OK", 400: b"Bad Request", 502: b"Bad Gateway", 503: b"Service 
 class Head:
     """A parsed request or response head."""
 
-    __slots__ = ("method", "target", "status", "reason", "headers", "keep_alive", "chunked", "length", "version")
+    __slots__ = ("method", "target", "status", "reason", "headers", "keep_alive", "chunked", "length", "version",
+                 "upgrade")
 
     def __init__(self) -> None:
         self.method = b""
@@ -61,6 +68,7 @@ class Head:
         self.chunked = False
         self.length: int | None = None
         self.version = "1.1"
+        self.upgrade = False  # has an Upgrade header
 
     def get(self, name: bytes) -> bytes | None:
         for n, v in self.headers:
@@ -109,6 +117,8 @@ class Parser:
             h.chunked = True
         elif name == b"content-length" and value.strip().isdigit():
             h.length = int(value)
+        elif name == b"upgrade":
+            h.upgrade = True
 
     def on_headers_complete(self) -> None:
         h, p = self.head, self.p
@@ -138,8 +148,7 @@ class _ClientGone(Exception):
 
 @dataclass(eq=False, slots=True)
 class Upstream:
-    sock: trio.socket.SocketType
-    raw: socket.socket  # the same socket, for the peek before reuse
+    sock: socket.socket
     parser: Parser
     key: tuple[str, int]
     reused: bool = False
@@ -155,20 +164,87 @@ def _pool(state: ListenerState) -> Pool[Upstream]:
     return p  # type: ignore[return-value]
 
 
-async def _send(sock: trio.socket.SocketType, data: bytes | bytearray) -> None:
-    view = memoryview(data)
+class _Phase:
+    """Where a client connection is, for its one cancel scope: between requests (bounded
+    by the idle timeout, or the keep-alive grace at a drain) or in one (the request
+    timeout). The hot path only counts phase changes (`n`); the listener's sweep, every
+    DRAIN_CHECK, cancels the scope once one phase has lasted its timeout (so up to two
+    sweeps late). A deadline moved on a trio scope twice per request, and the clock reads
+    for it, cost more than the rest of the request's bookkeeping."""
+
+    __slots__ = ("scope", "in_request", "n", "seen", "since", "idle", "request", "grace", "answer", "work",
+                 "service")
+
+    def __init__(self, idle: float, request: float) -> None:
+        self.scope = trio.CancelScope()
+        self.in_request = False
+        self.n = 0
+        self.seen = -1
+        self.since = 0.0
+        self.idle = idle  # the current wait's bound between requests
+        self.request = request
+        self.grace = math.inf
+        self.answer = [False]  # the client has seen a response head
+        self.work: Work | None = None
+        self.service = ""
+
+    def keepalive_grace(self, deadline: float) -> None:
+        """The listener drains: a keep-alive wait ends at `deadline`; a request in progress
+        keeps its own timeout and meets this one after it."""
+        self.grace = min(self.grace, deadline)
+
+    def sweep(self, now: float) -> None:
+        if self.n != self.seen:
+            self.seen = self.n
+            self.since = now
+        if self.in_request:
+            if now - self.since >= self.request:
+                self.scope.cancel()
+        elif now >= self.grace or now - self.since >= self.idle:
+            self.scope.cancel()
+
+
+# Sockets are driven directly: a try first, a trio wait only when the kernel says
+# EAGAIN. (A trio socket ends every successful call with a scheduler pass: four per
+# proxied request, most of what a keep-alive request cost.) Long transfers yield every
+# RECV bytes or so, and serve_http1 every few requests, so one connection cannot hold the
+# loop.
+_wait_readable = trio.lowlevel.wait_readable
+_wait_writable = trio.lowlevel.wait_writable
+
+
+async def _send(sock: socket.socket, data: bytes | bytearray) -> None:
+    try:
+        n = sock.send(data)
+    except BlockingIOError:
+        n = 0
+    if n == len(data):
+        return
+    view = memoryview(data)[n:]
     while view:
-        n = await sock.send(view)
+        try:
+            n = sock.send(view)
+        except BlockingIOError:
+            await _wait_writable(sock)
+            continue
         view = view[n:]
 
 
-async def _event(sock: trio.socket.SocketType, parser: Parser) -> tuple[Any, ...] | None:
+async def _recv(sock: socket.socket) -> bytes:
+    while True:
+        try:
+            return sock.recv(RECV)
+        except BlockingIOError:
+            await _wait_readable(sock)
+
+
+async def _event(sock: socket.socket, parser: Parser) -> tuple[Any, ...] | None:
     """The next event; None at end of stream."""
     events = parser.events
     while not events:
         if parser.upgraded:
             return None
-        data = await sock.recv(RECV)
+        data = await _recv(sock)
         if not data:
             return None
         parser.feed(data)
@@ -204,11 +280,13 @@ def _head_bytes(first: bytes, headers: list[tuple[bytes, bytes]], extra: bytes =
 
 
 def _is_upgrade(h: Head) -> bool:
+    if not h.upgrade:
+        return False
     conn = b",".join(v for n, v in h.headers if n == b"connection").lower()
     return b"upgrade" in conn and h.get(b"upgrade") is not None
 
 
-async def _error(sock: trio.socket.SocketType, status: int, text: str) -> None:
+async def _error(sock: socket.socket, status: int, text: str) -> None:
     body = text.encode() + b"\n"
     data = (b"HTTP/1.1 %d %s\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
             % (status, REASONS.get(status, b"Error"), len(body))) + body
@@ -219,57 +297,84 @@ async def _error(sock: trio.socket.SocketType, status: int, text: str) -> None:
 
 
 async def serve_http1(state: ListenerState, conn: Conn) -> None:
-    sock = conn.sock
+    sock = conn.raw
     parser = Parser(response=False)
     lf = state.figures.listener(state.service)
-    while True:
-        wait = KEEPALIVE_GRACE if state.closing else state.config.idle_timeout
-        ev = None
-        try:
-            with trio.CancelScope(deadline=trio.current_time() + wait) as between:
-                conn.between = between
-                ev = await _event(sock, parser)
-        except httptools.HttpParserError as e:
-            await _error(sock, 400, f"bad request: {e}")
-            return
-        except OSError:
-            return
-        if ev is None or ev[0] != "head":
-            return  # idle, draining, closed, or the connection's end
-        lf.requests += 1
-        keep = await _request(state, conn, parser, ev[1])
-        if not keep:
-            return
+    # One cancel scope for the connection's life, cancelled by the listener's sweep (a
+    # scope per request and per wait was a fifth of a keep-alive request's cost).
+    cfg = state.config
+    ph = _Phase(cfg.idle_timeout, cfg.request_timeout)
+    conn.keepalive_grace = ph.keepalive_grace
+    state.idles.add(ph)
+    served = 0
+    try:
+        with ph.scope:
+            while True:
+                ph.n += 1
+                if state.closing:
+                    ph.idle = KEEPALIVE_GRACE
+                try:
+                    ev = await _event(sock, parser)
+                except httptools.HttpParserError as e:
+                    await _error(sock, 400, f"bad request: {e}")
+                    return
+                except OSError:
+                    return
+                if ev is None or ev[0] != "head":
+                    return  # idle, draining, closed, or the connection's end
+                lf.requests += 1
+                ph.in_request = True
+                ph.n += 1
+                ph.answer[0] = False
+                ph.work = None
+                keep = await _request(state, conn, parser, ev[1], ph)
+                ph.in_request = False
+                if ph.work is not None and ph.work.leaving_since is not None:
+                    ph.scope.deadline = math.inf  # that endpoint's drain is not the next request's
+                if not keep:
+                    return
+                served += 1
+                if served % 8 == 0:
+                    await trio.lowlevel.checkpoint()  # a pipelining client takes turns too
+    finally:
+        state.idles.discard(ph)
+    if not ph.in_request:
+        return  # idle or drained between requests
+    w = ph.work
+    if w is not None and w.leaving_since is not None and trio.current_time() >= w.leaving_since + cfg.drain_timeout:
+        if not ph.answer[0]:  # the endpoint left and drain_timeout ran out
+            await _error(sock, 502, f"{w.service}: endpoint {w.endpoint_id} left while answering")
+        return
+    lf.failures += 1
+    if not ph.answer[0]:
+        await _error(sock, 504, f"no complete answer from {ph.service} within {ph.request:g}s")
 
 
-async def _request(state: ListenerState, conn: Conn, parser: Parser, req: Head) -> bool:
-    """Forward one request; True if the client connection may carry another."""
+async def _request(state: ListenerState, conn: Conn, parser: Parser, req: Head, ph: _Phase) -> bool:
+    """Forward one request; True if the client connection may carry another. A request
+    timeout cancels ph.scope; serve_http1 answers it."""
     cfg = state.config
     service = route(cfg.routes, state.service, (req.get(b"host") or b"").decode("latin-1"),
                     req.target.decode("latin-1")) if cfg.routes else state.service
+    ph.service = service
     if _is_upgrade(req):
+        ph.request = math.inf  # a tunnel now: its own idle timer bounds it
         await _upgrade(state, conn, parser, req, service)
         return False
-    answer = [False]  # the client has seen a response head
-    with trio.move_on_after(cfg.request_timeout) as timer:
-        try:
-            keep = await _exchange(state, conn, parser, req, service, answer)
-        except NoEndpoint as e:
-            await _error(conn.sock, 503, f"no endpoint for {service}: {e.message}")
-            return False
-        except UpstreamFailed as e:
-            await _error(conn.sock, 502, str(e))
-            return False
-        except httptools.HttpParserError as e:
-            if not answer[0]:
-                await _error(conn.sock, 400, f"bad request: {e}")
-            return False
-        except _ClientGone:
-            return False
-    if timer.cancelled_caught:
-        state.figures.listener(state.service).failures += 1
+    answer = ph.answer
+    try:
+        keep = await _exchange(state, conn, parser, req, service, ph)
+    except NoEndpoint as e:
+        await _error(conn.raw, 503, f"no endpoint for {service}: {e.message}")
+        return False
+    except UpstreamFailed as e:
+        await _error(conn.raw, 502, str(e))
+        return False
+    except httptools.HttpParserError as e:
         if not answer[0]:
-            await _error(conn.sock, 504, f"no complete answer from {service} within {cfg.request_timeout:g}s")
+            await _error(conn.raw, 400, f"bad request: {e}")
+        return False
+    except _ClientGone:
         return False
     # Closing only when the answer said so: a connection the client still thinks open
     # would take its next request and drop it.
@@ -287,12 +392,12 @@ def _closed(sock: socket.socket) -> bool:
         return True
 
 
-async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head, service: str,
-                    answer: list[bool]) -> bool:
+async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head, service: str, ph: _Phase) -> bool:
     cfg = state.config
     figures = state.figures
     lf = figures.listener(service)
     pool = _pool(state)
+    answer = ph.answer
     headers = _headers_for(req.headers, conn.peer_ip)
     has_body = req.chunked or bool(req.length)
     framing = b"transfer-encoding: chunked\r\n" if req.chunked else b""
@@ -311,14 +416,18 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
         ep = held.endpoint
         ef = figures.endpoint(service, ep.id)
         key = (ep.address, ep.port)
-        up = pool.get(key, cfg.idle_timeout)
-        while up is not None and _closed(up.raw):  # the server closed it while it sat idle
-            up.close()
-            up = pool.get(key, cfg.idle_timeout)
+        up = None
+        while (got := pool.take(key, cfg.idle_timeout)) is not None:
+            up = got[0]
+            if got[1] < PEEK_AFTER or not _closed(up.sock):
+                up.reused = True
+                break
+            up.close()  # the server closed it while it sat idle
+            up = None
         t0 = trio.current_time()
         if up is None:
             try:
-                raw, sock = await open_socket_pair(ep.address, ep.port, cfg.connect_timeout)
+                sock = await open_raw(ep.address, ep.port, cfg.connect_timeout)
             except (OSError, trio.TooSlowError) as e:
                 if isinstance(e, OSError) and e.errno in LOCAL_ERRNOS:
                     release(state.rt, held)
@@ -335,22 +444,16 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
                 lf.retries += 1
                 continue
             ef.connections += 1
-            up = Upstream(sock, raw, Parser(response=True), key)
-        else:
-            up.reused = True
+            up = Upstream(sock, Parser(response=True), key)
+            t0 = trio.current_time()  # latency counts from the request sent, not the connect
         ef.requests += 1
         ef.active += 1
-        work = state.track(service, ep.id, trio.CancelScope())
+        # The endpoint leaving cuts the request after drain_timeout: through the connection's
+        # scope (serve_http1 tells that from a timeout by the work's leaving_since).
+        work = ph.work = state.track(service, ep.id, ph.scope)
         try:
-            with work.scope:
-                status, latency, reusable, close_client = await _forward(state, conn, parser, req, head, up, expect,
-                                                           body_read, answer, lf, ef)
-            if work.scope.cancelled_caught:  # the endpoint left and drain_timeout ran out
-                up.close()
-                release(state.rt, held)
-                if not answer[0]:
-                    raise UpstreamFailed(f"{service}: endpoint {ep.id} left while answering")
-                raise _ClientGone()
+            status, latency, reusable, close_client = await _forward(state, conn, parser, req, head, up, expect,
+                                                                     body_read, answer, lf, ef, t0)
         except UpstreamError as e:
             up.close()
             log.debug("%s: %s failed: %s (attempt %d)", service, ep.id, e, attempt)
@@ -392,12 +495,12 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
 
 
 async def _forward(state: ListenerState, conn: Conn, parser: Parser, req: Head, head: bytearray, up: Upstream,
-                   expect: bool, body_read: bool, answer: list[bool], lf: Any, ef: Any) -> tuple[int, float, bool, bool]:
+                   expect: bool, body_read: bool, answer: list[bool], lf: Any, ef: Any,
+                   t0: float) -> tuple[int, float, bool, bool]:
     """Send the request, stream the answer back: (status, seconds to the answer's head,
     whether the upstream connection can carry another request, whether the client's must
     close now)."""
-    csock, usock = conn.sock, up.sock
-    t0 = trio.current_time()
+    csock, usock = conn.raw, up.sock
     out = head
     try:
         if expect and not body_read:
@@ -413,36 +516,9 @@ async def _forward(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
                 return await _answer(state, conn, req, up, h, t0, answer, lf, ef, abandon_body=True)
         # The request body, as it arrives; what is already here goes out with the head.
         sent = 0
-        chunked = req.chunked
-        while not body_read:
-            events = parser.events
-            if not events:
-                if out:
-                    await _send(usock, out)
-                    out = bytearray()
-                try:
-                    data = await csock.recv(RECV)
-                except OSError:
-                    raise _ClientGone() from None
-                if not data:
-                    raise _ClientGone()
-                parser.feed(data)
-                continue
-            ev = events.popleft()
-            if ev[0] == "data":
-                d = ev[1]
-                if not d:
-                    continue
-                sent += len(d)
-                out += (b"%x\r\n" % len(d) + d + b"\r\n") if chunked else d
-                if len(out) >= RECV:
-                    await _send(usock, out)
-                    out = bytearray()
-            elif ev[0] == "end":
-                if chunked:
-                    out += b"0\r\n\r\n"
-                body_read = True
-            else:  # a new head before this body ended: garbage framing
+        if not body_read:
+            out, sent, ended = await _body(_client_recv(csock), parser, out, req.chunked, partial(_send, usock))
+            if not ended:
                 raise _ClientGone()
         if out:
             await _send(usock, out)
@@ -459,6 +535,55 @@ async def _forward(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
             await _to_client(csock, bytes(_head_bytes(b"HTTP/1.1 %d %s\r\n" % (h.status, h.reason), hs)))
             continue
         return await _answer(state, conn, req, up, h, t0, answer, lf, ef, abandon_body=False)
+
+
+async def _body(recv: Callable[[], Awaitable[bytes]], parser: Parser, out: bytearray, chunked: bool,
+                send: Callable[[bytearray], Awaitable[None]]) -> tuple[bytearray, int, bool]:
+    """Stream one message body as it arrives, appended to `out` (chunked: re-framed) and
+    sent whenever `out` holds RECV bytes or before waiting for more. Returns what is left
+    in `out`, the body's bytes, and whether the message ended (False: its sender closed
+    first)."""
+    n = 0
+    events = parser.events
+    while True:
+        if not events:
+            if out:
+                await send(out)
+                out = bytearray()
+            data = await recv()
+            if not data:
+                return out, n, False
+            parser.feed(data)
+            continue
+        ev = events.popleft()
+        if ev[0] == "data":
+            d = ev[1]
+            if not d:
+                continue
+            n += len(d)
+            out += (b"%x\r\n" % len(d) + d + b"\r\n") if chunked else d
+            if len(out) >= RECV:
+                await send(out)
+                out = bytearray()
+                await trio.lowlevel.checkpoint()
+        elif ev[0] == "end":
+            if chunked:
+                out += b"0\r\n\r\n"
+            return out, n, True
+        else:  # a new head before this body ended: garbage framing
+            raise _ClientGone()
+
+
+def _client_recv(sock: socket.socket) -> Callable[[], Awaitable[bytes]]:
+    """Reads from the client for _body: its failures are the client's, not the upstream's."""
+
+    async def recv() -> bytes:
+        try:
+            return await _recv(sock)
+        except OSError:
+            raise _ClientGone() from None
+
+    return recv
 
 
 async def _up_event(up: Upstream) -> tuple[Any, ...]:
@@ -483,7 +608,7 @@ async def _up_end(up: Upstream) -> None:
         raise UpstreamError("bad interim answer")
 
 
-async def _to_client(sock: trio.socket.SocketType, data: bytes | bytearray) -> None:
+async def _to_client(sock: socket.socket, data: bytes | bytearray) -> None:
     try:
         await _send(sock, data)
     except OSError:
@@ -514,7 +639,7 @@ async def _answer(state: ListenerState, conn: Conn, req: Head, up: Upstream, h: 
         framing += b"connection: close\r\n"
     out = _head_bytes(b"HTTP/1.1 %d %s\r\n" % (status, h.reason), headers, framing)
     answer[0] = True
-    csock, usock, parser = conn.sock, up.sock, up.parser
+    csock, usock, parser = conn.raw, up.sock, up.parser
     got = 0
     reusable = h.keep_alive
     if req.method == b"HEAD":
@@ -523,40 +648,14 @@ async def _answer(state: ListenerState, conn: Conn, req: Head, up: Upstream, h: 
         await _to_client(csock, out)
     else:
         try:
-            while True:
-                events = parser.events
-                if not events:
-                    if out:
-                        await _to_client(csock, out)
-                        out = bytearray()
-                    data = await usock.recv(RECV)
-                    if not data:
-                        if parser.in_message and h.length is None and not h.chunked:
-                            reusable = False  # a body delimited by the close: complete
-                            if rechunk:
-                                out += b"0\r\n\r\n"
-                            await _to_client(csock, out)
-                            break
-                        raise _ClientGone()  # cut mid-answer: nothing to retry; cut the client off
-                    parser.feed(data)
-                    continue
-                ev = events.popleft()
-                if ev[0] == "data":
-                    d = ev[1]
-                    if not d:
-                        continue
-                    got += len(d)
-                    out += (b"%x\r\n" % len(d) + d + b"\r\n") if rechunk else d
-                    if len(out) >= RECV:
-                        await _to_client(csock, out)
-                        out = bytearray()
-                elif ev[0] == "end":
-                    if rechunk:
-                        out += b"0\r\n\r\n"
-                    await _to_client(csock, out)
-                    break
-                else:
-                    raise _ClientGone()
+            out, got, ended = await _body(partial(_recv, usock), parser, out, rechunk, partial(_to_client, csock))
+            if not ended:
+                if not (parser.in_message and h.length is None and not h.chunked):
+                    raise _ClientGone()  # cut mid-answer: nothing to retry; cut the client off
+                reusable = False  # a body delimited by the close: complete
+                if rechunk:
+                    out += b"0\r\n\r\n"
+            await _to_client(csock, out)
         except (OSError, httptools.HttpParserError):
             raise _ClientGone() from None
     lf.bytes_out += got
@@ -571,10 +670,10 @@ async def _upgrade(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
         held, usock = await connect_picked(state.rt, state.figures, service, Try(cfg.connect_timeout, cfg.retries),
                                            source=conn.peer_ip)
     except NoEndpoint as e:
-        await _error(conn.sock, 503, f"no endpoint for {service}: {e.message}")
+        await _error(conn.raw, 503, f"no endpoint for {service}: {e.message}")
         return
     except UpstreamFailed as e:
-        await _error(conn.sock, 502, str(e))
+        await _error(conn.raw, 502, str(e))
         return
     headers = [(n, v) for n, v in req.headers if n != b"x-forwarded-for"]
     headers.append((b"x-forwarded-for", conn.peer_ip.encode()))
@@ -582,32 +681,25 @@ async def _upgrade(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
     ef = state.figures.endpoint(service, held.endpoint.id)
     ef.requests += 1
     ef.active += 1
-    broken = False
+    tunnel: Tunnel | None = None
     idle: Idle | None = None
     try:
         await _send(usock, head + parser.upgrade_data)
         with trio.CancelScope() as idle_scope:
             idle = Idle(idle_scope, cfg.idle_timeout)
             state.idles.add(idle)
-
-            async def one_way(a: trio.socket.SocketType, b: trio.socket.SocketType) -> None:
-                nonlocal broken
-                try:
-                    await pump(a, b, idle, lambda n: None, use_splice=state.use_splice)
-                except OSError:
-                    broken = True
-                    idle_scope.cancel()
-
-            async with trio.open_nursery() as n:
-                n.start_soon(one_way, conn.sock, usock)
-                n.start_soon(one_way, usock, conn.sock)
+            tunnel = Tunnel(conn.raw, usock, idle, lambda n: None, lambda n: None, use_splice=state.use_splice)
+            state.relay().add(tunnel)
+            await tunnel.done.wait()
     except OSError:
-        broken = True
+        pass
     finally:
+        if tunnel is not None:
+            tunnel.abort()
         state.idles.discard(idle)
         ef.active -= 1
         usock.close()
-        if broken:
+        if tunnel is None or tunnel.broken:
             release(state.rt, held)
         else:
             finish(state.rt, held, ok=True, latency=None)

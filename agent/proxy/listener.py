@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -18,7 +18,7 @@ from softlb import ProxyConfig
 from ..runtime import Runtime
 from .figures import ProxyFigures
 from .picks import serving
-from .pump import splice_available
+from .relay import Relay, splice_available
 
 log = logging.getLogger("softlb.proxy")
 
@@ -26,6 +26,8 @@ log = logging.getLogger("softlb.proxy")
 KEEPALIVE_GRACE = 0.5
 #: How often open work is checked against the endpoints still serving (drain start).
 DRAIN_CHECK = 0.25
+#: Connections accepted in a row before the accept loop lets the others run.
+ACCEPT_BATCH = 16
 
 
 @dataclass(eq=False, slots=True)
@@ -37,15 +39,45 @@ class Work:
     endpoint_id: str
     scope: trio.CancelScope
     leaving_since: float | None = None
+    #: The scope's own deadline (an http request's timeout), restored if the endpoint
+    #: comes back before its drain ran out.
+    deadline: float = float("inf")
 
 
-@dataclass(eq=False)
 class Conn:
-    sock: trio.socket.SocketType
-    peer_ip: str
-    #: Cancelled when the listener drains, to end a keep-alive wait between requests.
-    between: trio.CancelScope = field(default_factory=trio.CancelScope)
-    endpoint_id: str | None = None
+    """One accepted client connection. `raw` is the non-blocking stdlib socket (tcp and
+    http drive it with trio.lowlevel waits: a trio socket's every successful call ends
+    in a scheduler pass); `sock`, trio's wrapper of it, is made on first use (http2)."""
+
+    __slots__ = ("raw", "peer_ip", "between", "endpoint_id", "_sock", "keepalive_grace")
+
+    def __init__(self, raw: socket.socket, peer_ip: str) -> None:
+        self.raw = raw
+        self.peer_ip = peer_ip
+        #: The scope of a keep-alive wait between requests (a handler sets it), which the
+        #: listener's drain gives a deadline.
+        self.between: trio.CancelScope | None = None
+        self.endpoint_id: str | None = None
+        self._sock: trio.socket.SocketType | None = None
+        #: How the listener's drain ends a keep-alive wait (`deadline`); handlers whose
+        #: connection scope also covers requests (http1) put their own here.
+        self.keepalive_grace: Callable[[float], None] = self._grace
+
+    @property
+    def sock(self) -> trio.socket.SocketType:
+        if self._sock is None:
+            self._sock = trio.socket.from_stdlib_socket(self.raw)
+        return self._sock
+
+    def _grace(self, deadline: float) -> None:
+        if self.between is not None:
+            self.between.deadline = min(self.between.deadline, deadline)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        else:
+            self.raw.close()
 
 
 class ListenerState:
@@ -68,11 +100,21 @@ class ListenerState:
         self.nursery: trio.Nursery | None = None
         #: Called with `now` on every drain check (pooled connection upkeep).
         self.sweepers: list[Callable[[float], None]] = []
-        #: Idle timers of open tunnels (tcp connections, upgraded http), swept with the drain.
+        #: Idle timers of open tunnels (tcp connections, upgraded http) and http1
+        #: connections' deadlines, swept with the drain.
         self.idles: set[Any] = set()
+        self._relay: Relay | None = None
+
+    def relay(self) -> Relay:
+        """The listener's relay (tcp tunnels), its task started on first use."""
+        if self._relay is None:
+            assert self.nursery is not None
+            self._relay = Relay()
+            self.nursery.start_soon(self._relay.run)
+        return self._relay
 
     def track(self, service: str, endpoint_id: str, scope: trio.CancelScope) -> Work:
-        w = Work(service, endpoint_id, scope)
+        w = Work(service, endpoint_id, scope, None, scope.deadline)
         self.work.add(w)
         return w
 
@@ -82,10 +124,10 @@ class ListenerState:
             if serving(self.rt, w.service, w.endpoint_id):
                 if w.leaving_since is not None:  # back before its drain ran out
                     w.leaving_since = None
-                    w.scope.deadline = float("inf")
+                    w.scope.deadline = w.deadline
             elif w.leaving_since is None:
                 w.leaving_since = now
-                w.scope.deadline = now + self.config.drain_timeout
+                w.scope.deadline = min(w.scope.deadline, now + self.config.drain_timeout)
 
 
 Handler = Callable[[ListenerState, Conn], Awaitable[None]]
@@ -97,10 +139,11 @@ class ProxyListener:
         self.sock = sock
         self.where = where
         self.handler = handler
-        self.lsock = trio.socket.from_stdlib_socket(sock)
+        sock.setblocking(False)
         self.limiter = trio.CapacityLimiter(state.config.max_connections)
         self._accept_scope = trio.CancelScope()
         self._conn_scope = trio.CancelScope()
+        self._closed = False
         self.done = trio.Event()
 
     def update(self, config: ProxyConfig) -> None:
@@ -109,7 +152,6 @@ class ProxyListener:
         self.limiter.total_tokens = config.max_connections
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        lsock = self.lsock
         try:
             with self._conn_scope:
                 async with trio.open_nursery() as nursery:
@@ -117,37 +159,54 @@ class ProxyListener:
                     nursery.start_soon(self._drain_checker)
                     task_status.started()
                     with self._accept_scope:
-                        await self._accept(lsock, nursery)
+                        await self._accept(nursery)
                     # Stopped accepting: the handlers still running finish (bounded by retire).
                     while self.state.conns:
                         await trio.sleep(0.01)
                     nursery.cancel_scope.cancel()
         finally:
-            lsock.close()
+            self._close_listener()
             self.done.set()
 
-    async def _accept(self, lsock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+    def _close_listener(self) -> None:
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self.sock)  # wakes the accept loop if it waits
+            self.sock.close()
+
+    async def _accept(self, nursery: trio.Nursery) -> None:
         state = self.state
+        lsock = self.sock
+        limiter = self.limiter
         lf = state.figures.listener(state.service)
+        accepted = 0
         while True:
             token = object()
-            await self.limiter.acquire_on_behalf_of(token)
             try:
-                sock, addr = await lsock.accept()
-            except (trio.ClosedResourceError, trio.BusyResourceError):
-                self.limiter.release_on_behalf_of(token)
-                return
-            except OSError as e:
-                self.limiter.release_on_behalf_of(token)
-                if lsock.fileno() < 0:
-                    return
-                # EMFILE and friends: the agent is out of something; wait rather than spin.
-                log.warning("%s proxy: accept failed: %s", state.service, e)
-                await trio.sleep(0.1)
-                continue
-            except BaseException:
-                self.limiter.release_on_behalf_of(token)
-                raise
+                limiter.acquire_on_behalf_of_nowait(token)
+            except trio.WouldBlock:  # at max_connections: the kernel queues the rest
+                await limiter.acquire_on_behalf_of(token)
+            while True:
+                try:
+                    sock, addr = lsock.accept()
+                    break
+                except BlockingIOError:
+                    accepted = 0
+                    try:
+                        await trio.lowlevel.wait_readable(lsock)
+                    except (trio.ClosedResourceError, trio.Cancelled):
+                        limiter.release_on_behalf_of(token)
+                        if self._closed:
+                            return
+                        raise
+                except OSError as e:
+                    if self._closed or lsock.fileno() < 0:
+                        limiter.release_on_behalf_of(token)
+                        return
+                    # EMFILE and friends: the agent is out of something; wait rather than spin.
+                    log.warning("%s proxy: accept failed: %s", state.service, e)
+                    await trio.sleep(0.1)
+            sock.setblocking(False)
             try:
                 # Answers go out in as few writes as can be, and nothing may wait for an ACK.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -158,6 +217,9 @@ class ProxyListener:
             lf.active += 1
             lf.connections += 1
             nursery.start_soon(self._serve, conn, token)
+            accepted += 1
+            if accepted % ACCEPT_BATCH == 0:
+                await trio.lowlevel.checkpoint()  # a connection flood takes turns too
 
     async def _serve(self, conn: Conn, token: object) -> None:
         state = self.state
@@ -166,7 +228,7 @@ class ProxyListener:
         except Exception:
             log.exception("%s proxy: connection from %s failed", state.service, conn.peer_ip)
         finally:
-            conn.sock.close()
+            conn.close()
             state.conns.discard(conn)
             state.figures.listener(state.service).active -= 1
             self.limiter.release_on_behalf_of(token)
@@ -187,7 +249,7 @@ class ProxyListener:
         agent)."""
         self.state.closing = True
         self._accept_scope.cancel()
-        self.lsock.close()
+        self._close_listener()
 
     async def retire(self) -> None:
         """Stop accepting; let open connections finish within drain_timeout; then cut them."""
@@ -197,7 +259,7 @@ class ProxyListener:
         # `Connection: close`, instead of meeting a closed connection it cannot retry.
         grace = trio.current_time() + min(KEEPALIVE_GRACE, self.state.config.drain_timeout)
         for c in list(self.state.conns):
-            c.between.deadline = min(c.between.deadline, grace)
+            c.keepalive_grace(grace)
         with trio.move_on_after(self.state.config.drain_timeout):
             await self.done.wait()
         self._conn_scope.cancel()

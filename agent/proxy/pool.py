@@ -24,12 +24,20 @@ class Pool(Generic[T]):
         self._close = close
 
     def get(self, key: tuple[str, int], idle_timeout: float) -> T | None:
+        got = self.take(key, idle_timeout)
+        return None if got is None else got[0]
+
+    def take(self, key: tuple[str, int], idle_timeout: float) -> tuple[T, float] | None:
+        """The most recently used idle connection to `key` (the warmest, least likely
+        closed) and how long it sat idle, or None."""
         q = self._idle.get(key)
+        if not q:
+            return None
         now = trio.current_time()
         while q:
-            since, conn = q.pop()  # the most recently used: the warmest, least likely closed
+            since, conn = q.pop()
             if now - since < idle_timeout:
-                return conn
+                return conn, now - since
             self._close(conn)
         return None
 

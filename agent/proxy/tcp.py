@@ -3,37 +3,26 @@
 from __future__ import annotations
 
 import logging
-import socket
-import struct
 
 import trio
 
 from .listener import Conn, ListenerState
 from .picks import finish, release
-from .pump import Idle, pump
+from .relay import Idle, Tunnel, reset
 from .upstream import NoEndpoint, Try, UpstreamFailed, connect_picked
 
 log = logging.getLogger("softlb.proxy")
-_LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-def _reset(sock: trio.socket.SocketType) -> None:
-    """Close with RST rather than FIN: the peer must see the failure, not a clean end."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass
 
 
 async def serve_tcp(state: ListenerState, conn: Conn) -> None:
     cfg = state.config
-    client = conn.sock
+    client = conn.raw
     try:
         held, upstream = await connect_picked(state.rt, state.figures, state.service,
                                               Try(cfg.connect_timeout, cfg.retries), source=conn.peer_ip)
     except (NoEndpoint, UpstreamFailed) as e:
         log.warning("%s proxy: %s; closing the client connection", state.service, e)
-        _reset(client)
+        reset(client)
         return
     lf = state.figures.listener(state.service)
     ef = state.figures.endpoint(state.service, held.endpoint.id)
@@ -42,7 +31,6 @@ async def serve_tcp(state: ListenerState, conn: Conn) -> None:
     ef.active += 1
     conn.endpoint_id = held.endpoint.id
     latency = trio.current_time() - held.started
-    broken = False
 
     def up(n: int) -> None:
         lf.bytes_in += n
@@ -52,35 +40,24 @@ async def serve_tcp(state: ListenerState, conn: Conn) -> None:
         lf.bytes_out += n
         ef.bytes_out += n
 
-    drain = trio.CancelScope()
-    work = state.track(state.service, held.endpoint.id, drain)
-    idle: Idle | None = None
+    # One scope for everything that ends the tunnel early: the endpoint's drain running
+    # out, the idle sweep, the listener's cut. The bytes move in the listener's relay.
+    scope = trio.CancelScope()
+    work = state.track(state.service, held.endpoint.id, scope)
+    idle = Idle(scope, cfg.idle_timeout)
+    state.idles.add(idle)
+    tunnel = Tunnel(client, upstream, idle, up, down, use_splice=state.use_splice)
     try:
-        with drain, trio.CancelScope() as idle_scope:
-            idle = Idle(idle_scope, cfg.idle_timeout)
-            state.idles.add(idle)
-
-            async def one_way(src: trio.socket.SocketType, dst: trio.socket.SocketType, count) -> None:
-                nonlocal broken
-                try:
-                    await pump(src, dst, idle, count, use_splice=state.use_splice)
-                except OSError:
-                    broken = True
-                    idle_scope.cancel()
-
-            async with trio.open_nursery() as n:
-                n.start_soon(one_way, upstream, client, down)
-                await one_way(client, upstream, up)  # this task carries one direction itself
-        if broken or idle_scope.cancelled_caught or drain.cancelled_caught:
-            # A reset on either side, or idle too long: the other side hears a reset too.
-            _reset(client)
-            _reset(upstream)
+        with scope:
+            state.relay().add(tunnel)
+            await tunnel.done.wait()
     finally:
+        tunnel.abort()  # cut short (drain, idle, agent stop): both sides hear a reset
         state.idles.discard(idle)
         state.work.discard(work)
         ef.active -= 1
         upstream.close()
-        if broken:
+        if tunnel.broken:
             release(state.rt, held)  # a reset mid-stream: which side caused it is unknown
         else:
             finish(state.rt, held, ok=True, latency=latency)

@@ -73,6 +73,8 @@ class LoadBoard:
         self._tell(endpoint_id)
 
     def _tell(self, endpoint_id: str) -> None:
+        if not self._listeners:  # iterating even an empty WeakSet costs a guard object
+            return
         for view in self._listeners:
             view.load_changed(endpoint_id)
 
