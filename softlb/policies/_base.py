@@ -178,3 +178,26 @@ class WeightedSampler:
         if not self.endpoints:
             return None
         return self.endpoints[self.index(rng)]
+
+
+class SampledPolicy(Policy):
+    """A policy that draws from a WeightedSampler of the effective weights, rebuilt on each
+    update; a big set's sampler is prepared in steps (`prepare_steps`)."""
+
+    _sampler = WeightedSampler(())
+
+    def update(
+        self, endpoints: Sequence[Endpoint], now: float, weights: Mapping[str, float] | None = None
+    ) -> None:
+        self._sampler = WeightedSampler(effective_weights(endpoints, weights))
+
+    def prepare_steps(
+        self, endpoints: Sequence[Endpoint], weights: Mapping[str, float] | None, chunk: int
+    ) -> Generator[int, None, Any]:
+        pairs = yield from effective_weights_steps(endpoints, weights, chunk)
+        return WeightedSampler(pairs)
+
+    def update_prepared(
+        self, prepared: Any, endpoints: Sequence[Endpoint], now: float, weights: Mapping[str, float] | None = None
+    ) -> None:
+        self._sampler = prepared

@@ -30,10 +30,10 @@ is removed by health checks and outlier ejection, which run before the policy se
 from __future__ import annotations
 
 import random
-from typing import Any, Generator, Mapping, Sequence
+from typing import Mapping
 
 from .._types import Endpoint
-from ._base import Policy, WeightedSampler, effective_weights, effective_weights_steps
+from ._base import SampledPolicy
 from ._load import LoadBoard
 
 #: How many draws to spend finding a second endpoint distinct from the first before
@@ -41,7 +41,7 @@ from ._load import LoadBoard
 _DISTINCT_TRIES = 4
 
 
-class LeastRequest(Policy):
+class LeastRequest(SampledPolicy):
     name = "least_request"
     ramps_weights = True
     OPTIONS = {"decay": 10.0, "choices": 2}
@@ -51,23 +51,6 @@ class LeastRequest(Policy):
         super().__init__(rng=rng, options=options, load=load)
         self.load.decay = float(self.options["decay"])
         self._choices = int(self.options["choices"])
-        self._sampler = WeightedSampler(())
-
-    def update(
-        self, endpoints: Sequence[Endpoint], now: float, weights: Mapping[str, float] | None = None
-    ) -> None:
-        self._sampler = WeightedSampler(effective_weights(endpoints, weights))
-
-    def prepare_steps(
-        self, endpoints: Sequence[Endpoint], weights: Mapping[str, float] | None, chunk: int
-    ) -> Generator[int, None, Any]:
-        pairs = yield from effective_weights_steps(endpoints, weights, chunk)
-        return WeightedSampler(pairs)
-
-    def update_prepared(
-        self, prepared: Any, endpoints: Sequence[Endpoint], now: float, weights: Mapping[str, float] | None = None
-    ) -> None:
-        self._sampler = prepared
 
     def pick(self, key: str | None, source: str | None, now: float) -> Endpoint | None:
         sampler = self._sampler
