@@ -7,8 +7,9 @@ A reload that fails to parse is logged and counted; the last good catalog keeps 
 The file is not trusted (issue 10, item 6): it is opened non-blocking, so a FIFO put in its
 place cannot block the agent in open(); anything but a regular file (a FIFO, a device such as
 a symlink to /dev/zero) is refused, and so is a file over `catalog.max_bytes`, before it is
-read. Reading and parsing a file over 32 KiB run in a worker thread (tomllib takes ~10 s for 100,000 endpoints
-here), and the services are applied to the engine a slice at a time with a checkpoint
+read. Reading and parsing a file over 32 KiB run in a worker thread, and over 1 MiB in a
+child process (agent/catalog_parser.py: tomllib takes seconds for 100,000 endpoints here, and a
+thread would share the GIL with the loop all that time), and the services are applied to the engine a slice at a time with a checkpoint
 between, so a big catalog never holds the loop for long (item 9).
 """
 
@@ -23,6 +24,7 @@ import trio
 from softlb import ConfigError, EndpointSetBuild
 from softlb import parse_catalog_text, plural
 
+from .catalog_parser import CatalogFileError, parse_in_child
 from .runtime import Runtime
 from .table_builds import run_set_build
 
@@ -41,12 +43,14 @@ def _fingerprint(path: str) -> tuple[int, int, int] | None:
 
 #: Files up to this size are parsed in line (~5 ms here); bigger ones in a worker thread.
 INLINE_PARSE_BYTES = 32 * 1024
-#: Endpoints applied to the engine between two checkpoints.
-APPLY_SLICE = 500
-
-
-class CatalogFileError(Exception):
-    """The catalog path is not a regular file of a sane size."""
+#: Files over this size are parsed by a child process (~0.1 s to start; a 1 MiB file takes
+#: ~0.3 s to parse here, and a thread would share the GIL with the loop all that time).
+CHILD_PARSE_BYTES = 1 << 20
+#: Endpoints applied to the engine between two checkpoints. Applying a service costs more than
+#: its endpoints (health tracker, policy, counters): at 500, a slice of five 100-endpoint
+#: services held the loop ~5 ms and the bystander's p99 during a 100,000-endpoint reload was
+#: 5.9-7.7 ms; at 100, 2.7 ms (bench/bystander.py --only big_reload, same sitting).
+APPLY_SLICE = 100
 
 
 def read_catalog_file(path: str, max_bytes: int) -> bytes:
@@ -115,11 +119,14 @@ async def load_catalog(rt: Runtime, path: str) -> bool:
     """Parse and apply the catalog; on error keep the current one. True on success."""
     try:
         try:
-            small = os.stat(path).st_size <= INLINE_PARSE_BYTES
+            size = os.stat(path).st_size
         except OSError:
-            small = True  # the read below reports it
+            size = 0  # the read below reports it
+        small = size <= INLINE_PARSE_BYTES
         if small:  # a few ms: cheaper in line than the GIL hand-overs of a worker thread
             services = _read_and_parse(path, rt.config.max_catalog_bytes)
+        elif size > CHILD_PARSE_BYTES:  # seconds of parsing: no GIL to share (agent/catalog_parser.py)
+            services = await parse_in_child(path, rt.config.max_catalog_bytes)
         else:
             services = await trio.to_thread.run_sync(_read_and_parse, path, rt.config.max_catalog_bytes)
     except CatalogFileError as e:

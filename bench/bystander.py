@@ -247,32 +247,35 @@ def run(args: argparse.Namespace) -> dict:
         agent.write_catalog(base_catalog())
         phase("conn_flood", spawn(connector, agent.socket, n=4))
 
-        reloads = {"n": 0}
+        def served(service: str) -> bool:
+            """Whether the agent answers for `service` yet: how a phase sees its catalog applied
+            (the last service of the file). Asked over the socket, one cheap resolve: polling
+            /metrics instead rendered the whole 100,000-endpoint catalog 20 times a second, an
+            attack of its own (Prometheus scrapes every 15-60 s)."""
+            from softlb_client import Client, SoftLBError
 
-        def metric(name: str) -> float:
-            import urllib.request
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{agent.admin_port}/metrics", timeout=5) as r:
-                    return sum(float(x.rsplit(" ", 1)[1]) for x in r.read().decode().splitlines() if x.startswith(name))
+                with Client(socket_path=agent.socket, timeout=5) as c:
+                    c.resolve(service, lease=False)
+                return True
+            except SoftLBError:
+                return False
             except OSError:  # an agent stalled by the attack (older revisions) answers late
-                return -1.0
+                return False
 
         def big_start(stop):
-            reloads["n"] = metric('softlb_reloads_total{result="ok",what="catalog"}')
             agent.write_catalog(big_catalog(args.big))
             return []
 
-        phase("big_reload", big_start, until=lambda: metric('softlb_reloads_total{result="ok",what="catalog"}') > reloads["n"])
+        phase("big_reload", big_start, until=lambda: served("big999"))
         agent.write_catalog(base_catalog())
         time.sleep(3)
 
         def giant_start(stop):
-            reloads["n"] = metric('softlb_reloads_total{result="ok",what="catalog"}')
             agent.write_catalog(giant_catalog(args.big))
             return []
 
-        phase("giant_service", giant_start,
-              until=lambda: metric('softlb_reloads_total{result="ok",what="catalog"}') > reloads["n"])
+        phase("giant_service", giant_start, until=lambda: served("giant"))
         if not args.only or "giant_service" in args.only:
             agent.write_catalog(base_catalog())
             time.sleep(3)
