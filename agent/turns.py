@@ -88,11 +88,6 @@ class Turns(trio.abc.Instrument):
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
-    async def take(self, key: str) -> None:
-        """`free()` or else `wait(key)`: call after every wakeup, before doing the work."""
-        if not self.free(key):
-            await self.wait(key)
-
     # -- the releaser
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         trio.lowlevel.add_instrument(self)

@@ -34,7 +34,8 @@ def _flood_then_bystander(budget: int, flood: int) -> tuple[list[tuple[int, str]
 
             async def conn(key: str) -> None:
                 await go.wait()  # every task wakes in the same pass, as epoll would wake them
-                await turns.take(key)
+                if not turns.free(key):  # as the IPC reader does after each wakeup
+                    await turns.wait(key)
                 order.append((turns.passes - first[0], key))
 
             for _ in range(flood):
