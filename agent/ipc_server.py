@@ -83,7 +83,7 @@ SOLO_WINDOW = 0.002
 WRITE_STALL_TIMEOUT = 30.0
 #: Frames one connection answers per turn before it yields to the others: ~0.5-1 ms of work,
 #: above the pipelined benchmark's batch of 100 so that one costs no extra turn.
-MAX_TURN_FRAMES = 128
+MAX_TURN_FRAMES = 64
 #: Answer bytes per turn (an `endpoints` listing of a big service is one frame, but large).
 MAX_TURN_BYTES = 256 * 1024
 #: Requests waiting on a catalog source (resolves of a service being fetched) per connection.
@@ -190,7 +190,7 @@ async def serve_listener(
         await _run_connection(rt, lc, spin)
 
     await listeners.serve_listener(listener, handler, budget, name=name, draining=draining,
-                                   refuse=_goodbye, task_status=task_status)
+                                   refuse=_goodbye, lot=rt.lot, task_status=task_status)
 
 
 async def _run_connection(rt: Runtime, lc: listeners.Connection, spin: _Spin) -> None:
@@ -265,9 +265,7 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                 if data is None:
                     if lc.draining and not proto.buffered:
                         return  # between requests: closing now loses nothing
-                    await lc.wait_readable()
-                    if turns is not None and not turns.free(source):
-                        await turns.wait(source)  # a flood of wakeups: wait for this peer's turn
+                    await lc.wait_readable()  # in the lot: a flood of wakeups waits its peer's turn
                     turn_frames = turn_bytes = 0
                     # The gap includes the epoll wakeup itself (~30 µs here), hence the 2x.
                     spin_ok = perf() - answered_at <= 2 * busy_poll

@@ -8,7 +8,8 @@ write one request on each): a thousand turns in one pass, tens of ms, and a byst
 resolve woken in the same pass waits for all of them (issue 10, the connection flood).
 
 How: a pass grants BUDGET units (a wakeup costs one, answered frames one per FRAMES_PER_UNIT).
-A connection woken when the pass has units left, and none of its peer's is queued, goes on at
+The lot (agent/lot.py), where idle connections wait, asks `free` for each connection it finds
+readable: one woken when the pass has units left, and none of its peer's is queued, goes on at
 once: the common case costs a few attribute reads. Past the budget it queues under its peer
 (uid:pid on the Unix socket, the address on TCP) and parks; a releaser lets queued connections go at
 up to BUDGET per pass, one per peer in turn, so a bystander with one queued connection goes
@@ -22,8 +23,10 @@ from collections import deque
 
 import trio
 
-#: Units per scheduler pass: ~64 wakeups, or ~1,000 answered frames, a few ms at most here.
-BUDGET = 64
+#: Units per scheduler pass: 8 wakeups, or ~128 answered frames. A wakeup is a connection's
+#: next request or its end (EOF: the task and its nursery wind down, ~50-100 us here), so
+#: a pass of a flood costs about a millisecond.
+BUDGET = 8
 FRAMES_PER_UNIT = 16
 
 
@@ -65,28 +68,40 @@ class Turns(trio.abc.Instrument):
 
     async def wait(self, key: str) -> None:
         """Queue under `key` until the releaser lets this task go (round robin by key)."""
+        task = trio.lowlevel.current_task()
+        self.park(task, key)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.discard(task, key)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def park(self, task: trio.lowlevel.Task, key: str) -> None:
+        """Queue `task`, already parked (wait_task_rescheduled), under `key`: the releaser
+        reschedules it in its turn. Its abort must call `discard`."""
         q = self._queues.get(key)
         if q is None:
             q = self._queues[key] = deque()
             self._ring.append(key)
-        task = trio.lowlevel.current_task()
         q.append(task)
         self.queued_total += 1
         if self._idle is not None:
             trio.lowlevel.reschedule(self._idle)
             self._idle = None
 
-        def abort(_: object) -> trio.lowlevel.Abort:
-            try:
-                q.remove(task)
-            except ValueError:
-                pass
-            if not q and self._queues.get(key) is q:
-                del self._queues[key]
-                self._ring.remove(key)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+    def discard(self, task: trio.lowlevel.Task, key: str) -> None:
+        """Take a queued task out (it was cancelled)."""
+        q = self._queues.get(key)
+        if q is None:
+            return
+        try:
+            q.remove(task)
+        except ValueError:
+            pass
+        if not q:
+            del self._queues[key]
+            self._ring.remove(key)
 
     # -- the releaser
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
