@@ -19,8 +19,9 @@ sequential caller parks between requests anyway and never reaches the bound.
 
 Watches: at most `max_watches_per_connection` per connection and `max_watches` in all. On a
 change, the service's description is encoded once (not once per watch) and the woken watches
-send it in slices of WATCH_SLICE per scheduler turn (`_Pacer`), so a service with thousands of
-watchers changing costs every other client at most a slice's worth of sends at a time.
+send it WATCH_SLICE per scheduler pass (`_Gate`, over every watch of every connection), so a
+service with thousands of watchers changing costs every other client at most a slice's worth
+of sends at a time; a closed connection's watches end WATCH_END_SLICE per turn.
 
 Error policy: a frame that is not a msgpack map, an unknown op or a bad argument gets an error
 answer and the connection goes on; a length prefix over max_frame gets FRAME_TOO_LARGE and the
@@ -81,15 +82,22 @@ RECV_SIZE = 65536
 SOLO_WINDOW = 0.002
 #: A peer that reads nothing of an answer for this long is hung up on.
 WRITE_STALL_TIMEOUT = 30.0
-#: Frames one connection answers per turn before it yields to the others: ~0.5-1 ms of work,
-#: above the pipelined benchmark's batch of 100 so that one costs no extra turn.
+#: Frames one connection answers per turn before it yields to the others: ~0.5 ms of work
+#: (a pipelining bystander's p50 1.5 ms at 128, 1.25 at 64, docs/RELIABILITY.md).
 MAX_TURN_FRAMES = 64
+#: What a request answered by a task of its own (a watch, a resolve waiting on a source)
+#: counts for in a turn, in frames: the task's first step runs in the next pass, outside any
+#: turn, so 250 watches in one write made 250 task steps there (~15 ms here).
+SPAWN_FRAMES = 16
 #: Answer bytes per turn (an `endpoints` listing of a big service is one frame, but large).
 MAX_TURN_BYTES = 256 * 1024
 #: Requests waiting on a catalog source (resolves of a service being fetched) per connection.
 MAX_DEFERRED = 256
-#: Watch updates sent per scheduler turn, over all connections.
-WATCH_SLICE = 64
+#: Watch updates sent per scheduler turn, over all connections: ~2 task steps each (at 64,
+#: passes of 10-15 ms here while 10,000 watches took an update).
+WATCH_SLICE = 32
+#: Watches of a closed connection ended per turn.
+WATCH_END_SLICE = 16
 
 
 class _Spin:
@@ -206,7 +214,10 @@ async def _run_connection(rt: Runtime, lc: listeners.Connection, spin: _Spin) ->
                     for w in list(conn.watches.values()):
                         w.stop()
                 else:
-                    nursery.cancel_scope.cancel()
+                    try:
+                        await _end_watches(rt, conn)
+                    finally:
+                        nursery.cancel_scope.cancel()
     except Exception as e:
         # Whatever ends one connection, a peer hanging up or a bug, ends only that one.
         # (Cancellation is a BaseException and still propagates: shutdown stays one cancel.)
@@ -215,6 +226,22 @@ async def _run_connection(rt: Runtime, lc: listeners.Connection, spin: _Spin) ->
                 conn.id, lc.peer, e, exc_info=not peer_gone)
         if not peer_gone:
             rt.stats.errors["INTERNAL"] += 1
+
+
+async def _end_watches(rt: Runtime, conn: Connection) -> None:
+    """End a closed connection's watches WATCH_END_SLICE per turn. Cancelling them all at
+    once ran every watch task in one pass: 250 per connection, 2,000 steps (100 ms here) in
+    one pass when a few such connections closed together."""
+    watches = list(conn.watches.values())
+    turns = rt.turns
+    for i in range(0, len(watches), WATCH_END_SLICE):
+        for w in watches[i:i + WATCH_END_SLICE]:
+            w.stop()
+        if turns is not None:
+            turns.spend(WATCH_END_SLICE * FRAMES_PER_UNIT // 8)  # a watch's end: ~1/8 unit
+            await turns.wait(conn.source)
+        else:
+            await trio.lowlevel.checkpoint()
 
 
 def _only(e: BaseException, kind: type[BaseException]) -> bool:
@@ -343,7 +370,8 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                     if rt_ is dict and type(ev) is Endpoints and rt.proxy_figures is not None:
                         r = with_proxy_figures(rt.proxy_figures, ev.service, r)
                     frame = proto.send_result(ev.id, r)
-            if frame is None:
+            if frame is None:  # a task will answer it
+                n += SPAWN_FRAMES - 1
                 continue
             out.append(frame)
             size += len(frame)
@@ -432,53 +460,64 @@ def _unwatch(conn: Connection, rid: Any, target: Any) -> bytes:
     return ServerConnection.send_result(rid, {})
 
 
-class _Pacer:
-    """Lets at most `per_turn` woken watch senders through per scheduler turn.
+class _Gate:
+    """Lets at most `per_pass` watch senders through per scheduler pass, in arrival order,
+    over every watch of every connection.
 
-    A change wakes every watch of a service at once, and trio runs every task woken in one
-    batch before it polls for I/O again. The first `per_turn` go; later ones park here; the
-    one that filled the slice yields once per turn and lets the next slice through, until
-    nobody is left."""
+    A change wakes every watch of a service, and trio runs every task woken in one pass
+    before it polls for I/O again. Those over the pass's count park here, and one releaser
+    (a system task, running only while someone waits) lets `per_pass` go each pass. A
+    service's watches waiting for its next change are handed here whole when it comes
+    (`_wait_change`), so however many watches and changes there are, a pass runs at most
+    about 2 x per_pass watch steps. (Before: each woken slice elected a driver of its own,
+    and leaders of consecutive changes sliced in parallel: 17 slicers and 576 watch steps
+    in one pass at 10,000 watches and a change every 250 ms.)"""
 
-    def __init__(self, per_turn: int) -> None:
-        self.per_turn = per_turn
+    def __init__(self, per_pass: int) -> None:
+        self.per_pass = per_pass
         self.used = 0
         self.lot = trio.lowlevel.ParkingLot()
+        self._releaser: trio.lowlevel.Task | None = None
+        self._idle = False  # the releaser is parked, waiting for work
 
-    async def turn(self) -> bool:
-        """Wait for a slot; True if the caller must run `drive()` after its work."""
-        if self.used < self.per_turn:
+    async def enter(self) -> None:
+        if self.used < self.per_pass and not len(self.lot):
             self.used += 1
-            return self.used == self.per_turn
+            self.poke()
+            return
+        self.poke()
         await self.lot.park()
-        return False
 
-    async def drive(self) -> None:
-        done = False
-        try:
-            while True:
-                await trio.lowlevel.checkpoint()
-                k = min(len(self.lot), self.per_turn)
-                if k == 0:
-                    self.used = 0
-                    done = True
-                    return
+    def poke(self) -> None:
+        """Have the releaser run (and reset the count) at the next pass."""
+        if self._releaser is None:
+            self._releaser = trio.lowlevel.spawn_system_task(self._release, name="softlb-watch-gate")
+        elif self._idle:
+            self._idle = False
+            trio.lowlevel.reschedule(self._releaser)
+
+    async def _release(self) -> None:
+        while True:
+            await trio.lowlevel.checkpoint()  # one pass
+            k = min(len(self.lot), self.per_pass)
+            self.used = k
+            if k:
                 self.lot.unpark(count=k)
-                self.used = k
-                if k < self.per_turn:
-                    done = True
-                    return
-        finally:
-            if not done:  # cancelled while driving: let everyone through rather than strand them
-                self.used = 0
-                self.lot.unpark_all()
+                continue
+            self._idle = True
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class _Fanout:
     """A service's watches wait here, not all on the change event: one leader waits on the
-    event and, once it fires, wakes the others WATCH_SLICE per scheduler turn. Waking
-    10,000 tasks on one event would run them all in a single batch (~50 ms here) before
-    trio polls for I/O again; this way every other client is answered between slices."""
+    event and, once it fires, hands the others to the gate, which lets WATCH_SLICE go per
+    pass. Waking 10,000 tasks on one event would run them all in a single batch (~50 ms
+    here) before trio polls for I/O again; this way every other client is answered
+    between slices."""
 
     __slots__ = ("lot", "led")
 
@@ -487,31 +526,30 @@ class _Fanout:
         self.led = False
 
 
-async def _wait_change(hub: _Hub, service: str, w: _Watch, changed: trio.Event) -> None:
-    """Return at the next change of `service` (at once if `changed` is set already)."""
+async def _wait_change(hub: _Hub, service: str, w: _Watch, changed: trio.Event) -> bool:
+    """Return at the next change of `service` (at once if `changed` is set already); True
+    if the gate let this watch through already."""
     f = hub.fanout.get(service)
     if f is None:
         f = hub.fanout[service] = _Fanout()
     try:
         with trio.CancelScope() as w.waiting:
             if w.stopped or changed.is_set():
-                return
+                return False
             if f.led:
-                await f.lot.park()
-                return
+                await f.lot.park()  # handed to the gate's lot, and let go from there
+                return True
             f.led = True
             try:
                 await changed.wait()
             finally:
                 f.led = False
-        # Wake exactly those parked now, a slice per turn; those that re-park meanwhile wait
+        # Everyone parked now waits for the gate instead; those that park meanwhile wait
         # for the next change.
-        n = len(f.lot)
-        while n > 0:
-            k = min(n, WATCH_SLICE)
-            f.lot.unpark(count=k)
-            n -= k
-            await trio.lowlevel.checkpoint()
+        if len(f.lot):
+            f.lot.repark(hub.gate.lot, count=len(f.lot))
+            hub.gate.poke()
+        return False
     finally:
         w.waiting = None
         if not f.led and len(f.lot):
@@ -521,12 +559,12 @@ async def _wait_change(hub: _Hub, service: str, w: _Watch, changed: trio.Event) 
 
 
 class _Hub:
-    """Per runtime: the watch count, the pacer, and each service's description encoded
+    """Per runtime: the watch count, the gate, and each service's description encoded
     once per change."""
 
     def __init__(self) -> None:
         self.count = 0
-        self.pacer = _Pacer(WATCH_SLICE)
+        self.gate = _Gate(WATCH_SLICE)
         self.encoded: dict[str, tuple[Any, int, bytes, float]] = {}
         self.fanout: dict[str, _Fanout] = {}
 
@@ -726,6 +764,7 @@ async def _stream(rt: Runtime, conn: Connection, rid: Any, service: str, w: _Wat
     # What was last sent: the balancer object and its version. A service removed and
     # added again is a new balancer whose versions restart, so identity counts too.
     sent: tuple[object, int] | None = None
+    admitted = False  # let through by the gate already (handed there by the change's leader)
     while not w.stopped:
         changed = rt.change_event(service)
         b = rt.engine.services.get(service)
@@ -734,21 +773,20 @@ async def _stream(rt: Runtime, conn: Connection, rid: Any, service: str, w: _Wat
                 sent = (None, 0)
                 await conn.send(ServerConnection.send_result(rid, {"service": service, "version": 0, "removed": True, "endpoints": []}))
         elif sent != (b, b.version):
-            drive = await hub.pacer.turn()
-            try:
-                # Read again after the wait for a slot: send the newest state (changes
-                # while this watch waited coalesce into one update).
-                b = rt.engine.services.get(service)
-                if b is None or w.stopped:
-                    continue
-                got = await hub.packed(rt, service, b)
-                if got is None or w.stopped:
-                    continue
+            if not admitted:
+                with trio.CancelScope() as w.waiting:  # `stop` ends a wait at the gate too
+                    await hub.gate.enter()
+                w.waiting = None
+            # Read again after the wait at the gate: send the newest state (changes while
+            # this watch waited coalesce into one update).
+            b = rt.engine.services.get(service)
+            if b is None or w.stopped:
+                admitted = False
+                continue
+            got = await hub.packed(rt, service, b)
+            if got is not None and not w.stopped:
                 sent = (got[0], got[1])
                 await conn.send(ok_frame_packed(rid, got[2]))
-            finally:
-                if drive:
-                    await hub.pacer.drive()
-        await _wait_change(hub, service, w, changed)
+        admitted = await _wait_change(hub, service, w, changed)
 
 

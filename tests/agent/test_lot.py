@@ -3,38 +3,23 @@ of them made readable at once is let go a budget per scheduler pass, round robin
 
 from __future__ import annotations
 
-import collections
 import socket
 
 import pytest
 import trio
 import trio.testing
+from helpers.passes import PassSteps
 
 from softlb_agent.lot import Lot
 from softlb_agent.turns import Turns
 
 
-class _Steps(trio.abc.Instrument):
-    """Which pass each connection task stepped in (passes counted by I/O polls)."""
-
-    def __init__(self) -> None:
-        self.passes = 0
-        self.steps: collections.Counter[int] = collections.Counter()
-
-    def before_io_wait(self, timeout: float) -> None:
-        self.passes += 1
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name.endswith("conn"):
-            self.steps[self.passes] += 1
-
-
-def _flood(n: int, budget: int, *, lot: bool) -> tuple[_Steps, int, int]:
+def _flood(n: int, budget: int, *, lot: bool) -> tuple[PassSteps, int, int]:
     """`n` connections of one peer and one bystander's, parked, all made readable at once.
     Returns the steps per pass, the pass the bystander ran in and the pass the last of the
     flood ran in (both counted from the pass that saw them readable)."""
     pairs = [socket.socketpair() for _ in range(n + 1)]
-    steps = _Steps()
+    steps = PassSteps("conn")
     ran: dict[str, int] = {}
 
     async def main() -> None:
