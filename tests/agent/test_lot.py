@@ -97,7 +97,7 @@ def test_a_cancelled_wait_leaves_the_lot_and_the_queue_and_the_socket_can_park_a
                 with trio.move_on_after(0.2):
                     await lot.wait_readable(a, "p")
                 assert turns.queued_total == 1
-                assert lot.parked == 0 and turns._queues == {} and not turns._ring
+                assert lot.parked == 0 and turns._queues == {} and not turns._ring and not turns._groups
                 # The same socket parks again (re-armed, not added twice), and goes once a
                 # releaser runs (one a pass, at budget 0).
                 nursery.start_soon(turns.run)
