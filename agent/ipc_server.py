@@ -135,6 +135,8 @@ class Connection:
         self.watch_slots = 0
         #: Set when the reader has ended during a drain: a watch that starts now must not.
         self.closing = False
+        #: Requests to answer in tasks of their own, waiting for the connection's nursery.
+        self.to_spawn: list[Any] = []
 
     async def send(self, data: bytes) -> None:
         """Send all of `data`, in order with any other sender on this connection."""
@@ -203,11 +205,20 @@ async def serve_listener(
 
 async def _run_connection(rt: Runtime, lc: listeners.Connection, spin: _Spin) -> None:
     conn = Connection(lc.sock, lc.peer.source, lc)
+    proto = ServerConnection(rt.config.max_frame)
     log.debug("connection %d from %s", conn.id, lc.peer)
     try:
+        # A nursery for the connection's own tasks (watches, resolves waiting on a source)
+        # only once it asks for one: most connections never do, and opening and closing
+        # one was a fifth of what a connection's start and end cost (the connection flood).
+        if not await _read_loop(rt, conn, lc, spin, None, proto):
+            return
         async with trio.open_nursery() as nursery:
+            for req in conn.to_spawn:
+                nursery.start_soon(_handle_deferred, rt, conn, req)
+            conn.to_spawn.clear()
             try:
-                await _read_loop(rt, conn, lc, spin, nursery)
+                await _read_loop(rt, conn, lc, spin, nursery, proto)
             finally:
                 if lc.draining:  # watches end; deferred resolves still answer
                     conn.closing = True
@@ -250,10 +261,12 @@ def _only(e: BaseException, kind: type[BaseException]) -> bool:
     return isinstance(e, kind)
 
 
-async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, spin: _Spin, nursery: trio.Nursery) -> None:
+async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, spin: _Spin,
+                     nursery: trio.Nursery | None, proto: ServerConnection) -> bool:
+    """Serve the connection until it ends (False), or, without a nursery, until a request
+    needs a task of its own (True: `conn.to_spawn` holds it; call again with a nursery)."""
     sock = conn.sock
     engine = rt.engine
-    proto = ServerConnection(rt.config.max_frame)
     source = conn.source
     busy_poll = rt.config.busy_poll
     clock = trio.current_time
@@ -270,7 +283,8 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
     # Work done since this task last yielded; and whether the buffer still holds frames
     # left for the next turn (then nothing more is read until they are answered).
     turn_frames = turn_bytes = 0
-    backlog = False
+    backlog = nursery is not None  # called again: answer what is buffered first
+    data = b""
     while True:
         if not backlog:
             try:
@@ -291,7 +305,7 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                         stats.busy_poll_hits += 1
                 if data is None:
                     if lc.draining and not proto.buffered:
-                        return  # between requests: closing now loses nothing
+                        return False  # between requests: closing now loses nothing
                     await lc.wait_readable()  # in the lot: a flood of wakeups waits its peer's turn
                     turn_frames = turn_bytes = 0
                     # The gap includes the epoll wakeup itself (~30 µs here), hence the 2x.
@@ -299,7 +313,7 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                     continue
             proto.receive_data(data)
             if not data:
-                return
+                return False
         out = []
         now = clock()
         lc.last_active = now
@@ -340,7 +354,7 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                 out.append(proto.send_error(ev.id, ev.code, ev.message) if hint is None else hint)
                 if ev.fatal:  # framing lost
                     await conn.send(b"".join(out))
-                    return
+                    return False
                 continue
             elif t is Watch or t is Unwatch:
                 frame = _defer(rt, conn, ev, nursery)
@@ -378,6 +392,8 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
         rt.flush()
         if out:
             await conn.send(out[0] if len(out) == 1 else b"".join(out))
+        if conn.to_spawn and nursery is None:
+            return True
         turn_frames += n
         turn_bytes += size
         if turns is not None and n >= FRAMES_PER_UNIT:
@@ -418,7 +434,7 @@ async def _big_listing(rt: Runtime, req: Endpoints) -> bytes:
     return ok_frame_packed(rid, got[2])
 
 
-def _defer(rt: Runtime, conn: Connection, req: Request, nursery: trio.Nursery) -> bytes | None:
+def _defer(rt: Runtime, conn: Connection, req: Request, nursery: trio.Nursery | None) -> bytes | None:
     """Start a task for a request the connection answers itself (watch, a resolve waiting
     on a catalog source), or answer at once: an unwatch, or an error frame when this
     connection already has too many waiting or watching."""
@@ -447,7 +463,10 @@ def _defer(rt: Runtime, conn: Connection, req: Request, nursery: trio.Nursery) -
             rt.stats.deferred_refused += 1
             return error_frame(rid, ErrorCode.UNAVAILABLE,
                                f"{conn.deferred} requests on this connection already wait for the catalog source")
-    nursery.start_soon(_handle_deferred, rt, conn, req)
+    if nursery is None:
+        conn.to_spawn.append(req)  # started once the connection has opened its nursery
+    else:
+        nursery.start_soon(_handle_deferred, rt, conn, req)
     return None
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import functools
 import logging
 import os
 import resource
@@ -111,19 +110,21 @@ class Peer:
     pid: int | None = None
     address: str = ""
 
-    @functools.cached_property  # asked at every wait of the connection (agent/lot.py)
-    def source(self) -> str:
-        """"uid:pid" on a Unix socket, the IP on TCP: the `source` affinity policies hash."""
-        if self.family == socket.AF_UNIX:
-            return f"{self.uid}:{self.pid}" if self.uid is not None else "unix"
-        return self.address.rsplit(":", 1)[0].strip("[]") or "tcp"
+    #: "uid:pid" on a Unix socket, the IP on TCP: the `source` affinity policies hash, and
+    #: the key connections take turns by (agent/turns.py).
+    source: str = field(init=False, compare=False)
+    #: What the per-peer cap counts by.
+    bucket: str = field(init=False, compare=False)
 
-    @functools.cached_property
-    def bucket(self) -> str:
-        """What the per-peer cap counts by."""
+    def __post_init__(self) -> None:
+        # Worked out once: asked at every wait of the connection (agent/lot.py).
         if self.family == socket.AF_UNIX:
-            return f"uid:{self.uid}" if self.uid is not None else "unix"
-        return "tcp"
+            unix = self.uid is not None
+            object.__setattr__(self, "source", f"{self.uid}:{self.pid}" if unix else "unix")
+            object.__setattr__(self, "bucket", f"uid:{self.uid}" if unix else "unix")
+        else:
+            object.__setattr__(self, "source", self.address.rsplit(":", 1)[0].strip("[]") or "tcp")
+            object.__setattr__(self, "bucket", "tcp")
 
     def __str__(self) -> str:
         if self.family == socket.AF_UNIX:
