@@ -71,6 +71,10 @@ MAX_STREAMS = 1000
 #: one back, up to this; a peer out of credit has its connection closed (ENHANCE_YOUR_CALM).
 #: So resets can outnumber completed streams by at most this much, at any rate.
 RESET_CREDIT = 200
+#: Frames sent are at most this, whatever MAX_FRAME_SIZE the peer allows: h2 (so
+#: hypercorn, a Python upstream) accepts a larger frame only in a read after the one that
+#: carried our SETTINGS ACK, and on loopback larger frames save little.
+SEND_FRAME_MAX = DEFAULT_MAX_FRAME
 #: Closed streams remembered (how they closed decides what a late frame means).
 CLOSED_REMEMBERED = 1024
 
@@ -130,6 +134,7 @@ class H2Connection:
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_streams = 1 << 31
         self.peer_max_frame = DEFAULT_MAX_FRAME
+        self.send_frame_max = DEFAULT_MAX_FRAME
         self.peer_header_table_size = 4096
         self.peer_max_header_list_size = 1 << 31
         self._send_window = DEFAULT_WINDOW
@@ -193,7 +198,7 @@ class H2Connection:
             raise H2StreamClosedError(f"stream {stream_id} already ended")
         block = self.encoder.encode(headers)
         flags = END_STREAM if end_stream else 0
-        limit = self.peer_max_frame
+        limit = self.send_frame_max
         if len(block) <= limit:
             self._out.append(FRAME_HEADER.pack(len(block) << 8 | HEADERS, flags | END_HEADERS, stream_id))
             self._out.append(block)
@@ -217,7 +222,7 @@ class H2Connection:
         st.send_window -= n
         self._send_window -= n
         out = self._out
-        limit = self.peer_max_frame
+        limit = self.send_frame_max
         if n <= limit:
             out.append(FRAME_HEADER.pack(n << 8, END_STREAM if end_stream else 0, stream_id))
             if n:
@@ -510,6 +515,7 @@ class H2Connection:
                 if not DEFAULT_MAX_FRAME <= value <= MAX_MAX_FRAME:
                     raise H2ConnectionError(H2ErrorCode.PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value} out of range")
                 self.peer_max_frame = value
+                self.send_frame_max = min(value, SEND_FRAME_MAX)
             elif key == H2Setting.MAX_CONCURRENT_STREAMS:
                 self.peer_max_streams = value
             elif key == H2Setting.ENABLE_PUSH:
