@@ -6,8 +6,9 @@ connections per gRPC call, and h2's frame objects, event machinery and per-frame
 machine transitions were ~65% of the proxy's CPU per call (docs/BENCHMARKS.md). Here a
 frame is parsed with one `struct` call and dispatched on its type, a stream is a small
 record (two windows, two "closed" flags, how many header blocks it received), and events
-are slotted records. HPACK decoding is the `hpack` library's; encoding is the static-table
-encoder (`_hpack_static`), which never uses the dynamic table.
+are slotted records. HPACK decoding is the `hpack` library's, behind a cache of repeated
+blocks (`_hpack_decode`); encoding is the static-table encoder (`_hpack_static`), which
+never uses the dynamic table.
 
 Only what a proxy needs, all of it per the RFC for both roles: no server push (a client
 sends ENABLE_PUSH=0; PUSH_PROMISE is a PROTOCOL_ERROR either way), priorities parsed and
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 
 from ._h2events import (DataReceived, GoawayReceived, H2ConnectionError, H2FlowControlBlocked,
@@ -54,6 +54,7 @@ from ._h2frames import (ACK, CONTINUATION, DATA, DEFAULT_MAX_FRAME, DEFAULT_WIND
                         PREFACE, PRIORITY, PRIORITY_FLAG, PUSH_PROMISE, RST_STREAM, SETTINGS, STREAM_ID_MASK,
                         WINDOW_UPDATE, H2ErrorCode, H2Setting, frame, goaway_frame, parse_goaway, parse_priority,
                         parse_settings, parse_u32, rst_stream_frame, settings_frame, window_update_frame)
+from ._hpack_decode import BlockDecoder
 from ._hpack_static import StaticEncoder
 
 #: Encoded header block, HEADERS and its CONTINUATIONs together: a peer must not make us
@@ -145,8 +146,7 @@ class H2Connection:
         self._cont_block: list[bytes] = []
         self._cont_size = 0
         self._cont_frames = 0
-        self.decoder = Decoder(max_header_list_size)
-        self.decoder.max_allowed_table_size = header_table_size
+        self.decoder = BlockDecoder(max_header_list_size, header_table_size)
         self.encoder = StaticEncoder()
         self.goaway_sent: int | None = None
         self.goaway_received: int | None = None
@@ -411,7 +411,7 @@ class H2Connection:
     def _header_block(self, sid: int, end: bool, block: bytes, bad_priority: bool, events: list[Any]) -> None:
         # Decoded first, whatever happens to the stream: the HPACK state is the connection's.
         try:
-            headers = self.decoder.decode(block, raw=True)
+            headers = self.decoder.decode(block)
         except OversizedHeaderListError:
             raise H2ConnectionError(H2ErrorCode.ENHANCE_YOUR_CALM,
                                     f"header list larger than {self.max_header_list_size} bytes") from None
