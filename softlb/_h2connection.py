@@ -253,11 +253,13 @@ class H2Connection:
         self._out.append(rst_stream_frame(stream_id, code))
         return True
 
-    def ack_data(self, stream_id: int, n: int) -> None:
+    def ack_data(self, stream_id: int, n: int) -> bool:
         """`n` received bytes (`DataReceived.flow_controlled_length`) were consumed: the
-        peer may send them again, on the connection and on the stream if still open."""
+        peer may send them again, on the connection and on the stream if still open.
+        True when that queued a WINDOW_UPDATE (most calls queue nothing)."""
         if n <= 0 or self.terminated:
-            return
+            return False
+        queued = len(self._out)
         self._give_back(n)
         st = self.streams.get(stream_id)
         if st is not None and not st.remote_closed:
@@ -267,6 +269,7 @@ class H2Connection:
                 self._out.append(window_update_frame(stream_id, u))
                 u = 0
             st.unacked = u
+        return len(self._out) > queued
 
     def close(self, code: int = H2ErrorCode.NO_ERROR, last_stream_id: int | None = None, debug: bytes = b"") -> None:
         """GOAWAY: the peer opens no new stream; its streams up to `last_stream_id`

@@ -71,6 +71,9 @@ def grpc_timeout(value: bytes | None) -> float:
 
 # ------------------------------------------------------------------------ connections
 
+#: Streams whose answer ended during the current step: their verdicts go to the core
+#: once the step's writes are out (`flush_all`).
+_verdicts: list[Stream] = []
 #: Sides with frames queued during the current synchronous step; sent at its end
 #: (`flush_all`), so one step's frames for one connection leave in one `send`.
 _dirty: list[Side] = []
@@ -169,8 +172,7 @@ class Side:
             src.ack(sid, n)
 
     def ack(self, sid: int, n: int) -> None:
-        if not self.dead:
-            self.conn.ack_data(sid, n)
+        if not self.dead and self.conn.ack_data(sid, n):
             self.dirty()
 
     def reset(self, sid: int, code: int = H2ErrorCode.CANCEL) -> None:
@@ -240,8 +242,17 @@ class Side:
 
 
 def flush_all() -> None:
-    while _dirty:
-        _dirty.pop().flush()
+    """Send what the step queued, in the order the connections were first written to
+    (on a call's way in the upstream's request, on its way out the client's answer), then
+    give the core the verdicts of the streams that ended: after the writes, so the
+    bookkeeping is not in the answer's way."""
+    i = 0
+    while i < len(_dirty):  # a flush that loses a connection may queue to others
+        _dirty[i].flush()
+        i += 1
+    _dirty.clear()
+    while _verdicts:
+        _verdict(_verdicts.pop())
 
 
 # ------------------------------------------------------------------------ streams
@@ -336,7 +347,7 @@ def _request(state: ListenerState, conn: Conn, cside: Side, ev: RequestReceived,
         service = route(cfg.routes, state.service, (authority or b"").decode("latin-1"),
                         (path or b"/").decode("latin-1"))
     state.figures.listener(state.service).requests += 1
-    budget = min(cfg.request_timeout, grpc_timeout(timeout))
+    budget = cfg.request_timeout if timeout is None else min(cfg.request_timeout, grpc_timeout(timeout))
     st = Stream(state, conn, cside, sid, service, _forwarded(ev.headers, conn.peer_ip),
                 (ctype or b"").startswith(b"application/grpc"), budget, spawn)
     cside.streams[sid] = st
@@ -518,11 +529,16 @@ def _unqueue(q: deque[list[Any]], src: Side | None, sid: int) -> None:
 
 
 def _complete(st: Stream) -> None:
-    """The answer ended: the verdict to the core, the stream forgotten by both sides."""
+    """The answer ended: the stream forgotten by both sides; its verdict to the core at
+    the end of the step."""
     _forget(st)
-    assert st.held is not None and st.ef is not None
     if not st.up_ended:  # answered before the request ended: the rest is not wanted
         st.uside.reset(st.usid, H2ErrorCode.NO_ERROR)  # type: ignore[union-attr]
+    _verdicts.append(st)
+
+
+def _verdict(st: Stream) -> None:
+    assert st.held is not None and st.ef is not None
     finish(st.state.rt, st.held, ok=st.ok, latency=st.latency)
     if not st.ok:
         st.lf.failures += 1
