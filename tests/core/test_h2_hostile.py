@@ -57,6 +57,8 @@ CONNECTION_ERRORS = {
     "CONTINUATION on another stream": (frame(HEADERS, 0, 1, block(REQUEST)) + continuation(3, b"", True),
                                        E.PROTOCOL_ERROR),
     "undecodable HPACK": (frame(HEADERS, END_HEADERS, 1, b"\xff\xff\xff\xff"), E.COMPRESSION_ERROR),
+    "HPACK table larger than HEADER_TABLE_SIZE": (frame(HEADERS, END_HEADERS, 1, b"\x3f\xe2\x1f"),
+                                                  E.COMPRESSION_ERROR),
     "padding as long as the frame": (frame(DATA, PADDED, 1, b"\x05abc"), E.PROTOCOL_ERROR),
     "SETTINGS length not a multiple of 6": (frame(SETTINGS, 0, 0, b"\0" * 5), E.FRAME_SIZE_ERROR),
     "SETTINGS on a stream": (frame(SETTINGS, 0, 1, b""), E.PROTOCOL_ERROR),
