@@ -338,3 +338,38 @@ def test_end_stream_data_after_headers_flag():
     c = server()
     events = c.receive_data(frame(HEADERS, END_HEADERS | END_STREAM, 1, block(REQUEST)))
     assert events == [RequestReceived(1, REQUEST, True)]
+
+
+# ------------------------------------------------------------------ anything at all
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+random_frames = st.lists(st.tuples(st.integers(0, 12), st.integers(0, 255), st.sampled_from([0, 1, 2, 3, 5, 7, 99]),
+                                   st.binary(max_size=64)), max_size=25)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.booleans(), random_frames, st.data())
+def test_any_frames_give_events_or_a_connection_error_never_a_crash(client_side, frames, data):
+    """Random frames (types, flags, stream ids, payloads), each side: the connection
+    returns events or raises H2ConnectionError with a GOAWAY queued; nothing else."""
+    c = client() if client_side else server()
+    if data.draw(st.booleans()):  # a stream open on each side's terms first
+        if client_side:
+            c.send_headers(1, REQUEST)
+        else:
+            c.receive_data(headers_frame(1))
+        c.data_to_send()
+    wire = b"".join(frame(*f) for f in frames)
+    try:
+        for cut in (len(wire) // 3, len(wire)):
+            c.receive_data(wire[:cut])
+            wire = wire[cut:]
+            for sid in list(c.streams):  # the caller's side of things keeps working too
+                c.send_window(sid)
+                c.ack_data(sid, 10)
+    except H2ConnectionError:
+        assert goaway_code(c) is not None
+    else:
+        sent(c)  # whatever it queued is well-formed frames
