@@ -713,7 +713,8 @@ def _client_events(state: ListenerState, conn: Conn, side: Side, events: list[An
             if st is not None:  # the client gave up on the stream (or broke it): so do we, upstream
                 _drop(st)
         elif t is WindowUpdated or t is RemoteSettingsChanged:
-            side.unblock()
+            if side.blocked:
+                side.unblock()
         elif t is GoawayReceived:
             side.goaway = True
 
@@ -746,7 +747,8 @@ def _upstream_events(side: Side, events: list[Any]) -> None:
                 else:
                     _upstream_failed(st)
         elif t is WindowUpdated or t is RemoteSettingsChanged:
-            side.unblock()
+            if side.blocked:
+                side.unblock()
         elif t is GoawayReceived:
             side.goaway = True
         # 1xx answers (InformationalResponseReceived) are not passed on.
