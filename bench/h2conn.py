@@ -66,16 +66,20 @@ class Wire:
                 + frame(HEADERS, END_HEADERS | END_STREAM, sid, self.trl[min(n, 1)]) + window_update_frame(0, 6))
 
 
+def settled(client_facing, upstream, calls: int) -> tuple[list[bytes], list[bytes], bytes]:  # type: ignore[no-untyped-def]
+    """Both connections past their peers' SETTINGS; the calls' bytes, built."""
+    client_facing.receive_data(PREFACE + settings_frame({}))
+    upstream.receive_data(settings_frame({}))
+    client_facing.data_to_send(), upstream.data_to_send()
+    return Wire().prebuilt(calls)
+
+
 def ours(calls: int) -> float:
-    w = Wire()
     client_facing = H2Connection(False, initial_window=1 << 20, connection_window=16 << 20)
     upstream = H2Connection(True, initial_window=1 << 20, connection_window=16 << 20)
     client_facing.initiate()
     upstream.initiate()
-    client_facing.receive_data(PREFACE + settings_frame({}))
-    upstream.receive_data(settings_frame({}))
-    client_facing.data_to_send(), upstream.data_to_send()
-    requests, answers, wu = w.prebuilt(calls)
+    requests, answers, wu = settled(client_facing, upstream, calls)
     t0 = time.perf_counter()
     for n in range(calls):
         sid = 1 + 2 * n
@@ -98,7 +102,6 @@ def ours(calls: int) -> float:
 def theirs(calls: int) -> float:
     # As the proxy on h2 did: h2 formats every frame it receives for a trace log line.
     h2.connection.repr = lambda obj: type(obj).__name__  # type: ignore[attr-defined]
-    w = Wire()
     opts = dict(header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False,
                 validate_inbound_headers=False, normalize_inbound_headers=False)
     client_facing = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, **opts))
@@ -107,10 +110,7 @@ def theirs(calls: int) -> float:
         c.encoder = StaticEncoder()  # type: ignore[assignment]  (what the proxy on h2 did)
         c.initiate_connection()
         c.increment_flow_control_window((16 << 20) - 65535)
-    client_facing.receive_data(PREFACE + settings_frame({}))
-    upstream.receive_data(settings_frame({}))
-    client_facing.data_to_send(), upstream.data_to_send()
-    requests, answers, wu = w.prebuilt(calls)
+    requests, answers, wu = settled(client_facing, upstream, calls)
     t0 = time.perf_counter()
     for n in range(calls):
         sid = 1 + 2 * n
