@@ -274,6 +274,8 @@ class H2Connection:
     def close(self, code: int = H2ErrorCode.NO_ERROR, last_stream_id: int | None = None, debug: bytes = b"") -> None:
         """GOAWAY: the peer opens no new stream; its streams up to `last_stream_id`
         (default: the last it opened) may finish, later ones are ignored."""
+        if self.terminated and self.goaway_sent is not None:
+            return  # the GOAWAY saying why the connection failed was the last word
         last = self._last_peer_sid if last_stream_id is None else last_stream_id
         if self.goaway_sent is not None and self.goaway_sent < last:
             last = self.goaway_sent

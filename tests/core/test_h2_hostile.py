@@ -36,6 +36,8 @@ def connection_error(c, data: bytes, code: int) -> None:
     assert e.value.code == code, e.value.message
     assert goaway_code(c) == code
     assert c.receive_data(headers_frame(101)) == []  # over: nothing more is read
+    c.close()
+    assert c.data_to_send() == b""  # and its GOAWAY was the last word
 
 
 def stream_error(c, data: bytes, sid: int, code: int) -> list:
