@@ -583,8 +583,11 @@ def _goaway_code(s: socket.socket) -> int | None:
     """Read until the proxy closes: the code of its GOAWAY, if it sent one."""
     from softlb._h2frames import GOAWAY, decode_frames, parse_goaway
     data = b""
-    while chunk := s.recv(65536):
-        data += chunk
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass  # closed with the attack's bytes unread: a reset after what was sent
     frames, _ = decode_frames(data)
     codes = [parse_goaway(p)[1] for t, _, _, p in frames if t == GOAWAY]
     return codes[-1] if codes else None
@@ -620,8 +623,6 @@ def test_http2_floods_get_enhance_your_calm_and_the_listener_serves_on(make_agen
         pass  # closed on us mid-attack: the GOAWAY was sent before
     try:
         assert _goaway_code(s) == H2ErrorCode.ENHANCE_YOUR_CALM
-    except ConnectionResetError:
-        pytest.fail("closed without a GOAWAY")
     finally:
         s.close()
     with channel(port) as ch:
