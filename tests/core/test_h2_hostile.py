@@ -375,3 +375,13 @@ def test_any_frames_give_events_or_a_connection_error_never_a_crash(client_side,
         assert goaway_code(c) is not None
     else:
         sent(c)  # whatever it queued is well-formed frames
+
+
+def test_the_peers_max_concurrent_streams_is_honoured():
+    c = client()
+    c.receive_data(settings_frame({3: 1}))
+    c.send_headers(1, REQUEST)
+    with pytest.raises(H2StreamRefused):
+        c.send_headers(3, REQUEST)
+    c.receive_data(rst_stream_frame(1, E.CANCEL))  # one ends: room for the next
+    c.send_headers(3, REQUEST)
