@@ -12,9 +12,9 @@ again elsewhere when their request was small enough to keep.
 
 Design, for speed (docs/BENCHMARKS.md, "Where the time goes"): a stream is state, not a
 task. Each connection, client-facing or upstream, has one reader task that feeds the
-core's sans-I/O `H2Connection` and forwards every event at once to the other connection's, and one writer
-task that only runs when the kernel did not take a write whole; writes are gathered per
-batch of events (one `send` per connection per wakeup). A stream needs a task of its own
+core's sans-I/O `H2Connection` and forwards every event at once to the other connection's,
+and one writer task that only runs when the kernel did not take a write whole; writes are
+gathered per batch of events (one `send` per connection per wakeup). A stream needs a task of its own
 only when its pick must wait (a catalog source still fetching the service) or a new
 upstream connection must be opened. Deadlines (request_timeout, grpc-timeout, drain) are
 swept by one housekeeping task per client connection instead of a cancel scope per stream.
@@ -58,6 +58,10 @@ GRPC_DEADLINE_EXCEEDED = b"4"
 
 #: MAX_CONCURRENT_STREAMS each connection allows its peer.
 MAX_STREAMS = 1000
+# Headers are checked once, as a client's request comes in (h2headers: a malformed request
+# is the client's error, its stream reset, never forwarded), and passed on as they came. An
+# upstream's answer is not checked: the client checks what it receives, and a malformed
+# answer is the endpoint's failure either way.
 
 DATA, TRAILERS = 0, 1
 
