@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -66,7 +67,7 @@ class Wire:
                 + frame(HEADERS, END_HEADERS | END_STREAM, sid, self.trl[min(n, 1)]) + window_update_frame(0, 6))
 
 
-def settled(client_facing, upstream, calls: int) -> tuple[list[bytes], list[bytes], bytes]:  # type: ignore[no-untyped-def]
+def settled(client_facing: Any, upstream: Any, calls: int) -> tuple[list[bytes], list[bytes], bytes]:
     """Both connections past their peers' SETTINGS; the calls' bytes, built."""
     client_facing.receive_data(PREFACE + settings_frame({}))
     upstream.receive_data(settings_frame({}))

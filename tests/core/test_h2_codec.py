@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from softlb import H2Connection
 from softlb._h2frames import (DATA, END_HEADERS, END_STREAM, FRAME_HEADER_SIZE, HEADERS, PADDED, PING, PREFACE,
-                              PRIORITY, PRIORITY_FLAG, decode_frames, frame, parse_settings, rst_stream_frame, settings_frame,
-                              window_update_frame)
+                              PRIORITY, PRIORITY_FLAG, decode_frames, frame, parse_settings, rst_stream_frame,
+                              settings_frame, window_update_frame)
 from tests.core.h2help import REQUEST, continuation
 
 frames = st.lists(st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, (1 << 31) - 1),

@@ -10,8 +10,8 @@ import struct
 import pytest
 from hpack import Encoder
 
-from softlb import (DataReceived, H2Connection, H2StreamRefused, GoawayReceived, H2ConnectionError, H2ErrorCode, InformationalResponseReceived, RequestReceived,
-                    ResponseReceived, StreamReset, TrailersReceived)
+from softlb import (DataReceived, GoawayReceived, H2Connection, H2ConnectionError, H2ErrorCode, H2StreamRefused,
+                    InformationalResponseReceived, RequestReceived, ResponseReceived, StreamReset, TrailersReceived)
 from softlb._h2connection import MAX_CONTINUATIONS, MAX_HEADER_BLOCK, RESET_CREDIT
 from softlb._h2frames import (DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PADDED, PING, PREFACE, PRIORITY,
                               PRIORITY_FLAG, PUSH_PROMISE, RST_STREAM, SETTINGS, WINDOW_UPDATE, frame,
