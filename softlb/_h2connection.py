@@ -113,7 +113,9 @@ class H2Connection:
         self.client_side = client_side
         #: Open and half-closed streams by id.
         self.streams: dict[int, _Stream] = {}
+        #: How closed streams closed, by id: the newer half and the older half (see _remember).
         self._closed: dict[int, int] = {}
+        self._closed_before: dict[int, int] = {}
         self._out: list[Any] = []
         self._buf = b""
         self._await_preface = not client_side
@@ -424,7 +426,7 @@ class H2Connection:
             raise H2ConnectionError(H2ErrorCode.COMPRESSION_ERROR, f"undecodable header block: {e}") from None
         st = self.streams.get(sid)
         if st is None:
-            if sid in self._closed or not self._idle(sid):
+            if sid in self._closed or sid in self._closed_before or not self._idle(sid):
                 self._not_open(sid, "HEADERS", events)
                 return
             if self.client_side or sid & 1 != self._peer_parity:
@@ -568,7 +570,7 @@ class H2Connection:
     def _window_update(self, flags: int, sid: int, payload: bytes, events: list[Any]) -> None:
         if len(payload) != 4:
             raise H2ConnectionError(H2ErrorCode.FRAME_SIZE_ERROR, "WINDOW_UPDATE not 4 bytes")
-        inc = parse_u32(payload) & _MASK
+        inc = int.from_bytes(payload, "big") & _MASK
         if sid == 0:
             if inc == 0:
                 raise H2ConnectionError(H2ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
@@ -604,6 +606,8 @@ class H2Connection:
             self._stream_error(sid, H2ErrorCode.STREAM_CLOSED, events)
             return
         how = self._closed.get(sid)
+        if how is None:
+            how = self._closed_before.get(sid)
         if how == _RESET_HERE:
             return
         if how == _ENDED:
@@ -639,10 +643,14 @@ class H2Connection:
             self._credit += 1
 
     def _remember(self, sid: int, how: int) -> None:
+        """Two generations rather than evicting the oldest entry one by one: deleting a
+        dict's first entry again and again makes finding the next first entry ever slower
+        (CPython skips the deleted slots), and here it would happen once per stream."""
         closed = self._closed
         closed[sid] = how
-        if len(closed) > CLOSED_REMEMBERED:
-            del closed[next(iter(closed))]
+        if len(closed) >= CLOSED_REMEMBERED // 2:
+            self._closed_before = closed
+            self._closed = {}
 
     def _give_back(self, n: int) -> None:
         u = self._conn_unacked + n

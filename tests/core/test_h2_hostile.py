@@ -385,3 +385,26 @@ def test_the_peers_max_concurrent_streams_is_honoured():
         c.send_headers(3, REQUEST)
     c.receive_data(rst_stream_frame(1, E.CANCEL))  # one ends: room for the next
     c.send_headers(3, REQUEST)
+
+
+def test_closed_streams_are_remembered_within_the_bound_and_forgotten_beyond():
+    from softlb._h2connection import CLOSED_REMEMBERED
+    c = server()
+    e = Encoder()
+    for i in range(3 * CLOSED_REMEMBERED):
+        sid = 1 + 2 * i
+        c.receive_data(headers_frame(sid, end_stream=True, encoder=e))
+        c.send_headers(sid, RESPONSE, end_stream=True)
+        c.data_to_send()
+    assert len(c._closed) + len(c._closed_before) <= CLOSED_REMEMBERED
+    last = 1 + 2 * (3 * CLOSED_REMEMBERED - 1)
+    connection_error(c, data_frame(last, b"late"), E.STREAM_CLOSED)  # recent: known to have ended
+    c = server()
+    c.receive_data(headers_frame(1, end_stream=True))
+    c.send_headers(1, RESPONSE, end_stream=True)
+    for i in range(1, CLOSED_REMEMBERED + 1):
+        sid = 1 + 2 * i
+        c.receive_data(headers_frame(sid, end_stream=True))
+        c.reset_stream(sid)
+    sent(c)
+    stream_error(c, data_frame(1, b"late"), 1, E.STREAM_CLOSED)  # forgotten: a stream error only
