@@ -22,6 +22,7 @@ swept by one housekeeping task per client connection instead of a cancel scope p
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -83,6 +84,13 @@ _verdicts: list[Stream] = []
 _dirty: list[Side] = []
 
 
+def _code_name(code: int) -> str:
+    try:
+        return H2ErrorCode(code).name
+    except ValueError:
+        return f"0x{code:x}"
+
+
 class Side:
     """One HTTP/2 connection: its protocol state (`H2Connection`), its socket, the streams
     it carries.
@@ -93,9 +101,12 @@ class Side:
     before its bytes have left."""
 
     __slots__ = ("conn", "sock", "fd", "streams", "blocked", "out", "writing", "kick", "held_acks",
-                 "dead", "goaway", "last_used", "on_lost", "is_dirty", "timer")
+                 "dead", "goaway", "last_used", "on_lost", "is_dirty", "timer", "errors")
 
-    def __init__(self, sock: trio.socket.SocketType, client_side: bool) -> None:
+    def __init__(self, sock: trio.socket.SocketType, client_side: bool,
+                 errors: collections.Counter[tuple[str, str]] | None = None) -> None:
+        #: Where a protocol error that ends this connection is counted (ProxyFigures).
+        self.errors = errors
         self.conn = H2Connection(client_side, initial_window=WINDOW, connection_window=CONN_WINDOW,
                                  max_concurrent_streams=MAX_STREAMS)
         self.sock = sock
@@ -229,6 +240,9 @@ class Side:
                     events = self.conn.receive_data(data)
                 except H2ConnectionError as e:
                     log.info("http2: protocol error from peer: %s", e)
+                    if self.errors is not None:
+                        peer = "upstream" if self.conn.client_side else "client"
+                        self.errors[(peer, _code_name(e.code))] += 1
                     self.flush()  # a GOAWAY saying why is queued
                     break
                 try:
@@ -859,7 +873,7 @@ async def _upstream(state: ListenerState, held: Held) -> Side:
     if side is not None:
         sock.close()
         return side
-    side = Side(sock, client_side=True)
+    side = Side(sock, client_side=True, errors=state.figures.http2_errors)
     side.on_lost = _upstream_lost
     side.start()
     pool.add(key, side)
@@ -874,7 +888,7 @@ async def _upstream(state: ListenerState, held: Held) -> Side:
 
 
 async def serve_http2(state: ListenerState, conn: Conn) -> None:
-    side = Side(conn.sock, client_side=False)
+    side = Side(conn.sock, client_side=False, errors=state.figures.http2_errors)
     side.on_lost = _client_lost
     side.start()
     flush_all()

@@ -606,7 +606,7 @@ def test_http2_floods_get_enhance_your_calm_and_the_listener_serves_on(make_agen
 
     (b,) = grpcs(1)
     port = free_port()
-    make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
+    agent = make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     enc = Encoder()
     s.sendall(PREFACE + settings_frame({}))
@@ -627,3 +627,8 @@ def test_http2_floods_get_enhance_your_calm_and_the_listener_serves_on(make_agen
         s.close()
     with channel(port) as ch:
         assert ch.unary_unary("/demo.Echo/Call")(b"after", timeout=10) == b"g1:after"
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.admin_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    assert 'softlb_proxy_http2_protocol_errors_total{code="ENHANCE_YOUR_CALM",peer="client"} 1.0' in text
