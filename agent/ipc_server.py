@@ -19,7 +19,8 @@ sequential caller parks between requests anyway and never reaches the bound.
 
 Watches: at most `max_watches_per_connection` per connection and `max_watches` in all. On a
 change, the service's description is encoded once (not once per watch) and the woken watches
-send it WATCH_SLICE per scheduler pass (`_Gate`, over every watch of every connection), so a
+send it WATCH_SLICE per scheduler pass (a `Turns` gate over every watch of every connection,
+round robin by peer), so a
 service with thousands of watchers changing costs every other client at most a slice's worth
 of sends at a time; a closed connection's watches end WATCH_END_SLICE per turn.
 
@@ -67,7 +68,7 @@ from softlb import (
 from . import listeners
 from .listeners import ConnectionBudget, ConnectionLimits
 from .proxy.figures import with_proxy_figures
-from .turns import FRAMES_PER_UNIT
+from .turns import FRAMES_PER_UNIT, Turns
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -82,9 +83,10 @@ RECV_SIZE = 65536
 SOLO_WINDOW = 0.002
 #: A peer that reads nothing of an answer for this long is hung up on.
 WRITE_STALL_TIMEOUT = 30.0
-#: Frames one connection answers per turn before it yields to the others: ~0.5 ms of work
-#: (a pipelining bystander's p50 1.5 ms at 128, 1.25 at 64, docs/RELIABILITY.md).
-MAX_TURN_FRAMES = 64
+#: Frames one connection answers per turn before it yields to the others: ~1 ms of work, and
+#: above the pipelined benchmark's batch of 100 so that one costs no extra turn (at 64 the
+#: pipelined rate fell 14-23%). A turn is also cut to the units its pass has left.
+MAX_TURN_FRAMES = 128
 #: What a request answered by a task of its own (a watch, a resolve waiting on a source)
 #: counts for in a turn, in frames: the task's first step runs in the next pass, outside any
 #: turn, so 250 watches in one write made 250 task steps there (~15 ms here).
@@ -158,7 +160,12 @@ class Connection:
             while view:
                 with trio.move_on_after(WRITE_STALL_TIMEOUT):
                     try:
-                        await trio.lowlevel.wait_writable(self.sock)
+                        if self.lc is not None:
+                            # In the lot, as readers wait: connections whose peers stopped
+                            # reading, closed together, are let go a budget per pass.
+                            await self.lc.wait_writable()
+                        else:
+                            await trio.lowlevel.wait_writable(self.sock)
                     except trio.ClosedResourceError:
                         # The drain wakes parked readers with notify_closing, which wakes a
                         # writer on the same socket too; the socket is closed only after this
@@ -323,10 +330,12 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
         send_error = proto.send_error
         backlog = False
         size = n = 0
+        # A turn answers at most what its pass has left (the others woken in the same pass
+        # spent theirs first), and never more than MAX_TURN_FRAMES: a pipelined batch is
+        # split across turns only when the pass is busy or the batch is bigger than that.
+        limit = MAX_TURN_FRAMES if turns is None else min(MAX_TURN_FRAMES, turns.room() * FRAMES_PER_UNIT)
         while True:
-            # One pass answers at most a turn's worth; a pipelined batch is never split
-            # across turns unless it is bigger than that.
-            if n >= MAX_TURN_FRAMES or size >= MAX_TURN_BYTES:
+            if n >= limit or size >= MAX_TURN_BYTES:
                 backlog = True
                 break
             ev = proto.next_event()
@@ -404,8 +413,8 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
             # This task has had its turn without parking (a pipeline, or a spin that kept
             # finding data): let the others run before reading on.
             stats.turns_yielded += 1
-            if turns is not None:
-                await turns.wait(source)
+            if turns is not None and not turns.free(source):
+                await turns.wait(source)  # round robin with the others, from the next pass
             else:
                 await checkpoint()
             turn_frames = turn_bytes = 0
@@ -481,73 +490,23 @@ def _unwatch(conn: Connection, rid: Any, target: Any) -> bytes:
     return ServerConnection.send_result(rid, {})
 
 
-class _Gate:
-    """Lets at most `per_pass` watch senders through per scheduler pass, in arrival order,
-    over every watch of every connection.
-
-    A change wakes every watch of a service, and trio runs every task woken in one pass
-    before it polls for I/O again. Those over the pass's count park here, and one releaser
-    (a system task, running only while someone waits) lets `per_pass` go each pass. A
-    service's watches waiting for its next change are handed here whole when it comes
-    (`_wait_change`), so however many watches and changes there are, a pass runs at most
-    about 2 x per_pass watch steps. (Before: each woken slice elected a driver of its own,
-    and leaders of consecutive changes sliced in parallel: 17 slicers and 576 watch steps
-    in one pass at 10,000 watches and a change every 250 ms.)"""
-
-    def __init__(self, per_pass: int) -> None:
-        self.per_pass = per_pass
-        self.used = 0
-        self.lot = trio.lowlevel.ParkingLot()
-        self._releaser: trio.lowlevel.Task | None = None
-        self._idle = False  # the releaser is parked, waiting for work
-
-    async def enter(self) -> None:
-        if self.used < self.per_pass and not len(self.lot):
-            self.used += 1
-            self.poke()
-            return
-        self.poke()
-        await self.lot.park()
-
-    def poke(self) -> None:
-        """Have the releaser run (and reset the count) at the next pass."""
-        if self._releaser is None:
-            self._releaser = trio.lowlevel.spawn_system_task(self._release, name="softlb-watch-gate")
-        elif self._idle:
-            self._idle = False
-            trio.lowlevel.reschedule(self._releaser)
-
-    async def _release(self) -> None:
-        while True:
-            await trio.lowlevel.checkpoint()  # one pass
-            k = min(len(self.lot), self.per_pass)
-            self.used = k
-            if k:
-                self.lot.unpark(count=k)
-                continue
-            self._idle = True
-
-            def abort(_: object) -> trio.lowlevel.Abort:
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort)
-
-
 class _Fanout:
     """A service's watches wait here, not all on the change event: one leader waits on the
-    event and, once it fires, hands the others to the gate, which lets WATCH_SLICE go per
-    pass. Waking 10,000 tasks on one event would run them all in a single batch (~50 ms
-    here) before trio polls for I/O again; this way every other client is answered
-    between slices."""
+    event and, once it fires, hands the others to the hub's gate (`_Hub.gate`, a `Turns`
+    with WATCH_SLICE a pass), which lets them go a slice per pass, round robin by peer (uid,
+    then process). Waking 10,000 tasks on one event would run them all in a single batch
+    (~50 ms here) before trio polls for I/O again; this way every other client is answered
+    between slices, and one peer's thousands of watches do not queue another peer's one."""
 
-    __slots__ = ("lot", "led")
+    __slots__ = ("waiting", "led")
 
     def __init__(self) -> None:
-        self.lot = trio.lowlevel.ParkingLot()
+        #: Followers parked for the next change: task -> its peer key, in arrival order.
+        self.waiting: dict[trio.lowlevel.Task, str] = {}
         self.led = False
 
 
-async def _wait_change(hub: _Hub, service: str, w: _Watch, changed: trio.Event) -> bool:
+async def _wait_change(hub: _Hub, service: str, w: _Watch, changed: trio.Event, key: str) -> bool:
     """Return at the next change of `service` (at once if `changed` is set already); True
     if the gate let this watch through already."""
     f = hub.fanout.get(service)
@@ -558,25 +517,55 @@ async def _wait_change(hub: _Hub, service: str, w: _Watch, changed: trio.Event) 
             if w.stopped or changed.is_set():
                 return False
             if f.led:
-                await f.lot.park()  # handed to the gate's lot, and let go from there
-                return True
+                task = trio.lowlevel.current_task()
+                f.waiting[task] = key
+
+                def abort(_: object) -> trio.lowlevel.Abort:
+                    if f.waiting.pop(task, None) is None:  # handed to the gate meanwhile
+                        hub.gate.discard(task, key)
+                    return trio.lowlevel.Abort.SUCCEEDED
+
+                await trio.lowlevel.wait_task_rescheduled(abort)
+                return True  # let go by the gate
             f.led = True
             try:
                 await changed.wait()
             finally:
                 f.led = False
-        # Everyone parked now waits for the gate instead; those that park meanwhile wait
-        # for the next change.
-        if len(f.lot):
-            f.lot.repark(hub.gate.lot, count=len(f.lot))
-            hub.gate.poke()
+        # Here as the leader, or as a follower whose watch was stopped (`stop` cancels the
+        # wait): hand the others over only if the change came. (A stopped follower did it
+        # unasked: every watch of the service went through the gate for nothing.) Asked of
+        # the event, not of how the wait ended: a leader stopped just as the change fired
+        # must still pass it on.
+        if changed.is_set() and f.waiting:
+            # Everyone parked now waits for the gate instead, without waking; those that
+            # park meanwhile wait for the next change.
+            waiting, f.waiting = f.waiting, {}
+            park = hub.gate.park
+            for task, k in waiting.items():
+                park(task, k)
+            hub.gate.start()
         return False
     finally:
         w.waiting = None
-        if not f.led and len(f.lot):
-            f.lot.unpark(count=1)  # someone must lead the next round
-        elif not f.led and not len(f.lot) and hub.fanout.get(service) is f:
+        if not f.led and f.waiting:
+            # Someone must lead the next round: the first follower, let go now.
+            task = next(iter(f.waiting))
+            del f.waiting[task]
+            trio.lowlevel.reschedule(task)
+        elif not f.led and not f.waiting and hub.fanout.get(service) is f:
             del hub.fanout[service]
+
+
+class _WatchGate(Turns):
+    """`Turns` for watch senders; its releaser is a system task, started with the hub."""
+
+    _started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            trio.lowlevel.spawn_system_task(self.run, name="softlb-watch-gate")
 
 
 class _Hub:
@@ -585,7 +574,8 @@ class _Hub:
 
     def __init__(self) -> None:
         self.count = 0
-        self.gate = _Gate(WATCH_SLICE)
+        #: Watch senders, WATCH_SLICE a pass, round robin by peer (see _Fanout).
+        self.gate = _WatchGate(WATCH_SLICE)
         self.encoded: dict[str, tuple[Any, int, bytes, float]] = {}
         self.fanout: dict[str, _Fanout] = {}
 
@@ -651,6 +641,7 @@ def _hub(rt: Runtime) -> _Hub:
     h = _hubs.get(rt)
     if h is None:
         h = _hubs[rt] = _Hub()
+        h.gate.start()
     return h
 
 
@@ -786,6 +777,9 @@ async def _stream(rt: Runtime, conn: Connection, rid: Any, service: str, w: _Wat
     # added again is a new balancer whose versions restart, so identity counts too.
     sent: tuple[object, int] | None = None
     admitted = False  # let through by the gate already (handed there by the change's leader)
+    # The gate's round robin goes by uid, then by process and service: a hot service's
+    # thousands of watches do not queue a quiet one's update, in one process or across.
+    gate_key = f"{conn.source}/{service}"
     while not w.stopped:
         changed = rt.change_event(service)
         b = rt.engine.services.get(service)
@@ -794,9 +788,9 @@ async def _stream(rt: Runtime, conn: Connection, rid: Any, service: str, w: _Wat
                 sent = (None, 0)
                 await conn.send(ServerConnection.send_result(rid, {"service": service, "version": 0, "removed": True, "endpoints": []}))
         elif sent != (b, b.version):
-            if not admitted:
+            if not admitted and not hub.gate.free(gate_key):
                 with trio.CancelScope() as w.waiting:  # `stop` ends a wait at the gate too
-                    await hub.gate.enter()
+                    await hub.gate.wait(gate_key)
                 w.waiting = None
             # Read again after the wait at the gate: send the newest state (changes while
             # this watch waited coalesce into one update).
@@ -808,6 +802,6 @@ async def _stream(rt: Runtime, conn: Connection, rid: Any, service: str, w: _Wat
             if got is not None and not w.stopped:
                 sent = (got[0], got[1])
                 await conn.send(ok_frame_packed(rid, got[2]))
-        admitted = await _wait_change(hub, service, w, changed)
+        admitted = await _wait_change(hub, service, w, changed, gate_key)
 
 

@@ -251,6 +251,14 @@ class _Drain:
         finally:
             parked.discard(sock)
 
+    async def wait_writable(self, sock: socket.socket, key: str) -> None:
+        """A blocked send's wait: in the lot when there is one (the drain's `wake` lets it
+        go), else trio's (the drain's `notify_closing` on the parked reader wakes it)."""
+        if self.lot is not None:
+            await self.lot.wait_writable(sock, key)
+        else:
+            await trio.lowlevel.wait_writable(sock)
+
     async def run(self) -> None:
         assert self.event is not None
         await self.event.wait()
@@ -302,6 +310,10 @@ class Connection:
     async def wait_readable(self) -> None:
         """Park until the socket is readable; returns early (nothing to read) at the drain."""
         await self._drain.wait_readable(self.sock, self.peer.source)
+
+    async def wait_writable(self) -> None:
+        """Park until the socket takes more (a send the kernel would not take whole)."""
+        await self._drain.wait_writable(self.sock, self.peer.source)
 
     def close_soon(self, why: str) -> None:
         """Shut the socket down: the handler's next read sees EOF, its next send fails."""

@@ -14,7 +14,9 @@ sees it, and each pass drains up to MAX_EVENTS ready sockets: a connection whose
 turns left this pass (`Turns.free`) is rescheduled at once, the rest are queued under their
 peer in `Turns` (a deque append, not a task step) and let go round robin, a budget per pass.
 The common case, one caller's request, costs the pump's step: one wakeup more per request
-than trio's own wait. A socket closed while registered leaves the epoll set by itself.
+than trio's own wait. A send the kernel would not take whole waits here too (for EPOLLOUT),
+so connections whose peers stop reading, closed together, are let go the same way. A
+socket closed while registered leaves the epoll set by itself.
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ from .turns import Turns
 
 #: Ready sockets taken from the kernel per pass: beyond it they stay ready for the next.
 MAX_EVENTS = 512
-_ARM = select.EPOLLIN | select.EPOLLONESHOT
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+#: What wakes a reader, and a writer (a hang-up or an error wakes both).
+_READY_IN = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+_READY_OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _Abort = trio.lowlevel.Abort
 
 
@@ -36,36 +42,51 @@ class Lot:
     def __init__(self, turns: Turns) -> None:
         self.turns = turns
         self._ep = select.epoll()
-        #: fd -> (task, peer key) of the connections waiting for their socket.
-        self._waiting: dict[int, tuple[trio.lowlevel.Task, str]] = {}
+        #: fd -> (task, peer key) of the connections waiting for their socket: readers, and
+        #: writers (a send the kernel would not take whole).
+        self._readers: dict[int, tuple[trio.lowlevel.Task, str]] = {}
+        self._writers: dict[int, tuple[trio.lowlevel.Task, str]] = {}
 
     @property
     def parked(self) -> int:
-        return len(self._waiting)
+        return len(self._readers) + len(self._writers)
 
     def close(self) -> None:
         self._ep.close()
 
+    def _arm(self, fd: int) -> None:
+        """Set the fd's interest to its waiters' (none: disarmed)."""
+        mask = (_IN if fd in self._readers else 0) | (_OUT if fd in self._writers else 0)
+        if mask:
+            mask |= select.EPOLLONESHOT
+        try:
+            self._ep.modify(fd, mask)
+        except FileNotFoundError:  # first wait of this socket (a closed one left the set)
+            if mask:
+                self._ep.register(fd, mask)
+        except OSError:  # closed meanwhile: nothing to arm
+            pass
+
     async def wait_readable(self, sock: socket.socket, key: str) -> None:
         """Park until `sock` is readable (or `wake` is called for it) and this peer's turn
         has come."""
-        fd = sock.fileno()
-        try:
-            self._ep.modify(fd, _ARM)
-        except FileNotFoundError:  # first wait of this socket (a closed one left the set)
-            self._ep.register(fd, _ARM)
+        await self._wait(self._readers, sock.fileno(), key)
+
+    async def wait_writable(self, sock: socket.socket, key: str) -> None:
+        """Park until `sock` is writable (or `wake` is called for it) and this peer's turn
+        has come."""
+        await self._wait(self._writers, sock.fileno(), key)
+
+    async def _wait(self, waiting: dict[int, tuple[trio.lowlevel.Task, str]], fd: int, key: str) -> None:
         task = trio.lowlevel.current_task()
         entry = (task, key)
-        waiting = self._waiting
         waiting[fd] = entry
+        self._arm(fd)
 
         def abort(_: object) -> trio.lowlevel.Abort:
             if waiting.get(fd) is entry:
                 del waiting[fd]
-                try:
-                    self._ep.modify(fd, 0)  # disarmed: nothing may wake a task gone
-                except OSError:
-                    pass
+                self._arm(fd)  # disarmed, or armed for the other waiter only
             else:
                 self.turns.discard(task, key)
             return _Abort.SUCCEEDED
@@ -73,34 +94,43 @@ class Lot:
         await trio.lowlevel.wait_task_rescheduled(abort)
 
     def wake(self, sock: socket.socket) -> None:
-        """Let the connection parked on `sock` go now, as if readable (a drain starting)."""
+        """Let the connection's tasks parked on `sock` go now (a drain starting)."""
         try:
             fd = sock.fileno()
         except OSError:
             return
-        entry = self._waiting.pop(fd, None)
-        if entry is not None:
-            trio.lowlevel.reschedule(entry[0])
+        for waiting in (self._readers, self._writers):
+            entry = waiting.pop(fd, None)
+            if entry is not None:
+                trio.lowlevel.reschedule(entry[0])
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         wait_readable = trio.lowlevel.wait_readable
         reschedule = trio.lowlevel.reschedule
         poll = self._ep.poll
-        waiting = self._waiting
+        readers, writers = self._readers, self._writers
+        both = ((readers, _READY_IN), (writers, _READY_OUT))
         turns = self.turns
         free, park = turns.free, turns.park
         task_status.started()
         try:
             while True:
                 await wait_readable(self._ep)
-                for fd, _ in poll(0, MAX_EVENTS):
-                    entry = waiting.pop(fd, None)
-                    if entry is None:  # cancelled meanwhile, or woken by `wake`
-                        continue
-                    task, key = entry
-                    if free(key):
-                        reschedule(task)
-                    else:
-                        park(task, key)
+                for fd, ev in poll(0, MAX_EVENTS):
+                    left = False
+                    for waiting, mask in both:
+                        if not ev & mask:
+                            left = left or fd in waiting
+                            continue
+                        entry = waiting.pop(fd, None)
+                        if entry is None:  # cancelled meanwhile, or woken by `wake`
+                            continue
+                        task, key = entry
+                        if free(key):
+                            reschedule(task)
+                        else:
+                            park(task, key)
+                    if left:  # one-shot: the event disarmed the other waiter's interest too
+                        self._arm(fd)
         finally:
             self.close()

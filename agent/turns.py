@@ -47,6 +47,11 @@ class Turns(trio.abc.Instrument):
         #: Connections that had to queue (a flood is on): a counter for /metrics.
         self.queued_total = 0
 
+    @property
+    def queued(self) -> int:
+        """Tasks waiting for their turn now."""
+        return sum(len(q) for q in self._queues.values())
+
     # -- trio instrument hook
     def before_io_wait(self, timeout: float) -> None:
         self.passes += 1
@@ -63,6 +68,13 @@ class Turns(trio.abc.Instrument):
             self.used += 1
             return True
         return False
+
+    def room(self) -> int:
+        """Units left in this pass (at least one: whoever asks goes on a little)."""
+        if self._seen != self.passes:
+            self._seen = self.passes
+            self.used = 0
+        return max(1, self.budget - self.used)
 
     def spend(self, frames: int) -> None:
         """Charge a turn's answered frames to this pass."""
@@ -163,6 +175,9 @@ class Turns(trio.abc.Instrument):
 
 
 def _group(key: str) -> str:
-    """The uid of a "uid:pid" key (a TCP peer's address is a group of its own)."""
+    """The uid of a "uid:pid" key. TCP peers are one group, whatever their address: any
+    local user can connect from as many of 127.0.0.0/8's addresses as it likes."""
     uid, sep, _ = key.partition(":")
-    return uid if sep and uid.isdigit() else key
+    if sep and uid.isdigit():
+        return uid
+    return "unix" if key == "unix" or key.startswith("unix/") else "tcp"

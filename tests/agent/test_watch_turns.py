@@ -12,15 +12,13 @@ import trio
 import trio.testing
 from agentproc import endpoint_toml
 from helpers.frames import frame
-from helpers.passes import PassSteps
+from helpers.passes import PassSteps, serve_with_turns
 from test_drain_edges import frames, listener
 
 from softlb import AgentConfig
 from softlb._filecatalog import parse_catalog_text
 from softlb_agent import ipc_server
-from softlb_agent.lot import Lot
 from softlb_agent.runtime import Runtime
-from softlb_agent.turns import Turns
 
 WATCHES = 250
 
@@ -37,11 +35,7 @@ def test_watches_start_and_end_a_slice_per_pass(tmp_path) -> None:
         steps = PassSteps("_handle_deferred")
         with trio.fail_after(30):
             async with trio.open_nursery() as n:
-                rt.turns = Turns()
-                await n.start(rt.turns.run)
-                rt.lot = Lot(rt.turns)
-                await n.start(rt.lot.run)
-                await n.start(lambda task_status: ipc_server.serve_listener(rt, lsock, task_status=task_status))
+                await serve_with_turns(n, rt, lsock)
                 trio.lowlevel.add_instrument(steps)
                 c.connect(path)
                 c.setblocking(False)
