@@ -26,15 +26,18 @@ import socket
 
 import trio
 
-from .turns import Turns
+from .turns import END_COST, Turns
 
 #: Ready sockets taken from the kernel per pass: beyond it they stay ready for the next.
 MAX_EVENTS = 512
-_IN = select.EPOLLIN
-_OUT = select.EPOLLOUT
-#: What wakes a reader, and a writer (a hang-up or an error wakes both).
-_READY_IN = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
-_READY_OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_OUT = select.EPOLLOUT | select.EPOLLRDHUP
+#: The peer hung up (or the socket failed): the connection will end, which costs more.
+_GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+#: What wakes a reader, and a writer (a hang-up or an error wakes both: a writer whose peer
+#: is gone fails its next send and ends).
+_READY_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_READY_OUT = select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _Abort = trio.lowlevel.Abort
 
 
@@ -126,10 +129,11 @@ class Lot:
                         if entry is None:  # cancelled meanwhile, or woken by `wake`
                             continue
                         task, key = entry
-                        if free(key):
+                        cost = END_COST if ev & _GONE else 1
+                        if free(key, cost):
                             reschedule(task)
                         else:
-                            park(task, key)
+                            park(task, key, cost)
                     if left:  # one-shot: the event disarmed the other waiter's interest too
                         self._arm(fd)
         finally:

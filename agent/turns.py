@@ -24,10 +24,14 @@ from collections import deque
 
 import trio
 
-#: Units per scheduler pass: 8 wakeups, or ~128 answered frames. A wakeup is a connection's
-#: next request or its end (EOF: the task and its nursery wind down, ~50-100 us here), so
-#: a pass of a flood costs about a millisecond.
-BUDGET = 8
+#: Units per scheduler pass: 16 requests' wakeups, or 8 connections' ends, or ~256 answered
+#: frames: about a millisecond here. A wakeup for a request costs one unit (~30-60 us of
+#: work); one for a hang-up costs END_COST (the task winds down, ~100 us), as the lot sees
+#: it (EPOLLRDHUP). At 8 units of one each, 16 clients resolving at once lost a quarter of
+#: their rate to queueing; at 32, a watch flood's 40 connections registering watches ran
+#: 32 turns a pass (~3 ms).
+BUDGET = 16
+END_COST = 2
 FRAMES_PER_UNIT = 16
 
 
@@ -37,7 +41,8 @@ class Turns(trio.abc.Instrument):
         self.passes = 0  # bumped before each I/O poll: one per scheduler pass
         self._seen = -1
         self.used = 0
-        self._queues: dict[str, deque[trio.lowlevel.Task]] = {}
+        #: Queued tasks by peer key, each with the units it will cost when let go.
+        self._queues: dict[str, deque[tuple[trio.lowlevel.Task, int]]] = {}
         #: Two-level turn order: groups (the uid of "uid:pid") with someone queued, and in
         #: each group its peers with someone queued. A user who forks a thousand processes
         #: gets one group's share against another user, not a thousand.
@@ -57,15 +62,15 @@ class Turns(trio.abc.Instrument):
         self.passes += 1
 
     # -- what a connection calls
-    def free(self, key: str) -> bool:
-        """A woken connection of peer `key` may go on in this pass (and takes a unit) if True:
-        the pass has units left and none of this peer's connections is queued (a peer's
-        wakeups keep their order; another peer's queue does not hold this one back)."""
+    def free(self, key: str, cost: int = 1) -> bool:
+        """A woken connection of peer `key` may go on in this pass (and takes `cost` units)
+        if True: the pass has units left and none of this peer's connections is queued (a
+        peer's wakeups keep their order; another peer's queue does not hold this one back)."""
         if self._seen != self.passes:
             self._seen = self.passes
             self.used = 0
         if self.used < self.budget and (not self._queues or key not in self._queues):
-            self.used += 1
+            self.used += cost
             return True
         return False
 
@@ -94,7 +99,7 @@ class Turns(trio.abc.Instrument):
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
-    def park(self, task: trio.lowlevel.Task, key: str) -> None:
+    def park(self, task: trio.lowlevel.Task, key: str, cost: int = 1) -> None:
         """Queue `task`, already parked (wait_task_rescheduled), under `key`: the releaser
         reschedules it in its turn. Its abort must call `discard`."""
         q = self._queues.get(key)
@@ -106,7 +111,7 @@ class Turns(trio.abc.Instrument):
                 peers = self._groups[group] = deque()
                 self._ring.append(group)
             peers.append(key)
-        q.append(task)
+        q.append((task, cost))
         self.queued_total += 1
         if self._idle is not None:
             trio.lowlevel.reschedule(self._idle)
@@ -117,10 +122,10 @@ class Turns(trio.abc.Instrument):
         q = self._queues.get(key)
         if q is None:
             return
-        try:
-            q.remove(task)
-        except ValueError:
-            pass
+        for item in q:
+            if item[0] is task:
+                q.remove(item)
+                break
         if not q:
             del self._queues[key]
             group = _group(key)
@@ -154,16 +159,17 @@ class Turns(trio.abc.Instrument):
         if self._seen != self.passes:
             self._seen = self.passes
             self.used = 0
-        room = max(1, self.budget - self.used)  # at least one: the queue always moves
+        room = max(1, self.budget - self.used)  # at least one unit: the queue always moves
         queues, ring, groups = self._queues, self._ring, self._groups
         while room and ring:
             group = ring.popleft()
             peers = groups[group]
             key = peers.popleft()
             q = queues[key]
-            trio.lowlevel.reschedule(q.popleft())
-            room -= 1
-            self.used += 1
+            task, cost = q.popleft()
+            trio.lowlevel.reschedule(task)
+            room = max(0, room - cost)
+            self.used += cost
             if q:
                 peers.append(key)
             else:

@@ -149,5 +149,8 @@ def test_connections_stuck_writing_are_not_all_woken_in_one_pass(tmp_path) -> No
                 a.close()
 
     trio.run(main)
-    # The lot's bound for wakeups is BUDGET (8) a pass; here every writer goes at once.
-    assert result["max"] <= 2 * 8, result
+    # The lot lets BUDGET / END_COST hang-ups go a pass (at 444ea44 every writer went at
+    # once: 300 steps in one pass); a connection's end is about two steps.
+    from softlb_agent.turns import BUDGET, END_COST
+
+    assert result["max"] <= 2 * (BUDGET // END_COST + 1), result
