@@ -28,7 +28,7 @@ import trio
 from softlb import route
 
 from .listener import KEEPALIVE_GRACE, Conn, ListenerState, Work
-from .picks import NoEndpoint, finish, pick, release
+from .picks import NoEndpoint, finish, pick, pick_now, release
 from .pool import Pool
 from .relay import Idle, Tunnel
 from .upstream import LOCAL_ERRNOS, Try, UpstreamFailed, connect_picked, open_raw
@@ -411,20 +411,22 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
     stale = 0
     tried: list[str] = []
     while True:
-        held = await pick(state.rt, service, source=conn.peer_ip,
-                          key=f"{conn.peer_ip}#retry{attempt}" if attempt else None)
+        pick_key = f"{conn.peer_ip}#retry{attempt}" if attempt else None
+        held = pick_now(state.rt, service, source=conn.peer_ip, key=pick_key)
+        if held is None:  # a catalog source is still fetching the service
+            held = await pick(state.rt, service, source=conn.peer_ip, key=pick_key)
         ep = held.endpoint
         ef = figures.endpoint(service, ep.id)
         key = (ep.address, ep.port)
         up = None
-        while (got := pool.take(key, cfg.idle_timeout)) is not None:
+        t0 = held.started  # one clock read for the pick, the pool and the latency
+        while (got := pool.take(key, cfg.idle_timeout, t0)) is not None:
             up = got[0]
             if got[1] < PEEK_AFTER or not _closed(up.sock):
                 up.reused = True
                 break
             up.close()  # the server closed it while it sat idle
             up = None
-        t0 = trio.current_time()
         if up is None:
             try:
                 sock = await open_raw(ep.address, ep.port, cfg.connect_timeout)
@@ -482,13 +484,14 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
         finally:
             ef.active -= 1
             state.work.discard(work)
-        finish(state.rt, held, ok=status < 500, latency=latency)
+        now = trio.current_time()  # one clock read for the verdict and the pool
+        finish(state.rt, held, ok=status < 500, latency=latency, now=now)
         if status >= 500:
             lf.failures += 1
             ef.failures += 1
         if reusable and not state.closing:
             up.reused = False
-            pool.put(key, up)
+            pool.put(key, up, now)
         else:
             up.close()
         return not close_client

@@ -43,15 +43,18 @@ async def pick(rt: Runtime, service: str, *, source: str | None = None, key: str
     return Held(service, p.endpoint, p.lease, trio.current_time())
 
 
-def finish(rt: Runtime, held: Held, ok: bool, latency: float | None = None) -> None:
-    """End a held pick with a verdict (feeds least_request latency and outlier detection)."""
+def finish(rt: Runtime, held: Held, ok: bool, latency: float | None = None, now: float | None = None) -> None:
+    """End a held pick with a verdict (feeds least_request latency and outlier detection).
+    `now`, when the caller has just read the clock, spares reading it again."""
     if held.lease is None:
         return
     lease, held.lease = held.lease, None
     try:
-        rt.finish(lease, ok=ok, latency=latency)
+        changes = rt.engine.finish(lease, trio.current_time() if now is None else now, ok=ok, latency=latency)
     except (PickError, RequestError):
-        pass  # its service went away meanwhile: nothing left to count
+        return  # its service went away meanwhile: nothing left to count
+    if changes or rt.engine.table_builds:  # almost always neither: skip the dispatch
+        rt.dispatch(changes)
 
 
 def release(rt: Runtime, held: Held) -> None:

@@ -143,6 +143,25 @@ def test_http_5xx_reported_as_failures_and_passed_on(make_agent, backends):
     assert fig["failures"] == 2 and fig["requests"] == 3
 
 
+def test_http_5xx_ejection_is_dispatched(make_agent, backends):
+    """The proxy ends a request's lease without dispatching when nothing changed (nearly
+    always); when its 5xx verdict ejects the endpoint, the change is still dispatched:
+    the agent logs it, and the next requests go to the other backend."""
+    b1, b2 = backends(2)
+    port = free_port()
+    agent = make_agent(catalog([b1, b2]), proxy_config("web", port, "http")
+                       + "[services.web.outlier]\nconsecutive_failures = 2\n").start()
+    c = conn(port)
+    # /status/503 answers 503 on both; two in a row on one endpoint eject it.
+    for _ in range(4):
+        get(c, "/status/503")
+    wait_until(lambda: "is no longer eligible (ejected by outlier detection" in agent.log())
+    ejected = [e for e, d in endpoints(agent).items() if not d["eligible"]]
+    assert len(ejected) == 1
+    left = {"b1", "b2"} - set(ejected)
+    assert {get(c, "/")[2] for _ in range(4)} == {f"hello from {left.pop()}\n".encode()}
+
+
 def test_http_connect_failure_and_reset_retried_for_idempotent(make_agent, backends):
     live = backends(1)
     dead = endpoint_toml("web", "127.0.0.1", refusing_port(), id="dead")
