@@ -27,6 +27,7 @@ import trio
 
 from softlb import route
 
+from .heads import Head, simple_request, simple_response
 from .listener import KEEPALIVE_GRACE, Conn, ListenerState, Work
 from .picks import NoEndpoint, finish, pick, pick_now, release
 from .pool import Pool
@@ -52,31 +53,6 @@ REASONS = {200: b"OK", 400: b"Bad Request", 502: b"Bad Gateway", 503: b"Service 
            504: b"Gateway Timeout"}
 
 
-class Head:
-    """A parsed request or response head."""
-
-    __slots__ = ("method", "target", "status", "reason", "headers", "keep_alive", "chunked", "length", "version",
-                 "upgrade")
-
-    def __init__(self) -> None:
-        self.method = b""
-        self.target = b""
-        self.status = 0
-        self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.keep_alive = True
-        self.chunked = False
-        self.length: int | None = None
-        self.version = "1.1"
-        self.upgrade = False  # has an Upgrade header
-
-    def get(self, name: bytes) -> bytes | None:
-        for n, v in self.headers:
-            if n == name:
-                return v
-        return None
-
-
 class Parser:
     """llhttp through httptools, as a queue of events: ('head', Head), ('data', bytes),
     ('end',). Raises httptools.HttpParserError on garbage; an upgrade request leaves
@@ -92,11 +68,38 @@ class Parser:
         self.in_message = False
 
     def feed(self, data: bytes) -> None:
+        if not self.in_message:  # llhttp holds nothing: plain messages can skip it
+            data = self._simple(data)
+            if not data:
+                return
         try:
             self.p.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             self.upgraded = True
             self.upgrade_data = data[e.args[0]:]
+
+    def _simple(self, data: bytes) -> bytes:
+        """Take the plain messages at the front of `data` (heads.py); the rest is llhttp's."""
+        events = self.events
+        if self.response:
+            answer = simple_response(data)
+            if answer is None:
+                return data
+            self.head, body = answer
+            events.append(("head", self.head))
+            if body:
+                events.append(("data", body))
+            events.append(("end",))
+            return b""
+        while data:
+            request = simple_request(data)
+            if request is None:
+                return data
+            self.head, used = request
+            events.append(("head", self.head))
+            events.append(("end",))
+            data = data[used:]
+        return data
 
     # httptools callbacks
     def on_message_begin(self) -> None:
