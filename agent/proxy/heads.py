@@ -32,13 +32,18 @@ _REQUEST_FALLBACK = frozenset({b"content-length", b"transfer-encoding", b"connec
                                b"keep-alive", b"proxy-connection"})
 _RESPONSE_FALLBACK = frozenset({b"transfer-encoding", b"connection", b"upgrade", b"keep-alive",
                                 b"proxy-connection"})
+#: Headers the proxy drops or rewrites on the way on (hop-by-hop ones the fallbacks above
+#: do not cover; a request's X-Forwarded-For gets the client appended): a head with none
+#: of them is passed on as its bytes came (`Head.raw`), with no list to rebuild it from.
+_RESPONSE_REWRITTEN = frozenset({b"te", b"trailer"})
+_REQUEST_REWRITTEN = _RESPONSE_REWRITTEN | {b"x-forwarded-for"}
 
 
 class Head:
     """A parsed request or response head."""
 
     __slots__ = ("method", "target", "status", "reason", "headers", "keep_alive", "chunked", "length", "version",
-                 "upgrade")
+                 "upgrade", "raw")
 
     def __init__(self) -> None:
         self.method = b""
@@ -51,6 +56,9 @@ class Head:
         self.length: int | None = None
         self.version = "1.1"
         self.upgrade = False  # has an Upgrade header
+        #: The header lines as they came (each with its CRLF), when they may be passed on
+        #: as they are: set by the fast path only.
+        self.raw: bytes | None = None
 
     def get(self, name: bytes) -> bytes | None:
         for n, v in self.headers:
@@ -59,15 +67,21 @@ class Head:
         return None
 
 
-def _fields(block: bytes, fallback: frozenset[bytes]) -> list[tuple[bytes, bytes]] | None:
-    headers = []
+def _fields(h: Head, block: bytes, fallback: frozenset[bytes], rewritten: frozenset[bytes]) -> bool:
+    """`h.headers` (and `h.raw`) from a header block; False if llhttp must parse it."""
+    headers = h.headers
+    raw = True
     for line in block.split(b"\r\n")[:-1]:
         name, _, value = line.partition(b":")
         name = name.lower()
         if name in fallback:
-            return None
+            return False
+        if name in rewritten:
+            raw = False
         headers.append((name, value.lstrip(b" \t")))  # llhttp drops leading OWS, keeps trailing
-    return headers
+    if raw:
+        h.raw = block
+    return True
 
 
 def simple_request(data: bytes) -> tuple[Head, int] | None:
@@ -76,13 +90,11 @@ def simple_request(data: bytes) -> tuple[Head, int] | None:
     m = _REQUEST.match(data)
     if m is None:
         return None
-    headers = _fields(m.group(3), _REQUEST_FALLBACK)
-    if headers is None:
-        return None
     h = Head()
+    if not _fields(h, m.group(3), _REQUEST_FALLBACK, _REQUEST_REWRITTEN):
+        return None
     h.method = m.group(1)
     h.target = m.group(2)
-    h.headers = headers
     return h, m.end()
 
 
@@ -95,20 +107,18 @@ def simple_response(data: bytes) -> tuple[Head, bytes] | None:
     status = int(m.group(1))
     if status == 204 or status == 304:
         return None
-    headers = _fields(m.group(3), _RESPONSE_FALLBACK)
-    if headers is None:
+    h = Head()
+    if not _fields(h, m.group(3), _RESPONSE_FALLBACK, _RESPONSE_REWRITTEN):
         return None
     length = None
-    for name, value in headers:
+    for name, value in h.headers:
         if name == b"content-length":
             if length is not None or not value.isdigit() or len(value) > 15:
                 return None
             length = int(value)
     if length is None or len(data) != m.end() + length:
         return None
-    h = Head()
     h.status = status
     h.reason = m.group(2)
-    h.headers = headers
     h.length = length
     return h, data[m.end():]

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.proxy.heads import simple_request, simple_response
-from agent.proxy.http1 import Parser
+from agent.proxy.http1 import Parser, _headers_for
 
 from agentproc import endpoint_toml, free_port
 from proxyhelp import HttpBackend, recv_line
@@ -36,6 +36,16 @@ def llhttp(data: bytes, response: bool) -> tuple[list[tuple], bool] | None:
 def fields(h) -> tuple:
     return (h.method, h.target, h.status, h.reason, h.headers, h.keep_alive, h.chunked, h.length, h.version,
             h.upgrade)
+
+
+def raw_passes_as_rebuilt(h) -> bool:
+    """A head passed on as its bytes came says what the rebuilt one would (header names
+    compare without case)."""
+    if h.raw is None:
+        return True
+    lines = [line.partition(b":") for line in h.raw.split(b"\r\n")[:-1]]
+    return [(n.lower(), v.lstrip(b" \t")) for n, _, v in lines] == _headers_for(h.headers, None) and \
+        all(n.lower() != b"x-forwarded-for" for n, _, _ in lines)
 
 
 # Heads are built well-formed, then 0-2 hostile edits land anywhere in them: most
@@ -94,6 +104,7 @@ def test_simple_request_reads_as_llhttp_does(data: bytes) -> None:
     events, in_message = ref
     assert not in_message and [e[0] for e in events] == ["head", "end"], data
     assert fields(head) == fields(events[0][1]), data
+    assert raw_passes_as_rebuilt(head), data
 
 
 @settings(max_examples=3000, deadline=None)
@@ -108,6 +119,7 @@ def test_simple_response_reads_as_llhttp_does(data: bytes) -> None:
     events, in_message = ref
     assert not in_message and events[0][0] == "head" and events[-1] == ("end",), data
     assert fields(head) == fields(events[0][1]), data
+    assert raw_passes_as_rebuilt(head) or b"x-forwarded-for" in head.raw.lower(), data
     assert body == b"".join(e[1] for e in events if e[0] == "data"), data
 
 

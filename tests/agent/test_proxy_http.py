@@ -86,6 +86,30 @@ def test_http_headers_host_xff_hop_by_hop(make_agent, backends):
     assert h["x-backend"] == "b1"
 
 
+def test_http_plain_heads_pass_as_they_came_with_xff(make_agent, backends):
+    """Plain heads skip the header list (agent/proxy/heads.py): the request still gets
+    X-Forwarded-For, and TE/Trailer are still dropped; the answer's fields come back."""
+    (b,) = backends(1)
+    port = free_port()
+    make_agent(catalog([b]), proxy_config("web", port, "http")).start()
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    for extra, gone in ((b"", None), (b"TE: trailers\r\n", "te"), (b"Trailer: x\r\n", "trailer")):
+        s.sendall(b"GET /echo HTTP/1.1\r\nHost: app.example\r\nX-Kept:  yes\r\n" + extra + b"\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += s.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200")
+        hdrs = dict(json.loads(body)["headers"])
+        assert hdrs["host"] == "app.example" and hdrs["x-kept"] == "yes"
+        assert hdrs["x-forwarded-for"] == "127.0.0.1"
+        assert gone is None or gone not in hdrs
+    s.close()
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_http_bodies_stream_both_ways(make_agent, backends, chunked):
     (b,) = backends(1)
