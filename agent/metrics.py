@@ -179,6 +179,10 @@ class AgentCollector(Collector):
                     eps.add_metric([service, OTHER], sum(getattr(f, attr) for _, f in rows[MAX_ENDPOINTS_LABELLED:]))
             yield lst
             yield eps
+        waits = CounterMetricFamily("softlb_proxy_fd_reserve_waits", "Times a proxy listener stopped accepting "
+                                    "because the agent's open fds came within agent.fd_reserve of the limit.")
+        waits.add_metric([], figures.fd_waits)
+        yield waits
 
     def _services(self, now: float) -> Iterator[Metric | None]:
         engine = self.rt.engine

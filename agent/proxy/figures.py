@@ -30,6 +30,9 @@ class ProxyFigures:
 
     listeners: dict[str, Figures] = field(default_factory=dict)
     endpoints: dict[tuple[str, str], Figures] = field(default_factory=dict)
+    #: Times a listener stopped accepting because the agent's fds came within
+    #: agent.fd_reserve of the limit (agent/proxy/fds.py).
+    fd_waits: int = 0
 
     def listener(self, service: str) -> Figures:
         f = self.listeners.get(service)

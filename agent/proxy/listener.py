@@ -16,6 +16,7 @@ import trio
 from softlb import ProxyConfig
 
 from ..runtime import Runtime
+from .fds import FdRoom
 from .figures import ProxyFigures
 from .picks import serving
 from .relay import Relay, splice_available
@@ -28,6 +29,8 @@ KEEPALIVE_GRACE = 0.5
 DRAIN_CHECK = 0.25
 #: Connections accepted in a row before the accept loop lets the others run.
 ACCEPT_BATCH = 16
+#: How often a listener stopped for want of fds looks again.
+FD_RECHECK = 0.1
 
 
 @dataclass(eq=False, slots=True)
@@ -83,8 +86,11 @@ class Conn:
 class ListenerState:
     """What handlers read: the config (replaced in place on reload), figures, open work."""
 
-    def __init__(self, rt: Runtime, service: str, config: ProxyConfig, figures: ProxyFigures) -> None:
+    def __init__(self, rt: Runtime, service: str, config: ProxyConfig, figures: ProxyFigures,
+                 fd_room: FdRoom | None = None) -> None:
         self.rt = rt
+        #: The fd budget every proxy listener shares (fds.py).
+        self.fd_room = fd_room if fd_room is not None else FdRoom(lambda: rt.config.fd_reserve)
         self.service = service
         self.config = config
         self.figures = figures
@@ -179,6 +185,7 @@ class ProxyListener:
         lsock = self.sock
         limiter = self.limiter
         lf = state.figures.listener(state.service)
+        room = state.fd_room
         accepted = 0
         while True:
             token = object()
@@ -186,6 +193,12 @@ class ProxyListener:
                 limiter.acquire_on_behalf_of_nowait(token)
             except trio.WouldBlock:  # at max_connections: the kernel queues the rest
                 await limiter.acquire_on_behalf_of(token)
+            if not room.has_room():
+                try:
+                    await self._wait_for_fds()
+                except BaseException:
+                    limiter.release_on_behalf_of(token)
+                    raise
             while True:
                 try:
                     sock, addr = lsock.accept()
@@ -206,6 +219,7 @@ class ProxyListener:
                     # EMFILE and friends: the agent is out of something; wait rather than spin.
                     log.warning("%s proxy: accept failed: %s", state.service, e)
                     await trio.sleep(0.1)
+            room.took()
             sock.setblocking(False)
             try:
                 # Answers go out in as few writes as can be, and nothing may wait for an ACK.
@@ -218,8 +232,19 @@ class ProxyListener:
             lf.connections += 1
             nursery.start_soon(self._serve, conn, token)
             accepted += 1
-            if accepted % ACCEPT_BATCH == 0:
+            if room.near or accepted % ACCEPT_BATCH == 0:
                 await trio.lowlevel.checkpoint()  # a connection flood takes turns too
+
+    async def _wait_for_fds(self) -> None:
+        """The agent's fds are within fd_reserve of the limit: new connections wait in the
+        kernel's queue (as at max_connections) until fds are released."""
+        state = self.state
+        state.figures.fd_waits += 1
+        log.warning("%s proxy: open fds near the limit minus agent.fd_reserve (%d): not accepting until "
+                    "some are released", state.service, state.rt.config.fd_reserve)
+        while not state.fd_room.has_room():
+            await trio.sleep(FD_RECHECK)
+        log.info("%s proxy: accepting again", state.service)
 
     async def _serve(self, conn: Conn, token: object) -> None:
         state = self.state

@@ -17,6 +17,7 @@ import trio
 from softlb import AgentConfig, ConfigError, ProxyConfig, plan_proxies
 
 from ..runtime import Runtime
+from .fds import FdRoom
 from .figures import ProxyFigures
 from .listener import Handler, ListenerState, ProxyListener
 
@@ -45,6 +46,7 @@ class ProxyManager:
         self.rt = rt
         self.bind = bind
         self.figures = ProxyFigures()
+        self.fd_room = FdRoom(lambda: rt.config.fd_reserve)
         self.listeners: dict[str, ProxyListener] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -65,7 +67,7 @@ class ProxyManager:
         """Bind (or take systemd's socket) and register; the socket queues connections
         from here on, before the accept loop runs."""
         sock, where = self.bind(service, cfg.listen)
-        lst = ProxyListener(ListenerState(self.rt, service, cfg, self.figures), sock, handler_for(cfg.mode), where)
+        lst = ProxyListener(ListenerState(self.rt, service, cfg, self.figures, self.fd_room), sock, handler_for(cfg.mode), where)
         self.listeners[service] = lst
         return lst
 

@@ -164,7 +164,10 @@ class _Way:
                     self.pending = memoryview(bytes(_VIEW[sent:n]))
                     return False
                 if n == SMALL and self.splice:
-                    self.pipe = _new_pipe()
+                    try:
+                        self.pipe = _new_pipe()
+                    except OSError:  # out of fds (the reserve is the agent's): keep copying
+                        self.splice = False
             else:
                 try:
                     n = _SPLICE(src.fileno(), self.pipe[1], _chunk, None, None, _FLAGS)  # type: ignore[misc]
