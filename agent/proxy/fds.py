@@ -28,7 +28,7 @@ from typing import Callable
 #: The most fds one proxied connection holds: client, upstream, two pipe pairs.
 PER_CONNECTION = 6
 #: Accepts between two real counts while far from the ceiling.
-RECOUNT_EVERY = 64
+RECOUNT_EVERY = 256
 #: Within this many fds of the ceiling, the accept loop lets each new connection open its
 #: upstream before it counts again (a count sees only the fds already open).
 NEAR = 16 * PER_CONNECTION

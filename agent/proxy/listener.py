@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -52,7 +53,7 @@ class Conn:
     http drive it with trio.lowlevel waits: a trio socket's every successful call ends
     in a scheduler pass); `sock`, trio's wrapper of it, is made on first use (http2)."""
 
-    __slots__ = ("raw", "peer_ip", "between", "endpoint_id", "_sock", "keepalive_grace")
+    __slots__ = ("raw", "peer_ip", "between", "endpoint_id", "_sock", "keepalive_grace", "tried")
 
     def __init__(self, raw: socket.socket, peer_ip: str) -> None:
         self.raw = raw
@@ -65,6 +66,8 @@ class Conn:
         #: How the listener's drain ends a keep-alive wait (`deadline`); handlers whose
         #: connection scope also covers requests (http1) put their own here.
         self.keepalive_grace: Callable[[float], None] = self._grace
+        #: Endpoints whose connect failed (and was reported) before the handler ran.
+        self.tried: list[str] | None = None
 
     @property
     def sock(self) -> trio.socket.SocketType:
@@ -134,17 +137,24 @@ class ListenerState:
             elif w.leaving_since is None:
                 w.leaving_since = now
                 w.scope.deadline = min(w.scope.deadline, now + self.config.drain_timeout)
+            elif now >= w.scope.deadline:
+                w.scope.cancel()  # trio did for a scope a task is in; a tunnel with none needs this
 
 
 Handler = Callable[[ListenerState, Conn], Awaitable[None]]
+#: Sets a connection up without a task when it can (tcp.start_tcp): True if it did, and
+#: then calls the given function once the connection is over; False: run the Handler.
+Starter = Callable[[ListenerState, Conn, Callable[[], None]], bool]
 
 
 class ProxyListener:
-    def __init__(self, state: ListenerState, sock: socket.socket, handler: Handler, where: str) -> None:
+    def __init__(self, state: ListenerState, sock: socket.socket, handler: Handler, where: str,
+                 starter: Starter | None = None) -> None:
         self.state = state
         self.sock = sock
         self.where = where
         self.handler = handler
+        self.starter = starter
         sock.setblocking(False)
         self.limiter = trio.CapacityLimiter(state.config.max_connections)
         self._accept_scope = trio.CancelScope()
@@ -230,7 +240,8 @@ class ProxyListener:
             state.conns.add(conn)
             lf.active += 1
             lf.connections += 1
-            nursery.start_soon(self._serve, conn, token)
+            if self.starter is None or not self._start(conn, token):
+                nursery.start_soon(self._serve, conn, token)
             accepted += 1
             if room.near or accepted % ACCEPT_BATCH == 0:
                 await trio.lowlevel.checkpoint()  # a connection flood takes turns too
@@ -246,17 +257,29 @@ class ProxyListener:
             await trio.sleep(FD_RECHECK)
         log.info("%s proxy: accepting again", state.service)
 
-    async def _serve(self, conn: Conn, token: object) -> None:
-        state = self.state
+    def _start(self, conn: Conn, token: object) -> bool:
+        assert self.starter is not None
         try:
-            await self.handler(state, conn)
+            return self.starter(self.state, conn, partial(self._done, conn, token))
         except Exception:
-            log.exception("%s proxy: connection from %s failed", state.service, conn.peer_ip)
+            log.exception("%s proxy: connection from %s failed", self.state.service, conn.peer_ip)
+            self._done(conn, token)
+            return True
+
+    async def _serve(self, conn: Conn, token: object) -> None:
+        try:
+            await self.handler(self.state, conn)
+        except Exception:
+            log.exception("%s proxy: connection from %s failed", self.state.service, conn.peer_ip)
         finally:
-            conn.close()
-            state.conns.discard(conn)
-            state.figures.listener(state.service).active -= 1
-            self.limiter.release_on_behalf_of(token)
+            self._done(conn, token)
+
+    def _done(self, conn: Conn, token: object) -> None:
+        state = self.state
+        conn.close()
+        state.conns.discard(conn)
+        state.figures.listener(state.service).active -= 1
+        self.limiter.release_on_behalf_of(token)
 
     async def _drain_checker(self) -> None:
         while True:

@@ -19,7 +19,7 @@ from softlb import AgentConfig, ConfigError, ProxyConfig, plan_proxies
 from ..runtime import Runtime
 from .fds import FdRoom
 from .figures import ProxyFigures
-from .listener import Handler, ListenerState, ProxyListener
+from .listener import Handler, ListenerState, ProxyListener, Starter
 
 log = logging.getLogger("softlb.proxy")
 
@@ -39,6 +39,13 @@ def handler_for(mode: str) -> Handler:
         return serve_http1
     from .http2 import serve_http2
     return serve_http2
+
+
+def starter_for(mode: str) -> Starter | None:
+    if mode == "tcp":
+        from .tcp import start_tcp
+        return start_tcp
+    return None
 
 
 class ProxyManager:
@@ -67,7 +74,8 @@ class ProxyManager:
         """Bind (or take systemd's socket) and register; the socket queues connections
         from here on, before the accept loop runs."""
         sock, where = self.bind(service, cfg.listen)
-        lst = ProxyListener(ListenerState(self.rt, service, cfg, self.figures, self.fd_room), sock, handler_for(cfg.mode), where)
+        lst = ProxyListener(ListenerState(self.rt, service, cfg, self.figures, self.fd_room), sock, handler_for(cfg.mode), where,
+                            starter_for(cfg.mode))
         self.listeners[service] = lst
         return lst
 

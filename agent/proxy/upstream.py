@@ -13,7 +13,7 @@ import trio
 
 from ..runtime import Runtime
 from .figures import ProxyFigures
-from .picks import Held, NoEndpoint, finish, pick, release
+from .picks import Held, NoEndpoint, finish, pick, pick_now, release
 
 log = logging.getLogger("softlb.proxy")
 
@@ -62,15 +62,47 @@ async def open_raw(address: str, port: int, timeout: float) -> socket.socket:
     return raw
 
 
+#: connect_now's answer for a connect it could not see through (still in progress).
+IN_PROGRESS = -1
+
+
+def connect_now(address: str, port: int) -> tuple[socket.socket | None, int]:
+    """`open_raw` for a connect that is over when `connect` returns (loopback): (the
+    connected socket, 0), or (None, the errno, or IN_PROGRESS) with nothing kept; the
+    caller then goes the way that can wait, retry and report."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        raw = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    except OSError as e:
+        return None, e.errno or IN_PROGRESS
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = raw.connect_ex((address, port))
+        if err in (errno.EINPROGRESS, errno.EAGAIN):
+            p = select.poll()
+            p.register(raw, select.POLLOUT)
+            err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if p.poll(0) else IN_PROGRESS
+        if err == 0:
+            return raw, 0
+    except OSError as e:
+        err = e.errno or IN_PROGRESS
+    raw.close()
+    return None, err
+
+
 async def connect_picked(rt: Runtime, figures: ProxyFigures, service: str, how: Try, *,
                          source: str | None = None, key: str | None = None,
-                         counts: object = None) -> tuple[Held, socket.socket]:
+                         counts: object = None, tried: list[str] | None = None) -> tuple[Held, socket.socket]:
     """Pick an endpoint (held lease) and connect to it; on a failed connect, report the
-    failure and try another, `how.retries` more times. Raises NoEndpoint or UpstreamFailed."""
-    tried: list[str] = []
+    failure and try another, `how.retries` more times. `tried`: endpoints whose connect
+    failed (and was reported) already, each one try of the budget. Raises NoEndpoint or
+    UpstreamFailed."""
+    tried = list(tried or ())
     lf = figures.listener(service)
-    for attempt in range(how.retries + 1):
-        held = await pick(rt, service, source=source, key=key)
+    for attempt in range(len(tried), how.retries + 1):
+        held = pick_now(rt, service, source=source, key=key)
+        if held is None:  # a catalog source is still fetching the service
+            held = await pick(rt, service, source=source, key=key)
         ep = held.endpoint
         if ep.id in tried and attempt:
             # Hashing policies answer the same key with the same endpoint: ask again with
