@@ -216,7 +216,17 @@ _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
 
 
-async def _send(sock: socket.socket, data: bytes | bytearray) -> None:
+def _send_now(sock: socket.socket, data: bytes | bytearray) -> memoryview | None:
+    """One try at sending, with no coroutine (most sends take it all): what is left, or
+    None. Raises OSError but for EAGAIN."""
+    try:
+        n = sock.send(data)
+    except BlockingIOError:
+        n = 0
+    return None if n == len(data) else memoryview(data)[n:]
+
+
+async def _send(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
     try:
         n = sock.send(data)
     except BlockingIOError:
@@ -247,7 +257,11 @@ async def _event(sock: socket.socket, parser: Parser) -> tuple[Any, ...] | None:
     while not events:
         if parser.upgraded:
             return None
-        data = await _recv(sock)
+        try:
+            data = sock.recv(RECV)
+        except BlockingIOError:
+            await _wait_readable(sock)
+            continue
         if not data:
             return None
         parser.feed(data)
@@ -529,8 +543,8 @@ async def _forward(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
             out, sent, ended = await _body(_client_recv(csock), parser, out, req.chunked, partial(_send, usock))
             if not ended:
                 raise _ClientGone()
-        if out:
-            await _send(usock, out)
+        if out and (rest := _send_now(usock, out)) is not None:
+            await _send(usock, rest)
     except OSError as e:
         raise UpstreamError(e.strerror or str(e)) from None
     lf.bytes_in += sent
@@ -617,7 +631,7 @@ async def _up_end(up: Upstream) -> None:
         raise UpstreamError("bad interim answer")
 
 
-async def _to_client(sock: socket.socket, data: bytes | bytearray) -> None:
+async def _to_client(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
     try:
         await _send(sock, data)
     except OSError:
@@ -661,15 +675,27 @@ async def _answer(state: ListenerState, conn: Conn, req: Head, up: Upstream, h: 
         reusable = False
         await _to_client(csock, out)
     else:
+        events = parser.events
         try:
-            out, got, ended = await _body(partial(_recv, usock), parser, out, rechunk, partial(_to_client, csock))
-            if not ended:
-                if not (parser.in_message and h.length is None and not h.chunked):
-                    raise _ClientGone()  # cut mid-answer: nothing to retry; cut the client off
-                reusable = False  # a body delimited by the close: complete
-                if rechunk:
-                    out += b"0\r\n\r\n"
-            await _to_client(csock, out)
+            if not rechunk and events and events[-1][0] == "end" and (len(events) == 1 or (
+                    len(events) == 2 and events[0][0] == "data")):
+                # The whole answer is here already (as heads.py leaves a plain one): no
+                # streaming, one send, no coroutine unless the client's buffer is full.
+                if len(events) == 2:
+                    got = len(events[0][1])
+                    out += events[0][1]
+                events.clear()
+            else:
+                out, got, ended = await _body(partial(_recv, usock), parser, out, rechunk,
+                                              partial(_to_client, csock))
+                if not ended:
+                    if not (parser.in_message and h.length is None and not h.chunked):
+                        raise _ClientGone()  # cut mid-answer: nothing to retry; cut the client off
+                    reusable = False  # a body delimited by the close: complete
+                    if rechunk:
+                        out += b"0\r\n\r\n"
+            if (rest := _send_now(csock, out)) is not None:
+                await _to_client(csock, rest)
         except (OSError, httptools.HttpParserError):
             raise _ClientGone() from None
     lf.bytes_out += got
