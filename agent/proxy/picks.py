@@ -76,11 +76,12 @@ def pick_now(rt: Runtime, service: str, *, source: str | None = None, key: str |
     """`pick` without a task switch, for per-request hot paths: None when the service's
     catalog source has not answered yet (then `await pick(...)`). Raises NoEndpoint."""
     now = trio.current_time()
+    engine = rt.engine
     try:
-        p = rt.engine.pick(service, now, key=key, source=source, scope=LeaseScope.HELD)
+        p = engine.pick_held(service, now, key=key, source=source)
     except (PickError, RequestError) as e:
         raise NoEndpoint(e.code.value, e.message) from None
     if type(p) is Pending:
         return None
     rt.flush()
-    return Held(service, p.endpoint, p.lease, now)
+    return Held(service, p[0], p[1], now)
