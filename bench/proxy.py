@@ -267,7 +267,7 @@ def main() -> None:
         def add(scenario: str, target: str, value: float) -> None:
             results.setdefault(scenario, {}).setdefault(target, []).append(value)
 
-        def rate(scenario: str, name: str, url: str, close: bool) -> None:
+        def wrk_rate(scenario: str, name: str, url: str, close: bool) -> None:
             pid = pids.get(name)
             c0 = cpu_seconds(pid) if pid else 0.0
             w = wrk(url, 32, args.duration, close=close)
@@ -279,9 +279,9 @@ def main() -> None:
             for name, port in http_targets.items():
                 url = f"http://127.0.0.1:{port}/"
                 if "ka" in only:
-                    rate("ka", name, url, close=False)
+                    wrk_rate("ka", name, url, close=False)
                 if "close" in only:
-                    rate("close", name, url, close=True)
+                    wrk_rate("close", name, url, close=True)
                 if "lat" in only:
                     w = wrk(url, 1, args.duration)
                     add("lat p50 ms", name, w["p50_ms"])
