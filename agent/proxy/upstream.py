@@ -37,9 +37,14 @@ async def open_socket(address: str, port: int, timeout: float) -> trio.socket.So
     return trio.socket.from_stdlib_socket(await open_raw(address, port, timeout))
 
 
-async def open_raw(address: str, port: int, timeout: float) -> socket.socket:
-    """A connected non-blocking stdlib socket: connect_ex, and a wait with a deadline only
-    when the connect is still in progress. Raises OSError or trio.TooSlowError."""
+#: What `_begin` says of a connect whose handshake is still running.
+IN_PROGRESS = -1
+
+
+def _begin(address: str, port: int) -> tuple[socket.socket, int]:
+    """A non-blocking socket with its connect started: (socket, 0 when connected,
+    IN_PROGRESS while the handshake runs, else the errno). Raises OSError when no socket
+    could be made."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     raw = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
@@ -50,9 +55,21 @@ async def open_raw(address: str, port: int, timeout: float) -> socket.socket:
             # says so, and spares a timeout scope and a trio wait (~60 µs here).
             p = select.poll()
             p.register(raw, select.POLLOUT)
-            if not p.poll(0):
-                with trio.fail_after(timeout):
-                    await trio.lowlevel.wait_writable(raw)
+            err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if p.poll(0) else IN_PROGRESS
+    except BaseException:
+        raw.close()
+        raise
+    return raw, err
+
+
+async def open_raw(address: str, port: int, timeout: float) -> socket.socket:
+    """A connected non-blocking stdlib socket: connect_ex, and a wait with a deadline only
+    when the connect is still in progress. Raises OSError or trio.TooSlowError."""
+    raw, err = _begin(address, port)
+    try:
+        if err == IN_PROGRESS:
+            with trio.fail_after(timeout):
+                await trio.lowlevel.wait_writable(raw)
             err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))
@@ -62,30 +79,16 @@ async def open_raw(address: str, port: int, timeout: float) -> socket.socket:
     return raw
 
 
-#: connect_now's answer for a connect it could not see through (still in progress).
-IN_PROGRESS = -1
-
-
 def connect_now(address: str, port: int) -> tuple[socket.socket | None, int]:
     """`open_raw` for a connect that is over when `connect` returns (loopback): (the
     connected socket, 0), or (None, the errno, or IN_PROGRESS) with nothing kept; the
     caller then goes the way that can wait, retry and report."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
     try:
-        raw = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        raw, err = _begin(address, port)
     except OSError as e:
         return None, e.errno or IN_PROGRESS
-    try:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = raw.connect_ex((address, port))
-        if err in (errno.EINPROGRESS, errno.EAGAIN):
-            p = select.poll()
-            p.register(raw, select.POLLOUT)
-            err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if p.poll(0) else IN_PROGRESS
-        if err == 0:
-            return raw, 0
-    except OSError as e:
-        err = e.errno or IN_PROGRESS
+    if err == 0:
+        return raw, 0
     raw.close()
     return None, err
 
