@@ -45,6 +45,7 @@ from .proxy.manager import ProxyManager
 from .runtime import Runtime
 from .service_manager import ServiceManager, status_line
 from .table_builds import run_table_builds
+from .lot import Lot
 from .turns import Turns
 
 log = logging.getLogger("softlb.agent")
@@ -336,6 +337,8 @@ async def run_agent(
                     await nursery.start(partial(DnsServer(rt).serve, draining=draining), udp, tcp)
                 rt.turns = Turns()
                 await nursery.start(rt.turns.run)
+                rt.lot = Lot(rt.turns)
+                await nursery.start(rt.lot.run)
                 # The protocol port is served last: a caller that can say hello finds every
                 # other listener (admin, proxies, DNS) bound too.
                 for sock in ipc:

@@ -19,8 +19,9 @@ sequential caller parks between requests anyway and never reaches the bound.
 
 Watches: at most `max_watches_per_connection` per connection and `max_watches` in all. On a
 change, the service's description is encoded once (not once per watch) and the woken watches
-send it in slices of WATCH_SLICE per scheduler turn (`_Pacer`), so a service with thousands of
-watchers changing costs every other client at most a slice's worth of sends at a time.
+send it WATCH_SLICE per scheduler pass (`_Gate`, over every watch of every connection), so a
+service with thousands of watchers changing costs every other client at most a slice's worth
+of sends at a time; a closed connection's watches end WATCH_END_SLICE per turn.
 
 Error policy: a frame that is not a msgpack map, an unknown op or a bad argument gets an error
 answer and the connection goes on; a length prefix over max_frame gets FRAME_TOO_LARGE and the
@@ -81,15 +82,24 @@ RECV_SIZE = 65536
 SOLO_WINDOW = 0.002
 #: A peer that reads nothing of an answer for this long is hung up on.
 WRITE_STALL_TIMEOUT = 30.0
-#: Frames one connection answers per turn before it yields to the others: ~0.5-1 ms of work,
-#: above the pipelined benchmark's batch of 100 so that one costs no extra turn.
-MAX_TURN_FRAMES = 128
+#: Frames one connection answers per turn before it yields to the others: ~0.5 ms of work
+#: (a pipelining bystander's p50 1.5 ms at 128, 1.25 at 64, docs/RELIABILITY.md).
+MAX_TURN_FRAMES = 64
+#: What a request answered by a task of its own (a watch, a resolve waiting on a source)
+#: counts for in a turn, in frames: the task's first step runs in the next pass, outside any
+#: turn, so 250 watches in one write made 250 task steps there (~15 ms here).
+SPAWN_FRAMES = 32
 #: Answer bytes per turn (an `endpoints` listing of a big service is one frame, but large).
 MAX_TURN_BYTES = 256 * 1024
 #: Requests waiting on a catalog source (resolves of a service being fetched) per connection.
 MAX_DEFERRED = 256
-#: Watch updates sent per scheduler turn, over all connections.
-WATCH_SLICE = 64
+#: Watch updates sent per scheduler pass, over all connections: ~60 us each here under load,
+#: so a pass of them is ~1 ms (at 64, passes of 10-15 ms while 10,000 watches took an
+#: update). 10,000 watches of one service take ~600 passes per change; changes meanwhile
+#: coalesce.
+WATCH_SLICE = 16
+#: Watches of a closed connection ended per turn.
+WATCH_END_SLICE = 16
 
 
 class _Spin:
@@ -127,6 +137,8 @@ class Connection:
         self.watch_slots = 0
         #: Set when the reader has ended during a drain: a watch that starts now must not.
         self.closing = False
+        #: Requests to answer in tasks of their own, waiting for the connection's nursery.
+        self.to_spawn: list[Any] = []
 
     async def send(self, data: bytes) -> None:
         """Send all of `data`, in order with any other sender on this connection."""
@@ -190,23 +202,35 @@ async def serve_listener(
         await _run_connection(rt, lc, spin)
 
     await listeners.serve_listener(listener, handler, budget, name=name, draining=draining,
-                                   refuse=_goodbye, task_status=task_status)
+                                   refuse=_goodbye, lot=rt.lot, task_status=task_status)
 
 
 async def _run_connection(rt: Runtime, lc: listeners.Connection, spin: _Spin) -> None:
     conn = Connection(lc.sock, lc.peer.source, lc)
+    proto = ServerConnection(rt.config.max_frame)
     log.debug("connection %d from %s", conn.id, lc.peer)
     try:
+        # A nursery for the connection's own tasks (watches, resolves waiting on a source)
+        # only once it asks for one: most connections never do, and opening and closing
+        # one was a fifth of what a connection's start and end cost (the connection flood).
+        if not await _read_loop(rt, conn, lc, spin, None, proto):
+            return
         async with trio.open_nursery() as nursery:
+            for req in conn.to_spawn:
+                nursery.start_soon(_handle_deferred, rt, conn, req)
+            conn.to_spawn.clear()
             try:
-                await _read_loop(rt, conn, lc, spin, nursery)
+                await _read_loop(rt, conn, lc, spin, nursery, proto)
             finally:
                 if lc.draining:  # watches end; deferred resolves still answer
                     conn.closing = True
                     for w in list(conn.watches.values()):
                         w.stop()
                 else:
-                    nursery.cancel_scope.cancel()
+                    try:
+                        await _end_watches(rt, conn)
+                    finally:
+                        nursery.cancel_scope.cancel()
     except Exception as e:
         # Whatever ends one connection, a peer hanging up or a bug, ends only that one.
         # (Cancellation is a BaseException and still propagates: shutdown stays one cancel.)
@@ -217,16 +241,34 @@ async def _run_connection(rt: Runtime, lc: listeners.Connection, spin: _Spin) ->
             rt.stats.errors["INTERNAL"] += 1
 
 
+async def _end_watches(rt: Runtime, conn: Connection) -> None:
+    """End a closed connection's watches WATCH_END_SLICE per turn. Cancelling them all at
+    once ran every watch task in one pass: 250 per connection, 2,000 steps (100 ms here) in
+    one pass when a few such connections closed together."""
+    watches = list(conn.watches.values())
+    turns = rt.turns
+    for i in range(0, len(watches), WATCH_END_SLICE):
+        for w in watches[i:i + WATCH_END_SLICE]:
+            w.stop()
+        if turns is not None:
+            turns.spend(WATCH_END_SLICE * FRAMES_PER_UNIT // 8)  # a watch's end: ~1/8 unit
+            await turns.wait(conn.source)
+        else:
+            await trio.lowlevel.checkpoint()
+
+
 def _only(e: BaseException, kind: type[BaseException]) -> bool:
     if isinstance(e, BaseExceptionGroup):
         return all(_only(x, kind) for x in e.exceptions)
     return isinstance(e, kind)
 
 
-async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, spin: _Spin, nursery: trio.Nursery) -> None:
+async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, spin: _Spin,
+                     nursery: trio.Nursery | None, proto: ServerConnection) -> bool:
+    """Serve the connection until it ends (False), or, without a nursery, until a request
+    needs a task of its own (True: `conn.to_spawn` holds it; call again with a nursery)."""
     sock = conn.sock
     engine = rt.engine
-    proto = ServerConnection(rt.config.max_frame)
     source = conn.source
     busy_poll = rt.config.busy_poll
     clock = trio.current_time
@@ -243,7 +285,8 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
     # Work done since this task last yielded; and whether the buffer still holds frames
     # left for the next turn (then nothing more is read until they are answered).
     turn_frames = turn_bytes = 0
-    backlog = False
+    backlog = nursery is not None  # called again: answer what is buffered first
+    data = b""
     while True:
         if not backlog:
             try:
@@ -264,17 +307,15 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                         stats.busy_poll_hits += 1
                 if data is None:
                     if lc.draining and not proto.buffered:
-                        return  # between requests: closing now loses nothing
-                    await lc.wait_readable()
-                    if turns is not None and not turns.free(source):
-                        await turns.wait(source)  # a flood of wakeups: wait for this peer's turn
+                        return False  # between requests: closing now loses nothing
+                    await lc.wait_readable()  # in the lot: a flood of wakeups waits its peer's turn
                     turn_frames = turn_bytes = 0
                     # The gap includes the epoll wakeup itself (~30 µs here), hence the 2x.
                     spin_ok = perf() - answered_at <= 2 * busy_poll
                     continue
             proto.receive_data(data)
             if not data:
-                return
+                return False
         out = []
         now = clock()
         lc.last_active = now
@@ -315,7 +356,7 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                 out.append(proto.send_error(ev.id, ev.code, ev.message) if hint is None else hint)
                 if ev.fatal:  # framing lost
                     await conn.send(b"".join(out))
-                    return
+                    return False
                 continue
             elif t is Watch or t is Unwatch:
                 frame = _defer(rt, conn, ev, nursery)
@@ -345,13 +386,16 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
                     if rt_ is dict and type(ev) is Endpoints and rt.proxy_figures is not None:
                         r = with_proxy_figures(rt.proxy_figures, ev.service, r)
                     frame = proto.send_result(ev.id, r)
-            if frame is None:
+            if frame is None:  # a task will answer it
+                n += SPAWN_FRAMES - 1
                 continue
             out.append(frame)
             size += len(frame)
         rt.flush()
         if out:
             await conn.send(out[0] if len(out) == 1 else b"".join(out))
+        if conn.to_spawn and nursery is None:
+            return True
         turn_frames += n
         turn_bytes += size
         if turns is not None and n >= FRAMES_PER_UNIT:
@@ -392,7 +436,7 @@ async def _big_listing(rt: Runtime, req: Endpoints) -> bytes:
     return ok_frame_packed(rid, got[2])
 
 
-def _defer(rt: Runtime, conn: Connection, req: Request, nursery: trio.Nursery) -> bytes | None:
+def _defer(rt: Runtime, conn: Connection, req: Request, nursery: trio.Nursery | None) -> bytes | None:
     """Start a task for a request the connection answers itself (watch, a resolve waiting
     on a catalog source), or answer at once: an unwatch, or an error frame when this
     connection already has too many waiting or watching."""
@@ -421,7 +465,10 @@ def _defer(rt: Runtime, conn: Connection, req: Request, nursery: trio.Nursery) -
             rt.stats.deferred_refused += 1
             return error_frame(rid, ErrorCode.UNAVAILABLE,
                                f"{conn.deferred} requests on this connection already wait for the catalog source")
-    nursery.start_soon(_handle_deferred, rt, conn, req)
+    if nursery is None:
+        conn.to_spawn.append(req)  # started once the connection has opened its nursery
+    else:
+        nursery.start_soon(_handle_deferred, rt, conn, req)
     return None
 
 
@@ -434,53 +481,64 @@ def _unwatch(conn: Connection, rid: Any, target: Any) -> bytes:
     return ServerConnection.send_result(rid, {})
 
 
-class _Pacer:
-    """Lets at most `per_turn` woken watch senders through per scheduler turn.
+class _Gate:
+    """Lets at most `per_pass` watch senders through per scheduler pass, in arrival order,
+    over every watch of every connection.
 
-    A change wakes every watch of a service at once, and trio runs every task woken in one
-    batch before it polls for I/O again. The first `per_turn` go; later ones park here; the
-    one that filled the slice yields once per turn and lets the next slice through, until
-    nobody is left."""
+    A change wakes every watch of a service, and trio runs every task woken in one pass
+    before it polls for I/O again. Those over the pass's count park here, and one releaser
+    (a system task, running only while someone waits) lets `per_pass` go each pass. A
+    service's watches waiting for its next change are handed here whole when it comes
+    (`_wait_change`), so however many watches and changes there are, a pass runs at most
+    about 2 x per_pass watch steps. (Before: each woken slice elected a driver of its own,
+    and leaders of consecutive changes sliced in parallel: 17 slicers and 576 watch steps
+    in one pass at 10,000 watches and a change every 250 ms.)"""
 
-    def __init__(self, per_turn: int) -> None:
-        self.per_turn = per_turn
+    def __init__(self, per_pass: int) -> None:
+        self.per_pass = per_pass
         self.used = 0
         self.lot = trio.lowlevel.ParkingLot()
+        self._releaser: trio.lowlevel.Task | None = None
+        self._idle = False  # the releaser is parked, waiting for work
 
-    async def turn(self) -> bool:
-        """Wait for a slot; True if the caller must run `drive()` after its work."""
-        if self.used < self.per_turn:
+    async def enter(self) -> None:
+        if self.used < self.per_pass and not len(self.lot):
             self.used += 1
-            return self.used == self.per_turn
+            self.poke()
+            return
+        self.poke()
         await self.lot.park()
-        return False
 
-    async def drive(self) -> None:
-        done = False
-        try:
-            while True:
-                await trio.lowlevel.checkpoint()
-                k = min(len(self.lot), self.per_turn)
-                if k == 0:
-                    self.used = 0
-                    done = True
-                    return
+    def poke(self) -> None:
+        """Have the releaser run (and reset the count) at the next pass."""
+        if self._releaser is None:
+            self._releaser = trio.lowlevel.spawn_system_task(self._release, name="softlb-watch-gate")
+        elif self._idle:
+            self._idle = False
+            trio.lowlevel.reschedule(self._releaser)
+
+    async def _release(self) -> None:
+        while True:
+            await trio.lowlevel.checkpoint()  # one pass
+            k = min(len(self.lot), self.per_pass)
+            self.used = k
+            if k:
                 self.lot.unpark(count=k)
-                self.used = k
-                if k < self.per_turn:
-                    done = True
-                    return
-        finally:
-            if not done:  # cancelled while driving: let everyone through rather than strand them
-                self.used = 0
-                self.lot.unpark_all()
+                continue
+            self._idle = True
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 class _Fanout:
     """A service's watches wait here, not all on the change event: one leader waits on the
-    event and, once it fires, wakes the others WATCH_SLICE per scheduler turn. Waking
-    10,000 tasks on one event would run them all in a single batch (~50 ms here) before
-    trio polls for I/O again; this way every other client is answered between slices."""
+    event and, once it fires, hands the others to the gate, which lets WATCH_SLICE go per
+    pass. Waking 10,000 tasks on one event would run them all in a single batch (~50 ms
+    here) before trio polls for I/O again; this way every other client is answered
+    between slices."""
 
     __slots__ = ("lot", "led")
 
@@ -489,31 +547,30 @@ class _Fanout:
         self.led = False
 
 
-async def _wait_change(hub: _Hub, service: str, w: _Watch, changed: trio.Event) -> None:
-    """Return at the next change of `service` (at once if `changed` is set already)."""
+async def _wait_change(hub: _Hub, service: str, w: _Watch, changed: trio.Event) -> bool:
+    """Return at the next change of `service` (at once if `changed` is set already); True
+    if the gate let this watch through already."""
     f = hub.fanout.get(service)
     if f is None:
         f = hub.fanout[service] = _Fanout()
     try:
         with trio.CancelScope() as w.waiting:
             if w.stopped or changed.is_set():
-                return
+                return False
             if f.led:
-                await f.lot.park()
-                return
+                await f.lot.park()  # handed to the gate's lot, and let go from there
+                return True
             f.led = True
             try:
                 await changed.wait()
             finally:
                 f.led = False
-        # Wake exactly those parked now, a slice per turn; those that re-park meanwhile wait
+        # Everyone parked now waits for the gate instead; those that park meanwhile wait
         # for the next change.
-        n = len(f.lot)
-        while n > 0:
-            k = min(n, WATCH_SLICE)
-            f.lot.unpark(count=k)
-            n -= k
-            await trio.lowlevel.checkpoint()
+        if len(f.lot):
+            f.lot.repark(hub.gate.lot, count=len(f.lot))
+            hub.gate.poke()
+        return False
     finally:
         w.waiting = None
         if not f.led and len(f.lot):
@@ -523,12 +580,12 @@ async def _wait_change(hub: _Hub, service: str, w: _Watch, changed: trio.Event) 
 
 
 class _Hub:
-    """Per runtime: the watch count, the pacer, and each service's description encoded
+    """Per runtime: the watch count, the gate, and each service's description encoded
     once per change."""
 
     def __init__(self) -> None:
         self.count = 0
-        self.pacer = _Pacer(WATCH_SLICE)
+        self.gate = _Gate(WATCH_SLICE)
         self.encoded: dict[str, tuple[Any, int, bytes, float]] = {}
         self.fanout: dict[str, _Fanout] = {}
 
@@ -728,6 +785,7 @@ async def _stream(rt: Runtime, conn: Connection, rid: Any, service: str, w: _Wat
     # What was last sent: the balancer object and its version. A service removed and
     # added again is a new balancer whose versions restart, so identity counts too.
     sent: tuple[object, int] | None = None
+    admitted = False  # let through by the gate already (handed there by the change's leader)
     while not w.stopped:
         changed = rt.change_event(service)
         b = rt.engine.services.get(service)
@@ -736,21 +794,20 @@ async def _stream(rt: Runtime, conn: Connection, rid: Any, service: str, w: _Wat
                 sent = (None, 0)
                 await conn.send(ServerConnection.send_result(rid, {"service": service, "version": 0, "removed": True, "endpoints": []}))
         elif sent != (b, b.version):
-            drive = await hub.pacer.turn()
-            try:
-                # Read again after the wait for a slot: send the newest state (changes
-                # while this watch waited coalesce into one update).
-                b = rt.engine.services.get(service)
-                if b is None or w.stopped:
-                    continue
-                got = await hub.packed(rt, service, b)
-                if got is None or w.stopped:
-                    continue
+            if not admitted:
+                with trio.CancelScope() as w.waiting:  # `stop` ends a wait at the gate too
+                    await hub.gate.enter()
+                w.waiting = None
+            # Read again after the wait at the gate: send the newest state (changes while
+            # this watch waited coalesce into one update).
+            b = rt.engine.services.get(service)
+            if b is None or w.stopped:
+                admitted = False
+                continue
+            got = await hub.packed(rt, service, b)
+            if got is not None and not w.stopped:
                 sent = (got[0], got[1])
                 await conn.send(ok_frame_packed(rid, got[2]))
-            finally:
-                if drive:
-                    await hub.pacer.drive()
-        await _wait_change(hub, service, w, changed)
+        admitted = await _wait_change(hub, service, w, changed)
 
 

@@ -59,6 +59,7 @@ import trio
 if TYPE_CHECKING:
     from softlb import AgentConfig
 
+    from .lot import Lot
     from .runtime import Stats
 
 log = logging.getLogger("softlb.listeners")
@@ -70,7 +71,7 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, er
 ACCEPT_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET})
 ACCEPT_BACKOFF = 0.1
 #: Connections accepted in a row before the accept loop yields to the connections' tasks.
-ACCEPT_BATCH = 16
+ACCEPT_BATCH = 8
 #: Below this many connections the fd limit is too low to serve; say so at start.
 MIN_USEFUL_CONNECTIONS = 16
 
@@ -109,19 +110,21 @@ class Peer:
     pid: int | None = None
     address: str = ""
 
-    @property
-    def source(self) -> str:
-        """"uid:pid" on a Unix socket, the IP on TCP: the `source` affinity policies hash."""
-        if self.family == socket.AF_UNIX:
-            return f"{self.uid}:{self.pid}" if self.uid is not None else "unix"
-        return self.address.rsplit(":", 1)[0].strip("[]") or "tcp"
+    #: "uid:pid" on a Unix socket, the IP on TCP: the `source` affinity policies hash, and
+    #: the key connections take turns by (agent/turns.py).
+    source: str = field(init=False, compare=False)
+    #: What the per-peer cap counts by.
+    bucket: str = field(init=False, compare=False)
 
-    @property
-    def bucket(self) -> str:
-        """What the per-peer cap counts by."""
+    def __post_init__(self) -> None:
+        # Worked out once: asked at every wait of the connection (agent/lot.py).
         if self.family == socket.AF_UNIX:
-            return f"uid:{self.uid}" if self.uid is not None else "unix"
-        return "tcp"
+            unix = self.uid is not None
+            object.__setattr__(self, "source", f"{self.uid}:{self.pid}" if unix else "unix")
+            object.__setattr__(self, "bucket", f"uid:{self.uid}" if unix else "unix")
+        else:
+            object.__setattr__(self, "source", self.address.rsplit(":", 1)[0].strip("[]") or "tcp")
+            object.__setattr__(self, "bucket", "tcp")
 
     def __str__(self) -> str:
         if self.family == socket.AF_UNIX:
@@ -129,8 +132,11 @@ class Peer:
         return f"tcp {self.address}"
 
     @classmethod
-    def of(cls, sock: socket.socket) -> Peer:
-        if sock.family == socket.AF_UNIX:
+    def of(cls, sock: socket.socket, family: int | None = None) -> Peer:
+        """`family`: the listener's, if known (`sock.family` makes an enum each time)."""
+        if family is None:
+            family = sock.family
+        if family == socket.AF_UNIX:
             try:
                 pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
             except OSError:
@@ -139,8 +145,8 @@ class Peer:
         try:
             host, port = sock.getpeername()[:2]
         except OSError:
-            return cls(sock.family, address="tcp")
-        return cls(sock.family, address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            return cls(family, address="tcp")
+        return cls(family, address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
 
 
 def fd_limit() -> int:
@@ -215,24 +221,30 @@ class _Drain:
     """Where the accept loop and the readers park, so a stop can wake them.
 
     Parking costs a set insert and removal, not a cancel scope: this wraps every wait of
-    every connection, and the drain wakes the parked ones with `notify_closing`.
+    every connection, and the drain wakes the parked ones with `notify_closing` (or the
+    lot's `wake`, for connections parked there).
     """
 
-    __slots__ = ("event", "parked")
+    __slots__ = ("event", "parked", "lot")
 
-    def __init__(self, event: trio.Event | None) -> None:
+    def __init__(self, event: trio.Event | None, lot: Lot | None = None) -> None:
         self.event = event
         self.parked: set[socket.socket] = set()
+        #: Where connections (not the listening socket) park, if not in trio: agent/lot.py.
+        self.lot = lot
 
     @property
     def started(self) -> bool:
         return self.event is not None and self.event.is_set()
 
-    async def wait_readable(self, sock: socket.socket) -> None:
+    async def wait_readable(self, sock: socket.socket, key: str | None = None) -> None:
         parked = self.parked
         parked.add(sock)
         try:
-            await trio.lowlevel.wait_readable(sock)
+            if key is not None and self.lot is not None:
+                await self.lot.wait_readable(sock, key)
+            else:
+                await trio.lowlevel.wait_readable(sock)
         except trio.ClosedResourceError:
             if not self.started:
                 raise
@@ -242,7 +254,10 @@ class _Drain:
     async def run(self) -> None:
         assert self.event is not None
         await self.event.wait()
+        lot = self.lot
         for sock in list(self.parked):
+            if lot is not None:
+                lot.wake(sock)  # a no-op unless parked there
             trio.lowlevel.notify_closing(sock)
 
 
@@ -286,7 +301,7 @@ class Connection:
 
     async def wait_readable(self) -> None:
         """Park until the socket is readable; returns early (nothing to read) at the drain."""
-        await self._drain.wait_readable(self.sock)
+        await self._drain.wait_readable(self.sock, self.peer.source)
 
     def close_soon(self, why: str) -> None:
         """Shut the socket down: the handler's next read sees EOF, its next send fails."""
@@ -316,12 +331,14 @@ async def serve_listener(
     name: str,
     draining: trio.Event | None = None,
     refuse: Refuse | None = None,
+    lot: Lot | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on `listener` until `draining` is set, one task per connection running
-    `handler(conn)`; return once every handler has returned. See the module docstring."""
+    `handler(conn)`; return once every handler has returned. See the module docstring.
+    With `lot`, idle connections wait there, woken a bounded number per pass by peer."""
     listener.setblocking(False)
-    drain = _Drain(draining)
+    drain = _Drain(draining, lot)
     live = _Open()
     stats = budget.stats
     async with trio.open_nursery() as nursery:
@@ -332,9 +349,13 @@ async def serve_listener(
             nursery.start_soon(_sweep_idle, live, budget, name, sweeper)
         task_status.started()
         accepted = 0
+        family, kind, proto = int(listener.family), int(listener.type), listener.proto
+        accept, new_socket = listener._accept, socket.socket  # type: ignore[attr-defined]
         while not drain.started:
             try:
-                sock, _ = listener.accept()
+                # What `listener.accept()` does, without asking the listener for its family
+                # and type (an enum made each time) per connection.
+                sock = new_socket(family, kind, proto, fileno=accept()[0])
             except BlockingIOError:
                 await drain.wait_readable(listener)
                 continue
@@ -348,7 +369,7 @@ async def serve_listener(
                     continue
                 raise
             sock.setblocking(False)
-            peer = Peer.of(sock)
+            peer = Peer.of(sock, family)
             why = budget.admit(peer)
             if why is not None:
                 budget.refused[why] += 1
@@ -356,7 +377,7 @@ async def serve_listener(
                 # A flood of refusals must not keep the loop from everyone else.
                 await trio.lowlevel.checkpoint()
                 continue
-            if sock.family != socket.AF_UNIX:
+            if family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(sock, peer, drain)
             live.conns.add(conn)

@@ -179,6 +179,14 @@ class AgentCollector(Collector):
                     eps.add_metric([service, OTHER], sum(getattr(f, attr) for _, f in rows[MAX_ENDPOINTS_LABELLED:]))
             yield lst
             yield eps
+        h2 = CounterMetricFamily(
+            "softlb_proxy_http2_protocol_errors",
+            "HTTP/2 connections the proxy ended for breaking the protocol or one of its bounds "
+            "(docs/PROXY.md), by peer (client or upstream) and the GOAWAY's error code.",
+            labels=["peer", "code"])
+        for (peer, code), n in sorted(figures.http2_errors.items()):
+            h2.add_metric([peer, code], n)
+        yield h2
         waits = CounterMetricFamily("softlb_proxy_fd_reserve_waits", "Times a proxy listener stopped accepting "
                                     "because the agent's open fds came within agent.fd_reserve of the limit.")
         waits.add_metric([], figures.fd_waits)

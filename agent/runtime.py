@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Collection
 import trio
 
 if TYPE_CHECKING:
+    from .lot import Lot
     from .turns import Turns
 
 from softlb import (AgentConfig, Changes, EndpointHealth, EndpointSetBuild, Engine, ErrorCode, LeaseScope, Pending, Pick,
@@ -132,6 +133,8 @@ class Runtime:
         self.proxy_figures: Any = None
         #: Round-robin turns between peers (agent/turns.py), set when the agent runs them.
         self.turns: Turns | None = None
+        #: Where idle IPC connections wait, woken by turns (agent/lot.py); with `turns`.
+        self.lot: Lot | None = None
 
     def dispatch(self, changes: Changes) -> None:
         if self.engine.table_builds:

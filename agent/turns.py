@@ -8,12 +8,14 @@ write one request on each): a thousand turns in one pass, tens of ms, and a byst
 resolve woken in the same pass waits for all of them (issue 10, the connection flood).
 
 How: a pass grants BUDGET units (a wakeup costs one, answered frames one per FRAMES_PER_UNIT).
-A connection woken when the pass has units left, and none of its peer's is queued, goes on at
+The lot (agent/lot.py), where idle connections wait, asks `free` for each connection it finds
+readable: one woken when the pass has units left, and none of its peer's is queued, goes on at
 once: the common case costs a few attribute reads. Past the budget it queues under its peer
 (uid:pid on the Unix socket, the address on TCP) and parks; a releaser lets queued connections go at
-up to BUDGET per pass, one per peer in turn, so a bystander with one queued connection goes
-within a pass however many the flooding peer has queued. A pass is counted by a trio
-instrument hook that runs before each I/O poll.
+up to BUDGET per pass, one per uid in turn and within a uid one per process in turn, so a
+bystander with one queued connection goes within a pass or two however many the flooding
+peer has queued, and a user cannot buy more turns by forking more processes. A pass is
+counted by a trio instrument hook that runs before each I/O poll.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from collections import deque
 
 import trio
 
-#: Units per scheduler pass: ~64 wakeups, or ~1,000 answered frames, a few ms at most here.
-BUDGET = 64
+#: Units per scheduler pass: 8 wakeups, or ~128 answered frames. A wakeup is a connection's
+#: next request or its end (EOF: the task and its nursery wind down, ~50-100 us here), so
+#: a pass of a flood costs about a millisecond.
+BUDGET = 8
 FRAMES_PER_UNIT = 16
 
 
@@ -34,7 +38,11 @@ class Turns(trio.abc.Instrument):
         self._seen = -1
         self.used = 0
         self._queues: dict[str, deque[trio.lowlevel.Task]] = {}
-        self._ring: deque[str] = deque()  # peers with someone queued, in turn order
+        #: Two-level turn order: groups (the uid of "uid:pid") with someone queued, and in
+        #: each group its peers with someone queued. A user who forks a thousand processes
+        #: gets one group's share against another user, not a thousand.
+        self._ring: deque[str] = deque()
+        self._groups: dict[str, deque[str]] = {}
         self._idle: trio.lowlevel.Task | None = None  # the releaser, parked with nothing queued
         #: Connections that had to queue (a flood is on): a counter for /metrics.
         self.queued_total = 0
@@ -65,28 +73,50 @@ class Turns(trio.abc.Instrument):
 
     async def wait(self, key: str) -> None:
         """Queue under `key` until the releaser lets this task go (round robin by key)."""
+        task = trio.lowlevel.current_task()
+        self.park(task, key)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.discard(task, key)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def park(self, task: trio.lowlevel.Task, key: str) -> None:
+        """Queue `task`, already parked (wait_task_rescheduled), under `key`: the releaser
+        reschedules it in its turn. Its abort must call `discard`."""
         q = self._queues.get(key)
         if q is None:
             q = self._queues[key] = deque()
-            self._ring.append(key)
-        task = trio.lowlevel.current_task()
+            group = _group(key)
+            peers = self._groups.get(group)
+            if peers is None:
+                peers = self._groups[group] = deque()
+                self._ring.append(group)
+            peers.append(key)
         q.append(task)
         self.queued_total += 1
         if self._idle is not None:
             trio.lowlevel.reschedule(self._idle)
             self._idle = None
 
-        def abort(_: object) -> trio.lowlevel.Abort:
-            try:
-                q.remove(task)
-            except ValueError:
-                pass
-            if not q and self._queues.get(key) is q:
-                del self._queues[key]
-                self._ring.remove(key)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+    def discard(self, task: trio.lowlevel.Task, key: str) -> None:
+        """Take a queued task out (it was cancelled)."""
+        q = self._queues.get(key)
+        if q is None:
+            return
+        try:
+            q.remove(task)
+        except ValueError:
+            pass
+        if not q:
+            del self._queues[key]
+            group = _group(key)
+            peers = self._groups[group]
+            peers.remove(key)
+            if not peers:
+                del self._groups[group]
+                self._ring.remove(group)
 
     # -- the releaser
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -113,14 +143,26 @@ class Turns(trio.abc.Instrument):
             self._seen = self.passes
             self.used = 0
         room = max(1, self.budget - self.used)  # at least one: the queue always moves
-        queues, ring = self._queues, self._ring
+        queues, ring, groups = self._queues, self._ring, self._groups
         while room and ring:
-            key = ring.popleft()
+            group = ring.popleft()
+            peers = groups[group]
+            key = peers.popleft()
             q = queues[key]
             trio.lowlevel.reschedule(q.popleft())
             room -= 1
             self.used += 1
             if q:
-                ring.append(key)
+                peers.append(key)
             else:
                 del queues[key]
+            if peers:
+                ring.append(group)
+            else:
+                del groups[group]
+
+
+def _group(key: str) -> str:
+    """The uid of a "uid:pid" key (a TCP peer's address is a group of its own)."""
+    uid, sep, _ = key.partition(":")
+    return uid if sep and uid.isdigit() else key

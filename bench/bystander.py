@@ -10,6 +10,9 @@ The bystander is its own process: one connection on the Unix socket, one sequent
 `resolve` every millisecond, each timed. Phases, each --phase seconds:
 
   alone          nothing else runs
+  cpu_burn       a control, not an attack: 4 processes spinning in the attackers' CPU group and
+                 touching nothing of the agent's; what is left of the bystander's p99 under an
+                 attack beyond this is the agent's doing, this much is the kernel scheduler's
   pipelining     a client writing 4,000 pipelined resolves per send and reading in a thread
   watch_flood    10,000 watches (40 connections x 250) on the service the bystander resolves,
                  while the catalog changes every 250 ms
@@ -105,6 +108,12 @@ def bystander(sock_path: str, out: mp.Queue, stop: mp.Event) -> None:
             samples.append((t0, time.monotonic() - t0, ok))
             time.sleep(0.001)
     out.put(samples)
+
+
+def burner(stop: mp.Event) -> None:
+    while not stop.is_set():
+        for _ in range(100_000):
+            pass
 
 
 def pipeliner(sock_path: str, stop: mp.Event) -> None:
@@ -221,6 +230,7 @@ def run(args: argparse.Namespace) -> dict:
             return start
 
         phase("alone", None)
+        phase("cpu_burn", spawn(burner, n=4))
         phase("pipelining", spawn(pipeliner, agent.socket))
 
         churn_stop = threading.Event()

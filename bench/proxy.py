@@ -17,7 +17,8 @@ so drift hits all alike), measures:
   close   wrk -t1 -c32 with `Connection: close`: a connection per request: requests/s
   lat     wrk -t1 -c1, keep-alive: p50 and p99 latency (wrk --latency)
   bulk    one connection moving --bulk-mib MiB from the bulk server: MiB/s
-  grpc    one grpcio channel, sequential unary calls: calls/s and the median call
+  grpc    one grpcio channel, sequential unary calls: calls/s, the median call, and the
+          agent's CPU per call (utime+stime from /proc over the calls)
 and prints medians over the rounds with ratios to direct (and to HAProxy in the same mode).
 """
 
@@ -77,7 +78,7 @@ GRPC_CLIENT = textwrap.dedent("""
     took, t0, d = [], time.perf_counter(), float(sys.argv[2])
     while time.perf_counter() - t0 < d:
         t = time.perf_counter(); call(b"x", timeout=10); took.append(time.perf_counter() - t)
-    print(len(took) / (time.perf_counter() - t0), statistics.median(took) * 1e3)
+    print(len(took) / (time.perf_counter() - t0), statistics.median(took) * 1e3, len(took) + 50)
 """)
 
 
@@ -148,12 +149,19 @@ def bulk(port: int, mib: int) -> float:
     return mib / dt
 
 
-def grpc_rate(target: str, duration: float) -> tuple[float, float]:
-    """Sequential unary calls on one channel: calls/s and the median call in ms."""
+def grpc_rate(target: str, duration: float) -> tuple[float, float, int]:
+    """Sequential unary calls on one channel: calls/s, the median call in ms, calls made."""
     out = subprocess.run([sys.executable, "-c", GRPC_CLIENT, target, str(duration)],
                          capture_output=True, text=True, timeout=duration + 60)
-    rate, p50 = out.stdout.split()
-    return float(rate), float(p50)
+    rate, p50, calls = out.stdout.split()
+    return float(rate), float(p50), int(calls)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (/proc/PID/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -167,14 +175,14 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated: ka,close,lat,bulk,grpc")
     ap.add_argument("--baseline", default="",
                     help="a checkout of another revision (e.g. `git archive main | tar -x -C DIR`): its agent runs "
-                         "beside this one, measured in the same rounds as 'base tcp' and 'base http' (A/B in one run)")
+                         "beside this one, measured in the same rounds as 'base tcp', 'base http' and 'base http2' (A/B in one run)")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else {"ka", "close", "lat", "bulk", "grpc"}
 
     tmp = tempfile.mkdtemp(prefix="softlb-bench-proxy-")
     procs = Procs()
     p = {k: free_port() for k in ("b1", "b2", "bulk", "grpc", "tcp", "http", "http2", "h_tcp", "h_http", "h_bulk",
-                                  "base_tcp", "base_http", "base_bulk")}
+                                  "base_tcp", "base_http", "base_bulk", "base_http2")}
     try:
         with open(os.path.join(tmp, "backends.cfg"), "w") as f:
             f.write(textwrap.dedent(f"""
@@ -238,7 +246,7 @@ def main() -> None:
         if args.baseline:
             with open(os.path.join(tmp, "base.toml"), "w") as f:
                 for svc, mode, port in (("web", "tcp", p["base_tcp"]), ("webh", "http", p["base_http"]),
-                                        ("bulk", "tcp", p["base_bulk"])):
+                                        ("bulk", "tcp", p["base_bulk"]), ("g", "http2", p["base_http2"])):
                     f.write(f'[services.{svc}.proxy]\nlisten = "127.0.0.1:{port}"\nmode = "{mode}"\n')
             # The baseline's own `agent` and `softlb` packages, ahead of this checkout's.
             run_base = f"import sys; sys.path.insert(0, {os.path.abspath(args.baseline)!r}); from agent.cli import main; main()"
@@ -247,7 +255,7 @@ def main() -> None:
         for k in ("b1", "b2", "bulk", "grpc", "tcp", "http", "http2", "h_tcp", "h_http", "h_bulk"):
             wait_port(p[k], timeout=30)
         if args.baseline:
-            for k in ("base_tcp", "base_http", "base_bulk"):
+            for k in ("base_tcp", "base_http", "base_bulk", "base_http2"):
                 wait_port(p[k], timeout=30)
         wait_port(bulk_port, timeout=30)
 
@@ -290,10 +298,16 @@ def main() -> None:
                 for name, port in bulk_targets.items():
                     add("bulk MiB/s", name, bulk(port, args.bulk_mib))
             if "grpc" in only:
-                for name, port in (("direct", p["grpc"]), ("softlb http2", p["http2"])):
-                    rate, p50 = grpc_rate(f"127.0.0.1:{port}", args.duration)
+                grpc_targets = [("direct", p["grpc"], None), ("softlb http2", p["http2"], agent)]
+                if args.baseline:
+                    grpc_targets.append(("base http2", p["base_http2"], base))
+                for name, port, proc in grpc_targets:
+                    cpu0 = cpu_seconds(proc.pid) if proc else 0.0
+                    rate, p50, calls = grpc_rate(f"127.0.0.1:{port}", args.duration)
                     add("grpc calls/s", name, rate)
                     add("lat grpc p50 ms", name, p50)
+                    if proc:  # the agent's CPU per call: the figure load disturbs least
+                        add("grpc agent CPU ms/call", name, (cpu_seconds(proc.pid) - cpu0) / calls * 1e3)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
 
         med = {s: {t: statistics.median(v) for t, v in d.items()} for s, d in results.items()}

@@ -115,3 +115,22 @@ from ._watchplan import PlanChange as PlanChange
 from ._watchplan import WatchPlanner as WatchPlanner
 from ._watchplan import NegativeCache as NegativeCache
 from ._watchplan import TokenBucket as TokenBucket
+
+# HTTP/2 (sans-I/O): the http2 proxy's connections, either side
+from ._h2connection import H2Connection as H2Connection
+from ._h2events import DataReceived as DataReceived
+from ._h2events import GoawayReceived as GoawayReceived
+from ._h2events import H2ConnectionError as H2ConnectionError
+from ._h2events import H2FlowControlBlocked as H2FlowControlBlocked
+from ._h2events import H2StreamClosedError as H2StreamClosedError
+from ._h2events import H2StreamRefused as H2StreamRefused
+from ._h2events import H2UsageError as H2UsageError
+from ._h2events import InformationalResponseReceived as InformationalResponseReceived
+from ._h2events import PingAcknowledged as PingAcknowledged
+from ._h2events import RemoteSettingsChanged as RemoteSettingsChanged
+from ._h2events import RequestReceived as RequestReceived
+from ._h2events import ResponseReceived as ResponseReceived
+from ._h2events import StreamReset as StreamReset
+from ._h2events import TrailersReceived as TrailersReceived
+from ._h2events import WindowUpdated as WindowUpdated
+from ._h2frames import H2ErrorCode as H2ErrorCode

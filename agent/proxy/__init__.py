@@ -4,8 +4,8 @@
            bulk spliced in the kernel (tcp.py, relay.py)
     http   HTTP/1.1, a pick per request over pooled keep-alive upstreams (http1.py; plain
            heads taken without llhttp by heads.py)
-    http2  h2c, a pick per stream over pooled upstream HTTP/2 connections (http2.py;
-           h2headers.py checks client header blocks, hpack_static.py encodes what is sent on)
+    http2  h2c, a pick per stream over pooled upstream HTTP/2 connections (http2.py, on the
+           core's sans-I/O H2Connection; h2headers.py checks client header blocks)
 
 listener.py runs one listener (accept, cap, drain, the sweep of deadlines; fds.py keeps
 proxy connections out of the agent's fd reserve); manager.py

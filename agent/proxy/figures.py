@@ -6,6 +6,7 @@ runs (Prometheus counters), except `active`, which is a gauge.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +31,10 @@ class ProxyFigures:
 
     listeners: dict[str, Figures] = field(default_factory=dict)
     endpoints: dict[tuple[str, str], Figures] = field(default_factory=dict)
+    #: HTTP/2 connections ended for breaking the protocol or a bound, by (who, error code):
+    #: who is "client" or "upstream"; the code is what our GOAWAY said (ENHANCE_YOUR_CALM for
+    #: a rapid reset or a CONTINUATION flood, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, ...).
+    http2_errors: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     #: Times a listener stopped accepting because the agent's fds came within
     #: agent.fd_reserve of the limit (agent/proxy/fds.py).
     fd_waits: int = 0
@@ -69,21 +74,6 @@ METRICS = (
     ("failures_total", "counter", "Failed connects, resets, 5xx and gRPC UNAVAILABLE answers.", "failures"),
     ("retries_total", "counter", "Further endpoints tried after a failure.", "retries"),
 )
-
-
-def _label(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def proxy_metrics(figures: ProxyFigures, metric: Any) -> None:
-    """softlb_proxy_listener_* by service and softlb_proxy_endpoint_* by service and
-    endpoint, through the admin port's `metric(name, kind, help, samples)`."""
-    for suffix, kind, help_, attr in METRICS:
-        metric(f"softlb_proxy_listener_{suffix}", kind, help_,
-               [(f'{{service="{_label(s)}"}}', getattr(f, attr)) for s, f in sorted(figures.listeners.items())])
-        metric(f"softlb_proxy_endpoint_{suffix}", kind, help_,
-               [(f'{{service="{_label(s)}",endpoint="{_label(e)}"}}', getattr(f, attr))
-                for (s, e), f in sorted(figures.endpoints.items())])
 
 
 def with_proxy_figures(figures: ProxyFigures, service: str, result: Any) -> Any:

@@ -11,10 +11,10 @@ connection; streams it refused (above its last stream id, or REFUSED_STREAM) are
 again elsewhere when their request was small enough to keep.
 
 Design, for speed (docs/BENCHMARKS.md, "Where the time goes"): a stream is state, not a
-task. Each connection, client-facing or upstream, has one reader task that feeds h2 and
-forwards every event at once to the other connection's h2 state machine, and one writer
-task that only runs when the kernel did not take a write whole; writes are gathered per
-batch of events (one `send` per connection per wakeup). A stream needs a task of its own
+task. Each connection, client-facing or upstream, has one reader task that feeds the
+core's sans-I/O `H2Connection` and forwards every event at once to the other connection's,
+and one writer task that only runs when the kernel did not take a write whole; writes are
+gathered per batch of events (one `send` per connection per wakeup). A stream needs a task of its own
 only when its pick must wait (a catalog source still fetching the service) or a new
 upstream connection must be opened. Deadlines (request_timeout, grpc-timeout, drain) are
 swept by one housekeeping task per client connection instead of a cancel scope per stream.
@@ -22,6 +22,7 @@ swept by one housekeeping task per client connection instead of a cancel scope p
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -29,19 +30,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 import trio
 
-from softlb import route
+from softlb import (DataReceived, GoawayReceived, H2Connection, H2ConnectionError, H2ErrorCode, H2UsageError,
+                    RemoteSettingsChanged, RequestReceived, ResponseReceived, StreamReset, TrailersReceived,
+                    WindowUpdated, route)
 
 from .figures import Figures
 from .h2headers import malformed_request, malformed_trailers
-from .hpack_static import StaticEncoder
 from .listener import DRAIN_CHECK, Conn, ListenerState, Work
 from .picks import Held, NoEndpoint, finish, pick, pick_now, release
 from .upstream import LOCAL_ERRNOS, open_socket
@@ -61,46 +57,14 @@ GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n":
 GRPC_UNAVAILABLE = b"14"
 GRPC_DEADLINE_EXCEEDED = b"4"
 
-#: h2 work skipped on both connections. What a client sends is checked once, as it comes
-#: in, by h2headers (h2's own checks cost several times more): a malformed request is the
-#: client's error, its stream reset, never forwarded. Headers are passed on as they came,
-#: so normalizing them (lowercasing, joining cookies) or validating them again on the way
-#: out is work with no effect. An upstream's answer is not checked here: the client checks
-#: what it receives, and a malformed answer is the endpoint's failure either way.
-_CONFIG = dict(header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False,
-               validate_inbound_headers=False, normalize_inbound_headers=False)
-CLIENT_FACING = h2.config.H2Configuration(client_side=False, **_CONFIG)
-UPSTREAM = h2.config.H2Configuration(client_side=True, **_CONFIG)
+#: MAX_CONCURRENT_STREAMS each connection allows its peer.
+MAX_STREAMS = 1000
+# Headers are checked once, as a client's request comes in (h2headers: a malformed request
+# is the client's error, its stream reset, never forwarded), and passed on as they came. An
+# upstream's answer is not checked: the client checks what it receives, and a malformed
+# answer is the endpoint's failure either way.
 
 DATA, TRAILERS = 0, 1
-
-
-class _StreamsFinishAfterGoaway(h2.connection.H2ConnectionStateMachine):
-    """h2 closes a connection to every further frame once a GOAWAY is sent or received;
-    RFC 9113 6.8 lets the streams up to its last stream id finish, and draining needs just
-    that. Here a GOAWAY leaves an open connection open: the proxy itself opens no stream on
-    an upstream connection after one (Upstreams.find), and refuses new client streams once
-    it sent one (ListenerState.closing). A table, like h2's, so no call is added per frame."""
-
-    _transitions = {
-        **h2.connection.H2ConnectionStateMachine._transitions,
-        **{(state, goaway): (None, state)
-           for state in (h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN)
-           for goaway in (h2.connection.ConnectionInputs.SEND_GOAWAY, h2.connection.ConnectionInputs.RECV_GOAWAY)},
-    }
-
-
-def _frame_name(obj: object) -> str:
-    return type(obj).__name__
-
-
-# h2 formats every frame it receives for a trace log line, whether or not anything logs it
-# (`_receive_frame`: `logger.trace("Received frame: %s", repr(frame))`, before the logger
-# can say it is a no-op): 6% of the proxy's time per gRPC call. That line is the only use
-# of `repr` in h2.connection, and nothing in the agent logs h2's frames, so the module's
-# `repr` names the frame's class only.
-if "repr" not in vars(h2.connection):
-    h2.connection.repr = _frame_name  # type: ignore[attr-defined]
 
 
 def grpc_timeout(value: bytes | None) -> float:
@@ -112,13 +76,24 @@ def grpc_timeout(value: bytes | None) -> float:
 
 # ------------------------------------------------------------------------ connections
 
-#: Sides with frames queued by h2 during the current synchronous step; sent at its end
+#: Streams whose answer ended during the current step: their verdicts go to the core
+#: once the step's writes are out (`flush_all`).
+_verdicts: list[Stream] = []
+#: Sides with frames queued during the current synchronous step; sent at its end
 #: (`flush_all`), so one step's frames for one connection leave in one `send`.
 _dirty: list[Side] = []
 
 
+def _code_name(code: int) -> str:
+    try:
+        return H2ErrorCode(code).name
+    except ValueError:
+        return f"0x{code:x}"
+
+
 class Side:
-    """One HTTP/2 connection: h2's state machine, its socket, the streams it carries.
+    """One HTTP/2 connection: its protocol state (`H2Connection`), its socket, the streams
+    it carries.
 
     Writes go straight to the socket while the kernel takes them; what it does not take
     waits in `out` for the writer task, and flow-control acknowledgements of data forwarded
@@ -126,12 +101,14 @@ class Side:
     before its bytes have left."""
 
     __slots__ = ("conn", "sock", "fd", "streams", "blocked", "out", "writing", "kick", "held_acks",
-                 "dead", "goaway", "last_used", "on_lost", "is_dirty", "timer")
+                 "dead", "goaway", "last_used", "on_lost", "is_dirty", "timer", "errors")
 
-    def __init__(self, sock: trio.socket.SocketType, config: h2.config.H2Configuration) -> None:
-        self.conn = h2.connection.H2Connection(config=config)
-        self.conn.state_machine = _StreamsFinishAfterGoaway()
-        self.conn.encoder = StaticEncoder()  # type: ignore[assignment]
+    def __init__(self, sock: trio.socket.SocketType, client_side: bool,
+                 errors: collections.Counter[tuple[str, str]] | None = None) -> None:
+        #: Where a protocol error that ends this connection is counted (ProxyFigures).
+        self.errors = errors
+        self.conn = H2Connection(client_side, initial_window=WINDOW, connection_window=CONN_WINDOW,
+                                 max_concurrent_streams=MAX_STREAMS)
         self.sock = sock
         self.fd = sock.fileno()
         self.streams: dict[int, Stream] = {}
@@ -150,12 +127,7 @@ class Side:
         self.timer = trio.CancelScope()
 
     def start(self) -> None:
-        self.conn.local_settings = h2.settings.Settings(client=self.conn.config.client_side, initial_values={
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000,
-        })
-        self.conn.initiate_connection()
-        self.conn.increment_flow_control_window(CONN_WINDOW - 65535)
+        self.conn.initiate()
         self.dirty()
 
     def dirty(self) -> None:
@@ -215,27 +187,17 @@ class Side:
             src.ack(sid, n)
 
     def ack(self, sid: int, n: int) -> None:
-        if self.dead:
-            return
-        try:
-            self.conn.acknowledge_received_data(n, sid)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-            return
-        self.dirty()
+        if not self.dead and self.conn.ack_data(sid, n):
+            self.dirty()
 
-    def reset(self, sid: int, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
-        if self.dead:
-            return
-        try:
-            self.conn.reset_stream(sid, code)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
-            return
-        self.dirty()
+    def reset(self, sid: int, code: int = H2ErrorCode.CANCEL) -> None:
+        if not self.dead and self.conn.reset_stream(sid, code):
+            self.dirty()
 
     def close(self) -> None:
         """GOAWAY, sent as far as the kernel takes it, then closed."""
         if not self.dead:
-            self.conn.close_connection()
+            self.conn.close()
             self.flush()
             self.lost()
 
@@ -259,7 +221,8 @@ class Side:
                 _pump(st, up=self is st.uside)
 
     async def read_loop(self, on_events: Callable[[Side, list[Any]], None]) -> None:
-        """Feed h2 from the socket until it closes; each batch of events goes to `on_events`."""
+        """Feed the connection from the socket until it closes; each batch of events goes
+        to `on_events`."""
         try:
             while True:
                 # Wait first, then read: for request and answer the data is rarely there
@@ -275,9 +238,12 @@ class Side:
                     break
                 try:
                     events = self.conn.receive_data(data)
-                except h2.exceptions.ProtocolError as e:
+                except H2ConnectionError as e:
                     log.info("http2: protocol error from peer: %s", e)
-                    self.flush()  # h2 queued a GOAWAY saying why
+                    if self.errors is not None:
+                        peer = "upstream" if self.conn.client_side else "client"
+                        self.errors[(peer, _code_name(e.code))] += 1
+                    self.flush()  # a GOAWAY saying why is queued
                     break
                 try:
                     on_events(self, events)
@@ -294,8 +260,17 @@ class Side:
 
 
 def flush_all() -> None:
-    while _dirty:
-        _dirty.pop().flush()
+    """Send what the step queued, in the order the connections were first written to
+    (on a call's way in the upstream's request, on its way out the client's answer), then
+    give the core the verdicts of the streams that ended: after the writes, so the
+    bookkeeping is not in the answer's way."""
+    i = 0
+    while i < len(_dirty):  # a flush that loses a connection may queue to others
+        _dirty[i].flush()
+        i += 1
+    _dirty.clear()
+    while _verdicts:
+        _verdict(_verdicts.pop())
 
 
 # ------------------------------------------------------------------------ streams
@@ -334,7 +309,7 @@ class Stream:
         self.ok = True
         self.answered = False
         self.done = False
-        #: Towards the upstream, not yet handed to its h2: [DATA, bytes, flow-controlled
+        #: Towards the upstream, not yet handed to its connection: [DATA, bytes, flow-controlled
         #: length, end] or [TRAILERS, headers]. Towards the client likewise.
         self.up_q: deque[list[Any]] = deque()
         self.down_q: deque[list[Any]] = deque()
@@ -363,16 +338,16 @@ def _forwarded(headers: list[tuple[bytes, bytes]], peer: str) -> list[tuple[byte
     return out
 
 
-def _request(state: ListenerState, conn: Conn, cside: Side, ev: h2.events.RequestReceived,
+def _request(state: ListenerState, conn: Conn, cside: Side, ev: RequestReceived,
              spawn: Callable[..., None]) -> None:
     sid = ev.stream_id
     if state.closing:
-        cside.reset(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+        cside.reset(sid, H2ErrorCode.REFUSED_STREAM)
         return
     why = malformed_request(ev.headers)
     if why is not None:
         log.info("http2 %s: malformed request from %s: %s", state.service, conn.peer_ip, why)
-        cside.reset(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        cside.reset(sid, H2ErrorCode.PROTOCOL_ERROR)
         return
     cfg = state.config
     authority = path = ctype = timeout = None
@@ -390,13 +365,13 @@ def _request(state: ListenerState, conn: Conn, cside: Side, ev: h2.events.Reques
         service = route(cfg.routes, state.service, (authority or b"").decode("latin-1"),
                         (path or b"/").decode("latin-1"))
     state.figures.listener(state.service).requests += 1
-    budget = min(cfg.request_timeout, grpc_timeout(timeout))
+    budget = cfg.request_timeout if timeout is None else min(cfg.request_timeout, grpc_timeout(timeout))
     st = Stream(state, conn, cside, sid, service, _forwarded(ev.headers, conn.peer_ip),
                 (ctype or b"").startswith(b"application/grpc"), budget, spawn)
     cside.streams[sid] = st
     if st.deadline < cside.timer.deadline:
         cside.timer.deadline = st.deadline
-    if ev.stream_ended is not None:
+    if ev.end_stream:
         st.up_q.append([DATA, b"", 0, True])
         st.replay.append([DATA, b"", 0, True])  # type: ignore[union-attr]
     _begin(st, spawn)
@@ -479,7 +454,7 @@ def _open(st: Stream, held: Held, uside: Side) -> None:
     st.held = held
     st.ef = ef = state.figures.endpoint(st.service, ep.id)
     st.uside = uside
-    st.usid = usid = uside.conn.get_next_available_stream_id()
+    st.usid = usid = uside.conn.next_stream_id
     uside.streams[usid] = st
     st.t0 = uside.last_used = trio.current_time()
     ef.requests += 1
@@ -493,7 +468,7 @@ def _open(st: Stream, held: Held, uside: Side) -> None:
         st.up_ended = True
     try:
         uside.conn.send_headers(usid, st.headers, end_stream=ended)
-    except h2.exceptions.ProtocolError as e:  # h2 will not open it there (too many streams)
+    except H2UsageError as e:  # not there (too many streams, or a GOAWAY just came)
         log.info("http2 %s: cannot open a stream to %s: %s", st.service, ep.id, e)
         uside.goaway = True  # no further streams on this connection
         _refused(st)
@@ -504,7 +479,7 @@ def _open(st: Stream, held: Held, uside: Side) -> None:
 
 
 def _pump(st: Stream, up: bool) -> None:
-    """Hand what waits in one direction to the other connection's h2, within its windows."""
+    """Hand what waits in one direction to the other connection, within its windows."""
     if up:
         q, dst, dsid, src, ssid = st.up_q, st.uside, st.usid, st.cside, st.csid
     else:
@@ -520,7 +495,7 @@ def _pump(st: Stream, up: bool) -> None:
             if item[0] == DATA:
                 data = item[1]
                 if data:
-                    room = min(conn.local_flow_control_window(dsid), conn.max_outbound_frame_size)
+                    room = conn.send_window(dsid)
                     if room <= 0:
                         dst.blocked.append(st)
                         break
@@ -547,7 +522,7 @@ def _pump(st: Stream, up: bool) -> None:
                 else:
                     _complete(st)
                     break
-    except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+    except H2UsageError:
         _unqueue(q, src, ssid)  # the other side ended the stream: its event says how
     dst.dirty()
 
@@ -572,11 +547,16 @@ def _unqueue(q: deque[list[Any]], src: Side | None, sid: int) -> None:
 
 
 def _complete(st: Stream) -> None:
-    """The answer ended: the verdict to the core, the stream forgotten by both sides."""
+    """The answer ended: the stream forgotten by both sides; its verdict to the core at
+    the end of the step."""
     _forget(st)
-    assert st.held is not None and st.ef is not None
     if not st.up_ended:  # answered before the request ended: the rest is not wanted
-        st.uside.reset(st.usid, h2.errors.ErrorCodes.NO_ERROR)  # type: ignore[union-attr]
+        st.uside.reset(st.usid, H2ErrorCode.NO_ERROR)  # type: ignore[union-attr]
+    _verdicts.append(st)
+
+
+def _verdict(st: Stream) -> None:
+    assert st.held is not None and st.ef is not None
     finish(st.state.rt, st.held, ok=st.ok, latency=st.latency)
     if not st.ok:
         st.lf.failures += 1
@@ -626,7 +606,7 @@ def _answer(st: Stream, status: int, grpc_status: bytes, text: str) -> None:
     if side.dead:
         return
     if st.answered:
-        side.reset(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        side.reset(sid, H2ErrorCode.INTERNAL_ERROR)
         return
     try:
         if st.grpc:  # gRPC wants a trailers-only answer with its own status
@@ -638,8 +618,8 @@ def _answer(st: Stream, status: int, grpc_status: bytes, text: str) -> None:
             side.conn.send_headers(sid, [(b":status", str(status).encode()), (b"content-type", b"text/plain"),
                                          (b"content-length", str(len(body)).encode())])
             side.conn.send_data(sid, body, end_stream=True)
-    except (h2.exceptions.ProtocolError, h2.exceptions.FlowControlError, KeyError):
-        side.reset(sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+    except H2UsageError:
+        side.reset(sid, H2ErrorCode.INTERNAL_ERROR)
     side.dirty()
 
 
@@ -697,7 +677,7 @@ def _expired(st: Stream, now: float) -> None:
 # ------------------------------------------------------------------------ events
 
 
-def _data_stream(side: Side, ev: h2.events.DataReceived) -> Stream | None:
+def _data_stream(side: Side, ev: DataReceived) -> Stream | None:
     """The stream a DATA frame is for; data for a stream already ended is acknowledged and
     dropped."""
     st = side.streams.get(ev.stream_id)
@@ -719,11 +699,11 @@ def _client_events(state: ListenerState, conn: Conn, side: Side, events: list[An
     streams = side.streams
     for ev in events:
         t = type(ev)
-        if t is h2.events.DataReceived:
+        if t is DataReceived:
             st = _data_stream(side, ev)
             if st is None:
                 continue
-            item = [DATA, ev.data, ev.flow_controlled_length, ev.stream_ended is not None]
+            item = [DATA, ev.data, ev.flow_controlled_length, ev.end_stream]
             if st.replay is not None:
                 st.replay_size += len(ev.data)
                 if st.replay_size > REPLAY_MAX:
@@ -731,28 +711,29 @@ def _client_events(state: ListenerState, conn: Conn, side: Side, events: list[An
                 else:
                     st.replay.append([DATA, ev.data, 0, item[3]])  # acknowledged once, as sent
             _queue(st, item, up=True)
-        elif t is h2.events.RequestReceived:
+        elif t is RequestReceived:
             _request(state, conn, side, ev, spawn)
-        elif t is h2.events.TrailersReceived:
+        elif t is TrailersReceived:
             st = streams.get(ev.stream_id)
             if st is not None:
                 why = malformed_trailers(ev.headers)
                 if why is not None:
                     log.info("http2 %s: malformed trailers from %s: %s", state.service, conn.peer_ip, why)
                     _drop(st)
-                    side.reset(ev.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                    side.reset(ev.stream_id, H2ErrorCode.PROTOCOL_ERROR)
                     continue
                 item = [TRAILERS, ev.headers]
                 if st.replay is not None:
                     st.replay.append(item)
                 _queue(st, item, up=True)
-        elif t is h2.events.StreamReset:
+        elif t is StreamReset:
             st = streams.get(ev.stream_id)
-            if st is not None:  # the client gave up on the stream: so do we, upstream
+            if st is not None:  # the client gave up on the stream (or broke it): so do we, upstream
                 _drop(st)
-        elif t is h2.events.WindowUpdated or t is h2.events.RemoteSettingsChanged:
-            side.unblock()
-        elif t is h2.events.ConnectionTerminated:
+        elif t is WindowUpdated or t is RemoteSettingsChanged:
+            if side.blocked:
+                side.unblock()
+        elif t is GoawayReceived:
             side.goaway = True
 
 
@@ -760,38 +741,35 @@ def _upstream_events(side: Side, events: list[Any]) -> None:
     streams = side.streams
     for ev in events:
         t = type(ev)
-        if t is h2.events.DataReceived:
+        if t is DataReceived:
             st = _data_stream(side, ev)
             if st is not None:
-                _queue(st, [DATA, ev.data, ev.flow_controlled_length, ev.stream_ended is not None], up=False)
-        elif t is h2.events.ResponseReceived:
+                _queue(st, [DATA, ev.data, ev.flow_controlled_length, ev.end_stream], up=False)
+        elif t is ResponseReceived:
             st = streams.get(ev.stream_id)
             if st is not None:
-                _answer_head(st, ev.headers, ev.stream_ended is not None)
-        elif t is h2.events.TrailersReceived:
+                _answer_head(st, ev.headers, ev.end_stream)
+        elif t is TrailersReceived:
             st = streams.get(ev.stream_id)
             if st is not None:
                 for n, v in ev.headers:
                     if n == b"grpc-status" and v == GRPC_UNAVAILABLE:
                         st.ok = False
                 _queue(st, [TRAILERS, ev.headers], up=False)
-        elif t is h2.events.StreamReset:
+        elif t is StreamReset:
+            # Streams above a GOAWAY's last stream id come as REFUSED_STREAM resets too.
             st = streams.get(ev.stream_id)
             if st is not None:
-                if ev.error_code == h2.errors.ErrorCodes.REFUSED_STREAM and not st.answered:
+                if ev.error_code == H2ErrorCode.REFUSED_STREAM and not st.answered:
                     _refused(st)
                 else:
                     _upstream_failed(st)
-        elif t is h2.events.WindowUpdated or t is h2.events.RemoteSettingsChanged:
-            side.unblock()
-        elif t is h2.events.ConnectionTerminated:
+        elif t is WindowUpdated or t is RemoteSettingsChanged:
+            if side.blocked:
+                side.unblock()
+        elif t is GoawayReceived:
             side.goaway = True
-            last = ev.last_stream_id or 0
-            for sid, st in list(streams.items()):
-                if sid > last and not st.answered:
-                    _refused(st)
-        elif t is h2.events.InformationalResponseReceived:
-            pass  # 1xx: not passed on
+        # 1xx answers (InformationalResponseReceived) are not passed on.
 
 
 def _answer_head(st: Stream, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
@@ -811,7 +789,7 @@ def _answer_head(st: Stream, headers: list[tuple[bytes, bytes]], ended: bool) ->
         headers = [(n, v) for n, v in headers if n not in HOP]
     try:
         st.cside.conn.send_headers(st.csid, headers, end_stream=ended)
-    except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+    except H2UsageError:
         _drop(st)  # the client is gone
         return
     st.answered = True
@@ -838,8 +816,7 @@ class Upstreams:
         for side in self.conns.get(key, ()):
             if side.dead or side.goaway:
                 continue
-            limit = side.conn.remote_settings.max_concurrent_streams
-            if len(side.streams) < limit:
+            if len(side.conn.streams) < side.conn.peer_max_streams:
                 return side
         return None
 
@@ -896,7 +873,7 @@ async def _upstream(state: ListenerState, held: Held) -> Side:
     if side is not None:
         sock.close()
         return side
-    side = Side(sock, UPSTREAM)
+    side = Side(sock, client_side=True, errors=state.figures.http2_errors)
     side.on_lost = _upstream_lost
     side.start()
     pool.add(key, side)
@@ -911,7 +888,7 @@ async def _upstream(state: ListenerState, held: Held) -> Side:
 
 
 async def serve_http2(state: ListenerState, conn: Conn) -> None:
-    side = Side(conn.sock, CLIENT_FACING)
+    side = Side(conn.sock, client_side=False, errors=state.figures.http2_errors)
     side.on_lost = _client_lost
     side.start()
     flush_all()
@@ -945,7 +922,7 @@ async def _housekeeping(state: ListenerState, side: Side) -> None:
                 return
         elif state.closing and not side.goaway:
             side.goaway = True  # tell the client now; open streams finish
-            side.conn.close_connection(last_stream_id=max(streams))
+            side.conn.close(last_stream_id=max(streams))
             side.dirty()
         wake = now + (DRAIN_CHECK if streams else min(1.0, state.config.idle_timeout / 4))
         for st in list(streams.values()):

@@ -5,10 +5,17 @@ this directory on PYTHONPATH with SOFTLB_PROBE=<file> set arms it in every `pyth
 softlb_agent` started from there (the benches start the agent that way; other processes
 ignore it). It writes to <file>:
 
-- STEP <ms> <task>: a trio task step over 20 ms (a trio Instrument);
+- STEP <ms> cpu <ms> <task>: a trio task step over SOFTLB_PROBE_STEP_MS (default 20) ms (a
+  trio Instrument), and the loop thread's CPU time in it;
 - LONG STEP in progress: the loop thread's stack, sampled once a step has run 50 ms;
 - GIL/sleep lateness <ms>: a thread that sleeps 1 ms woke that late (the GIL was held);
-- GC gen <n> took <ms>: a collection over 20 ms, and in which thread.
+- with SOFTLB_PROBE_WHERE=1, for passes of over 200 steps, where the tasks resumed (the
+  three innermost coroutine frames each was suspended in);
+- GC gen <n> took <ms>: a collection over SOFTLB_PROBE_STEP_MS, and in which thread (with
+  SOFTLB_PROBE_GC_SIZES=1, how many objects the collected generations held);
+- PASS <ms> cpu <ms> <steps> <top task names>: a scheduler pass (I/O poll to I/O poll) whose work took
+  over SOFTLB_PROBE_PASS_MS (default 3) ms, the loop thread's CPU time in it, and how many
+  task steps it ran and whose.
 
     SOFTLB_PROBE=/tmp/probe.txt PYTHONPATH=bench/loop_probe \\
         .venv/bin/python bench/bystander.py --only giant_service
@@ -31,29 +38,80 @@ if _out and sys.argv and sys.argv[0] == "-m":  # `python -m softlb_agent ...` (a
     def _log(*a: object) -> None:
         _f.write("%.4f %s\n" % (time.monotonic(), " ".join(str(x) for x in a)))
 
+    _step_ms = float(os.environ.get("SOFTLB_PROBE_STEP_MS", "20")) / 1e3
+    _where = bool(os.environ.get("SOFTLB_PROBE_WHERE"))
     _gc: dict[str, float] = {}
+    _gc_sizes = bool(os.environ.get("SOFTLB_PROBE_GC_SIZES"))
+
+    def _suspended_at(task: trio.lowlevel.Task) -> str:
+        """Where a task is about to resume: its innermost awaiting coroutine frame."""
+        coro, where = task.coro, ["?"]
+        for _ in range(50):
+            frame = getattr(coro, "cr_frame", None)
+            if frame is not None:
+                where.append("%s:%d" % (frame.f_code.co_name, frame.f_lineno))
+            nxt = getattr(coro, "cr_await", None)
+            if nxt is None:
+                break
+            coro = nxt
+        return "<".join(reversed(where[-3:]))
 
     def _gc_timer(phase: str, info: dict) -> None:
         if phase == "start":
+            if _gc_sizes:  # O(objects): a diagnostic that slows every collection
+                g = info["generation"]
+                _gc["n"] = sum(len(gc.get_objects(i)) for i in range(g + 1))
             _gc["t"] = time.perf_counter()
             return
         took = time.perf_counter() - _gc.get("t", time.perf_counter())
-        if took > 0.02:
+        if took > _step_ms:
             _log("GC gen", info["generation"], "took %.1f ms" % (took * 1e3), "collected", info["collected"],
-                 "thread", threading.current_thread().name)
+                 "thread", threading.current_thread().name,
+                 "objects %d" % _gc["n"] if _gc_sizes else "")
 
     gc.callbacks.append(_gc_timer)
     _state: dict = {"start": None, "task": None, "main": None}
+    _pass_ms = float(os.environ.get("SOFTLB_PROBE_PASS_MS", "3")) / 1e3
+    _pass: dict = {"start": None, "steps": {}}
 
     class _Steps(trio.abc.Instrument):
         def before_task_step(self, task: trio.lowlevel.Task) -> None:
             _state["start"], _state["task"] = time.perf_counter(), task.name
+            _state["cpu"] = time.thread_time()
 
         def after_task_step(self, task: trio.lowlevel.Task) -> None:
             took = time.perf_counter() - _state["start"]
             _state["start"] = None
-            if took > 0.02:
-                _log("STEP %.1f ms" % (took * 1e3), task.name)
+            if took > _step_ms:
+                _log("STEP %.1f ms cpu %.1f ms" % (took * 1e3, (time.thread_time() - _state["cpu"]) * 1e3), task.name)
+            steps = _pass["steps"]
+            steps[task.name] = steps.get(task.name, 0) + 1
+            if _where:
+                _pass.setdefault("where", {})
+                w = _pass["where"]
+                k = _suspended_at(task)
+                w[k] = w.get(k, 0) + 1
+
+        def after_io_wait(self, timeout: float) -> None:
+            _pass["where"] = {}
+            _pass["start"] = time.perf_counter()
+            _pass["cpu"] = time.thread_time()
+            _pass["steps"] = {}
+
+        def before_io_wait(self, timeout: float) -> None:
+            s = _pass["start"]
+            if s is None:
+                return
+            took = time.perf_counter() - s
+            if took > _pass_ms:
+                steps = _pass["steps"]
+                top = sorted(steps.items(), key=lambda kv: -kv[1])[:4]
+                _log("PASS %.1f ms cpu %.1f ms" % (took * 1e3, (time.thread_time() - _pass["cpu"]) * 1e3),
+                     sum(steps.values()),
+                     " ".join("%s=%d" % (n.rsplit(".", 1)[-1], c) for n, c in top))
+                if _where and sum(steps.values()) > 200:
+                    w = sorted(_pass.get("where", {}).items(), key=lambda kv: -kv[1])[:4]
+                    _log("  resumed at:", "; ".join("%s x%d" % kv for kv in w))
 
     _run = trio.run
 

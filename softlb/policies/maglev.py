@@ -21,8 +21,8 @@ from .._types import Endpoint
 from ._consistent import ConsistentHash
 from ._hashing import hash128
 
-#: Slots filled between two yields of a deferred build.
-STEP_FILLS = 4096
+#: Probes (a fill counts as one) between two yields of a deferred build: ~1 ms here, quiet.
+STEP_PROBES = 4096
 #: Building the table is O(M log M) in pure Python; above this it takes seconds.
 _MAX_TABLE_SIZE = 5_000_011
 
@@ -61,15 +61,20 @@ class Maglev(ConsistentHash):
         n = len(endpoints)
         position: list[int] = []
         skip: list[int] = []
-        for ep in endpoints:
+        for k, ep in enumerate(endpoints):
             h1, h2 = hash128(ep.id)
             position.append(h1 % size)
             skip.append(h2 % (size - 1) + 1)
+            if k % 128 == 127:  # ~1 ms of hashing
+                yield
         top = max(weights)
         credit = [0] * n
         slots = [-1] * size
         filled = 0
-        next_yield = STEP_FILLS
+        # Work is counted in probes, not fills: a fill near the end of the table probes
+        # ~size/empty slots, so the last 4,096 fills cost ~100x the first (a 60 ms step here).
+        probes = 0
+        next_yield = STEP_PROBES
         while True:
             for i in range(n):
                 credit[i] += weights[i]
@@ -81,15 +86,21 @@ class Maglev(ConsistentHash):
                     c += s
                     if c >= size:
                         c -= size
+                    probes += 1
                 slots[c] = i
                 c += s
                 position[i] = c - size if c >= size else c
                 filled += 1
                 if filled == size:
-                    return [endpoints[i] for i in slots]
-            if filled >= next_yield:  # ~1 ms of work per step
-                next_yield = filled + STEP_FILLS
-                yield
+                    table: list[Endpoint] = []
+                    for start in range(0, size, 16384):
+                        yield
+                        table.extend([endpoints[i] for i in slots[start:start + 16384]])
+                    return table
+                probes += 1
+                if probes >= next_yield:  # ~1 ms of work per step
+                    next_yield = probes + STEP_PROBES
+                    yield
 
     def _install(self, table: list[Endpoint]) -> None:
         self._table = table

@@ -577,3 +577,58 @@ def test_grpc_many_concurrent_calls_on_one_channel(make_agent, grpcs):
     eps = endpoints(agent)
     assert sum(e["proxy"]["requests"] for e in eps.values()) == 300
     assert all(e["proxy"]["active"] == 0 and e["proxy"]["failures"] == 0 for e in eps.values())
+
+
+def _goaway_code(s: socket.socket) -> int | None:
+    """Read until the proxy closes: the code of its GOAWAY, if it sent one."""
+    from softlb._h2frames import GOAWAY, decode_frames, parse_goaway
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass  # closed with the attack's bytes unread: a reset after what was sent
+    frames, _ = decode_frames(data)
+    codes = [parse_goaway(p)[1] for t, _, _, p in frames if t == GOAWAY]
+    return codes[-1] if codes else None
+
+
+@pytest.mark.parametrize("attack", ["rapid reset", "continuation flood"])
+def test_http2_floods_get_enhance_your_calm_and_the_listener_serves_on(make_agent, grpcs, attack):
+    """CVE-2023-44487 (streams opened and reset at once, over and over) and a header block
+    that never ends: the connection is closed with ENHANCE_YOUR_CALM; other clients are
+    served meanwhile and after."""
+    from hpack import Encoder
+
+    from softlb import H2ErrorCode
+    from softlb._h2connection import RESET_CREDIT
+    from softlb._h2frames import CONTINUATION, HEADERS, PREFACE, frame, rst_stream_frame, settings_frame
+
+    (b,) = grpcs(1)
+    port = free_port()
+    agent = make_agent(catalog([b]), proxy_config("g", port, "http2")).start()
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    enc = Encoder()
+    s.sendall(PREFACE + settings_frame({}))
+    try:
+        if attack == "rapid reset":
+            for i in range(RESET_CREDIT + 50):
+                sid = 1 + 2 * i
+                s.sendall(frame(HEADERS, 0x4, sid, enc.encode(GRPC_CALL)) + rst_stream_frame(sid, 8))
+        else:
+            s.sendall(frame(HEADERS, 0, 1, enc.encode(GRPC_CALL)))
+            for _ in range(1000):
+                s.sendall(frame(CONTINUATION, 0, 1, b""))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # closed on us mid-attack: the GOAWAY was sent before
+    try:
+        assert _goaway_code(s) == H2ErrorCode.ENHANCE_YOUR_CALM
+    finally:
+        s.close()
+    with channel(port) as ch:
+        assert ch.unary_unary("/demo.Echo/Call")(b"after", timeout=10) == b"g1:after"
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent.admin_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    assert 'softlb_proxy_http2_protocol_errors_total{code="ENHANCE_YOUR_CALM",peer="client"} 1.0' in text

@@ -4,6 +4,7 @@ its budget; and the garbage collector's full collections on a timer (agent/gc_pa
 from __future__ import annotations
 
 import collections
+from collections import deque
 import gc
 import socket
 import time
@@ -20,9 +21,10 @@ from softlb_agent.turns import Turns
 from softlb import AgentConfig
 
 
-def _flood_then_bystander(budget: int, flood: int) -> tuple[list[tuple[int, str]], Turns]:
-    """`flood` tasks of peer "attacker" and one of peer "bystander" all woken in the same
-    pass; returns (pass, peer) in the order they did their work, passes counted from the wake."""
+def _flood_then_bystander(budget: int, flood: int, attackers: int = 1) -> tuple[list[tuple[int, str]], Turns]:
+    """`flood` tasks of `attackers` peers of one uid ("1000:<pid>") and one of peer
+    "bystander" all woken in the same pass; returns (pass, peer) in the order they did their
+    work (attackers as "attacker"), passes counted from the wake."""
     order: list[tuple[int, str]] = []
 
     async def main() -> None:
@@ -34,12 +36,12 @@ def _flood_then_bystander(budget: int, flood: int) -> tuple[list[tuple[int, str]
 
             async def conn(key: str) -> None:
                 await go.wait()  # every task wakes in the same pass, as epoll would wake them
-                if not turns.free(key):  # as the IPC reader does after each wakeup
+                if not turns.free(key):  # as the lot does for each readable connection
                     await turns.wait(key)
-                order.append((turns.passes - first[0], key))
+                order.append((turns.passes - first[0], "bystander" if key == "bystander" else "attacker"))
 
-            for _ in range(flood):
-                nursery.start_soon(conn, "attacker")
+            for i in range(flood):
+                nursery.start_soon(conn, f"1000:{i % attackers}")
             nursery.start_soon(conn, "bystander")
             await trio.testing.wait_all_tasks_blocked()
             first[0] = turns.passes + 1
@@ -76,6 +78,15 @@ def test_a_flood_queues_and_the_bystander_goes_within_a_few_turns() -> None:
         assert max(per_pass.values()) <= 16 + 1
 
 
+def test_a_user_forking_many_processes_gets_one_share() -> None:
+    # 500 processes of one uid, each a peer of its own: per-process turns would put the
+    # bystander behind 500 others (~60 passes at 8 a pass); by uid first, it goes at once.
+    order, turns = _flood_then_bystander(budget=8, flood=2000, attackers=500)
+    passes = {k: p for p, k in order}
+    assert passes["bystander"] <= 2
+    assert turns._ring == deque() and turns._groups == {}
+
+
 def test_a_cancelled_wait_leaves_the_queue() -> None:
     async def main() -> None:
         turns = Turns(1)
@@ -84,7 +95,7 @@ def test_a_cancelled_wait_leaves_the_queue() -> None:
             turns.free("a")
             with trio.move_on_after(0.01):
                 await turns.wait("a")
-            assert turns._queues == {} and not turns._ring
+            assert turns._queues == {} and not turns._ring and not turns._groups
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

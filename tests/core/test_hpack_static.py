@@ -1,4 +1,4 @@
-"""The http2 proxy's HPACK encoder without a dynamic table: what any HPACK decoder reads
+"""The HTTP/2 connection's HPACK encoder without a dynamic table: what any HPACK decoder reads
 back is what was encoded, across many blocks on one connection."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from hpack.struct import NeverIndexedHeaderTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softlb_agent.proxy.hpack_static import StaticEncoder, field
+from softlb._hpack_static import StaticEncoder, field
 
 names = st.one_of(st.sampled_from([b":method", b":path", b":status", b"content-type", b"grpc-status", b"te",
                                    b"cookie", b"x-forwarded-for", b"user-agent"]),
