@@ -187,6 +187,10 @@ class AgentCollector(Collector):
         for (peer, code), n in sorted(figures.http2_errors.items()):
             h2.add_metric([peer, code], n)
         yield h2
+        waits = CounterMetricFamily("softlb_proxy_fd_reserve_waits", "Times a proxy listener stopped accepting "
+                                    "because the agent's open fds came within agent.fd_reserve of the limit.")
+        waits.add_metric([], figures.fd_waits)
+        yield waits
 
     def _services(self, now: float) -> Iterator[Metric | None]:
         engine = self.rt.engine

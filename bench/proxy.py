@@ -119,7 +119,17 @@ def wrk(url: str, conns: int, duration: float, close: bool = False) -> dict[str,
         assert m, out
         return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
 
-    return {"rate": rate, "p50_ms": lat("50"), "p99_ms": lat("99"), "errors": bool(errors and errors.group(0))}
+    took = re.search(r"requests in ([\d.]+)(ms|s|m),", out)
+    seconds = float(took.group(1)) * {"ms": 1e-3, "s": 1.0, "m": 60.0}[took.group(2)] if took else duration
+    return {"rate": rate, "p50_ms": lat("50"), "p99_ms": lat("99"), "errors": bool(errors and errors.group(0)),
+            "seconds": seconds}
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far, from /proc (the figure load disturbs least)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bulk(port: int, mib: int) -> float:
@@ -226,7 +236,7 @@ def main() -> None:
                                     ("g", "http2", p["http2"]), ("bulk", "tcp", bulk_port)):
                 f.write(f'[services.{svc}.proxy]\nlisten = "127.0.0.1:{port}"\nmode = "{mode}"\n')
         procs.start(["haproxy", "-f", os.path.join(tmp, "backends.cfg")])
-        procs.start(["haproxy", "-f", os.path.join(tmp, "haproxy.cfg")])
+        haproxy = procs.start(["haproxy", "-f", os.path.join(tmp, "haproxy.cfg")])
         procs.start([sys.executable, "-c", BULK_SERVER, str(p["bulk"])])
         procs.start([sys.executable, "-c", GRPC_SERVER, str(p["grpc"]), ROOT])
         agent_args = ["--catalog-file", os.path.join(tmp, "catalog.toml"), "--listen", "", "--admin", "",
@@ -256,17 +266,30 @@ def main() -> None:
             http_targets.update({"base tcp": p["base_tcp"], "base http": p["base_http"]})
             bulk_targets["base tcp"] = p["base_bulk"]
         results: dict[str, dict[str, list[float]]] = {}
+        # Whose CPU a target's requests cost (utime+stime over wrk's request count).
+        pids = {"softlb tcp": agent.pid, "softlb http": agent.pid, "haproxy tcp": haproxy.pid,
+                "haproxy http": haproxy.pid}
+        if args.baseline:
+            pids.update({"base tcp": base.pid, "base http": base.pid})
 
         def add(scenario: str, target: str, value: float) -> None:
             results.setdefault(scenario, {}).setdefault(target, []).append(value)
+
+        def wrk_rate(scenario: str, name: str, url: str, close: bool) -> None:
+            pid = pids.get(name)
+            c0 = cpu_seconds(pid) if pid else 0.0
+            w = wrk(url, 32, args.duration, close=close)
+            add(f"{scenario} req/s", name, w["rate"])
+            if pid:
+                add(f"{scenario} cpu us/req", name, (cpu_seconds(pid) - c0) / (w["rate"] * w["seconds"]) * 1e6)
 
         for r in range(args.rounds):
             for name, port in http_targets.items():
                 url = f"http://127.0.0.1:{port}/"
                 if "ka" in only:
-                    add("ka req/s", name, wrk(url, 32, args.duration)["rate"])
+                    wrk_rate("ka", name, url, close=False)
                 if "close" in only:
-                    add("close req/s", name, wrk(url, 32, args.duration, close=True)["rate"])
+                    wrk_rate("close", name, url, close=True)
                 if "lat" in only:
                     w = wrk(url, 1, args.duration)
                     add("lat p50 ms", name, w["p50_ms"])

@@ -244,10 +244,40 @@ class Engine:
     ) -> Pick | Pending:
         b = self.services.get(service)
         if b is None:
-            if self.on_demand:
-                return Pending(service)
-            self.unknown_service_picks += 1
-            raise RequestError(ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\"")
+            return self._unknown(service)
+        ep = self._choose(b, service, now, key, tags, source)
+        lease_id = None
+        if scope is not LeaseScope.NONE:
+            le, evicted = self.leases.open(service, ep.id, now, scope)
+            lease_id = le.id
+            b.on_start(ep.id, now)
+            self._end_without_verdict(evicted, now)
+        age = None if b.fetched_at is None or not b.stale else max(0.0, now - b.fetched_at)
+        wire = b.packed.get(ep.id) or pack_endpoint_fields(ep)
+        return Pick(ep, lease_id, b.panic, b.stale, age, wire)
+
+    def pick_held(self, service: str, now: float, *, key: str | None = None,
+                  source: str | None = None) -> tuple[Endpoint, int] | Pending:
+        """`pick(service, now, key=key, source=source, scope=LeaseScope.HELD)` for the
+        agent's own per-request paths (the proxy): the endpoint and the lease's id, without
+        what an answer to a caller carries (wire fields, panic, staleness). The same
+        policy, counters, load and lease."""
+        b = self.services.get(service)
+        if b is None:
+            return self._unknown(service)
+        ep = self._choose(b, service, now, key, (), source)
+        lease_id = self.leases.open_held(service, ep.id, now)
+        b.on_start(ep.id, now)
+        return ep, lease_id
+
+    def _unknown(self, service: str) -> Pending:
+        if self.on_demand:
+            return Pending(service)
+        self.unknown_service_picks += 1
+        raise RequestError(ErrorCode.UNKNOWN_SERVICE, f"unknown service \"{service}\"")
+
+    def _choose(self, b: ServiceBalancer, service: str, now: float, key: str | None, tags: tuple[str, ...],
+                source: str | None) -> Endpoint:
         deadline = b.next_deadline()
         if deadline is not None and now >= deadline and b.tick(now):
             # An ejection ran out since the last tick: return the endpoint before picking.
@@ -263,15 +293,7 @@ class Engine:
         if ec is None:
             ec = c.endpoint(ep.id)
         ec.picks += 1
-        lease_id = None
-        if scope is not LeaseScope.NONE:
-            le, evicted = self.leases.open(service, ep.id, now, scope)
-            lease_id = le.id
-            b.on_start(ep.id, now)
-            self._end_without_verdict(evicted, now)
-        age = None if b.fetched_at is None or not b.stale else max(0.0, now - b.fetched_at)
-        wire = b.packed.get(ep.id) or pack_endpoint_fields(ep)
-        return Pick(ep, lease_id, b.panic, b.stale, age, wire)
+        return ep
 
     def finish(self, lease: int, now: float, *, ok: bool = True, latency: float | None = None) -> Changes:
         """A lease ends with a verdict: load drops, and the outcome feeds latency-aware

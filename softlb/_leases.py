@@ -63,6 +63,13 @@ class LeaseTable:
             evicted.append(self._leases.pop(next(iter(self._leases))))
         return lease, evicted
 
+    def open_held(self, service: str, endpoint_id: str, now: float) -> int:
+        """`open(..., LeaseScope.HELD)`, answering the new lease's id only."""
+        lease_id = self._next_id
+        self._next_id = lease_id + 1
+        self._held[lease_id] = Lease(lease_id, service, endpoint_id, now, LeaseScope.HELD)
+        return lease_id
+
     def get(self, lease_id: int) -> Lease | None:
         return self._leases.get(lease_id) or self._held.get(lease_id)
 

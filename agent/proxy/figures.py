@@ -35,6 +35,9 @@ class ProxyFigures:
     #: who is "client" or "upstream"; the code is what our GOAWAY said (ENHANCE_YOUR_CALM for
     #: a rapid reset or a CONTINUATION flood, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, ...).
     http2_errors: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    #: Times a listener stopped accepting because the agent's fds came within
+    #: agent.fd_reserve of the limit (agent/proxy/fds.py).
+    fd_waits: int = 0
 
     def listener(self, service: str) -> Figures:
         f = self.listeners.get(service)

@@ -27,8 +27,9 @@ import trio
 
 from softlb import route
 
+from .heads import Head, simple_request, simple_response
 from .listener import KEEPALIVE_GRACE, Conn, ListenerState, Work
-from .picks import NoEndpoint, finish, pick, release
+from .picks import NoEndpoint, finish, pick, pick_now, release
 from .pool import Pool
 from .relay import Idle, Tunnel
 from .upstream import LOCAL_ERRNOS, Try, UpstreamFailed, connect_picked, open_raw
@@ -52,31 +53,6 @@ REASONS = {200: b"OK", 400: b"Bad Request", 502: b"Bad Gateway", 503: b"Service 
            504: b"Gateway Timeout"}
 
 
-class Head:
-    """A parsed request or response head."""
-
-    __slots__ = ("method", "target", "status", "reason", "headers", "keep_alive", "chunked", "length", "version",
-                 "upgrade")
-
-    def __init__(self) -> None:
-        self.method = b""
-        self.target = b""
-        self.status = 0
-        self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.keep_alive = True
-        self.chunked = False
-        self.length: int | None = None
-        self.version = "1.1"
-        self.upgrade = False  # has an Upgrade header
-
-    def get(self, name: bytes) -> bytes | None:
-        for n, v in self.headers:
-            if n == name:
-                return v
-        return None
-
-
 class Parser:
     """llhttp through httptools, as a queue of events: ('head', Head), ('data', bytes),
     ('end',). Raises httptools.HttpParserError on garbage; an upgrade request leaves
@@ -92,11 +68,38 @@ class Parser:
         self.in_message = False
 
     def feed(self, data: bytes) -> None:
+        if not self.in_message:  # llhttp holds nothing: plain messages can skip it
+            data = self._simple(data)
+            if not data:
+                return
         try:
             self.p.feed_data(data)
         except httptools.HttpParserUpgrade as e:
             self.upgraded = True
             self.upgrade_data = data[e.args[0]:]
+
+    def _simple(self, data: bytes) -> bytes:
+        """Take the plain messages at the front of `data` (heads.py); the rest is llhttp's."""
+        events = self.events
+        if self.response:
+            answer = simple_response(data)
+            if answer is None:
+                return data
+            self.head, body = answer
+            events.append(("head", self.head))
+            if body:
+                events.append(("data", body))
+            events.append(("end",))
+            return b""
+        while data:
+            request = simple_request(data)
+            if request is None:
+                return data
+            self.head, used = request
+            events.append(("head", self.head))
+            events.append(("end",))
+            data = data[used:]
+        return data
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -213,7 +216,17 @@ _wait_readable = trio.lowlevel.wait_readable
 _wait_writable = trio.lowlevel.wait_writable
 
 
-async def _send(sock: socket.socket, data: bytes | bytearray) -> None:
+def _send_now(sock: socket.socket, data: bytes | bytearray) -> memoryview | None:
+    """One try at sending, with no coroutine (most sends take it all): what is left, or
+    None. Raises OSError but for EAGAIN."""
+    try:
+        n = sock.send(data)
+    except BlockingIOError:
+        n = 0
+    return None if n == len(data) else memoryview(data)[n:]
+
+
+async def _send(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
     try:
         n = sock.send(data)
     except BlockingIOError:
@@ -244,7 +257,11 @@ async def _event(sock: socket.socket, parser: Parser) -> tuple[Any, ...] | None:
     while not events:
         if parser.upgraded:
             return None
-        data = await _recv(sock)
+        try:
+            data = sock.recv(RECV)
+        except BlockingIOError:
+            await _wait_readable(sock)
+            continue
         if not data:
             return None
         parser.feed(data)
@@ -398,10 +415,13 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
     lf = figures.listener(service)
     pool = _pool(state)
     answer = ph.answer
-    headers = _headers_for(req.headers, conn.peer_ip)
     has_body = req.chunked or bool(req.length)
-    framing = b"transfer-encoding: chunked\r\n" if req.chunked else b""
-    head = _head_bytes(req.method + b" " + req.target + b" HTTP/1.1\r\n", headers, framing)
+    first = req.method + b" " + req.target + b" HTTP/1.1\r\n"
+    if req.raw is not None:  # a plain head (heads.py): its lines pass on as they came
+        head = bytearray(first + req.raw + b"x-forwarded-for: " + conn.peer_ip.encode() + b"\r\n\r\n")
+    else:
+        framing = b"transfer-encoding: chunked\r\n" if req.chunked else b""
+        head = _head_bytes(first, _headers_for(req.headers, conn.peer_ip), framing)
     expect = (req.get(b"expect") or b"").lower() == b"100-continue"
     replayable = req.method in IDEMPOTENT and not has_body
     body_read = not has_body  # the whole request body has been taken from the client
@@ -411,20 +431,22 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
     stale = 0
     tried: list[str] = []
     while True:
-        held = await pick(state.rt, service, source=conn.peer_ip,
-                          key=f"{conn.peer_ip}#retry{attempt}" if attempt else None)
+        pick_key = f"{conn.peer_ip}#retry{attempt}" if attempt else None
+        held = pick_now(state.rt, service, source=conn.peer_ip, key=pick_key)
+        if held is None:  # a catalog source is still fetching the service
+            held = await pick(state.rt, service, source=conn.peer_ip, key=pick_key)
         ep = held.endpoint
         ef = figures.endpoint(service, ep.id)
         key = (ep.address, ep.port)
         up = None
-        while (got := pool.take(key, cfg.idle_timeout)) is not None:
+        t0 = held.started  # one clock read for the pick, the pool and the latency
+        while (got := pool.take(key, cfg.idle_timeout, t0)) is not None:
             up = got[0]
             if got[1] < PEEK_AFTER or not _closed(up.sock):
                 up.reused = True
                 break
             up.close()  # the server closed it while it sat idle
             up = None
-        t0 = trio.current_time()
         if up is None:
             try:
                 sock = await open_raw(ep.address, ep.port, cfg.connect_timeout)
@@ -482,13 +504,14 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
         finally:
             ef.active -= 1
             state.work.discard(work)
-        finish(state.rt, held, ok=status < 500, latency=latency)
+        now = trio.current_time()  # one clock read for the verdict and the pool
+        finish(state.rt, held, ok=status < 500, latency=latency, now=now)
         if status >= 500:
             lf.failures += 1
             ef.failures += 1
         if reusable and not state.closing:
             up.reused = False
-            pool.put(key, up)
+            pool.put(key, up, now)
         else:
             up.close()
         return not close_client
@@ -520,8 +543,8 @@ async def _forward(state: ListenerState, conn: Conn, parser: Parser, req: Head, 
             out, sent, ended = await _body(_client_recv(csock), parser, out, req.chunked, partial(_send, usock))
             if not ended:
                 raise _ClientGone()
-        if out:
-            await _send(usock, out)
+        if out and (rest := _send_now(usock, out)) is not None:
+            await _send(usock, rest)
     except OSError as e:
         raise UpstreamError(e.strerror or str(e)) from None
     lf.bytes_in += sent
@@ -608,7 +631,7 @@ async def _up_end(up: Upstream) -> None:
         raise UpstreamError("bad interim answer")
 
 
-async def _to_client(sock: socket.socket, data: bytes | bytearray) -> None:
+async def _to_client(sock: socket.socket, data: bytes | bytearray | memoryview) -> None:
     try:
         await _send(sock, data)
     except OSError:
@@ -620,7 +643,6 @@ async def _answer(state: ListenerState, conn: Conn, req: Head, up: Upstream, h: 
     latency = trio.current_time() - t0
     status = h.status
     no_body = req.method == b"HEAD" or status in (204, 304)
-    headers = _headers_for(h.headers, None)
     close_client = state.closing or abandon_body or not req.keep_alive
     rechunk = False
     framing = b""
@@ -632,12 +654,18 @@ async def _answer(state: ListenerState, conn: Conn, req: Head, up: Upstream, h: 
         # Chunked, or delimited by the upstream closing: chunked to the client either way.
         rechunk = True
         framing = b"transfer-encoding: chunked\r\n"
-        headers = [(n, v) for n, v in headers if n != b"content-length"]
     else:
         close_client = True  # an HTTP/1.0 client: the end of the connection ends the body
     if close_client:
         framing += b"connection: close\r\n"
-    out = _head_bytes(b"HTTP/1.1 %d %s\r\n" % (status, h.reason), headers, framing)
+    first = b"HTTP/1.1 %d %s\r\n" % (status, h.reason)
+    if h.raw is not None and not rechunk:  # a plain head (heads.py): its lines pass on as they came
+        out = bytearray(first + h.raw + framing + b"\r\n")
+    else:
+        headers = _headers_for(h.headers, None)
+        if rechunk:
+            headers = [(n, v) for n, v in headers if n != b"content-length"]
+        out = _head_bytes(first, headers, framing)
     answer[0] = True
     csock, usock, parser = conn.raw, up.sock, up.parser
     got = 0
@@ -647,15 +675,27 @@ async def _answer(state: ListenerState, conn: Conn, req: Head, up: Upstream, h: 
         reusable = False
         await _to_client(csock, out)
     else:
+        events = parser.events
         try:
-            out, got, ended = await _body(partial(_recv, usock), parser, out, rechunk, partial(_to_client, csock))
-            if not ended:
-                if not (parser.in_message and h.length is None and not h.chunked):
-                    raise _ClientGone()  # cut mid-answer: nothing to retry; cut the client off
-                reusable = False  # a body delimited by the close: complete
-                if rechunk:
-                    out += b"0\r\n\r\n"
-            await _to_client(csock, out)
+            if not rechunk and events and events[-1][0] == "end" and (len(events) == 1 or (
+                    len(events) == 2 and events[0][0] == "data")):
+                # The whole answer is here already (as heads.py leaves a plain one): no
+                # streaming, one send, no coroutine unless the client's buffer is full.
+                if len(events) == 2:
+                    got = len(events[0][1])
+                    out += events[0][1]
+                events.clear()
+            else:
+                out, got, ended = await _body(partial(_recv, usock), parser, out, rechunk,
+                                              partial(_to_client, csock))
+                if not ended:
+                    if not (parser.in_message and h.length is None and not h.chunked):
+                        raise _ClientGone()  # cut mid-answer: nothing to retry; cut the client off
+                    reusable = False  # a body delimited by the close: complete
+                    if rechunk:
+                        out += b"0\r\n\r\n"
+            if (rest := _send_now(csock, out)) is not None:
+                await _to_client(csock, rest)
         except (OSError, httptools.HttpParserError):
             raise _ClientGone() from None
     lf.bytes_out += got

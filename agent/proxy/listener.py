@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -16,6 +17,7 @@ import trio
 from softlb import ProxyConfig
 
 from ..runtime import Runtime
+from .fds import FdRoom
 from .figures import ProxyFigures
 from .picks import serving
 from .relay import Relay, splice_available
@@ -28,6 +30,8 @@ KEEPALIVE_GRACE = 0.5
 DRAIN_CHECK = 0.25
 #: Connections accepted in a row before the accept loop lets the others run.
 ACCEPT_BATCH = 16
+#: How often a listener stopped for want of fds looks again.
+FD_RECHECK = 0.1
 
 
 @dataclass(eq=False, slots=True)
@@ -49,7 +53,7 @@ class Conn:
     http drive it with trio.lowlevel waits: a trio socket's every successful call ends
     in a scheduler pass); `sock`, trio's wrapper of it, is made on first use (http2)."""
 
-    __slots__ = ("raw", "peer_ip", "between", "endpoint_id", "_sock", "keepalive_grace")
+    __slots__ = ("raw", "peer_ip", "between", "endpoint_id", "_sock", "keepalive_grace", "tried")
 
     def __init__(self, raw: socket.socket, peer_ip: str) -> None:
         self.raw = raw
@@ -62,6 +66,8 @@ class Conn:
         #: How the listener's drain ends a keep-alive wait (`deadline`); handlers whose
         #: connection scope also covers requests (http1) put their own here.
         self.keepalive_grace: Callable[[float], None] = self._grace
+        #: Endpoints whose connect failed (and was reported) before the handler ran.
+        self.tried: list[str] | None = None
 
     @property
     def sock(self) -> trio.socket.SocketType:
@@ -83,8 +89,11 @@ class Conn:
 class ListenerState:
     """What handlers read: the config (replaced in place on reload), figures, open work."""
 
-    def __init__(self, rt: Runtime, service: str, config: ProxyConfig, figures: ProxyFigures) -> None:
+    def __init__(self, rt: Runtime, service: str, config: ProxyConfig, figures: ProxyFigures,
+                 fd_room: FdRoom | None = None) -> None:
         self.rt = rt
+        #: The fd budget every proxy listener shares (fds.py).
+        self.fd_room = fd_room if fd_room is not None else FdRoom(lambda: rt.config.fd_reserve)
         self.service = service
         self.config = config
         self.figures = figures
@@ -128,17 +137,24 @@ class ListenerState:
             elif w.leaving_since is None:
                 w.leaving_since = now
                 w.scope.deadline = min(w.scope.deadline, now + self.config.drain_timeout)
+            elif now >= w.scope.deadline:
+                w.scope.cancel()  # trio did for a scope a task is in; a tunnel with none needs this
 
 
 Handler = Callable[[ListenerState, Conn], Awaitable[None]]
+#: Sets a connection up without a task when it can (tcp.start_tcp): True if it did, and
+#: then calls the given function once the connection is over; False: run the Handler.
+Starter = Callable[[ListenerState, Conn, Callable[[], None]], bool]
 
 
 class ProxyListener:
-    def __init__(self, state: ListenerState, sock: socket.socket, handler: Handler, where: str) -> None:
+    def __init__(self, state: ListenerState, sock: socket.socket, handler: Handler, where: str,
+                 starter: Starter | None = None) -> None:
         self.state = state
         self.sock = sock
         self.where = where
         self.handler = handler
+        self.starter = starter
         sock.setblocking(False)
         self.limiter = trio.CapacityLimiter(state.config.max_connections)
         self._accept_scope = trio.CancelScope()
@@ -179,6 +195,7 @@ class ProxyListener:
         lsock = self.sock
         limiter = self.limiter
         lf = state.figures.listener(state.service)
+        room = state.fd_room
         accepted = 0
         while True:
             token = object()
@@ -186,6 +203,12 @@ class ProxyListener:
                 limiter.acquire_on_behalf_of_nowait(token)
             except trio.WouldBlock:  # at max_connections: the kernel queues the rest
                 await limiter.acquire_on_behalf_of(token)
+            if not room.has_room():
+                try:
+                    await self._wait_for_fds()
+                except BaseException:
+                    limiter.release_on_behalf_of(token)
+                    raise
             while True:
                 try:
                     sock, addr = lsock.accept()
@@ -206,6 +229,7 @@ class ProxyListener:
                     # EMFILE and friends: the agent is out of something; wait rather than spin.
                     log.warning("%s proxy: accept failed: %s", state.service, e)
                     await trio.sleep(0.1)
+            room.took()
             sock.setblocking(False)
             try:
                 # Answers go out in as few writes as can be, and nothing may wait for an ACK.
@@ -216,22 +240,46 @@ class ProxyListener:
             state.conns.add(conn)
             lf.active += 1
             lf.connections += 1
-            nursery.start_soon(self._serve, conn, token)
+            if self.starter is None or not self._start(conn, token):
+                nursery.start_soon(self._serve, conn, token)
             accepted += 1
-            if accepted % ACCEPT_BATCH == 0:
+            if room.near or accepted % ACCEPT_BATCH == 0:
                 await trio.lowlevel.checkpoint()  # a connection flood takes turns too
 
-    async def _serve(self, conn: Conn, token: object) -> None:
+    async def _wait_for_fds(self) -> None:
+        """The agent's fds are within fd_reserve of the limit: new connections wait in the
+        kernel's queue (as at max_connections) until fds are released."""
         state = self.state
+        state.figures.fd_waits += 1
+        log.warning("%s proxy: open fds near the limit minus agent.fd_reserve (%d): not accepting until "
+                    "some are released", state.service, state.rt.config.fd_reserve)
+        while not state.fd_room.has_room():
+            await trio.sleep(FD_RECHECK)
+        log.info("%s proxy: accepting again", state.service)
+
+    def _start(self, conn: Conn, token: object) -> bool:
+        assert self.starter is not None
         try:
-            await self.handler(state, conn)
+            return self.starter(self.state, conn, partial(self._done, conn, token))
         except Exception:
-            log.exception("%s proxy: connection from %s failed", state.service, conn.peer_ip)
+            log.exception("%s proxy: connection from %s failed", self.state.service, conn.peer_ip)
+            self._done(conn, token)
+            return True
+
+    async def _serve(self, conn: Conn, token: object) -> None:
+        try:
+            await self.handler(self.state, conn)
+        except Exception:
+            log.exception("%s proxy: connection from %s failed", self.state.service, conn.peer_ip)
         finally:
-            conn.close()
-            state.conns.discard(conn)
-            state.figures.listener(state.service).active -= 1
-            self.limiter.release_on_behalf_of(token)
+            self._done(conn, token)
+
+    def _done(self, conn: Conn, token: object) -> None:
+        state = self.state
+        conn.close()
+        state.conns.discard(conn)
+        state.figures.listener(state.service).active -= 1
+        self.limiter.release_on_behalf_of(token)
 
     async def _drain_checker(self) -> None:
         while True:

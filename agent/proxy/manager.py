@@ -17,8 +17,9 @@ import trio
 from softlb import AgentConfig, ConfigError, ProxyConfig, plan_proxies
 
 from ..runtime import Runtime
+from .fds import FdRoom
 from .figures import ProxyFigures
-from .listener import Handler, ListenerState, ProxyListener
+from .listener import Handler, ListenerState, ProxyListener, Starter
 
 log = logging.getLogger("softlb.proxy")
 
@@ -40,11 +41,19 @@ def handler_for(mode: str) -> Handler:
     return serve_http2
 
 
+def starter_for(mode: str) -> Starter | None:
+    if mode == "tcp":
+        from .tcp import start_tcp
+        return start_tcp
+    return None
+
+
 class ProxyManager:
     def __init__(self, rt: Runtime, bind: Bind) -> None:
         self.rt = rt
         self.bind = bind
         self.figures = ProxyFigures()
+        self.fd_room = FdRoom(lambda: rt.config.fd_reserve)
         self.listeners: dict[str, ProxyListener] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -65,7 +74,8 @@ class ProxyManager:
         """Bind (or take systemd's socket) and register; the socket queues connections
         from here on, before the accept loop runs."""
         sock, where = self.bind(service, cfg.listen)
-        lst = ProxyListener(ListenerState(self.rt, service, cfg, self.figures), sock, handler_for(cfg.mode), where)
+        lst = ProxyListener(ListenerState(self.rt, service, cfg, self.figures, self.fd_room), sock, handler_for(cfg.mode), where,
+                            starter_for(cfg.mode))
         self.listeners[service] = lst
         return lst
 

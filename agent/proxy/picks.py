@@ -43,15 +43,18 @@ async def pick(rt: Runtime, service: str, *, source: str | None = None, key: str
     return Held(service, p.endpoint, p.lease, trio.current_time())
 
 
-def finish(rt: Runtime, held: Held, ok: bool, latency: float | None = None) -> None:
-    """End a held pick with a verdict (feeds least_request latency and outlier detection)."""
+def finish(rt: Runtime, held: Held, ok: bool, latency: float | None = None, now: float | None = None) -> None:
+    """End a held pick with a verdict (feeds least_request latency and outlier detection).
+    `now`, when the caller has just read the clock, spares reading it again."""
     if held.lease is None:
         return
     lease, held.lease = held.lease, None
     try:
-        rt.finish(lease, ok=ok, latency=latency)
+        changes = rt.engine.finish(lease, trio.current_time() if now is None else now, ok=ok, latency=latency)
     except (PickError, RequestError):
-        pass  # its service went away meanwhile: nothing left to count
+        return  # its service went away meanwhile: nothing left to count
+    if changes or rt.engine.table_builds:  # almost always neither: skip the dispatch
+        rt.dispatch(changes)
 
 
 def release(rt: Runtime, held: Held) -> None:
@@ -73,11 +76,12 @@ def pick_now(rt: Runtime, service: str, *, source: str | None = None, key: str |
     """`pick` without a task switch, for per-request hot paths: None when the service's
     catalog source has not answered yet (then `await pick(...)`). Raises NoEndpoint."""
     now = trio.current_time()
+    engine = rt.engine
     try:
-        p = rt.engine.pick(service, now, key=key, source=source, scope=LeaseScope.HELD)
+        p = engine.pick_held(service, now, key=key, source=source)
     except (PickError, RequestError) as e:
         raise NoEndpoint(e.code.value, e.message) from None
     if type(p) is Pending:
         return None
     rt.flush()
-    return Held(service, p.endpoint, p.lease, now)
+    return Held(service, p[0], p[1], now)

@@ -27,13 +27,14 @@ class Pool(Generic[T]):
         got = self.take(key, idle_timeout)
         return None if got is None else got[0]
 
-    def take(self, key: tuple[str, int], idle_timeout: float) -> tuple[T, float] | None:
+    def take(self, key: tuple[str, int], idle_timeout: float, now: float | None = None) -> tuple[T, float] | None:
         """The most recently used idle connection to `key` (the warmest, least likely
-        closed) and how long it sat idle, or None."""
+        closed) and how long it sat idle, or None. `now`: a clock read the caller has."""
         q = self._idle.get(key)
         if not q:
             return None
-        now = trio.current_time()
+        if now is None:
+            now = trio.current_time()
         while q:
             since, conn = q.pop()
             if now - since < idle_timeout:
@@ -41,12 +42,14 @@ class Pool(Generic[T]):
             self._close(conn)
         return None
 
-    def put(self, key: tuple[str, int], conn: T) -> None:
-        q = self._idle.setdefault(key, collections.deque())
-        if len(q) >= MAX_IDLE:
+    def put(self, key: tuple[str, int], conn: T, now: float | None = None) -> None:
+        q = self._idle.get(key)
+        if q is None:
+            q = self._idle[key] = collections.deque()
+        elif len(q) >= MAX_IDLE:
             _, old = q.popleft()
             self._close(old)
-        q.append((trio.current_time(), conn))
+        q.append((trio.current_time() if now is None else now, conn))
 
     def drop(self, key: tuple[str, int]) -> None:
         for _, conn in self._idle.pop(key, ()):

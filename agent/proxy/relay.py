@@ -23,7 +23,7 @@ import os
 import select
 import socket
 import struct
-from typing import Callable
+from typing import Any, Callable
 
 import trio
 
@@ -86,11 +86,12 @@ def reset(sock: socket.socket) -> None:
 class Idle:
     """One idle timer for a connection. The hot path only counts activity (`touch`, no
     clock read, no deadline moved); the listener's sweep, every DRAIN_CHECK, cancels
-    `scope` once the count has not moved for `timeout`."""
+    `scope` (a trio.CancelScope, or anything with `cancel()`) once the count has not moved
+    for `timeout`."""
 
     __slots__ = ("scope", "timeout", "n", "seen", "since")
 
-    def __init__(self, scope: trio.CancelScope, timeout: float) -> None:
+    def __init__(self, scope: Any, timeout: float) -> None:
         self.scope = scope
         self.timeout = timeout
         self.n = 0
@@ -164,7 +165,10 @@ class _Way:
                     self.pending = memoryview(bytes(_VIEW[sent:n]))
                     return False
                 if n == SMALL and self.splice:
-                    self.pipe = _new_pipe()
+                    try:
+                        self.pipe = _new_pipe()
+                    except OSError:  # out of fds (the reserve is the agent's): keep copying
+                        self.splice = False
             else:
                 try:
                     n = _SPLICE(src.fileno(), self.pipe[1], _chunk, None, None, _FLAGS)  # type: ignore[misc]
@@ -226,7 +230,7 @@ class Tunnel:
     """Two connected sockets relayed both ways by a Relay. `done` is set when both
     directions ended (`broken`: by a reset, after which both sides were reset)."""
 
-    __slots__ = ("a", "b", "ab", "ba", "idle", "done", "broken", "finished", "_relay")
+    __slots__ = ("a", "b", "ab", "ba", "idle", "done", "broken", "finished", "_relay", "on_end")
 
     def __init__(self, a: socket.socket, b: socket.socket, idle: Idle, count_ab: Callable[[int], None],
                  count_ba: Callable[[int], None], *, use_splice: bool = True) -> None:
@@ -235,6 +239,9 @@ class Tunnel:
         self.ab = _Way(a, b, count_ab, splice)
         self.ba = _Way(b, a, count_ba, splice)
         self.idle = idle
+        #: Called once the tunnel ended, after `done` is set (a tunnel with no task awaiting
+        #: `done` cleans up here).
+        self.on_end: Callable[[], None] | None = None
         self.done = trio.Event()
         self.broken = False
         self.finished = False
@@ -283,6 +290,8 @@ class Tunnel:
             reset(self.a)
             reset(self.b)
         self.done.set()
+        if self.on_end is not None:
+            self.on_end()
 
 
 class Relay:

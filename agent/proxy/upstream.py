@@ -13,7 +13,7 @@ import trio
 
 from ..runtime import Runtime
 from .figures import ProxyFigures
-from .picks import Held, NoEndpoint, finish, pick, release
+from .picks import Held, NoEndpoint, finish, pick, pick_now, release
 
 log = logging.getLogger("softlb.proxy")
 
@@ -37,9 +37,14 @@ async def open_socket(address: str, port: int, timeout: float) -> trio.socket.So
     return trio.socket.from_stdlib_socket(await open_raw(address, port, timeout))
 
 
-async def open_raw(address: str, port: int, timeout: float) -> socket.socket:
-    """A connected non-blocking stdlib socket: connect_ex, and a wait with a deadline only
-    when the connect is still in progress. Raises OSError or trio.TooSlowError."""
+#: What `_begin` says of a connect whose handshake is still running.
+IN_PROGRESS = -1
+
+
+def _begin(address: str, port: int) -> tuple[socket.socket, int]:
+    """A non-blocking socket with its connect started: (socket, 0 when connected,
+    IN_PROGRESS while the handshake runs, else the errno). Raises OSError when no socket
+    could be made."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     raw = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
@@ -50,9 +55,21 @@ async def open_raw(address: str, port: int, timeout: float) -> socket.socket:
             # says so, and spares a timeout scope and a trio wait (~60 µs here).
             p = select.poll()
             p.register(raw, select.POLLOUT)
-            if not p.poll(0):
-                with trio.fail_after(timeout):
-                    await trio.lowlevel.wait_writable(raw)
+            err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if p.poll(0) else IN_PROGRESS
+    except BaseException:
+        raw.close()
+        raise
+    return raw, err
+
+
+async def open_raw(address: str, port: int, timeout: float) -> socket.socket:
+    """A connected non-blocking stdlib socket: connect_ex, and a wait with a deadline only
+    when the connect is still in progress. Raises OSError or trio.TooSlowError."""
+    raw, err = _begin(address, port)
+    try:
+        if err == IN_PROGRESS:
+            with trio.fail_after(timeout):
+                await trio.lowlevel.wait_writable(raw)
             err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))
@@ -62,15 +79,33 @@ async def open_raw(address: str, port: int, timeout: float) -> socket.socket:
     return raw
 
 
+def connect_now(address: str, port: int) -> tuple[socket.socket | None, int]:
+    """`open_raw` for a connect that is over when `connect` returns (loopback): (the
+    connected socket, 0), or (None, the errno, or IN_PROGRESS) with nothing kept; the
+    caller then goes the way that can wait, retry and report."""
+    try:
+        raw, err = _begin(address, port)
+    except OSError as e:
+        return None, e.errno or IN_PROGRESS
+    if err == 0:
+        return raw, 0
+    raw.close()
+    return None, err
+
+
 async def connect_picked(rt: Runtime, figures: ProxyFigures, service: str, how: Try, *,
                          source: str | None = None, key: str | None = None,
-                         counts: object = None) -> tuple[Held, socket.socket]:
+                         counts: object = None, tried: list[str] | None = None) -> tuple[Held, socket.socket]:
     """Pick an endpoint (held lease) and connect to it; on a failed connect, report the
-    failure and try another, `how.retries` more times. Raises NoEndpoint or UpstreamFailed."""
-    tried: list[str] = []
+    failure and try another, `how.retries` more times. `tried`: endpoints whose connect
+    failed (and was reported) already, each one try of the budget. Raises NoEndpoint or
+    UpstreamFailed."""
+    tried = list(tried or ())
     lf = figures.listener(service)
-    for attempt in range(how.retries + 1):
-        held = await pick(rt, service, source=source, key=key)
+    for attempt in range(len(tried), how.retries + 1):
+        held = pick_now(rt, service, source=source, key=key)
+        if held is None:  # a catalog source is still fetching the service
+            held = await pick(rt, service, source=source, key=key)
         ep = held.endpoint
         if ep.id in tried and attempt:
             # Hashing policies answer the same key with the same endpoint: ask again with

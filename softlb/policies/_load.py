@@ -73,7 +73,7 @@ class LoadBoard:
         self._tell(endpoint_id)
 
     def _tell(self, endpoint_id: str) -> None:
-        if not self._listeners:  # iterating even an empty WeakSet costs a guard object
+        if not self._listeners.data:  # iterating (or len() of) a WeakSet costs Python calls
             return
         for view in self._listeners:
             view.load_changed(endpoint_id)

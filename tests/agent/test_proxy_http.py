@@ -86,6 +86,30 @@ def test_http_headers_host_xff_hop_by_hop(make_agent, backends):
     assert h["x-backend"] == "b1"
 
 
+def test_http_plain_heads_pass_as_they_came_with_xff(make_agent, backends):
+    """Plain heads skip the header list (agent/proxy/heads.py): the request still gets
+    X-Forwarded-For, and TE/Trailer are still dropped; the answer's fields come back."""
+    (b,) = backends(1)
+    port = free_port()
+    make_agent(catalog([b]), proxy_config("web", port, "http")).start()
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    for extra, gone in ((b"", None), (b"TE: trailers\r\n", "te"), (b"Trailer: x\r\n", "trailer")):
+        s.sendall(b"GET /echo HTTP/1.1\r\nHost: app.example\r\nX-Kept:  yes\r\n" + extra + b"\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += s.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200")
+        hdrs = dict(json.loads(body)["headers"])
+        assert hdrs["host"] == "app.example" and hdrs["x-kept"] == "yes"
+        assert hdrs["x-forwarded-for"] == "127.0.0.1"
+        assert gone is None or gone not in hdrs
+    s.close()
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_http_bodies_stream_both_ways(make_agent, backends, chunked):
     (b,) = backends(1)
@@ -141,6 +165,25 @@ def test_http_5xx_reported_as_failures_and_passed_on(make_agent, backends):
     assert get(c, "/status/500")[0] == 500
     fig = endpoints(agent)["b1"]["proxy"]
     assert fig["failures"] == 2 and fig["requests"] == 3
+
+
+def test_http_5xx_ejection_is_dispatched(make_agent, backends):
+    """The proxy ends a request's lease without dispatching when nothing changed (nearly
+    always); when its 5xx verdict ejects the endpoint, the change is still dispatched:
+    the agent logs it, and the next requests go to the other backend."""
+    b1, b2 = backends(2)
+    port = free_port()
+    agent = make_agent(catalog([b1, b2]), proxy_config("web", port, "http")
+                       + "[services.web.outlier]\nconsecutive_failures = 2\n").start()
+    c = conn(port)
+    # /status/503 answers 503 on both; two in a row on one endpoint eject it.
+    for _ in range(4):
+        get(c, "/status/503")
+    wait_until(lambda: "is no longer eligible (ejected by outlier detection" in agent.log())
+    ejected = [e for e, d in endpoints(agent).items() if not d["eligible"]]
+    assert len(ejected) == 1
+    left = {"b1", "b2"} - set(ejected)
+    assert {get(c, "/")[2] for _ in range(4)} == {f"hello from {left.pop()}\n".encode()}
 
 
 def test_http_connect_failure_and_reset_retried_for_idempotent(make_agent, backends):

@@ -5,7 +5,7 @@ from collections import Counter
 
 import msgpack
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from softlb import AgentConfig, Endpoint, ErrorCode, RegistryHealth, ServiceConfig
@@ -338,3 +338,60 @@ def test_leaving_an_all_zero_catalog_restores_the_catalog_weights():
     e.replace_all({"web": [Endpoint(id="a", address="h", port=1, weight=9), Endpoint(id="b", address="h", port=2, weight=1)]}, 1.0)
     picks = Counter(resolve(e, "web", 1.0, lease=False).endpoint.id for _ in range(100))
     assert picks == {"a": 90, "b": 10}
+
+
+POLICIES = ["round_robin", "weighted_round_robin", "least_connections", "least_request", "ring_hash", "maglev",
+            "source_hash", "random", "nq", "sed"]
+
+
+@settings(deadline=None)
+@given(st.sampled_from(POLICIES), st.lists(st.tuples(st.booleans(), st.integers(0, 7), st.booleans(),
+                                                     st.floats(0.0, 2.0)), max_size=40))
+def test_pick_held_is_pick_with_a_held_lease(policy, steps):
+    """The proxy's `pick_held` answers and counts as `pick(scope=HELD)` does: same
+    endpoints, same lease ids, same load, counters and outlier verdicts afterwards."""
+    from softlb import LeaseScope
+
+    def make():
+        e = Engine(AgentConfig(services={"web": ServiceConfig(policy=policy)}), random.Random(7))
+        e.replace_all({"web": [Endpoint(f"e{i}", "127.0.0.1", 1000 + i, weight=1 + i % 3) for i in range(4)]}, 0.0)
+        return e
+
+    a, b = make(), make()
+    open_a: list[int] = []
+    open_b: list[int] = []
+    now = 0.0
+    for pick, n, ok, dt in steps:
+        now += dt
+        if pick or not open_a:
+            key = f"k{n}" if n % 2 else None
+            pa = a.pick("web", now, key=key, source=f"10.0.0.{n}", scope=LeaseScope.HELD)
+            ep, lease = b.pick_held("web", now, key=key, source=f"10.0.0.{n}")
+            assert (pa.endpoint, pa.lease) == (ep, lease)
+            open_a.append(pa.lease)
+            open_b.append(lease)
+        else:
+            i = n % len(open_a)
+            assert a.finish(open_a.pop(i), now, ok=ok, latency=dt) == b.finish(open_b.pop(i), now, ok=ok, latency=dt)
+    sa, sb = a.services["web"], b.services["web"]
+    assert sa.load.active == sb.load.active and len(a.leases) == len(b.leases) == len(open_a)
+    assert sa.counters.resolved == sb.counters.resolved
+    assert {i: c.picks for i, c in sa.counters.endpoints.items()} == {i: c.picks for i, c in sb.counters.endpoints.items()}
+    assert [x.id for x in sa.served] == [x.id for x in sb.served]
+
+
+def test_pick_held_unknown_and_pending_as_pick():
+    e = Engine(AgentConfig(), random.Random(1))
+    with pytest.raises(RequestError) as err:
+        e.pick_held("nope", 0.0)
+    assert err.value.code is ErrorCode.UNKNOWN_SERVICE
+    e.on_demand = True
+    assert type(e.pick_held("nope", 0.0)).__name__ == "Pending"
+    e.on_demand = False
+    e.replace_all({"web": []}, 0.0)
+    codes = []
+    for call in (lambda: e.pick_held("web", 1.0), lambda: e.pick("web", 1.0)):
+        with pytest.raises(RequestError) as err:
+            call()
+        codes.append((err.value.code, err.value.message))
+    assert codes[0] == codes[1] and codes[0][0] is ErrorCode.NO_HEALTHY_ENDPOINT
