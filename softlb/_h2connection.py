@@ -240,12 +240,17 @@ class H2Connection:
             self._end_local(stream_id, st)
 
     def send_window(self, stream_id: int) -> int:
-        """How much data `send_data` takes on the stream now (0 when it is not open)."""
+        """How much data `send_data` takes on the stream now (0 when it is not open). A
+        stream's window itself may be below 0: a SETTINGS lowering INITIAL_WINDOW_SIZE takes
+        the difference from windows already spent (RFC 9113 6.9.2); it then takes nothing
+        until WINDOW_UPDATEs bring it back above 0."""
         st = self.streams.get(stream_id)
         if st is None or st.local_closed:
             return 0
         w = st.send_window
-        return w if w < self._send_window else self._send_window
+        if self._send_window < w:
+            w = self._send_window
+        return w if w > 0 else 0
 
     def reset_stream(self, stream_id: int, code: int = H2ErrorCode.CANCEL) -> bool:
         """RST_STREAM an open stream; False (nothing sent) when it is already over."""
