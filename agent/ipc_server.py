@@ -550,7 +550,6 @@ async def _wait_change(hub: _Hub, service: str, w: _Watch, changed: trio.Event, 
             park = hub.gate.park
             for task, k in waiting.items():
                 park(task, k)
-            hub.gate.start()
         return False
     finally:
         w.waiting = None

@@ -44,6 +44,19 @@ async def _read_until(c: socket.socket, buf: bytearray, n: int) -> list:
     return frames(bytes(buf))
 
 
+async def _bystander_watching_quiet(path: str) -> tuple[socket.socket, bytearray]:
+    """A bystander's connection watching "quiet", its first answer read, everyone idle."""
+    b = socket.socket(socket.AF_UNIX)
+    b.connect(path)
+    b.setblocking(False)
+    bbuf = bytearray()
+    b.send(frame({"id": 1, "op": "watch", "service": "quiet"}))
+    await _read_until(b, bbuf, 1)
+    bbuf.clear()
+    await trio.testing.wait_all_tasks_blocked()
+    return b, bbuf
+
+
 async def _harness(tmp_path, attacker_conns: int, body) -> None:
     rt = Runtime(AgentConfig(), None, random.Random(1))
     rt.dispatch(rt.engine.replace_all(parse_catalog_text(_catalog(0)), trio.current_time()))
@@ -127,15 +140,8 @@ def _bystander_update_passes(tmp_path, unwatch_first: bool) -> int:
     result: dict[str, int] = {}
 
     async def body(rt, path, conns) -> None:
-        b = socket.socket(socket.AF_UNIX)
-        b.connect(path)
-        b.setblocking(False)
-        bbuf = bytearray()
+        b, bbuf = await _bystander_watching_quiet(path)
         try:
-            b.send(frame({"id": 1, "op": "watch", "service": "quiet"}))
-            await _read_until(b, bbuf, 1)
-            bbuf.clear()
-            await trio.testing.wait_all_tasks_blocked()
             if unwatch_first:
                 c, buf = conns[0]
                 c.send(frame({"id": 10_000, "op": "unwatch", "watch": 7}))  # no catalog change needed
@@ -170,16 +176,9 @@ def test_watches_stopped_while_parked_at_the_gate_leak_nothing(tmp_path) -> None
     result: dict[str, int] = {}
 
     async def body(rt, path, conns) -> None:
-        b = socket.socket(socket.AF_UNIX)
-        b.connect(path)
-        b.setblocking(False)
-        bbuf = bytearray()
         hub = ipc_server._hub(rt)
+        b, bbuf = await _bystander_watching_quiet(path)
         try:
-            b.send(frame({"id": 1, "op": "watch", "service": "quiet"}))
-            await _read_until(b, bbuf, 1)
-            bbuf.clear()
-            await trio.testing.wait_all_tasks_blocked()
             text = endpoint_toml("hot", "127.0.0.1", 10001) + endpoint_toml("quiet", "127.0.0.1", 20000)
             rt.dispatch(rt.engine.replace_all(parse_catalog_text(text), trio.current_time()))
             await trio.sleep(0)
