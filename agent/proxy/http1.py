@@ -416,12 +416,12 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
     pool = _pool(state)
     answer = ph.answer
     has_body = req.chunked or bool(req.length)
-    first = req.method + b" " + req.target + b" HTTP/1.1\r\n"
     if req.raw is not None:  # a plain head (heads.py): its lines pass on as they came
-        head = bytearray(first + req.raw + b"x-forwarded-for: " + conn.peer_ip.encode() + b"\r\n\r\n")
+        head = bytearray(req.lines + b"x-forwarded-for: " + conn.peer_ip.encode() + b"\r\n\r\n")
     else:
         framing = b"transfer-encoding: chunked\r\n" if req.chunked else b""
-        head = _head_bytes(first, _headers_for(req.headers, conn.peer_ip), framing)
+        head = _head_bytes(req.method + b" " + req.target + b" HTTP/1.1\r\n", _headers_for(req.headers, conn.peer_ip),
+                           framing)
     expect = (req.get(b"expect") or b"").lower() == b"100-continue"
     replayable = req.method in IDEMPOTENT and not has_body
     body_read = not has_body  # the whole request body has been taken from the client
@@ -658,14 +658,13 @@ async def _answer(state: ListenerState, conn: Conn, req: Head, up: Upstream, h: 
         close_client = True  # an HTTP/1.0 client: the end of the connection ends the body
     if close_client:
         framing += b"connection: close\r\n"
-    first = b"HTTP/1.1 %d %s\r\n" % (status, h.reason)
     if h.raw is not None and not rechunk:  # a plain head (heads.py): its lines pass on as they came
-        out = bytearray(first + h.raw + framing + b"\r\n")
+        out = bytearray(h.lines + framing + b"\r\n")
     else:
         headers = _headers_for(h.headers, None)
         if rechunk:
             headers = [(n, v) for n, v in headers if n != b"content-length"]
-        out = _head_bytes(first, headers, framing)
+        out = _head_bytes(b"HTTP/1.1 %d %s\r\n" % (status, h.reason), headers, framing)
     answer[0] = True
     csock, usock, parser = conn.raw, up.sock, up.parser
     got = 0
