@@ -16,7 +16,8 @@ so drift hits all alike), measures:
   ka      wrk -t1 -c32, keep-alive, small GETs: requests/s
   close   wrk -t1 -c32 with `Connection: close`: a connection per request: requests/s
   lat     wrk -t1 -c1, keep-alive: p50 and p99 latency (wrk --latency)
-  bulk    one connection moving --bulk-mib MiB from the bulk server: MiB/s
+  bulk    one connection moving --bulk-mib MiB from the bulk server: MiB/s, and the
+          proxy's CPU per GiB (utime+stime from /proc)
   grpc    one grpcio channel, sequential unary calls: calls/s, the median call, and the
           agent's CPU per call (utime+stime from /proc over the calls)
 and prints medians over the rounds with ratios to direct (and to HAProxy in the same mode).
@@ -157,13 +158,6 @@ def grpc_rate(target: str, duration: float) -> tuple[float, float, int]:
     return float(rate), float(p50), int(calls)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (/proc/PID/stat fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -296,7 +290,11 @@ def main() -> None:
                     add("lat p99 ms", name, w["p99_ms"])
             if "bulk" in only:
                 for name, port in bulk_targets.items():
+                    pid = pids.get(name)
+                    c0 = cpu_seconds(pid) if pid else 0.0
                     add("bulk MiB/s", name, bulk(port, args.bulk_mib))
+                    if pid:  # the proxy's own CPU per GiB moved (utime+stime)
+                        add("bulk cpu ms/GiB", name, (cpu_seconds(pid) - c0) / (args.bulk_mib / 1024) * 1e3)
             if "grpc" in only:
                 grpc_targets = [("direct", p["grpc"], None), ("softlb http2", p["http2"], agent)]
                 if args.baseline:

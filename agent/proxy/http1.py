@@ -428,7 +428,8 @@ async def _exchange(state: ListenerState, conn: Conn, parser: Parser, req: Head,
         framing = b"transfer-encoding: chunked\r\n" if req.chunked else b""
         head = _head_bytes(req.method + b" " + req.target + b" HTTP/1.1\r\n", _headers_for(req.headers, conn.peer_ip),
                            framing)
-    expect = (req.get(b"expect") or b"").lower() == b"100-continue"
+    # (a plain head has no Expect: heads.py leaves those to llhttp)
+    expect = req.raw is None and (req.get(b"expect") or b"").lower() == b"100-continue"
     replayable = req.method in IDEMPOTENT and not has_body
     body_read = not has_body  # the whole request body has been taken from the client
     if body_read and parser.events and parser.events[0][0] == "end":
