@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.proxy import heads
 from agent.proxy.heads import simple_request, simple_response
 from agent.proxy.http1 import Parser, _headers_for
 
@@ -180,3 +181,55 @@ def test_proxy_refuses_smuggling_shapes_with_400_and_serves_on(make_agent) -> No
         s.close()
     finally:
         b.close()
+
+
+# -- the cache of plain heads by their bytes (heads.py): what it answers must be what a
+# fresh read of the whole data answers, whatever came before.
+
+def _fresh_request(data: bytes):
+    """The fast path's reading of `data` with no cache and no cut at the first empty line."""
+    h = heads._request_head(data)
+    return None if h is None else (fields(h), h.raw, h.lines, len(h.lines) + 2)
+
+
+def _fresh_response(data: bytes):
+    h = heads._response_head(data)
+    if h is None or len(data) != len(h.lines) + 2 + h.length:
+        return None
+    return fields(h), h.raw, h.lines, data[len(h.lines) + 2:]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(requests(), min_size=1, max_size=4), st.integers(0, 3))
+def test_cached_request_heads_read_as_fresh_ones(datas: list[bytes], again: int) -> None:
+    for data in datas + datas[:again]:  # some seen before: answered from the cache
+        got = simple_request(data)
+        assert (None if got is None else (fields(got[0]), got[0].raw, got[0].lines, got[1])) == \
+            _fresh_request(data), data
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(responses(), min_size=1, max_size=4), st.integers(0, 3))
+def test_cached_response_heads_read_as_fresh_ones(datas: list[bytes], again: int) -> None:
+    for data in datas + datas[:again]:
+        got = simple_response(data)
+        assert (None if got is None else (fields(got[0]), got[0].raw, got[0].lines, got[1])) == \
+            _fresh_response(data), data
+
+
+def test_a_cached_answer_head_still_checks_its_body_length() -> None:
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n"
+    assert simple_response(head + b"abc") is not None
+    assert simple_response(head + b"ab") is None  # the head is cached; the length is not
+    assert simple_response(head + b"abcd") is None
+    assert simple_response(head + b"xyz")[1] == b"xyz"
+
+
+def test_head_cache_is_bounded_and_long_heads_still_read() -> None:
+    for i in range(heads.CACHE_MAX + 10):
+        assert simple_request(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i) is not None
+    assert len(heads._requests) <= heads.CACHE_MAX
+    long = b"GET / HTTP/1.1\r\nX-Long: " + b"a" * heads.HEAD_MAX + b"\r\n\r\n"
+    got = simple_request(long + b"GET /next")
+    assert got is not None and got[1] == len(long)  # read, not kept
+    assert long not in heads._requests
