@@ -7,7 +7,9 @@ static table has it whole, else a literal "without indexing" (with the static na
 when there is one), never Huffman-coded; a field the peer must never index stays "never
 indexed". The first header block of a connection sets the dynamic table to 0 bytes
 (RFC 7541 6.3), so the encoding holds whatever table size the peer allows. Nothing depends
-on what was sent before, so each field's bytes are computed once and reused.
+on what was sent before, so each field's bytes are computed once and reused, and so are
+whole blocks: a proxy sends the same request head, answer head and trailers call after call
+(a gRPC channel's), and one dict lookup of the block is a fifth of its field-by-field join.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ for _i, (_n, _v) in enumerate(HeaderTable.STATIC_TABLE, start=1):
 #: Encoded fields by (never indexed, name, value); cleared when it grows past a bound.
 _cache: dict[tuple[bool, bytes, bytes], bytes] = {}
 _CACHE_MAX = 4096
+#: Encoded blocks by their fields (all plain tuples: a never-indexed field compares equal
+#: to a plain one, so blocks holding one are not kept); cleared past a bound.
+_blocks: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
+_BLOCKS_MAX = 256
+_BLOCK_FIELDS_MAX = 32
 #: A dynamic table size update to 0 (RFC 7541 6.3).
 _TABLE_SIZE_ZERO = b"\x20"
 
@@ -71,12 +78,28 @@ class StaticEncoder:
         self._first = True
 
     def encode(self, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-        out = []
+        key = tuple(headers)
+        b = _blocks.get(key)
+        if b is not None:
+            for h in key:  # an equal block, but a field here may be never-indexed
+                if type(h) is not tuple:
+                    b = None
+                    break
+        if b is None:
+            b = self._encode(key)
         if self._first:
-            out.append(_TABLE_SIZE_ZERO)
             self._first = False
+            return _TABLE_SIZE_ZERO + b
+        return b
+
+    @staticmethod
+    def _encode(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
+        out = []
+        plain = len(headers) <= _BLOCK_FIELDS_MAX
         for h in headers:
             never = type(h) is NeverIndexedHeaderTuple
+            if type(h) is not tuple:
+                plain = False
             key = (never, h[0], h[1])
             b = _cache.get(key)
             if b is None:
@@ -84,4 +107,9 @@ class StaticEncoder:
                     _cache.clear()
                 b = _cache[key] = field(h[0], h[1], never)
             out.append(b)
-        return b"".join(out)
+        block = b"".join(out)
+        if plain:
+            if len(_blocks) >= _BLOCKS_MAX:
+                _blocks.clear()
+            _blocks[headers] = block
+        return block
