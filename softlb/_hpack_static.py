@@ -28,8 +28,8 @@ for _i, (_n, _v) in enumerate(HeaderTable.STATIC_TABLE, start=1):
 #: Encoded fields by (never indexed, name, value); cleared when it grows past a bound.
 _cache: dict[tuple[bool, bytes, bytes], bytes] = {}
 _CACHE_MAX = 4096
-#: Encoded blocks by their fields (all plain tuples: a never-indexed field compares equal
-#: to a plain one, so blocks holding one are not kept); cleared past a bound.
+#: Encoded blocks by their fields (a never-indexed field compares equal to a plain one, so
+#: blocks holding one are neither kept nor looked up); cleared past a bound.
 _blocks: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
 _BLOCKS_MAX = 256
 _BLOCK_FIELDS_MAX = 32
@@ -68,6 +68,16 @@ def field(name: bytes, value: bytes, never_indexed: bool = False) -> bytes:
     return bytes([first]) + _string(name) + _string(value)
 
 
+def never_indexed(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a field is to be sent never-indexed (hpack's `NeverIndexedHeaderTuple`, as
+    decoded or given): such a field is equal, as a tuple, to its plain twin, so a cache
+    keyed on the fields must not answer for it."""
+    for h in headers:
+        if type(h) is NeverIndexedHeaderTuple:
+            return True
+    return False
+
+
 class StaticEncoder:
     """`encode(headers) -> bytes`, the dynamic table always 0 bytes (whatever the peer's
     HEADER_TABLE_SIZE allows, 0 fits it)."""
@@ -80,11 +90,8 @@ class StaticEncoder:
     def encode(self, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
         key = tuple(headers)
         b = _blocks.get(key)
-        if b is not None:
-            for h in key:  # an equal block, but a field here may be never-indexed
-                if type(h) is not tuple:
-                    b = None
-                    break
+        if b is not None and never_indexed(key):  # an equal block, but not the same bytes
+            b = None
         if b is None:
             b = self._encode(key)
         if self._first:
@@ -98,7 +105,7 @@ class StaticEncoder:
         plain = len(headers) <= _BLOCK_FIELDS_MAX
         for h in headers:
             never = type(h) is NeverIndexedHeaderTuple
-            if type(h) is not tuple:
+            if never:
                 plain = False
             key = (never, h[0], h[1])
             b = _cache.get(key)

@@ -28,13 +28,13 @@ import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import trio
 
 from softlb import (DataReceived, GoawayReceived, H2Connection, H2ConnectionError, H2ErrorCode, H2UsageError,
                     RemoteSettingsChanged, RequestReceived, ResponseReceived, StreamReset, TrailersReceived,
-                    WindowUpdated, route)
+                    WindowUpdated, never_indexed, route)
 
 from .figures import Figures
 from .h2headers import malformed_request, malformed_trailers
@@ -101,7 +101,7 @@ class Side:
     before its bytes have left."""
 
     __slots__ = ("conn", "sock", "fd", "streams", "blocked", "out", "writing", "kick", "held_acks",
-                 "dead", "goaway", "last_used", "on_lost", "is_dirty", "timer", "errors")
+                 "dead", "goaway", "last_used", "on_lost", "is_dirty", "timer", "errors", "heads", "heads_cfg")
 
     def __init__(self, sock: trio.socket.SocketType, client_side: bool,
                  errors: collections.Counter[tuple[str, str]] | None = None) -> None:
@@ -125,6 +125,10 @@ class Side:
         self.is_dirty = False
         #: The housekeeping task's sleep (client-facing side): moved up for an earlier deadline.
         self.timer = trio.CancelScope()
+        #: Client side: what was made of request heads seen before (`_Head`), for the
+        #: config they were read under (a reload routes anew).
+        self.heads: dict[tuple[tuple[bytes, bytes], ...], _Head] = {}
+        self.heads_cfg: object = None
 
     def start(self) -> None:
         self.conn.initiate()
@@ -285,7 +289,7 @@ class Stream:
                  "budget", "spawn")
 
     def __init__(self, state: ListenerState, conn: Conn, cside: Side, csid: int, service: str,
-                 headers: list[tuple[bytes, bytes]], grpc: bool, budget: float,
+                 headers: Sequence[tuple[bytes, bytes]], grpc: bool, budget: float,
                  spawn: Callable[..., None]) -> None:
         self.state = state
         self.conn = conn
@@ -324,7 +328,7 @@ class Stream:
         self.starting: trio.CancelScope | None = None
 
 
-def _forwarded(headers: list[tuple[bytes, bytes]], peer: str) -> list[tuple[bytes, bytes]]:
+def _forwarded(headers: Iterable[tuple[bytes, bytes]], peer: str) -> list[tuple[bytes, bytes]]:
     """The request's headers (already checked free of connection-specific ones) with the
     client's address appended to X-Forwarded-For."""
     out = []
@@ -338,20 +342,30 @@ def _forwarded(headers: list[tuple[bytes, bytes]], peer: str) -> list[tuple[byte
     return out
 
 
-def _request(state: ListenerState, conn: Conn, cside: Side, ev: RequestReceived,
-             spawn: Callable[..., None]) -> None:
-    sid = ev.stream_id
-    if state.closing:
-        cside.reset(sid, H2ErrorCode.REFUSED_STREAM)
-        return
-    why = malformed_request(ev.headers)
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """What a well-formed request head means on one client connection: where it goes, and
+    the head sent upstream (X-Forwarded-For added)."""
+
+    service: str
+    grpc: bool
+    budget: float
+    forwarded: tuple[tuple[bytes, bytes], ...]
+
+
+#: Request heads remembered per client connection. A gRPC channel sends the same head call
+#: after call (unless the call has a deadline: `grpc-timeout` differs each time).
+HEADS_KEPT = 16
+
+
+def _read_head(state: ListenerState, conn: Conn, key: tuple[tuple[bytes, bytes], ...]) -> _Head | str:
+    """A request head checked, routed and rewritten; or why it is malformed."""
+    why = malformed_request(key)
     if why is not None:
-        log.info("http2 %s: malformed request from %s: %s", state.service, conn.peer_ip, why)
-        cside.reset(sid, H2ErrorCode.PROTOCOL_ERROR)
-        return
+        return why
     cfg = state.config
     authority = path = ctype = timeout = None
-    for n, v in ev.headers:
+    for n, v in key:
         if n == b":authority" or (n == b"host" and authority is None):
             authority = v
         elif n == b":path":
@@ -364,10 +378,43 @@ def _request(state: ListenerState, conn: Conn, cside: Side, ev: RequestReceived,
     if cfg.routes:
         service = route(cfg.routes, state.service, (authority or b"").decode("latin-1"),
                         (path or b"/").decode("latin-1"))
-    state.figures.listener(state.service).requests += 1
     budget = cfg.request_timeout if timeout is None else min(cfg.request_timeout, grpc_timeout(timeout))
-    st = Stream(state, conn, cside, sid, service, _forwarded(ev.headers, conn.peer_ip),
-                (ctype or b"").startswith(b"application/grpc"), budget, spawn)
+    return _Head(service, (ctype or b"").startswith(b"application/grpc"), budget,
+                 tuple(_forwarded(key, conn.peer_ip)))
+
+
+def _head(state: ListenerState, conn: Conn, cside: Side, headers: list[tuple[bytes, bytes]]) -> _Head | str:
+    """`_read_head`, remembered per connection: a repeated head is one dict lookup."""
+    key = tuple(headers)
+    if cside.heads_cfg is not state.config:
+        cside.heads_cfg = state.config
+        cside.heads.clear()
+    head = cside.heads.get(key)
+    never = never_indexed(key)  # an equal head, but its never-indexed fields go on as such
+    if head is not None and not never:
+        return head
+    head = _read_head(state, conn, key)
+    if type(head) is _Head and not never:
+        if len(cside.heads) >= HEADS_KEPT:
+            cside.heads.clear()
+        cside.heads[key] = head
+    return head
+
+
+def _request(state: ListenerState, conn: Conn, cside: Side, ev: RequestReceived,
+             spawn: Callable[..., None]) -> None:
+    sid = ev.stream_id
+    if state.closing:
+        cside.reset(sid, H2ErrorCode.REFUSED_STREAM)
+        return
+    head = _head(state, conn, cside, ev.headers)
+    if type(head) is str:
+        log.info("http2 %s: malformed request from %s: %s", state.service, conn.peer_ip, head)
+        cside.reset(sid, H2ErrorCode.PROTOCOL_ERROR)
+        return
+    assert type(head) is _Head
+    state.figures.listener(state.service).requests += 1
+    st = Stream(state, conn, cside, sid, head.service, head.forwarded, head.grpc, head.budget, spawn)
     cside.streams[sid] = st
     if st.deadline < cside.timer.deadline:
         cside.timer.deadline = st.deadline

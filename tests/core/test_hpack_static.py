@@ -4,11 +4,11 @@ back is what was encoded, across many blocks on one connection."""
 from __future__ import annotations
 
 from hpack import Decoder
-from hpack.struct import NeverIndexedHeaderTuple
+from hpack.struct import HeaderTuple, NeverIndexedHeaderTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softlb._hpack_static import StaticEncoder, field
+from softlb._hpack_static import StaticEncoder, field, never_indexed
 
 names = st.one_of(st.sampled_from([b":method", b":path", b":status", b"content-type", b"grpc-status", b"te",
                                    b"cookie", b"x-forwarded-for", b"user-agent"]),
@@ -64,3 +64,7 @@ def test_a_repeated_block_is_one_cache_lookup():
     enc = StaticEncoder()
     enc.encode([])
     assert enc.encode(h) == first[1:]
+    # As a decoder gives them (hpack's HeaderTuple, a tuple subclass): the same block.
+    decoded = [HeaderTuple(n, v) for n, v in h]
+    assert enc.encode(decoded) == first[1:]
+    assert never_indexed([*decoded, NeverIndexedHeaderTuple(b"a", b"b")]) and not never_indexed(decoded)
