@@ -82,6 +82,16 @@ _verdicts: list[Stream] = []
 #: Sides with frames queued during the current synchronous step; sent at its end
 #: (`flush_all`), so one step's frames for one connection leave in one `send`.
 _dirty: list[Side] = []
+#: The clock, read once per step (`_tick`, where a step starts: a wakeup of a connection's
+#: reader or writer, a stream's task, the housekeeping): a call's stamps (its deadline, its
+#: start, its answer, its verdict) were five clock reads a call.
+_now = 0.0
+
+
+def _tick() -> float:
+    global _now
+    _now = trio.current_time()
+    return _now
 
 
 def _code_name(code: int) -> str:
@@ -175,11 +185,13 @@ class Side:
                         continue
                     del self.out[:n]
                 self.writing = False
+                _tick()
                 acks, self.held_acks = self.held_acks, []
                 for src, sid, n in acks:
                     src.ack(sid, n)
                 flush_all()
         except (OSError, trio.ClosedResourceError):
+            _tick()
             self.lost()
             flush_all()
 
@@ -240,6 +252,7 @@ class Side:
                     continue
                 if not data:
                     break
+                _tick()
                 try:
                     events = self.conn.receive_data(data)
                 except H2ConnectionError as e:
@@ -259,6 +272,7 @@ class Side:
         except (OSError, trio.ClosedResourceError):
             pass
         finally:
+            _tick()
             self.lost()
             flush_all()
 
@@ -299,7 +313,7 @@ class Stream:
         self.headers = headers
         self.grpc = grpc
         self.budget = budget
-        self.deadline = trio.current_time() + budget
+        self.deadline = _now + budget
         #: Starts a task in the client connection's nursery.
         self.spawn = spawn
         self.lf = state.figures.listener(service)
@@ -326,6 +340,20 @@ class Stream:
         self.tried: list[str] = []
         #: Set while a task picks or connects for this stream (cancelled at its deadline).
         self.starting: trio.CancelScope | None = None
+
+
+class _DrainDeadline:
+    """What `ListenerState.check_drain` moves for a stream whose endpoint is leaving (the
+    housekeeping ends the stream when it passes): a stream has no task to cancel, so no
+    trio cancel scope either."""
+
+    __slots__ = ("deadline",)
+
+    def __init__(self) -> None:
+        self.deadline = math.inf
+
+    def cancel(self) -> None:
+        pass
 
 
 def _forwarded(headers: Iterable[tuple[bytes, bytes]], peer: str) -> list[tuple[bytes, bytes]]:
@@ -429,7 +457,7 @@ def _begin(st: Stream, spawn: Callable[..., None]) -> None:
     state = st.state
     key = f"{st.conn.peer_ip}#retry{st.attempt}" if st.attempt else None
     try:
-        held = pick_now(state.rt, st.service, source=st.conn.peer_ip, key=key)
+        held = pick_now(state.rt, st.service, source=st.conn.peer_ip, key=key, now=_now)
     except NoEndpoint as e:
         _fail(st, 503, GRPC_UNAVAILABLE, f"no endpoint for {st.service}: {e.message}")
         return
@@ -479,10 +507,13 @@ async def _begin_slowly(st: Stream, held: Held | None) -> None:
                     raise
                 break
     except NoEndpoint as e:
+        _tick()
         _fail(st, 503, GRPC_UNAVAILABLE, f"no endpoint for {st.service}: {e.message}")
     except Failed as e:
+        _tick()
         _fail(st, 502, GRPC_UNAVAILABLE, str(e))
     else:
+        _tick()
         if st.starting.cancelled_caught:
             return  # the deadline or the client ended it meanwhile (what it held is released)
         if st.done:
@@ -503,10 +534,10 @@ def _open(st: Stream, held: Held, uside: Side) -> None:
     st.uside = uside
     st.usid = usid = uside.conn.next_stream_id
     uside.streams[usid] = st
-    st.t0 = uside.last_used = trio.current_time()
+    st.t0 = uside.last_used = _now
     ef.requests += 1
     ef.active += 1
-    st.work = state.track(st.service, ep.id, trio.CancelScope())
+    st.work = state.track(st.service, ep.id, _DrainDeadline())  # type: ignore[arg-type]
     q = st.up_q
     # A request without a body goes as one HEADERS frame with END_STREAM.
     ended = len(q) == 1 and q[0][0] == DATA and not q[0][1] and q[0][3]
@@ -604,7 +635,7 @@ def _complete(st: Stream) -> None:
 
 def _verdict(st: Stream) -> None:
     assert st.held is not None and st.ef is not None
-    finish(st.state.rt, st.held, ok=st.ok, latency=st.latency)
+    finish(st.state.rt, st.held, ok=st.ok, latency=st.latency, now=_now)
     if not st.ok:
         st.lf.failures += 1
         st.ef.failures += 1
@@ -616,7 +647,7 @@ def _forget(st: Stream) -> None:
     st.done = True
     _unqueue(st.up_q, st.cside, st.csid)
     _unqueue(st.down_q, st.uside, st.usid)
-    now = trio.current_time()
+    now = _now
     st.cside.streams.pop(st.csid, None)
     st.cside.last_used = now
     if st.starting is not None:
@@ -821,7 +852,7 @@ def _upstream_events(side: Side, events: list[Any]) -> None:
 
 def _answer_head(st: Stream, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
     if st.latency is None:
-        st.latency = trio.current_time() - st.t0
+        st.latency = _now - st.t0
     hop = False
     for n, v in headers:
         if n == b":status":
@@ -895,6 +926,7 @@ def _upstreams(state: ListenerState) -> Upstreams:
 
 
 def _sweep(state: ListenerState, u: Upstreams, now: float) -> None:
+    _tick()
     serving = set()
     for name in {state.service, *(r.service for r in state.config.routes)}:
         b = state.rt.engine.services.get(name)
@@ -959,7 +991,7 @@ async def _housekeeping(state: ListenerState, side: Side) -> None:
     idle timeout, and GOAWAY at drain: one task per client connection, not a cancel scope
     per stream."""
     while not side.dead:
-        now = trio.current_time()
+        now = _tick()
         streams = side.streams
         if not streams:
             idle = now - side.last_used > state.config.idle_timeout

@@ -661,3 +661,37 @@ def test_http2_a_repeated_head_is_routed_anew_after_a_reload(make_agent, grpcs):
         assert data == grpc_frame(b"g1:y")
     finally:
         c.close()
+
+
+def test_http2_stream_on_a_leaving_endpoint_ends_at_drain_timeout(make_agent, grpcs):
+    """An endpoint that leaves the catalog gets no new streams; a stream it is still
+    answering is given drain_timeout, then answered UNAVAILABLE by the proxy."""
+    from agentproc import wait_until
+
+    a, b = grpcs(2)
+    port = free_port()
+    agent = make_agent(catalog([a, b]), proxy_config("g", port, "http2", drain_timeout="1s")).start()
+    results: dict[str, object] = {}
+    with channel(port) as ch:
+        slow = ch.unary_unary("/demo.Echo/Slow")
+
+        def call(name: str) -> None:
+            try:
+                results[name] = slow(b"5", timeout=10)
+            except grpc.RpcError as e:
+                results[name] = (e.code(), time.monotonic())
+
+        threads = [threading.Thread(target=call, args=(n,)) for n in ("c1", "c2")]
+        for t in threads:  # round robin: one slow call on each endpoint
+            t.start()
+            time.sleep(0.2)
+        agent.write_catalog(catalog([b]))  # g1 leaves mid-answer
+        t0 = time.monotonic()
+        wait_until(lambda: "g1" not in agent.cli("endpoints", "g").stdout)
+        assert ch.unary_unary("/demo.Echo/Call")(b"n", timeout=10) == b"g2:n"  # new work: g2 only
+        for t in threads:
+            t.join(15)
+    ended = [r for r in results.values() if isinstance(r, tuple)]
+    assert len(ended) == 1 and ended[0][0] == grpc.StatusCode.UNAVAILABLE, results
+    assert ended[0][1] - t0 < 3.5  # drain_timeout (1 s) and the sweeps, not the 5 s call
+    assert b"late" in results.values()  # the staying endpoint's slow call finished
