@@ -18,6 +18,13 @@ gathered per batch of events (one `send` per connection per wakeup). A stream ne
 only when its pick must wait (a catalog source still fetching the service) or a new
 upstream connection must be opened. Deadlines (request_timeout, grpc-timeout, drain) are
 swept by one housekeeping task per client connection instead of a cancel scope per stream.
+A client connection remembers what its repeated request heads mean (checked, routed,
+rewritten: `_head`), and the clock is read once per step (`_tick`).
+
+Not done, measured (docs/BENCHMARKS.md, "third pass"): an epoll reactor of the listener's
+own for these reads, as relay.py has for tcp. For a sequential caller every wakeup is one
+trio wait either way (on the socket, or on the reactor's epoll fd, plus its poll), so it
+only pays when several connections are ready at once (bench/trio_wake.py).
 """
 
 from __future__ import annotations
