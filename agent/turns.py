@@ -57,6 +57,11 @@ class Turns(trio.abc.Instrument):
         """Tasks waiting for their turn now."""
         return sum(len(q) for q in self._queues.values())
 
+    @property
+    def calm(self) -> bool:
+        """Nobody is queued: no flood is on."""
+        return not self._queues
+
     # -- trio instrument hook
     def before_io_wait(self, timeout: float) -> None:
         self.passes += 1

@@ -134,3 +134,4 @@ from ._h2events import StreamReset as StreamReset
 from ._h2events import TrailersReceived as TrailersReceived
 from ._h2events import WindowUpdated as WindowUpdated
 from ._h2frames import H2ErrorCode as H2ErrorCode
+from ._hpack_static import never_indexed as never_indexed

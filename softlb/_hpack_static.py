@@ -7,7 +7,9 @@ static table has it whole, else a literal "without indexing" (with the static na
 when there is one), never Huffman-coded; a field the peer must never index stays "never
 indexed". The first header block of a connection sets the dynamic table to 0 bytes
 (RFC 7541 6.3), so the encoding holds whatever table size the peer allows. Nothing depends
-on what was sent before, so each field's bytes are computed once and reused.
+on what was sent before, so each field's bytes are computed once and reused, and so are
+whole blocks: a proxy sends the same request head, answer head and trailers call after call
+(a gRPC channel's), and one dict lookup of the block is a fifth of its field-by-field join.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ for _i, (_n, _v) in enumerate(HeaderTable.STATIC_TABLE, start=1):
 #: Encoded fields by (never indexed, name, value); cleared when it grows past a bound.
 _cache: dict[tuple[bool, bytes, bytes], bytes] = {}
 _CACHE_MAX = 4096
+#: Encoded blocks by their fields (a never-indexed field compares equal to a plain one, so
+#: blocks holding one are neither kept nor looked up); cleared past a bound.
+_blocks: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
+_BLOCKS_MAX = 256
+_BLOCK_FIELDS_MAX = 32
 #: A dynamic table size update to 0 (RFC 7541 6.3).
 _TABLE_SIZE_ZERO = b"\x20"
 
@@ -61,6 +68,13 @@ def field(name: bytes, value: bytes, never_indexed: bool = False) -> bytes:
     return bytes([first]) + _string(name) + _string(value)
 
 
+def never_indexed(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a field is to be sent never-indexed (hpack's `NeverIndexedHeaderTuple`, as
+    decoded or given): such a field is equal, as a tuple, to its plain twin, so a cache
+    keyed on the fields must not answer for it."""
+    return NeverIndexedHeaderTuple in map(type, headers)  # the loop in C: a third of a Python one
+
+
 class StaticEncoder:
     """`encode(headers) -> bytes`, the dynamic table always 0 bytes (whatever the peer's
     HEADER_TABLE_SIZE allows, 0 fits it)."""
@@ -71,12 +85,25 @@ class StaticEncoder:
         self._first = True
 
     def encode(self, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-        out = []
+        key = tuple(headers)
+        b = _blocks.get(key)
+        if b is not None and never_indexed(key):  # an equal block, but not the same bytes
+            b = None
+        if b is None:
+            b = self._encode(key)
         if self._first:
-            out.append(_TABLE_SIZE_ZERO)
             self._first = False
+            return _TABLE_SIZE_ZERO + b
+        return b
+
+    @staticmethod
+    def _encode(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
+        out = []
+        plain = len(headers) <= _BLOCK_FIELDS_MAX
         for h in headers:
             never = type(h) is NeverIndexedHeaderTuple
+            if never:
+                plain = False
             key = (never, h[0], h[1])
             b = _cache.get(key)
             if b is None:
@@ -84,4 +111,9 @@ class StaticEncoder:
                     _cache.clear()
                 b = _cache[key] = field(h[0], h[1], never)
             out.append(b)
-        return b"".join(out)
+        block = b"".join(out)
+        if plain:
+            if len(_blocks) >= _BLOCKS_MAX:
+                _blocks.clear()
+            _blocks[headers] = block
+        return block

@@ -12,6 +12,7 @@ as the endpoint's failure.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 #: Field names: no controls, space, uppercase, DEL or non-ASCII; no colon but a leading one.
 _BAD_NAME = re.compile(rb"[^\x21-\x39\x3b-\x40\x5b-\x7e]")
@@ -44,7 +45,7 @@ def _bad_field(name: bytes, value: bytes) -> str | None:
     return None
 
 
-def malformed_request(headers: list[tuple[bytes, bytes]]) -> str | None:
+def malformed_request(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
     """Why a request's header block is malformed, or None."""
     pseudo: dict[bytes, bytes] = {}
     regular = False

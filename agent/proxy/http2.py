@@ -18,6 +18,13 @@ gathered per batch of events (one `send` per connection per wakeup). A stream ne
 only when its pick must wait (a catalog source still fetching the service) or a new
 upstream connection must be opened. Deadlines (request_timeout, grpc-timeout, drain) are
 swept by one housekeeping task per client connection instead of a cancel scope per stream.
+A client connection remembers what its repeated request heads mean (checked, routed,
+rewritten: `_head`), and the clock is read once per step (`_tick`).
+
+Not done, measured (docs/BENCHMARKS.md, "third pass"): an epoll reactor of the listener's
+own for these reads, as relay.py has for tcp. For a sequential caller every wakeup is one
+trio wait either way (on the socket, or on the reactor's epoll fd, plus its poll), so it
+only pays when several connections are ready at once (bench/trio_wake.py).
 """
 
 from __future__ import annotations
@@ -28,13 +35,13 @@ import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import trio
 
 from softlb import (DataReceived, GoawayReceived, H2Connection, H2ConnectionError, H2ErrorCode, H2UsageError,
                     RemoteSettingsChanged, RequestReceived, ResponseReceived, StreamReset, TrailersReceived,
-                    WindowUpdated, route)
+                    WindowUpdated, never_indexed, route)
 
 from .figures import Figures
 from .h2headers import malformed_request, malformed_trailers
@@ -82,6 +89,16 @@ _verdicts: list[Stream] = []
 #: Sides with frames queued during the current synchronous step; sent at its end
 #: (`flush_all`), so one step's frames for one connection leave in one `send`.
 _dirty: list[Side] = []
+#: The clock, read once per step (`_tick`, where a step starts: a wakeup of a connection's
+#: reader or writer, a stream's task, the housekeeping): a call's stamps (its deadline, its
+#: start, its answer, its verdict) were five clock reads a call.
+_now = 0.0
+
+
+def _tick() -> float:
+    global _now
+    _now = trio.current_time()
+    return _now
 
 
 def _code_name(code: int) -> str:
@@ -101,7 +118,7 @@ class Side:
     before its bytes have left."""
 
     __slots__ = ("conn", "sock", "fd", "streams", "blocked", "out", "writing", "kick", "held_acks",
-                 "dead", "goaway", "last_used", "on_lost", "is_dirty", "timer", "errors")
+                 "dead", "goaway", "last_used", "on_lost", "is_dirty", "timer", "errors", "heads", "heads_cfg")
 
     def __init__(self, sock: trio.socket.SocketType, client_side: bool,
                  errors: collections.Counter[tuple[str, str]] | None = None) -> None:
@@ -125,6 +142,10 @@ class Side:
         self.is_dirty = False
         #: The housekeeping task's sleep (client-facing side): moved up for an earlier deadline.
         self.timer = trio.CancelScope()
+        #: Client side: what was made of request heads seen before (`_Head`), for the
+        #: config they were read under (a reload routes anew).
+        self.heads: dict[tuple[tuple[bytes, bytes], ...], _Head] = {}
+        self.heads_cfg: object = None
 
     def start(self) -> None:
         self.conn.initiate()
@@ -171,11 +192,13 @@ class Side:
                         continue
                     del self.out[:n]
                 self.writing = False
+                _tick()
                 acks, self.held_acks = self.held_acks, []
                 for src, sid, n in acks:
                     src.ack(sid, n)
                 flush_all()
         except (OSError, trio.ClosedResourceError):
+            _tick()
             self.lost()
             flush_all()
 
@@ -236,6 +259,7 @@ class Side:
                     continue
                 if not data:
                     break
+                _tick()
                 try:
                     events = self.conn.receive_data(data)
                 except H2ConnectionError as e:
@@ -255,6 +279,7 @@ class Side:
         except (OSError, trio.ClosedResourceError):
             pass
         finally:
+            _tick()
             self.lost()
             flush_all()
 
@@ -285,7 +310,7 @@ class Stream:
                  "budget", "spawn")
 
     def __init__(self, state: ListenerState, conn: Conn, cside: Side, csid: int, service: str,
-                 headers: list[tuple[bytes, bytes]], grpc: bool, budget: float,
+                 headers: Sequence[tuple[bytes, bytes]], grpc: bool, budget: float,
                  spawn: Callable[..., None]) -> None:
         self.state = state
         self.conn = conn
@@ -295,7 +320,7 @@ class Stream:
         self.headers = headers
         self.grpc = grpc
         self.budget = budget
-        self.deadline = trio.current_time() + budget
+        self.deadline = _now + budget
         #: Starts a task in the client connection's nursery.
         self.spawn = spawn
         self.lf = state.figures.listener(service)
@@ -324,7 +349,21 @@ class Stream:
         self.starting: trio.CancelScope | None = None
 
 
-def _forwarded(headers: list[tuple[bytes, bytes]], peer: str) -> list[tuple[bytes, bytes]]:
+class _DrainDeadline:
+    """What `ListenerState.check_drain` moves for a stream whose endpoint is leaving (the
+    housekeeping ends the stream when it passes): a stream has no task to cancel, so no
+    trio cancel scope either."""
+
+    __slots__ = ("deadline",)
+
+    def __init__(self) -> None:
+        self.deadline = math.inf
+
+    def cancel(self) -> None:
+        pass
+
+
+def _forwarded(headers: Iterable[tuple[bytes, bytes]], peer: str) -> list[tuple[bytes, bytes]]:
     """The request's headers (already checked free of connection-specific ones) with the
     client's address appended to X-Forwarded-For."""
     out = []
@@ -338,20 +377,31 @@ def _forwarded(headers: list[tuple[bytes, bytes]], peer: str) -> list[tuple[byte
     return out
 
 
-def _request(state: ListenerState, conn: Conn, cside: Side, ev: RequestReceived,
-             spawn: Callable[..., None]) -> None:
-    sid = ev.stream_id
-    if state.closing:
-        cside.reset(sid, H2ErrorCode.REFUSED_STREAM)
-        return
-    why = malformed_request(ev.headers)
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """What a well-formed request head means on one client connection: where it goes, and
+    the head sent upstream (X-Forwarded-For added)."""
+
+    service: str
+    grpc: bool
+    budget: float
+    forwarded: tuple[tuple[bytes, bytes], ...]
+
+
+#: Request heads remembered per client connection. A gRPC channel sends the same head call
+#: after call (grpcio rounds a deadline's `grpc-timeout`: `10100m` every call of a 10 s one;
+#: a head that differs each time is read afresh each time, at the cost of one lookup).
+HEADS_KEPT = 16
+
+
+def _read_head(state: ListenerState, conn: Conn, key: tuple[tuple[bytes, bytes], ...]) -> _Head | str:
+    """A request head checked, routed and rewritten; or why it is malformed."""
+    why = malformed_request(key)
     if why is not None:
-        log.info("http2 %s: malformed request from %s: %s", state.service, conn.peer_ip, why)
-        cside.reset(sid, H2ErrorCode.PROTOCOL_ERROR)
-        return
+        return why
     cfg = state.config
     authority = path = ctype = timeout = None
-    for n, v in ev.headers:
+    for n, v in key:
         if n == b":authority" or (n == b"host" and authority is None):
             authority = v
         elif n == b":path":
@@ -364,10 +414,43 @@ def _request(state: ListenerState, conn: Conn, cside: Side, ev: RequestReceived,
     if cfg.routes:
         service = route(cfg.routes, state.service, (authority or b"").decode("latin-1"),
                         (path or b"/").decode("latin-1"))
-    state.figures.listener(state.service).requests += 1
     budget = cfg.request_timeout if timeout is None else min(cfg.request_timeout, grpc_timeout(timeout))
-    st = Stream(state, conn, cside, sid, service, _forwarded(ev.headers, conn.peer_ip),
-                (ctype or b"").startswith(b"application/grpc"), budget, spawn)
+    return _Head(service, (ctype or b"").startswith(b"application/grpc"), budget,
+                 tuple(_forwarded(key, conn.peer_ip)))
+
+
+def _head(state: ListenerState, conn: Conn, cside: Side, headers: list[tuple[bytes, bytes]]) -> _Head | str:
+    """`_read_head`, remembered per connection: a repeated head is one dict lookup."""
+    key = tuple(headers)
+    if cside.heads_cfg is not state.config:
+        cside.heads_cfg = state.config
+        cside.heads.clear()
+    head = cside.heads.get(key)
+    never = never_indexed(key)  # an equal head, but its never-indexed fields go on as such
+    if head is not None and not never:
+        return head
+    head = _read_head(state, conn, key)
+    if type(head) is _Head and not never:
+        if len(cside.heads) >= HEADS_KEPT:
+            cside.heads.clear()
+        cside.heads[key] = head
+    return head
+
+
+def _request(state: ListenerState, conn: Conn, cside: Side, ev: RequestReceived,
+             spawn: Callable[..., None]) -> None:
+    sid = ev.stream_id
+    if state.closing:
+        cside.reset(sid, H2ErrorCode.REFUSED_STREAM)
+        return
+    head = _head(state, conn, cside, ev.headers)
+    if type(head) is str:
+        log.info("http2 %s: malformed request from %s: %s", state.service, conn.peer_ip, head)
+        cside.reset(sid, H2ErrorCode.PROTOCOL_ERROR)
+        return
+    assert type(head) is _Head
+    state.figures.listener(state.service).requests += 1
+    st = Stream(state, conn, cside, sid, head.service, head.forwarded, head.grpc, head.budget, spawn)
     cside.streams[sid] = st
     if st.deadline < cside.timer.deadline:
         cside.timer.deadline = st.deadline
@@ -382,7 +465,7 @@ def _begin(st: Stream, spawn: Callable[..., None]) -> None:
     state = st.state
     key = f"{st.conn.peer_ip}#retry{st.attempt}" if st.attempt else None
     try:
-        held = pick_now(state.rt, st.service, source=st.conn.peer_ip, key=key)
+        held = pick_now(state.rt, st.service, source=st.conn.peer_ip, key=key, now=_now)
     except NoEndpoint as e:
         _fail(st, 503, GRPC_UNAVAILABLE, f"no endpoint for {st.service}: {e.message}")
         return
@@ -432,10 +515,13 @@ async def _begin_slowly(st: Stream, held: Held | None) -> None:
                     raise
                 break
     except NoEndpoint as e:
+        _tick()
         _fail(st, 503, GRPC_UNAVAILABLE, f"no endpoint for {st.service}: {e.message}")
     except Failed as e:
+        _tick()
         _fail(st, 502, GRPC_UNAVAILABLE, str(e))
     else:
+        _tick()
         if st.starting.cancelled_caught:
             return  # the deadline or the client ended it meanwhile (what it held is released)
         if st.done:
@@ -456,10 +542,10 @@ def _open(st: Stream, held: Held, uside: Side) -> None:
     st.uside = uside
     st.usid = usid = uside.conn.next_stream_id
     uside.streams[usid] = st
-    st.t0 = uside.last_used = trio.current_time()
+    st.t0 = uside.last_used = _now
     ef.requests += 1
     ef.active += 1
-    st.work = state.track(st.service, ep.id, trio.CancelScope())
+    st.work = state.track(st.service, ep.id, _DrainDeadline())  # type: ignore[arg-type]
     q = st.up_q
     # A request without a body goes as one HEADERS frame with END_STREAM.
     ended = len(q) == 1 and q[0][0] == DATA and not q[0][1] and q[0][3]
@@ -557,7 +643,7 @@ def _complete(st: Stream) -> None:
 
 def _verdict(st: Stream) -> None:
     assert st.held is not None and st.ef is not None
-    finish(st.state.rt, st.held, ok=st.ok, latency=st.latency)
+    finish(st.state.rt, st.held, ok=st.ok, latency=st.latency, now=_now)
     if not st.ok:
         st.lf.failures += 1
         st.ef.failures += 1
@@ -569,7 +655,7 @@ def _forget(st: Stream) -> None:
     st.done = True
     _unqueue(st.up_q, st.cside, st.csid)
     _unqueue(st.down_q, st.uside, st.usid)
-    now = trio.current_time()
+    now = _now
     st.cside.streams.pop(st.csid, None)
     st.cside.last_used = now
     if st.starting is not None:
@@ -774,7 +860,7 @@ def _upstream_events(side: Side, events: list[Any]) -> None:
 
 def _answer_head(st: Stream, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
     if st.latency is None:
-        st.latency = trio.current_time() - st.t0
+        st.latency = _now - st.t0
     hop = False
     for n, v in headers:
         if n == b":status":
@@ -848,6 +934,7 @@ def _upstreams(state: ListenerState) -> Upstreams:
 
 
 def _sweep(state: ListenerState, u: Upstreams, now: float) -> None:
+    _tick()
     serving = set()
     for name in {state.service, *(r.service for r in state.config.routes)}:
         b = state.rt.engine.services.get(name)
@@ -912,7 +999,7 @@ async def _housekeeping(state: ListenerState, side: Side) -> None:
     idle timeout, and GOAWAY at drain: one task per client connection, not a cancel scope
     per stream."""
     while not side.dead:
-        now = trio.current_time()
+        now = _tick()
         streams = side.streams
         if not streams:
             idle = now - side.last_used > state.config.idle_timeout

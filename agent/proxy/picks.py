@@ -72,10 +72,13 @@ def serving(rt: Runtime, service: str, endpoint_id: str) -> bool:
     return b is not None and any(e.id == endpoint_id for e in b.served)
 
 
-def pick_now(rt: Runtime, service: str, *, source: str | None = None, key: str | None = None) -> Held | None:
+def pick_now(rt: Runtime, service: str, *, source: str | None = None, key: str | None = None,
+             now: float | None = None) -> Held | None:
     """`pick` without a task switch, for per-request hot paths: None when the service's
-    catalog source has not answered yet (then `await pick(...)`). Raises NoEndpoint."""
-    now = trio.current_time()
+    catalog source has not answered yet (then `await pick(...)`). Raises NoEndpoint.
+    `now`, when the caller has just read the clock, spares reading it again."""
+    if now is None:
+        now = trio.current_time()
     engine = rt.engine
     try:
         p = engine.pick_held(service, now, key=key, source=source)

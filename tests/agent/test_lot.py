@@ -10,11 +10,11 @@ import trio
 import trio.testing
 from helpers.passes import PassSteps
 
-from softlb_agent.lot import Lot
+from softlb_agent.lot import HOT, Lot
 from softlb_agent.turns import Turns
 
 
-def _flood(n: int, budget: int, *, lot: bool) -> tuple[PassSteps, int, int]:
+def _flood(n: int, budget: int, *, lot: bool, hot: int = 0) -> tuple[PassSteps, int, int]:
     """`n` connections of one peer and one bystander's, parked, all made readable at once.
     Returns the steps per pass, the pass the bystander ran in and the pass the last of the
     flood ran in (both counted from the pass that saw them readable)."""
@@ -24,7 +24,7 @@ def _flood(n: int, budget: int, *, lot: bool) -> tuple[PassSteps, int, int]:
 
     async def main() -> None:
         turns = Turns(budget)
-        the_lot = Lot(turns)
+        the_lot = Lot(turns, hot=hot)
         async with trio.open_nursery() as nursery:
             await nursery.start(turns.run)
             await nursery.start(the_lot.run)
@@ -79,10 +79,77 @@ def test_the_lot_lets_a_budget_go_per_pass_and_the_bystander_goes_first_or_secon
     assert attacker >= 400 // 8 - 2
 
 
+def test_with_the_calm_fast_path_a_starting_flood_wakes_at_most_hot_more_in_one_pass() -> None:
+    # The first HOT connections parked while nobody was queued wait in trio's epoll: trio
+    # wakes them all in the flood's first pass; those that find no turn queue (one more
+    # step each, later), and every pass after that is the lot's budget.
+    steps, bystander, attacker = _flood(400, budget=8, lot=True, hot=HOT)
+    per_pass = [steps.steps[p] for p in sorted(steps.steps)]
+    assert per_pass[0] <= HOT + 8 + 1
+    assert max(per_pass[1:]) <= 8 + 1
+    assert 401 <= sum(per_pass) <= 401 + HOT
+    assert bystander <= 2
+    assert attacker >= 400 // 8 - 2
+
+
+def test_calm_waits_go_to_trio_up_to_hot_and_the_rest_and_any_during_a_flood_to_the_lot() -> None:
+    async def main() -> None:
+        turns = Turns()  # no releaser: a queued task stays queued
+        lot = Lot(turns, hot=2)
+        pairs = [socket.socketpair() for _ in range(4)]
+        woke: list[int] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lot.run)
+
+                async def conn(i: int) -> None:
+                    pairs[i][0].setblocking(False)
+                    await lot.wait_readable(pairs[i][0], f"1:{i}")
+                    woke.append(i)
+
+                for i in range(3):
+                    nursery.start_soon(conn, i)
+                    await trio.testing.wait_all_tasks_blocked()
+                assert (lot.hot_waiting, lot.parked) == (2, 1)
+                # A flood is on (someone is queued): a new wait goes to the lot however
+                # many hot slots are free.
+                pairs[0][1].send(b"x")
+                with trio.fail_after(5):
+                    while 0 not in woke:
+                        await trio.sleep(0.01)
+                assert lot.hot_waiting == 1
+                flood = trio.CancelScope()
+
+                async def queued() -> None:  # stands for a flood's queued connection
+                    with flood:
+                        await turns.wait("9:9")
+
+                nursery.start_soon(queued)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not turns.calm
+                nursery.start_soon(conn, 3)
+                await trio.testing.wait_all_tasks_blocked()
+                assert (lot.hot_waiting, lot.parked) == (1, 2)
+                flood.cancel()
+                for _, b in pairs[1:]:
+                    b.send(b"x")
+                with trio.fail_after(5):
+                    while len(woke) < 4:
+                        await trio.sleep(0.01)
+                assert (lot.hot_waiting, lot.parked) == (0, 0)
+                nursery.cancel_scope.cancel()
+        finally:
+            for a, b in pairs:
+                a.close()
+                b.close()
+
+    trio.run(main)
+
+
 def test_a_cancelled_wait_leaves_the_lot_and_the_queue_and_the_socket_can_park_again() -> None:
     async def main() -> None:
         turns = Turns(budget=0)  # every wakeup queues; no releaser runs, so it stays queued
-        lot = Lot(turns)
+        lot = Lot(turns, hot=0)
         a, b = socket.socketpair()
         with a, b:
             a.setblocking(False)
@@ -110,7 +177,7 @@ def test_a_cancelled_wait_leaves_the_lot_and_the_queue_and_the_socket_can_park_a
 
 def test_wake_lets_a_parked_connection_go_and_a_new_socket_on_a_reused_fd_parks() -> None:
     async def main() -> None:
-        lot = Lot(Turns())
+        lot = Lot(Turns(), hot=0)  # what is checked here is the lot's own parking
         async with trio.open_nursery() as nursery:
             await nursery.start(lot.run)
             a, b = socket.socketpair()

@@ -632,3 +632,66 @@ def test_http2_floods_get_enhance_your_calm_and_the_listener_serves_on(make_agen
     with urllib.request.urlopen(f"http://127.0.0.1:{agent.admin_port}/metrics", timeout=5) as r:
         text = r.read().decode()
     assert 'softlb_proxy_http2_protocol_errors_total{code="ENHANCE_YOUR_CALM",peer="client"} 1.0' in text
+
+
+def test_http2_a_repeated_head_is_routed_anew_after_a_reload(make_agent, grpcs):
+    """A client connection remembers what its repeated request heads mean (their check,
+    route and forwarded form): a reload that adds a route applies to the very same head on
+    the same connection."""
+    a, b = grpcs(2)
+    port = free_port()
+    agent = make_agent(catalog([a]) + catalog([b], "other"), proxy_config("g", port, "http2")).start()
+    head = [(h, b"other.local" if h == b":authority" else v) for h, v in GRPC_CALL]
+    c = RawH2(port)
+    try:
+        for _ in range(3):
+            _, data, _, _ = c.call(head, grpc_frame(b"x"))
+            assert data == grpc_frame(b"g1:x")
+        agent.write_config(proxy_config("g", port, "http2")
+                           + '[[services.g.proxy.routes]]\nhost = "other.local"\nservice = "other"\n')
+        agent.send(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            _, data, _, _ = c.call(head, grpc_frame(b"x"))
+            if data == grpc_frame(b"g2:x"):
+                break
+            assert time.monotonic() < deadline, "the route never applied to the remembered head"
+            time.sleep(0.1)
+        _, data, _, _ = c.call(GRPC_CALL, grpc_frame(b"y"))  # another authority: no route
+        assert data == grpc_frame(b"g1:y")
+    finally:
+        c.close()
+
+
+def test_http2_stream_on_a_leaving_endpoint_ends_at_drain_timeout(make_agent, grpcs):
+    """An endpoint that leaves the catalog gets no new streams; a stream it is still
+    answering is given drain_timeout, then answered UNAVAILABLE by the proxy."""
+    from agentproc import wait_until
+
+    a, b = grpcs(2)
+    port = free_port()
+    agent = make_agent(catalog([a, b]), proxy_config("g", port, "http2", drain_timeout="1s")).start()
+    results: dict[str, object] = {}
+    with channel(port) as ch:
+        slow = ch.unary_unary("/demo.Echo/Slow")
+
+        def call(name: str) -> None:
+            try:
+                results[name] = slow(b"5", timeout=10)
+            except grpc.RpcError as e:
+                results[name] = (e.code(), time.monotonic())
+
+        threads = [threading.Thread(target=call, args=(n,)) for n in ("c1", "c2")]
+        for t in threads:  # round robin: one slow call on each endpoint
+            t.start()
+            time.sleep(0.2)
+        agent.write_catalog(catalog([b]))  # g1 leaves mid-answer
+        t0 = time.monotonic()
+        wait_until(lambda: "g1" not in agent.cli("endpoints", "g").stdout)
+        assert ch.unary_unary("/demo.Echo/Call")(b"n", timeout=10) == b"g2:n"  # new work: g2 only
+        for t in threads:
+            t.join(15)
+    ended = [r for r in results.values() if isinstance(r, tuple)]
+    assert len(ended) == 1 and ended[0][0] == grpc.StatusCode.UNAVAILABLE, results
+    assert ended[0][1] - t0 < 3.5  # drain_timeout (1 s) and the sweeps, not the 5 s call
+    assert b"late" in results.values()  # the staying endpoint's slow call finished
