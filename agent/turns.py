@@ -20,6 +20,7 @@ counted by a trio instrument hook that runs before each I/O poll.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import trio
@@ -33,14 +34,25 @@ import trio
 BUDGET = 16
 END_COST = 2
 FRAMES_PER_UNIT = 16
+#: A pass whose work (I/O poll to I/O poll) took longer than this, in measured time, halves
+#: the next pass's budget: counted units are a guess at the cost, and in a connection flood
+#: a pass of 16 units ran 1.5-2.5 ms of CPU here (hang-ups, a young-generation collection,
+#: a refused connection), more under CPU contention, while a bystander waits a pass or two.
+#: Measured time also counts what no unit does (collections, other tasks' steps).
+SLOW_PASS = 0.0015
 
 
 class Turns(trio.abc.Instrument):
     def __init__(self, budget: int = BUDGET) -> None:
         self.budget = budget
+        #: This pass's budget: `budget`, or half of it after a slow pass (SLOW_PASS).
+        self.limit = budget
         self.passes = 0  # bumped before each I/O poll: one per scheduler pass
         self._seen = -1
         self.used = 0
+        self._pass_start = 0.0
+        #: Passes that came after a slow one (a counter for tests and /metrics).
+        self.slow_passes = 0
         #: Queued tasks by peer key, each with the units it will cost when let go.
         self._queues: dict[str, deque[tuple[trio.lowlevel.Task, int]]] = {}
         #: Two-level turn order: groups (the uid of "uid:pid") with someone queued, and in
@@ -57,9 +69,17 @@ class Turns(trio.abc.Instrument):
         """Tasks waiting for their turn now."""
         return sum(len(q) for q in self._queues.values())
 
-    # -- trio instrument hook
+    # -- trio instrument hooks
+    def after_io_wait(self, timeout: float) -> None:
+        self._pass_start = time.perf_counter()
+
     def before_io_wait(self, timeout: float) -> None:
         self.passes += 1
+        if time.perf_counter() - self._pass_start > SLOW_PASS:
+            self.limit = self.budget // 2
+            self.slow_passes += 1
+        else:
+            self.limit = self.budget
 
     # -- what a connection calls
     def free(self, key: str, cost: int = 1) -> bool:
@@ -69,7 +89,7 @@ class Turns(trio.abc.Instrument):
         if self._seen != self.passes:
             self._seen = self.passes
             self.used = 0
-        if self.used < self.budget and (not self._queues or key not in self._queues):
+        if self.used < self.limit and (not self._queues or key not in self._queues):
             self.used += cost
             return True
         return False
@@ -79,7 +99,7 @@ class Turns(trio.abc.Instrument):
         if self._seen != self.passes:
             self._seen = self.passes
             self.used = 0
-        return max(1, self.budget - self.used)
+        return max(1, self.limit - self.used)
 
     def spend(self, frames: int) -> None:
         """Charge a turn's answered frames to this pass."""
@@ -159,7 +179,7 @@ class Turns(trio.abc.Instrument):
         if self._seen != self.passes:
             self._seen = self.passes
             self.used = 0
-        room = max(1, self.budget - self.used)  # at least one unit: the queue always moves
+        room = max(1, self.limit - self.used)  # at least one unit: the queue always moves
         queues, ring, groups = self._queues, self._ring, self._groups
         while room and ring:
             group = ring.popleft()
