@@ -41,14 +41,7 @@ FULL_INTERVAL = 300.0
 #: each here (a stall for every caller, every ~200 connections); at (500, 2) it holds
 #: ~1,500, 1-2 ms. The same objects are walked as often either way. The oldest
 #: generation's threshold is set out of reach.
-#: And at 100 rather than 500: CPython counts the young generation as allocations minus
-#: deallocations, and a flood frees old connections' objects as fast as it makes new
-#: ones, so at 500 the young generations still held 2,000-5,000 objects when collected;
-#: in the bystander bench's connection flood (loop probe, collections over 0.3 ms) gen-1
-#: collections over 1 ms fell from 58 to 11-13 a run, passes over 2 ms of CPU from 94-136
-#: to 20-37. A 100,000-endpoint catalog's objects cost about the same collecting time
-#: either way (more collections, each smaller).
-THRESHOLDS = (100, 2, 1 << 30)
+THRESHOLDS = (500, 2, 1 << 30)
 
 
 async def run_full_collections(rt: Runtime, *, interval: float = FULL_INTERVAL,
