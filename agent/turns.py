@@ -50,7 +50,8 @@ class Turns(trio.abc.Instrument):
         self.passes = 0  # bumped before each I/O poll: one per scheduler pass
         self._seen = -1
         self.used = 0
-        self._pass_start = 0.0
+        self._last_poll = 0.0
+        self._polled_busy = False
         #: Passes that came after a slow one (a counter for tests and /metrics).
         self.slow_passes = 0
         #: Queued tasks by peer key, each with the units it will cost when let go.
@@ -69,17 +70,19 @@ class Turns(trio.abc.Instrument):
         """Tasks waiting for their turn now."""
         return sum(len(q) for q in self._queues.values())
 
-    # -- trio instrument hooks
-    def after_io_wait(self, timeout: float) -> None:
-        self._pass_start = time.perf_counter()
-
+    # -- trio instrument hook
     def before_io_wait(self, timeout: float) -> None:
         self.passes += 1
-        if time.perf_counter() - self._pass_start > SLOW_PASS:
+        # One hook and one clock read a pass (the sequential resolve runs a few passes per
+        # call; an after_io_wait hook too is one more Python call each): from one poll to
+        # the next is the pass's work when the poll between did not wait (timeout 0).
+        now = time.perf_counter()
+        if self._polled_busy and now - self._last_poll > SLOW_PASS:
             self.limit = self.budget // 2
             self.slow_passes += 1
         else:
             self.limit = self.budget
+        self._last_poll, self._polled_busy = now, timeout == 0
 
     # -- what a connection calls
     def free(self, key: str, cost: int = 1) -> bool:
