@@ -7,7 +7,8 @@ holding a thousand connections can make them all readable at once (close them to
 write one request on each): a thousand turns in one pass, tens of ms, and a bystander's
 resolve woken in the same pass waits for all of them (issue 10, the connection flood).
 
-How: a pass grants BUDGET units (a wakeup costs one, answered frames one per FRAMES_PER_UNIT).
+How: a pass grants BUDGET units (a wakeup costs one, answered frames one per FRAMES_PER_UNIT),
+half as many after a pass whose work took over SLOW_PASS in measured time.
 The lot (agent/lot.py), where idle connections wait, asks `free` for each connection it finds
 readable: one woken when the pass has units left, and none of its peer's is queued, goes on at
 once: the common case costs a few attribute reads. Past the budget it queues under its peer
