@@ -133,7 +133,9 @@ class Connection:
         self.source = source
         self.lc = lc
         self._busy = False
-        self._lot = trio.lowlevel.ParkingLot()
+        #: Senders waiting for the one sending now; made by the first to wait (most
+        #: connections never have two senders: a connection flood makes thousands).
+        self._lot: trio.lowlevel.ParkingLot | None = None
         self.watches: dict[Any, _Watch] = {}
         self.deferred = 0
         self.watch_slots = 0
@@ -145,6 +147,8 @@ class Connection:
     async def send(self, data: bytes) -> None:
         """Send all of `data`, in order with any other sender on this connection."""
         while self._busy:
+            if self._lot is None:
+                self._lot = trio.lowlevel.ParkingLot()
             await self._lot.park()
         if not data:
             return
@@ -182,7 +186,8 @@ class Connection:
                 raise ConnectionAbortedError(f"peer read nothing for {WRITE_STALL_TIMEOUT:.0f}s")
         finally:
             self._busy = False
-            self._lot.unpark_all()
+            if self._lot is not None:
+                self._lot.unpark_all()
 
 
 def peer_source(sock: socket.socket) -> str:

@@ -138,15 +138,29 @@ class Peer:
             family = sock.family
         if family == socket.AF_UNIX:
             try:
-                pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+                cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             except OSError:
                 return cls(socket.AF_UNIX)
-            return cls(socket.AF_UNIX, uid, gid, pid)
+            # One Peer per process, shared by its connections (it is immutable): a process
+            # opening connections as fast as it can made one each, a tenth of what the
+            # agent spent accepting in the connection flood.
+            peer = _unix_peers.get(cred)
+            if peer is None:
+                if len(_unix_peers) >= _UNIX_PEERS_MAX:
+                    _unix_peers.clear()
+                pid, uid, gid = struct.unpack("3i", cred)
+                peer = _unix_peers[cred] = cls(socket.AF_UNIX, uid, gid, pid)
+            return peer
         try:
             host, port = sock.getpeername()[:2]
         except OSError:
             return cls(family, address="tcp")
         return cls(family, address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+
+#: Unix-socket peers by their SO_PEERCRED bytes (Peer.of); emptied when it reaches the max.
+_unix_peers: dict[bytes, Peer] = {}
+_UNIX_PEERS_MAX = 4096
 
 
 def fd_limit() -> int:

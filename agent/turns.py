@@ -7,7 +7,8 @@ holding a thousand connections can make them all readable at once (close them to
 write one request on each): a thousand turns in one pass, tens of ms, and a bystander's
 resolve woken in the same pass waits for all of them (issue 10, the connection flood).
 
-How: a pass grants BUDGET units (a wakeup costs one, answered frames one per FRAMES_PER_UNIT).
+How: a pass grants BUDGET units (a wakeup costs one, answered frames one per FRAMES_PER_UNIT),
+half as many after a pass whose work took over SLOW_PASS in measured time.
 The lot (agent/lot.py), where idle connections wait, asks `free` for each connection it finds
 readable: one woken when the pass has units left, and none of its peer's is queued, goes on at
 once: the common case costs a few attribute reads. Past the budget it queues under its peer
@@ -20,6 +21,7 @@ counted by a trio instrument hook that runs before each I/O poll.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import trio
@@ -33,14 +35,26 @@ import trio
 BUDGET = 16
 END_COST = 2
 FRAMES_PER_UNIT = 16
+#: A pass whose work (I/O poll to I/O poll) took longer than this, in measured time, halves
+#: the next pass's budget: counted units are a guess at the cost, and in a connection flood
+#: a pass of 16 units ran 1.5-2.5 ms of CPU here (hang-ups, a young-generation collection,
+#: a refused connection), more under CPU contention, while a bystander waits a pass or two.
+#: Measured time also counts what no unit does (collections, other tasks' steps).
+SLOW_PASS = 0.0015
 
 
 class Turns(trio.abc.Instrument):
     def __init__(self, budget: int = BUDGET) -> None:
         self.budget = budget
+        #: This pass's budget: `budget`, or half of it after a slow pass (SLOW_PASS).
+        self.limit = budget
         self.passes = 0  # bumped before each I/O poll: one per scheduler pass
         self._seen = -1
         self.used = 0
+        self._last_poll = 0.0
+        self._polled_busy = False
+        #: Passes that came after a slow one (a counter for tests and /metrics).
+        self.slow_passes = 0
         #: Queued tasks by peer key, each with the units it will cost when let go.
         self._queues: dict[str, deque[tuple[trio.lowlevel.Task, int]]] = {}
         #: Two-level turn order: groups (the uid of "uid:pid") with someone queued, and in
@@ -65,6 +79,16 @@ class Turns(trio.abc.Instrument):
     # -- trio instrument hook
     def before_io_wait(self, timeout: float) -> None:
         self.passes += 1
+        # One hook and one clock read a pass (the sequential resolve runs a few passes per
+        # call; an after_io_wait hook too is one more Python call each): from one poll to
+        # the next is the pass's work when the poll between did not wait (timeout 0).
+        now = time.perf_counter()
+        if self._polled_busy and now - self._last_poll > SLOW_PASS:
+            self.limit = self.budget // 2
+            self.slow_passes += 1
+        else:
+            self.limit = self.budget
+        self._last_poll, self._polled_busy = now, timeout == 0
 
     # -- what a connection calls
     def free(self, key: str, cost: int = 1) -> bool:
@@ -74,7 +98,7 @@ class Turns(trio.abc.Instrument):
         if self._seen != self.passes:
             self._seen = self.passes
             self.used = 0
-        if self.used < self.budget and (not self._queues or key not in self._queues):
+        if self.used < self.limit and (not self._queues or key not in self._queues):
             self.used += cost
             return True
         return False
@@ -84,7 +108,7 @@ class Turns(trio.abc.Instrument):
         if self._seen != self.passes:
             self._seen = self.passes
             self.used = 0
-        return max(1, self.budget - self.used)
+        return max(1, self.limit - self.used)
 
     def spend(self, frames: int) -> None:
         """Charge a turn's answered frames to this pass."""
@@ -164,7 +188,7 @@ class Turns(trio.abc.Instrument):
         if self._seen != self.passes:
             self._seen = self.passes
             self.used = 0
-        room = max(1, self.budget - self.used)  # at least one unit: the queue always moves
+        room = max(1, self.limit - self.used)  # at least one unit: the queue always moves
         queues, ring, groups = self._queues, self._ring, self._groups
         while room and ring:
             group = ring.popleft()

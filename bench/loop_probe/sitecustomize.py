@@ -15,7 +15,8 @@ ignore it). It writes to <file>:
   SOFTLB_PROBE_GC_SIZES=1, how many objects the collected generations held);
 - PASS <ms> cpu <ms> <steps> <top task names>: a scheduler pass (I/O poll to I/O poll) whose work took
   over SOFTLB_PROBE_PASS_MS (default 3) ms, the loop thread's CPU time in it, and how many
-  task steps it ran and whose.
+  task steps it ran and whose; then its biggest step, if over half that, and where that
+  task is suspended now (the checkpoint it reached after the work).
 
     SOFTLB_PROBE=/tmp/probe.txt PYTHONPATH=bench/loop_probe \\
         .venv/bin/python bench/bystander.py --only giant_service
@@ -86,6 +87,9 @@ if _out and sys.argv and sys.argv[0] == "-m":  # `python -m softlb_agent ...` (a
                 _log("STEP %.1f ms cpu %.1f ms" % (took * 1e3, (time.thread_time() - _state["cpu"]) * 1e3), task.name)
             steps = _pass["steps"]
             steps[task.name] = steps.get(task.name, 0) + 1
+            cpu = time.thread_time() - _state["cpu"]
+            if cpu > _pass.get("big", (0.0,))[0]:
+                _pass["big"] = (cpu, task)
             if _where:
                 _pass.setdefault("where", {})
                 w = _pass["where"]
@@ -97,6 +101,7 @@ if _out and sys.argv and sys.argv[0] == "-m":  # `python -m softlb_agent ...` (a
             _pass["start"] = time.perf_counter()
             _pass["cpu"] = time.thread_time()
             _pass["steps"] = {}
+            _pass["big"] = (0.0, None)
 
         def before_io_wait(self, timeout: float) -> None:
             s = _pass["start"]
@@ -108,7 +113,11 @@ if _out and sys.argv and sys.argv[0] == "-m":  # `python -m softlb_agent ...` (a
                 top = sorted(steps.items(), key=lambda kv: -kv[1])[:4]
                 _log("PASS %.1f ms cpu %.1f ms" % (took * 1e3, (time.thread_time() - _pass["cpu"]) * 1e3),
                      sum(steps.values()),
-                     " ".join("%s=%d" % (n.rsplit(".", 1)[-1], c) for n, c in top))
+                     " ".join("%s=%d" % (".".join(n.split(".")[-2:]), c) for n, c in top))
+                cpu, task = _pass["big"]
+                if task is not None and cpu > _pass_ms / 2:
+                    _log("  biggest step: cpu %.1f ms %s, now at %s" % (cpu * 1e3, ".".join(task.name.split(".")[-2:]),
+                                                                     _suspended_at(task)))
                 if _where and sum(steps.values()) > 200:
                     w = sorted(_pass.get("where", {}).items(), key=lambda kv: -kv[1])[:4]
                     _log("  resumed at:", "; ".join("%s x%d" % kv for kv in w))

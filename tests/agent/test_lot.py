@@ -4,6 +4,7 @@ of them made readable at once is let go a budget per scheduler pass, round robin
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 import trio
@@ -14,10 +15,11 @@ from softlb_agent.lot import HOT, Lot
 from softlb_agent.turns import Turns
 
 
-def _flood(n: int, budget: int, *, lot: bool, hot: int = 0) -> tuple[PassSteps, int, int]:
+def _flood(n: int, budget: int, *, lot: bool, hot: int = 0, slow: bool = False) -> tuple[PassSteps, int, int]:
     """`n` connections of one peer and one bystander's, parked, all made readable at once.
     Returns the steps per pass, the pass the bystander ran in and the pass the last of the
-    flood ran in (both counted from the pass that saw them readable)."""
+    flood ran in (both counted from the pass that saw them readable). `slow`: a task holds
+    the loop 2 ms in every pass (as a collection or a big step would)."""
     pairs = [socket.socketpair() for _ in range(n + 1)]
     steps = PassSteps("conn")
     ran: dict[str, int] = {}
@@ -30,6 +32,11 @@ def _flood(n: int, budget: int, *, lot: bool, hot: int = 0) -> tuple[PassSteps, 
             await nursery.start(the_lot.run)
             done = trio.Event()
             left = [n + 1]
+
+            async def hog() -> None:
+                while True:
+                    time.sleep(0.002)  # blocking on purpose: the pass takes at least this
+                    await trio.lowlevel.checkpoint()
 
             async def conn(sock: socket.socket, key: str) -> None:
                 sock.setblocking(False)
@@ -47,6 +54,10 @@ def _flood(n: int, budget: int, *, lot: bool, hot: int = 0) -> tuple[PassSteps, 
                 key = "bystander" if i == n // 2 else "attacker"
                 nursery.start_soon(conn, a, key, name=f"{key}-conn")
             await trio.testing.wait_all_tasks_blocked()
+            if slow:
+                nursery.start_soon(hog)
+                for _ in range(3):  # passes the hog made slow, before the flood wakes
+                    await trio.lowlevel.checkpoint()
             trio.lowlevel.add_instrument(steps)
             for _, b in pairs:
                 b.send(b"x")
@@ -88,6 +99,16 @@ def test_with_the_calm_fast_path_a_starting_flood_wakes_at_most_hot_more_in_one_
     assert per_pass[0] <= HOT + 8 + 1
     assert max(per_pass[1:]) <= 8 + 1
     assert 401 <= sum(per_pass) <= 401 + HOT
+    assert bystander <= 2
+    assert attacker >= 400 // 8 - 2
+
+
+def test_after_a_slow_pass_the_lot_lets_half_a_budget_go() -> None:
+    """The budget is in counted units; a pass that took longer than turns.SLOW_PASS in
+    measured time (whatever made it slow) halves the next one's."""
+    steps, bystander, attacker = _flood(400, budget=16, lot=True, slow=True)
+    assert sum(steps.steps.values()) == 401
+    assert max(steps.steps.values()) <= 16 // 2 + 1
     assert bystander <= 2
     assert attacker >= 400 // 8 - 2
 

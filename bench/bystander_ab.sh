@@ -1,0 +1,30 @@
+#!/bin/bash
+# Bystander figures A/B: revision REV's agent (A) and this checkout's (B), interleaved
+# A/B/A/B in one sitting, each run with the loop probe counting passes over 2 ms of CPU.
+#
+#   bench/bystander_ab.sh REV ROUNDS PHASE...     e.g.  bench/bystander_ab.sh 20adafc 3 cpu_burn conn_flood giant_service
+#
+# Runs from a scratch directory so that neither side's `softlb` is shadowed by the current
+# directory (an agent started with `python -m` puts it first on sys.path). Output and probe
+# logs stay in that directory (printed at the start).
+set -euo pipefail
+rev=$1; rounds=$2; shift 2
+repo=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d /tmp/bystander-ab.XXXXXX)
+mkdir "$work/base"
+git -C "$repo" archive "$rev" | tar -x -C "$work/base"
+ln -s agent "$work/base/softlb_agent"
+echo "A = $rev, B = $repo; logs in $work"
+cd "$work"
+for r in $(seq 1 "$rounds"); do
+  for side in A B; do
+    out=$work/$side.$r
+    pp=$repo/bench/loop_probe
+    if [ "$side" = A ]; then pp=$work/base:$pp; fi
+    SOFTLB_PROBE=$out.probe SOFTLB_PROBE_PASS_MS=2 PYTHONPATH=$pp \
+      "$repo/.venv/bin/python" "$repo/bench/bystander.py" --only "$@" > "$out.txt" 2>&1 || true  # exits 1 when a phase misses 5 ms
+    slow=$(grep -c -E 'PASS [0-9.]+ ms cpu ([2-9]|[1-9][0-9]+)\.[0-9] ms' "$out.probe" || true)
+    echo "== $side round $r $(date +%T), passes over 2 ms CPU: $slow"
+    cat "$out.txt"
+  done
+done
