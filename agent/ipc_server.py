@@ -339,11 +339,18 @@ async def _read_loop(rt: Runtime, conn: Connection, lc: listeners.Connection, sp
         # A turn answers at most what its pass has left (the others woken in the same pass
         # spent theirs first), and never more than MAX_TURN_FRAMES: a pipelined batch is
         # split across turns only when the pass is busy or the batch is bigger than that.
-        limit = MAX_TURN_FRAMES if turns is None else min(MAX_TURN_FRAMES, turns.room() * FRAMES_PER_UNIT)
+        # (`room` is at least one unit, FRAMES_PER_UNIT frames: asked only past those, so a
+        # caller's single request does not pay for the question.)
+        limit = MAX_TURN_FRAMES if turns is None else FRAMES_PER_UNIT
+        asked = turns is None
         while True:
             if n >= limit or size >= MAX_TURN_BYTES:
-                backlog = True
-                break
+                if not asked:
+                    asked = True
+                    limit = min(MAX_TURN_FRAMES, turns.room() * FRAMES_PER_UNIT)
+                if n >= limit or size >= MAX_TURN_BYTES:
+                    backlog = True
+                    break
             ev = proto.next_event()
             if ev is NEED_DATA or ev is CLOSED:
                 break
