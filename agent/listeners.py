@@ -115,6 +115,10 @@ class Peer:
     source: str = field(init=False, compare=False)
     #: What the per-peer cap counts by.
     bucket: str = field(init=False, compare=False)
+    #: Whose open connections decide whether this peer is light (agent/lot.py): the
+    #: process on the Unix socket; all of TCP together, since any local user can connect
+    #: from as many of 127.0.0.0/8's addresses as it likes.
+    crowd: str = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         # Worked out once: asked at every wait of the connection (agent/lot.py).
@@ -122,9 +126,11 @@ class Peer:
             unix = self.uid is not None
             object.__setattr__(self, "source", f"{self.uid}:{self.pid}" if unix else "unix")
             object.__setattr__(self, "bucket", f"uid:{self.uid}" if unix else "unix")
+            object.__setattr__(self, "crowd", self.source)
         else:
             object.__setattr__(self, "source", self.address.rsplit(":", 1)[0].strip("[]") or "tcp")
             object.__setattr__(self, "bucket", "tcp")
+            object.__setattr__(self, "crowd", "tcp")
 
     def __str__(self) -> str:
         if self.family == socket.AF_UNIX:
@@ -251,12 +257,12 @@ class _Drain:
     def started(self) -> bool:
         return self.event is not None and self.event.is_set()
 
-    async def wait_readable(self, sock: socket.socket, key: str | None = None) -> None:
+    async def wait_readable(self, sock: socket.socket, key: str | None = None, crowd: str | None = None) -> None:
         parked = self.parked
         parked.add(sock)
         try:
             if key is not None and self.lot is not None:
-                await self.lot.wait_readable(sock, key)
+                await self.lot.wait_readable(sock, key, crowd)
             else:
                 await trio.lowlevel.wait_readable(sock)
         except trio.ClosedResourceError:
@@ -323,7 +329,8 @@ class Connection:
 
     async def wait_readable(self) -> None:
         """Park until the socket is readable; returns early (nothing to read) at the drain."""
-        await self._drain.wait_readable(self.sock, self.peer.source)
+        peer = self.peer
+        await self._drain.wait_readable(self.sock, peer.source, peer.crowd)
 
     async def wait_writable(self) -> None:
         """Park until the socket takes more (a send the kernel would not take whole)."""
@@ -407,6 +414,8 @@ async def serve_listener(
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(sock, peer, drain)
             live.conns.add(conn)
+            if lot is not None:
+                lot.opened(peer.crowd)
             nursery.start_soon(_run, handler, conn, budget, live, name)
             accepted += 1
             if accepted % ACCEPT_BATCH == 0:
@@ -452,6 +461,9 @@ async def _run(handler: Handler, conn: Connection, budget: ConnectionBudget, liv
     finally:
         live.conns.discard(conn)
         budget.release(conn.peer)
+        lot = conn._drain.lot
+        if lot is not None:
+            lot.closed(conn.peer.crowd)
         conn.sock.close()
 
 

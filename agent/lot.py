@@ -15,9 +15,11 @@ turns left this pass (`Turns.free`) is rescheduled at once, the rest are queued 
 peer in `Turns` (a deque append, not a task step) and let go round robin, a budget per pass.
 While no peer is queued in `Turns` (no flood on), up to HOT (8) connections wait in trio's own
 epoll instead, and ask `Turns.free` when woken: a sequential caller's request then costs one
-wakeup, not the pump's step and its own (5-15% of its rate, measured). A flood starting
-wakes at most HOT of them in one pass beyond the budget; every wait after that, while
-anyone is queued, is in the lot. A send the kernel would not take whole waits here too (for EPOLLOUT),
+wakeup, not the pump's step and its own (5-15% of its rate, measured). While a flood is on,
+only light peers' connections (a process with at most LIGHT open) take those slots, and
+go on when woken unless one of their own is queued: a caller's request keeps its one
+wakeup while another process floods. Either way at most HOT wake in one pass beyond the
+budget; every other wait, while anyone is queued, is in the lot. A send the kernel would not take whole waits here too (for EPOLLOUT),
 so connections whose peers stop reading, closed together, are let go the same way. A
 socket closed while registered leaves the epoll set by itself.
 """
@@ -38,6 +40,13 @@ MAX_EVENTS = 512
 #: there is charged one unit, not END_COST (trio does not say why a socket is readable), so
 #: HOT is half the budget: 8 such ends in a pass, the lot's own bound for ends.
 HOT = 8
+#: A peer (a process on the Unix socket; TCP's peers count together) with at most this
+#: many connections open is light: its connections may take a HOT slot while a flood is on too,
+#: and go on when woken unless one of its own is queued. A caller's request then costs one
+#: wakeup during a flood as well, not the pump's pass and its own (1-3 passes of ~1 ms in the
+#: connection flood). A flooding process holds more; a user forking many light processes
+#: can fill the HOT slots, which costs the others the fast path, no more.
+LIGHT = 4
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT | select.EPOLLRDHUP
 #: The peer hung up (or the socket failed): the connection will end, which costs more.
@@ -54,6 +63,9 @@ class Lot:
         self.turns = turns
         self.hot = hot
         self._hot = 0  # connections waiting in trio's epoll now
+        #: Open connections by crowd (listeners.Peer.crowd: the process on the Unix socket,
+        #: all of TCP together).
+        self._open: dict[str, int] = {}
         self._ep = select.epoll()
         #: fd -> (task, peer key) of the connections waiting for their socket: readers, and
         #: writers (a send the kernel would not take whole).
@@ -80,20 +92,39 @@ class Lot:
         except OSError:  # closed meanwhile: nothing to arm
             pass
 
-    async def wait_readable(self, sock: socket.socket, key: str) -> None:
+    async def wait_readable(self, sock: socket.socket, key: str, crowd: str | None = None) -> None:
         """Park until `sock` is readable (or `wake` is called for it) and this peer's turn
-        has come."""
+        has come. `crowd`: whose open connections (`opened`) make the peer light or not;
+        the peer key itself by default."""
         turns = self.turns
-        if self._hot < self.hot and turns.calm:
-            self._hot += 1
-            try:
-                await trio.lowlevel.wait_readable(sock)
-            finally:
-                self._hot -= 1
-            if not turns.free(key):
-                await turns.wait(key)
-            return
+        if self._hot < self.hot:
+            light = self._open.get(key if crowd is None else crowd, 0) <= LIGHT
+            if light or turns.calm:
+                self._hot += 1
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                finally:
+                    self._hot -= 1
+                if not (turns.go(key) if light else turns.free(key)):
+                    await turns.wait(key)
+                return
         await self._wait(self._readers, sock.fileno(), key)
+
+    def opened(self, crowd: str) -> None:
+        """A connection of `crowd` (listeners.Peer.crowd) was accepted: what makes a peer
+        light or not."""
+        self._open[crowd] = self._open.get(crowd, 0) + 1
+
+    def connections(self, crowd: str) -> int:
+        """Open connections of `crowd` (a figure for tests)."""
+        return self._open.get(crowd, 0)
+
+    def closed(self, crowd: str) -> None:
+        n = self._open.get(crowd, 0) - 1
+        if n > 0:
+            self._open[crowd] = n
+        else:
+            self._open.pop(crowd, None)
 
     @property
     def hot_waiting(self) -> int:

@@ -103,6 +103,19 @@ class Turns(trio.abc.Instrument):
             return True
         return False
 
+    def go(self, key: str, cost: int = 1) -> bool:
+        """A light peer's wakeup (agent/lot.py, LIGHT): it goes on in this pass unless one of
+        its own is queued, spent or not, and is charged to the pass. Only the
+        lot's HOT connections come here, each at most once a pass: HOT units past the budget
+        at most."""
+        if self._queues and key in self._queues:
+            return False  # its own wakeups keep their order
+        if self._seen != self.passes:
+            self._seen = self.passes
+            self.used = 0
+        self.used += cost
+        return True
+
     def room(self) -> int:
         """Units left in this pass (at least one: whoever asks goes on a little)."""
         if self._seen != self.passes:

@@ -110,6 +110,15 @@ def bystander(sock_path: str, out: mp.Queue, stop: mp.Event) -> None:
     out.put(samples)
 
 
+def schedstat(pid: int) -> list[int]:
+    """Time on a CPU (ns), time runnable but waiting for one (ns), and timeslices, so far."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return [0, 0, 0]
+
+
 def burner(stop: mp.Event) -> None:
     while not stop.is_set():
         for _ in range(100_000):
@@ -196,18 +205,22 @@ def run(args: argparse.Namespace) -> dict:
             groups.put("bystander", by.pid)
         time.sleep(1.0)
         phases: list[tuple[str, float, float]] = []
+        sched: dict[str, dict[str, list[int]]] = {}
 
         def phase(name: str, start_attack, stop_attack=None, until=None) -> None:
             if args.only and name not in args.only and name != "alone":
                 return
             stop = ctx.Event()
             t0 = time.monotonic()  # the window opens with the attack: its first blow counts
+            sched0 = {who: schedstat(pid) for who, pid in (("agent", agent.proc.pid), ("bystander", by.pid))}
             workers = start_attack(stop) if start_attack else []
             procs.extend(workers)
             deadline = time.monotonic() + args.phase
             while time.monotonic() < deadline or (until is not None and not until() and time.monotonic() < t0 + 120):
                 time.sleep(0.05)
             t1 = time.monotonic()
+            sched[name] = {who: [b - a for a, b in zip(sched0[who], schedstat(pid))]
+                           for who, pid in (("agent", agent.proc.pid), ("bystander", by.pid))}
             stop.set()
             if stop_attack:
                 stop_attack()
@@ -307,6 +320,9 @@ def run(args: argparse.Namespace) -> dict:
         agent.stop()
         if groups is not None:
             groups.close()
+    if args.samples:
+        with open(args.samples, "w") as f:
+            f.writelines("%.6f %.6f %d\n" % (t, d, ok) for t, d, ok in samples)
     result = {}
     for name, t0, t1 in phases:
         # A call belongs to the phase it ended in: one that waited through a stall counts.
@@ -318,7 +334,12 @@ def run(args: argparse.Namespace) -> dict:
         q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
         result[name] = {"calls": len(lat), "errors": errors, "p50_ms": round(q[49] * 1e3, 3),
                         "p99_ms": round(q[98] * 1e3, 3), "max_ms": round(lat[-1] * 1e3, 3),
-                        "seconds": round(t1 - t0, 1)}
+                        "seconds": round(t1 - t0, 1), "window": [round(t0, 4), round(t1, 4)]}
+        for who, (run_ns, wait_ns, slices) in sched.get(name, {}).items():
+            # CPU used, and time spent runnable but waiting for a CPU, per second of the phase:
+            # what the kernel scheduler, not the agent's loop, adds to a call.
+            result[name][f"{who}_cpu"] = round(run_ns / 1e9 / (t1 - t0), 2)
+            result[name][f"{who}_wait_ms_per_slice"] = round(wait_ns / 1e6 / max(slices, 1), 3)
     result["machine"] = {"loadavg_1m": round(os.getloadavg()[0], 1), "cpus": os.cpu_count(),
                          "cpu_groups": groups is not None}
     alone = result.get("alone", {}).get("p99_ms")
@@ -335,6 +356,8 @@ def main() -> None:
                     help="endpoints in the big reload and in the giant service (default 100000)")
     ap.add_argument("--only", nargs="*", default=[], help="run only these attack phases (and alone)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument("--samples", default="",
+                    help="write every bystander call to this file: start (monotonic s), duration (s), ok")
     ap.add_argument("--baseline", action="store_true",
                     help="leave out the settings older agents lack (run with PYTHONPATH=<an older checkout> "
                          "to measure that revision's agent)")
@@ -354,7 +377,8 @@ def main() -> None:
             print(f"load average {r['loadavg_1m']} on {r['cpus']} CPUs; {groups}")
             continue
         print(f"{name:<14}{r['calls']:>7}{r['errors']:>7}{r.get('p50_ms', '-'):>9}{r.get('p99_ms', '-'):>9}"
-              f"{r.get('max_ms', '-'):>9}{r.get('p99_ratio', '-'):>10}")
+              f"{r.get('max_ms', '-'):>9}{r.get('p99_ratio', '-'):>10}"
+              f"{r.get('agent_cpu', '-'):>10}{r.get('agent_wait_ms_per_slice', '-'):>11}")
     bad = [n for n, r in result.items() if r.get("errors") or r.get("p99_ms", 0) > 5.0]
     sys.exit(1 if bad else 0)
 

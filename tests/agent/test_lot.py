@@ -11,7 +11,7 @@ import trio
 import trio.testing
 from helpers.passes import PassSteps
 
-from softlb_agent.lot import HOT, Lot
+from softlb_agent.lot import HOT, LIGHT, Lot
 from softlb_agent.turns import Turns
 
 
@@ -52,6 +52,7 @@ def _flood(n: int, budget: int, *, lot: bool, hot: int = 0, slow: bool = False) 
 
             for i, (a, _) in enumerate(pairs):
                 key = "bystander" if i == n // 2 else "attacker"
+                the_lot.opened(key)
                 nursery.start_soon(conn, a, key, name=f"{key}-conn")
             await trio.testing.wait_all_tasks_blocked()
             if slow:
@@ -117,6 +118,8 @@ def test_calm_waits_go_to_trio_up_to_hot_and_the_rest_and_any_during_a_flood_to_
     async def main() -> None:
         turns = Turns()  # no releaser: a queued task stays queued
         lot = Lot(turns, hot=2)
+        for _ in range(LIGHT + 1):  # one process holding more than a light peer's share
+            lot.opened("1:1")
         pairs = [socket.socketpair() for _ in range(4)]
         woke: list[int] = []
         try:
@@ -125,15 +128,15 @@ def test_calm_waits_go_to_trio_up_to_hot_and_the_rest_and_any_during_a_flood_to_
 
                 async def conn(i: int) -> None:
                     pairs[i][0].setblocking(False)
-                    await lot.wait_readable(pairs[i][0], f"1:{i}")
+                    await lot.wait_readable(pairs[i][0], "1:1")
                     woke.append(i)
 
                 for i in range(3):
                     nursery.start_soon(conn, i)
                     await trio.testing.wait_all_tasks_blocked()
                 assert (lot.hot_waiting, lot.parked) == (2, 1)
-                # A flood is on (someone is queued): a new wait goes to the lot however
-                # many hot slots are free.
+                # A flood is on (someone is queued): a heavy peer's new wait goes to the
+                # lot however many hot slots are free.
                 pairs[0][1].send(b"x")
                 with trio.fail_after(5):
                     while 0 not in woke:
@@ -165,6 +168,75 @@ def test_calm_waits_go_to_trio_up_to_hot_and_the_rest_and_any_during_a_flood_to_
                 b.close()
 
     trio.run(main)
+
+
+def test_during_a_flood_a_light_peer_waits_in_trio_and_goes_on_when_woken_and_a_heavy_one_queues() -> None:
+    """A process with a connection or two (a caller) keeps the one-wakeup path while another
+    floods, and its request goes on past a spent budget; the flooding process's connections
+    wait in the lot and queue for their turn."""
+
+    async def main() -> None:
+        turns = Turns(budget=0)  # every budgeted wakeup queues; no releaser: it stays queued
+        lot = Lot(turns, hot=2)
+        for _ in range(LIGHT + 1):
+            lot.opened("1:heavy")
+        lot.opened("1:light")
+        pairs = [socket.socketpair() for _ in range(3)]
+        woke: list[str] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lot.run)
+
+                async def conn(i: int, key: str) -> None:
+                    pairs[i][0].setblocking(False)
+                    await lot.wait_readable(pairs[i][0], key)
+                    woke.append(key)
+
+                async def queued() -> None:  # the flood: one of the heavy peer's, queued
+                    await turns.wait("1:heavy")
+
+                nursery.start_soon(queued)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not turns.calm
+                nursery.start_soon(conn, 0, "1:heavy")
+                nursery.start_soon(conn, 1, "1:light")
+                await trio.testing.wait_all_tasks_blocked()
+                assert (lot.hot_waiting, lot.parked) == (1, 1)
+                pairs[0][1].send(b"x")
+                pairs[1][1].send(b"x")
+                with trio.fail_after(5):
+                    while "1:light" not in woke:
+                        await trio.sleep(0.01)
+                await trio.testing.wait_all_tasks_blocked()
+                assert woke == ["1:light"] and turns.queued == 2  # the heavy one waits its turn
+                # Closing connections makes a heavy peer light again.
+                lot.closed("1:heavy")
+                nursery.start_soon(conn, 2, "1:heavy")
+                await trio.testing.wait_all_tasks_blocked()
+                assert lot.hot_waiting == 1
+                # Woken, it still queues behind its own peer's queued wakeups (order kept).
+                pairs[2][1].send(b"x")
+                await trio.sleep(0.05)
+                await trio.testing.wait_all_tasks_blocked()
+                assert woke == ["1:light"] and turns.queued == 3
+                nursery.cancel_scope.cancel()
+        finally:
+            for a, b in pairs:
+                a.close()
+                b.close()
+
+    trio.run(main)
+
+
+def test_go_passes_a_spent_budget_but_not_the_peers_own_queue() -> None:
+    turns = Turns(budget=1)
+    assert turns.free("1:1")
+    assert not turns.free("1:2")  # the pass's budget is spent
+    assert turns.go("1:2")  # a light peer's wakeup goes on, and is charged
+    assert turns.used == 2
+    turns.park(object(), "1:3")  # type: ignore[arg-type]  (only stored)
+    assert not turns.go("1:3")  # behind its own queued one
+    assert turns.used == 2
 
 
 def test_a_cancelled_wait_leaves_the_lot_and_the_queue_and_the_socket_can_park_again() -> None:

@@ -154,3 +154,50 @@ def test_connections_stuck_writing_are_not_all_woken_in_one_pass(tmp_path) -> No
     from softlb_agent.turns import BUDGET, END_COST
 
     assert result["max"] <= 2 * (BUDGET // END_COST + 1), result
+
+
+def test_the_lot_counts_a_process_connections_and_all_of_tcp_together(tmp_path) -> None:
+    """What makes a peer light (agent/lot.py): its open connections, counted as they are
+    accepted and end; on TCP every address counts as one crowd (binding more of
+    127.0.0.0/8 must not make a flood light)."""
+    import os
+
+    async def main() -> None:
+        rt = Runtime(AgentConfig(), None, random.Random(1))
+        path = str(tmp_path / "s.sock")
+        usock = listener(path)
+        tsock = socket.socket(socket.AF_INET)
+        tsock.bind(("127.0.0.1", 0))
+        tsock.listen(64)
+        port = tsock.getsockname()[1]
+        me = f"{os.getuid()}:{os.getpid()}"
+        socks: list[socket.socket] = []
+        try:
+            with trio.fail_after(30):
+                async with trio.open_nursery() as n:
+                    await serve_with_turns(n, rt, usock, tsock)
+                    for _ in range(3):
+                        s = socket.socket(socket.AF_UNIX)
+                        s.connect(path)
+                        socks.append(s)
+                    for i in range(2):
+                        s = socket.socket(socket.AF_INET)
+                        s.bind((f"127.0.0.{2 + i}", 0))
+                        s.connect(("127.0.0.1", port))
+                        socks.append(s)
+                    while rt.stats.connections_open < 5:
+                        await trio.sleep(0.01)
+                    assert (rt.lot.connections(me), rt.lot.connections("tcp")) == (3, 2)
+                    for s in socks[1:4]:
+                        s.close()
+                    while rt.stats.connections_open > 2:
+                        await trio.sleep(0.01)
+                    assert (rt.lot.connections(me), rt.lot.connections("tcp")) == (1, 1)
+                    n.cancel_scope.cancel()
+        finally:
+            for s in socks:
+                s.close()
+            usock.close()
+            tsock.close()
+
+    trio.run(main)
