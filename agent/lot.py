@@ -15,10 +15,11 @@ turns left this pass (`Turns.free`) is rescheduled at once, the rest are queued 
 peer in `Turns` (a deque append, not a task step) and let go round robin, a budget per pass.
 While no peer is queued in `Turns` (no flood on), up to HOT (8) connections wait in trio's own
 epoll instead, and ask `Turns.free` when woken: a sequential caller's request then costs one
-wakeup, not the pump's step and its own (5-15% of its rate, measured). While a flood is on,
-only light peers' connections (a process with at most LIGHT open) take those slots, and
-go on when woken unless one of their own is queued: a caller's request keeps its one
-wakeup while another process floods. Either way at most HOT wake in one pass beyond the
+wakeup, not the pump's step and its own (5-15% of its rate, measured). A light peer's
+connection (its process has at most LIGHT open) may take a slot while a flood is on too, and
+goes on when woken unless one of its own is queued: a caller's request keeps its one wakeup
+while another process floods. Heavy peers' connections take slots only while calm, and at
+most half of them, so a process holding many idle connections cannot keep them all. Either way at most HOT wake in one pass beyond the
 budget; every other wait, while anyone is queued, is in the lot. A send the kernel would not take whole waits here too (for EPOLLOUT),
 so connections whose peers stop reading, closed together, are let go the same way. A
 socket closed while registered leaves the epoll set by itself.
@@ -63,6 +64,9 @@ class Lot:
         self.turns = turns
         self.hot = hot
         self._hot = 0  # connections waiting in trio's epoll now
+        #: Of them, heavy peers' (taken while calm): at most half the slots, so a process
+        #: holding many idle connections cannot keep every slot from the light ones.
+        self._hot_heavy = 0
         #: Open connections by crowd (listeners.Peer.crowd: the process on the Unix socket,
         #: all of TCP together).
         self._open: dict[str, int] = {}
@@ -98,14 +102,24 @@ class Lot:
         the peer key itself by default."""
         turns = self.turns
         if self._hot < self.hot:
-            light = self._open.get(key if crowd is None else crowd, 0) <= LIGHT
-            if light or turns.calm:
+            if self._open.get(key if crowd is None else crowd, 0) <= LIGHT:
                 self._hot += 1
                 try:
                     await trio.lowlevel.wait_readable(sock)
                 finally:
                     self._hot -= 1
-                if not (turns.go(key) if light else turns.free(key)):
+                if not turns.go(key):
+                    await turns.wait(key)
+                return
+            if turns.calm and self._hot_heavy < self.hot // 2:
+                self._hot += 1
+                self._hot_heavy += 1
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                finally:
+                    self._hot -= 1
+                    self._hot_heavy -= 1
+                if not turns.free(key):
                     await turns.wait(key)
                 return
         await self._wait(self._readers, sock.fileno(), key)

@@ -117,7 +117,7 @@ def test_after_a_slow_pass_the_lot_lets_half_a_budget_go() -> None:
 def test_calm_waits_go_to_trio_up_to_hot_and_the_rest_and_any_during_a_flood_to_the_lot() -> None:
     async def main() -> None:
         turns = Turns()  # no releaser: a queued task stays queued
-        lot = Lot(turns, hot=2)
+        lot = Lot(turns, hot=4)  # a heavy peer may take half: 2
         for _ in range(LIGHT + 1):  # one process holding more than a light peer's share
             lot.opened("1:1")
         pairs = [socket.socketpair() for _ in range(4)]
@@ -219,6 +219,34 @@ def test_during_a_flood_a_light_peer_waits_in_trio_and_goes_on_when_woken_and_a_
                 await trio.sleep(0.05)
                 await trio.testing.wait_all_tasks_blocked()
                 assert woke == ["1:light"] and turns.queued == 3
+                nursery.cancel_scope.cancel()
+        finally:
+            for a, b in pairs:
+                a.close()
+                b.close()
+
+    trio.run(main)
+
+
+def test_a_process_holding_many_idle_connections_takes_half_the_slots_and_a_light_one_finds_one() -> None:
+    async def main() -> None:
+        lot = Lot(Turns(), hot=HOT)
+        for _ in range(50):
+            lot.opened("1:heavy")
+        lot.opened("1:light")
+        pairs = [socket.socketpair() for _ in range(51)]
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lot.run)
+                for a, _ in pairs[:50]:
+                    a.setblocking(False)
+                    nursery.start_soon(lot.wait_readable, a, "1:heavy")
+                await trio.testing.wait_all_tasks_blocked()
+                assert (lot.hot_waiting, lot.parked) == (HOT // 2, 50 - HOT // 2)
+                pairs[50][0].setblocking(False)
+                nursery.start_soon(lot.wait_readable, pairs[50][0], "1:light")
+                await trio.testing.wait_all_tasks_blocked()
+                assert lot.hot_waiting == HOT // 2 + 1
                 nursery.cancel_scope.cancel()
         finally:
             for a, b in pairs:
