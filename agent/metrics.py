@@ -140,6 +140,9 @@ class AgentCollector(Collector):
                        "whenever a flood of connections ages objects (agent/gc_pauses.py).", s.gc_full_collections)
         yield _gauge("softlb_gc_full_seconds_max", "The longest full garbage collection so far.",
                      s.gc_full_seconds_max)
+        yield _counter("softlb_gc_full_skipped", "Full-collection timer ticks skipped: the interpreter's "
+                       "memory had grown by less than a quarter since the last one (agent/gc_pauses.py).",
+                       s.gc_full_skipped)
         yield _counter("softlb_catalog_refused", "Catalog files refused for their type or size.", s.catalog_refused)
 
         # DNS front end (agent/dns.py): answers by transport and rcode; "dropped" and "refused"

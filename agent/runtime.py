@@ -66,6 +66,7 @@ class Stats:
     probe_local_failures: int = 0  # probes not run for the agent's own lack of fds/memory
     gc_full_collections: int = 0  # agent/gc_pauses.py: timed full collections
     gc_full_seconds_max: float = 0.0
+    gc_full_skipped: int = 0  # timer ticks that found too little growth to collect
     started_wall: float = 0.0
     #: DNS front end: "udp:NOERROR", "tcp:NXDOMAIN", "udp:dropped", "tcp:refused"...
     dns: collections.Counter[str] = field(default_factory=collections.Counter)

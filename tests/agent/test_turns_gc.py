@@ -7,6 +7,7 @@ import collections
 from collections import deque
 import gc
 import socket
+import sys
 import time
 import urllib.request
 import weakref
@@ -110,7 +111,8 @@ def test_full_collections_run_on_the_timer_and_free_old_cycles() -> None:
     async def main() -> None:
         rt = Runtime(AgentConfig())
         async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: run_full_collections(rt, interval=0.05, task_status=task_status))
+            await nursery.start(lambda task_status: run_full_collections(
+                rt, interval=0.05, growth=0, min_growth=0, task_status=task_status))
             assert gc.get_threshold() == THRESHOLDS and gc.get_freeze_count() > 0
             a, b = Node(), Node()
             a.other, b.other = b, a  # a cycle: only the cyclic collector frees it
@@ -122,6 +124,34 @@ def test_full_collections_run_on_the_timer_and_free_old_cycles() -> None:
             with trio.fail_after(5):
                 await gone.wait()
             assert rt.stats.gc_full_collections >= 1
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_a_timer_tick_collects_fully_only_once_memory_grew_by_the_share() -> None:
+    """A big catalog makes a full walk slow (~85 ms at 100,000 endpoints): a steady agent
+    pays it only after its memory grew by FULL_GROWTH, CPython's own rule."""
+    before = gc.get_threshold()
+
+    async def main() -> None:
+        rt = Runtime(AgentConfig())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: run_full_collections(
+                rt, interval=0.02, growth=0.25, min_growth=10_000, task_status=task_status))
+            while rt.stats.gc_full_skipped < 3:  # steady: ticks, no collection
+                await trio.sleep(0.01)
+            assert rt.stats.gc_full_collections == 0
+            grown = [[i] for i in range(max(20_000, sys.getallocatedblocks() // 2))]
+            with trio.fail_after(5):
+                while rt.stats.gc_full_collections == 0:
+                    await trio.sleep(0.01)
+            skipped = rt.stats.gc_full_skipped
+            while rt.stats.gc_full_skipped < skipped + 3:  # what it left is the new base
+                await trio.sleep(0.01)
+            assert rt.stats.gc_full_collections == 1
+            del grown
             nursery.cancel_scope.cancel()
 
     trio.run(main)
