@@ -12,8 +12,8 @@ Deferred builds (issue 10, item 9): a table build is O(table) in pure Python, 25
 maglev at 1,000 endpoints, on every flap. When `defer` is set (the agent sets it), `update`
 does only the cheap part in line (the fallback sampler, the set of live ids) and leaves a
 `TableBuild` in that list for the caller to run: its `steps()` generator builds a new table
-on private data in short steps (the agent yields to other clients between them, ~1 ms
-each), and `install()` swaps it in unless a newer update has superseded it. Meanwhile the
+on private data in short steps (~0.1 ms each; the agent runs them in slices of bounded
+time and yields to other clients between slices), and `install()` swaps it in unless a newer update has superseded it. Meanwhile the
 old table serves, with one guard: a key whose slot holds an endpoint that is no longer live
 is re-hashed to the next candidate (a few tries, then the weighted fallback), so no pick
 ever returns an endpoint outside the current set.
