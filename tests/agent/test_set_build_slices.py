@@ -54,3 +54,30 @@ def test_a_stalled_clock_still_ends_slices(monkeypatch) -> None:
     assert "giant" in rt.engine.services
     per = table_builds.SET_BUILD_UNIT * table_builds.SET_BUILD_MAX
     assert 4000 * 5 // per <= sum(steps.steps.values()) <= 4000 * 8 // per
+
+
+def test_a_table_build_runs_steps_until_its_slice_time_is_up_or_the_max(monkeypatch) -> None:
+    """Table builds (maglev, ring_hash) the same way: small steps, a slice of bounded time."""
+    ran: list[int] = []
+
+    def build(n: int):
+        for i in range(n):
+            ran.append(i)
+            yield
+
+    # A clock read advancing 0.1 ms: a 0.4 ms slice runs 4 steps (each read after a step).
+    clock = itertools.count()
+    monkeypatch.setattr(table_builds, "_clock", lambda: next(clock) * 0.0001)
+    steps = build(10)
+    assert not table_builds._table_slice(steps)
+    assert len(ran) == 4
+    # A stalled clock: the cap bounds the slice.
+    monkeypatch.setattr(table_builds, "_clock", lambda: 0.0)
+    ran.clear()
+    steps = build(100)
+    assert not table_builds._table_slice(steps)
+    assert len(ran) == table_builds.TABLE_BUILD_MAX
+    # The end of the build is seen, and said.
+    ran.clear()
+    assert table_builds._table_slice(build(3))
+    assert len(ran) == 3
