@@ -18,7 +18,7 @@ epoll instead, and ask `Turns.free` when woken: a sequential caller's request th
 wakeup, not the pump's step and its own (5-15% of its rate, measured). While a flood is on,
 only light peers' connections (a process with at most LIGHT open) take those slots, and
 go on when woken unless one of their own is queued: a caller's request keeps its one
-wakeup while another process floods. Either way at most HOT wake in one pass beyond the
+wakeup while another process floods (a hang-up does not: it queues at END_COST). Either way at most HOT wake in one pass beyond the
 budget; every other wait, while anyone is queued, is in the lot. A send the kernel would not take whole waits here too (for EPOLLOUT),
 so connections whose peers stop reading, closed together, are let go the same way. A
 socket closed while registered leaves the epoll set by itself.
@@ -67,6 +67,7 @@ class Lot:
         #: all of TCP together).
         self._open: dict[str, int] = {}
         self._ep = select.epoll()
+        self._rdhup = select.poll()  # asked of one socket at a time (_hung_up)
         #: fd -> (task, peer key) of the connections waiting for their socket: readers, and
         #: writers (a send the kernel would not take whole).
         self._readers: dict[int, tuple[trio.lowlevel.Task, str]] = {}
@@ -105,10 +106,32 @@ class Lot:
                     await trio.lowlevel.wait_readable(sock)
                 finally:
                     self._hot -= 1
-                if not (turns.go(key) if light else turns.free(key)):
+                if not light:
+                    if not turns.free(key):
+                        await turns.wait(key)
+                elif not turns.calm and self._hung_up(sock):
+                    # A light peer's hang-up during a flood ends in the lot's turn, charged
+                    # END_COST: going on at once (one unit), light processes hanging up
+                    # while another floods ran 8 ends a pass past the lot's, every pass.
+                    await turns.wait(key, END_COST)
+                elif not turns.go(key):
                     await turns.wait(key)
                 return
         await self._wait(self._readers, sock.fileno(), key)
+
+    def _hung_up(self, sock: socket.socket) -> bool:
+        """Whether the peer has shut its side (EPOLLRDHUP's test, asked of one socket: a
+        request sent just before the hang-up still counts as one)."""
+        try:
+            fd = sock.fileno()
+            poll = self._rdhup
+            poll.register(fd, select.POLLRDHUP)
+            try:
+                return bool(poll.poll(0))
+            finally:
+                poll.unregister(fd)
+        except OSError:
+            return True
 
     def opened(self, crowd: str) -> None:
         """A connection of `crowd` (listeners.Peer.crowd) was accepted: what makes a peer

@@ -130,10 +130,11 @@ class Turns(trio.abc.Instrument):
             self.used = 0
         self.used += frames // FRAMES_PER_UNIT
 
-    async def wait(self, key: str) -> None:
-        """Queue under `key` until the releaser lets this task go (round robin by key)."""
+    async def wait(self, key: str, cost: int = 1) -> None:
+        """Queue under `key` until the releaser lets this task go (round robin by key),
+        charged `cost` units then."""
         task = trio.lowlevel.current_task()
-        self.park(task, key)
+        self.park(task, key, cost)
 
         def abort(_: object) -> trio.lowlevel.Abort:
             self.discard(task, key)
