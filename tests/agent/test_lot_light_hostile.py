@@ -225,3 +225,66 @@ def test_light_processes_connecting_and_hanging_up_during_a_flood_end_within_the
 
     trio.run(main)
     assert result["max"] <= BUDGET // END_COST + 1, result
+
+
+def test_the_counts_of_open_connections_return_to_none_after_refusals_a_drain_and_a_stop() -> None:
+    """What makes a peer light must not drift: a refused connection is never counted, and
+    every accepted one is counted out however it ends (hang-up, the drain, a stop that
+    cancels its task while parked in the lot, in a hot slot or queued), so no process id is
+    left in `Lot._open` (which would also make a later process with that pid look heavy)."""
+    from softlb_agent import ipc_server
+    from softlb_agent.listeners import ConnectionBudget, ConnectionLimits
+
+    cap = 6
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        rt = Runtime(AgentConfig(), None, random.Random(1))
+        me = f"{os.getuid()}:{os.getpid()}"
+        budget = ConnectionBudget(ConnectionLimits(max_connections_per_uid=cap), rt.stats)
+        for stop in ("drain", "cancel"):
+            usock, name = abstract_listener()
+            draining = trio.Event()
+            conns: list[socket.socket] = []
+            try:
+                async with trio.open_nursery() as n:
+                    await serve_with_turns(n, rt)  # the turns and the lot, no listener
+                    lot = rt.lot
+
+                    async def serve(task_status: trio.TaskStatus[None]) -> None:
+                        await ipc_server.serve_listener(rt, usock, draining=draining, budget=budget,
+                                                        task_status=task_status)
+
+                    await n.start(serve)
+                    for _ in range(cap + 4):  # 4 refused (max_connections_per_uid)
+                        c = socket.socket(socket.AF_UNIX)
+                        c.connect("\0" + name)
+                        conns.append(c)
+                    await _until(lambda: rt.stats.connections_refused["peer_limit"] >= 4 * (1 + (stop == "cancel"))
+                                 and rt.stats.connections_open == cap, "accepted and refused")
+                    await trio.testing.wait_all_tasks_blocked()
+                    seen[f"{stop} open"] = lot.connections(me)
+                    conns[0].close()  # a hang-up
+                    await _until(lambda: lot.connections(me) == cap - 1, "counted out")
+                    # One waiting for its turn (its own peer queued: a half frame, then more
+                    # than a turn's worth), the rest parked in the lot or a hot slot.
+                    conns[1].send(b"\0\0")
+                    conns[2].send(frame({"id": 1, "op": "resolve", "service": "nope"}) * 200)
+                    await trio.sleep(0.01)
+                    if stop == "drain":
+                        draining.set()
+                        for c in conns[1:cap]:
+                            c.shutdown(socket.SHUT_WR)
+                        await _until(lambda: rt.stats.connections_open == 0, "drained")
+                    n.cancel_scope.cancel()
+                seen[f"{stop} after"] = dict(lot._open)
+                seen[f"{stop} hot"] = lot.hot_waiting
+                seen[f"{stop} queued"] = rt.turns.queued
+            finally:
+                usock.close()
+                for c in conns:
+                    c.close()
+
+    trio.run(main)
+    assert seen == {"drain open": cap, "drain after": {}, "drain hot": 0, "drain queued": 0,
+                    "cancel open": cap, "cancel after": {}, "cancel hot": 0, "cancel queued": 0}, seen
