@@ -35,17 +35,22 @@ from .turns import END_COST, Turns
 
 #: Ready sockets taken from the kernel per pass: beyond it they stay ready for the next.
 MAX_EVENTS = 512
-#: Connections that may wait in trio's own epoll while nobody is queued: what one pass can
-#: wake beyond the budget when a flood starts (each then queues: ~10 us). A hang-up woken
-#: there is charged one unit, not END_COST (trio does not say why a socket is readable), so
-#: HOT is half the budget: 8 such ends in a pass, the lot's own bound for ends.
+#: Connections that may wait in trio's own epoll (any while nobody is queued, light peers'
+#: during a flood too): what one pass can wake beyond the budget. A hang-up woken there while
+#: calm is charged one unit, not END_COST (trio does not say why a socket is readable), so
+#: HOT is half the budget; a light peer's woken during a flood is asked (POLLRDHUP) and
+#: queues at END_COST. (The lot's releases run in the pass after the one they are charged
+#: to, and hot wakeups in their own, so a pass can still run the lot's 8 ends and 8 hot
+#: ones at a flood's start.)
 HOT = 8
 #: A peer (a process on the Unix socket; TCP's peers count together) with at most this
 #: many connections open is light: its connections may take a HOT slot while a flood is on too,
 #: and go on when woken unless one of its own is queued. A caller's request then costs one
 #: wakeup during a flood as well, not the pump's pass and its own (1-3 passes of ~1 ms in the
-#: connection flood). A flooding process holds more; a user forking many light processes
-#: can fill the HOT slots, which costs the others the fast path, no more.
+#: connection flood). A flooding process holds more; a user with two light processes (or
+#: one and 4 TCP connections) can fill the HOT slots and, idle, hold them for as long as it
+#: likes: that costs the others the fast path (its requests past a spent budget go outside
+#: the round robin, HOT a pass at most), no more.
 LIGHT = 4
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT | select.EPOLLRDHUP
@@ -151,7 +156,8 @@ class Lot:
 
     @property
     def hot_waiting(self) -> int:
-        """Connections waiting in trio's epoll (the calm fast path)."""
+        """Connections waiting in trio's epoll (the fast path: any while calm, light peers'
+        during a flood)."""
         return self._hot
 
     async def wait_writable(self, sock: socket.socket, key: str) -> None:

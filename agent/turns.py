@@ -15,7 +15,8 @@ once: the common case costs a few attribute reads. Past the budget it queues und
 (uid:pid on the Unix socket, the address on TCP) and parks; a releaser lets queued connections go at
 up to BUDGET per pass, one per uid in turn and within a uid one per process in turn, so a
 bystander with one queued connection goes within a pass or two however many the flooding
-peer has queued, and a user cannot buy more turns by forking more processes. A pass is
+peer has queued, and a user cannot buy more turns by forking more processes (beyond the
+lot's HOT slots: a light process's wakeup there goes on past a spent budget, `go`). A pass is
 counted by a trio instrument hook that runs before each I/O poll.
 """
 
