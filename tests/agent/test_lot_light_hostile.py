@@ -362,5 +362,6 @@ def test_light_connections_resolving_back_to_back_slow_the_lots_queue_but_do_not
     pass, and when they run before the releaser in a pass it lets one queued wakeup go:
     measured 39-50 passes for the flood against 30-31 with them idle (546cc67 and now)."""
     idle, active = _flood_passes(False), _flood_passes(True)
-    assert idle <= 400 // BUDGET + 10, idle
-    assert active <= 2 * idle + 10, (idle, active)
+    # The budget is halved after a pass that took over SLOW_PASS in measured time.
+    assert idle <= 400 // (BUDGET // 2) + 10, idle
+    assert active <= 2 * idle + 20, (idle, active)
