@@ -18,8 +18,9 @@ epoll instead, and ask `Turns.free` when woken: a sequential caller's request th
 wakeup, not the pump's step and its own (5-15% of its rate, measured). While a flood is on,
 only light peers' connections (a process with at most LIGHT open) take those slots, and
 go on when woken unless one of their own is queued: a caller's request keeps its one
-wakeup while another process floods (a hang-up does not: it queues at END_COST). Either way at most HOT wake in one pass beyond the
-budget; every other wait, while anyone is queued, is in the lot. A send the kernel would not take whole waits here too (for EPOLLOUT),
+wakeup while another process floods (a hang-up does not: it queues at END_COST). Either
+way at most HOT wake in one pass beyond the budget; every other wait, while anyone is
+queued, is in the lot. A send the kernel would not take whole waits here too (for EPOLLOUT),
 so connections whose peers stop reading, closed together, are let go the same way. A
 socket closed while registered leaves the epoll set by itself.
 """
