@@ -15,12 +15,14 @@ turns left this pass (`Turns.free`) is rescheduled at once, the rest are queued 
 peer in `Turns` (a deque append, not a task step) and let go round robin, a budget per pass.
 While no peer is queued in `Turns` (no flood on), up to HOT (8) connections wait in trio's own
 epoll instead, and ask `Turns.free` when woken: a sequential caller's request then costs one
-wakeup, not the pump's step and its own (5-15% of its rate, measured). A light peer's
-connection (its process has at most LIGHT open) may take a slot while a flood is on too, and
-goes on when woken unless one of its own is queued: a caller's request keeps its one wakeup
-while another process floods. Heavy peers' connections take slots only while calm, and at
-most half of them, so a process holding many idle connections cannot keep them all. Either way at most HOT wake in one pass beyond the
-budget; every other wait, while anyone is queued, is in the lot. A send the kernel would not take whole waits here too (for EPOLLOUT),
+wakeup, not the pump's step and its own (5-15% of its rate, measured). While a flood is on,
+only light peers' connections (a process with at most LIGHT open) take those slots, and
+go on when woken unless one of their own is queued: a caller's request keeps its one
+wakeup while another process floods (a hang-up does not: it queues at END_COST). Heavy
+peers' connections take slots only while calm, and at most half of them, so a process
+holding many idle connections cannot keep them all. Either way at most HOT wake in one
+pass beyond the budget; every other wait, while anyone is queued, is in the lot. A send
+the kernel would not take whole waits here too (for EPOLLOUT),
 so connections whose peers stop reading, closed together, are let go the same way. A
 socket closed while registered leaves the epoll set by itself.
 """
@@ -36,17 +38,22 @@ from .turns import END_COST, Turns
 
 #: Ready sockets taken from the kernel per pass: beyond it they stay ready for the next.
 MAX_EVENTS = 512
-#: Connections that may wait in trio's own epoll while nobody is queued: what one pass can
-#: wake beyond the budget when a flood starts (each then queues: ~10 us). A hang-up woken
-#: there is charged one unit, not END_COST (trio does not say why a socket is readable), so
-#: HOT is half the budget: 8 such ends in a pass, the lot's own bound for ends.
+#: Connections that may wait in trio's own epoll (any while nobody is queued, light peers'
+#: during a flood too): what one pass can wake beyond the budget. A hang-up woken there while
+#: calm is charged one unit, not END_COST (trio does not say why a socket is readable), so
+#: HOT is half the budget; a light peer's woken during a flood is asked (POLLRDHUP) and
+#: queues at END_COST. (The lot's releases run in the pass after the one they are charged
+#: to, and hot wakeups in their own, so a pass can still run the lot's 8 ends and 8 hot
+#: ones at a flood's start.)
 HOT = 8
 #: A peer (a process on the Unix socket; TCP's peers count together) with at most this
 #: many connections open is light: its connections may take a HOT slot while a flood is on too,
 #: and go on when woken unless one of its own is queued. A caller's request then costs one
 #: wakeup during a flood as well, not the pump's pass and its own (1-3 passes of ~1 ms in the
-#: connection flood). A flooding process holds more; a user forking many light processes
-#: can fill the HOT slots, which costs the others the fast path, no more.
+#: connection flood). A flooding process holds more; a user with two light processes (or
+#: one and 4 TCP connections) can fill the HOT slots and, idle, hold them for as long as it
+#: likes: that costs the others the fast path (its requests past a spent budget go outside
+#: the round robin, HOT a pass at most), no more.
 LIGHT = 4
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT | select.EPOLLRDHUP
@@ -71,6 +78,7 @@ class Lot:
         #: all of TCP together).
         self._open: dict[str, int] = {}
         self._ep = select.epoll()
+        self._rdhup = select.poll()  # asked of one socket at a time (_hung_up)
         #: fd -> (task, peer key) of the connections waiting for their socket: readers, and
         #: writers (a send the kernel would not take whole).
         self._readers: dict[int, tuple[trio.lowlevel.Task, str]] = {}
@@ -108,7 +116,12 @@ class Lot:
                     await trio.lowlevel.wait_readable(sock)
                 finally:
                     self._hot -= 1
-                if not turns.go(key):
+                if not turns.calm and self._hung_up(sock):
+                    # A light peer's hang-up during a flood ends in the lot's turn, charged
+                    # END_COST: going on at once (one unit), light processes hanging up
+                    # while another floods ran 8 ends a pass past the lot's, every pass.
+                    await turns.wait(key, END_COST)
+                elif not turns.go(key):
                     await turns.wait(key)
                 return
             if turns.calm and self._hot_heavy < self.hot // 2:
@@ -123,6 +136,20 @@ class Lot:
                     await turns.wait(key)
                 return
         await self._wait(self._readers, sock.fileno(), key)
+
+    def _hung_up(self, sock: socket.socket) -> bool:
+        """Whether the peer has shut its side (EPOLLRDHUP's test, asked of one socket: a
+        request sent just before the hang-up still counts as one)."""
+        try:
+            fd = sock.fileno()
+            poll = self._rdhup
+            poll.register(fd, select.POLLRDHUP)
+            try:
+                return bool(poll.poll(0))
+            finally:
+                poll.unregister(fd)
+        except OSError:
+            return True
 
     def opened(self, crowd: str) -> None:
         """A connection of `crowd` (listeners.Peer.crowd) was accepted: what makes a peer
@@ -142,7 +169,8 @@ class Lot:
 
     @property
     def hot_waiting(self) -> int:
-        """Connections waiting in trio's epoll (the calm fast path)."""
+        """Connections waiting in trio's epoll (the fast path: any while calm, light peers'
+        during a flood)."""
         return self._hot
 
     async def wait_writable(self, sock: socket.socket, key: str) -> None:

@@ -15,7 +15,8 @@ once: the common case costs a few attribute reads. Past the budget it queues und
 (uid:pid on the Unix socket, the address on TCP) and parks; a releaser lets queued connections go at
 up to BUDGET per pass, one per uid in turn and within a uid one per process in turn, so a
 bystander with one queued connection goes within a pass or two however many the flooding
-peer has queued, and a user cannot buy more turns by forking more processes. A pass is
+peer has queued, and a user cannot buy more turns by forking more processes (beyond the
+lot's HOT slots: a light process's wakeup there goes on past a spent budget, `go`). A pass is
 counted by a trio instrument hook that runs before each I/O poll.
 """
 
@@ -130,10 +131,11 @@ class Turns(trio.abc.Instrument):
             self.used = 0
         self.used += frames // FRAMES_PER_UNIT
 
-    async def wait(self, key: str) -> None:
-        """Queue under `key` until the releaser lets this task go (round robin by key)."""
+    async def wait(self, key: str, cost: int = 1) -> None:
+        """Queue under `key` until the releaser lets this task go (round robin by key),
+        charged `cost` units then."""
         task = trio.lowlevel.current_task()
-        self.park(task, key)
+        self.park(task, key, cost)
 
         def abort(_: object) -> trio.lowlevel.Abort:
             self.discard(task, key)
