@@ -50,9 +50,10 @@ HOT = 8
 #: many connections open is light: its connections may take a HOT slot while a flood is on too,
 #: and go on when woken unless one of its own is queued. A caller's request then costs one
 #: wakeup during a flood as well, not the pump's pass and its own (1-3 passes of ~1 ms in the
-#: connection flood). A flooding process holds more; a user with two light processes (or
-#: one and 4 TCP connections) can fill the HOT slots and, idle, hold them for as long as it
-#: likes: that costs the others the fast path (its requests past a spent budget go outside
+#: connection flood). A flooding process holds more. One user's light processes hold at
+#: most half the slots (TCP's peers are one user here), so another user's caller always
+#: finds one; two users together can fill them and, idle, hold them for as long as they
+#: like: that costs the others the fast path (their requests past a spent budget go outside
 #: the round robin, HOT a pass at most), no more.
 LIGHT = 4
 _IN = select.EPOLLIN | select.EPOLLRDHUP
@@ -74,6 +75,10 @@ class Lot:
         #: Of them, heavy peers' (taken while calm): at most half the slots, so a process
         #: holding many idle connections cannot keep every slot from the light ones.
         self._hot_heavy = 0
+        #: Light peers' slots by uid: one user holds at most half, so another user's
+        #: caller always finds one however many light processes the first keeps idle.
+        self._hot_by_uid: dict[str, int] = {}
+        self.hot_per_uid = max(1, hot // 2)
         #: Open connections by crowd (listeners.Peer.crowd: the process on the Unix socket,
         #: all of TCP together).
         self._open: dict[str, int] = {}
@@ -110,29 +115,34 @@ class Lot:
         the peer key itself by default."""
         turns = self.turns
         if self._hot < self.hot:
-            if self._open.get(key if crowd is None else crowd, 0) <= LIGHT:
+            crowd = key if crowd is None else crowd
+            uid = crowd.partition(":")[0]  # TCP's one crowd is one user here too
+            held = self._hot_by_uid.get(uid, 0)
+            light = self._open.get(crowd, 0) <= LIGHT and held < self.hot_per_uid
+            if light or (turns.calm and self._hot_heavy < self.hot // 2):
                 self._hot += 1
+                if light:
+                    self._hot_by_uid[uid] = held + 1
+                else:
+                    self._hot_heavy += 1
                 try:
                     await trio.lowlevel.wait_readable(sock)
                 finally:
                     self._hot -= 1
+                    if light:
+                        held = self._hot_by_uid[uid] - 1
+                        if held:
+                            self._hot_by_uid[uid] = held
+                        else:
+                            del self._hot_by_uid[uid]
+                    else:
+                        self._hot_heavy -= 1
                 if not turns.calm and self._hung_up(sock):
-                    # A light peer's hang-up during a flood ends in the lot's turn, charged
+                    # A hang-up woken here during a flood ends in the lot's turn, charged
                     # END_COST: going on at once (one unit), light processes hanging up
                     # while another floods ran 8 ends a pass past the lot's, every pass.
                     await turns.wait(key, END_COST)
-                elif not turns.go(key):
-                    await turns.wait(key)
-                return
-            if turns.calm and self._hot_heavy < self.hot // 2:
-                self._hot += 1
-                self._hot_heavy += 1
-                try:
-                    await trio.lowlevel.wait_readable(sock)
-                finally:
-                    self._hot -= 1
-                    self._hot_heavy -= 1
-                if not turns.free(key):
+                elif not (turns.go(key) if light else turns.free(key)):
                     await turns.wait(key)
                 return
         await self._wait(self._readers, sock.fileno(), key)

@@ -256,6 +256,41 @@ def test_a_process_holding_many_idle_connections_takes_half_the_slots_and_a_ligh
     trio.run(main)
 
 
+def test_one_user_light_processes_take_half_the_slots_and_another_user_finds_one() -> None:
+    async def main() -> None:
+        turns = Turns()
+        lot = Lot(turns, hot=HOT)
+        pairs = [socket.socketpair() for _ in range(HOT + 1)]
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lot.run)
+
+                async def queued() -> None:  # a flood is on: only light peers take slots
+                    await turns.wait("9:9")
+
+                nursery.start_soon(queued)
+                await trio.testing.wait_all_tasks_blocked()
+                for i, (a, _) in enumerate(pairs[:HOT]):  # HOT light processes of uid 1
+                    a.setblocking(False)
+                    lot.opened(f"1:{i}")
+                    nursery.start_soon(lot.wait_readable, a, f"1:{i}")
+                await trio.testing.wait_all_tasks_blocked()
+                assert (lot.hot_waiting, lot.parked) == (HOT // 2, HOT - HOT // 2)
+                a = pairs[HOT][0]
+                a.setblocking(False)
+                lot.opened("2:1")
+                nursery.start_soon(lot.wait_readable, a, "2:1")
+                await trio.testing.wait_all_tasks_blocked()
+                assert lot.hot_waiting == HOT // 2 + 1
+                nursery.cancel_scope.cancel()
+        finally:
+            for a, b in pairs:
+                a.close()
+                b.close()
+
+    trio.run(main)
+
+
 def test_go_passes_a_spent_budget_but_not_the_peers_own_queue() -> None:
     turns = Turns(budget=1)
     assert turns.free("1:1")
