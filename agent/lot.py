@@ -41,9 +41,9 @@ MAX_EVENTS = 512
 #: Connections that may wait in trio's own epoll (any while nobody is queued, light peers'
 #: during a flood too): what one pass can wake beyond the budget. A hang-up woken there while
 #: calm is charged one unit, not END_COST (trio does not say why a socket is readable), so
-#: HOT is half the budget; a light peer's woken during a flood is asked (POLLRDHUP) and
-#: queues at END_COST. (The lot's releases run in the pass after the one they are charged
-#: to, and hot wakeups in their own, so a pass can still run the lot's 8 ends and 8 hot
+#: HOT is half the budget; one woken during a flood is asked (POLLRDHUP) and queues at
+#: END_COST. (The lot's releases run in the pass after the one they are charged to, and hot
+#: wakeups in their own, so a pass can still run the lot's BUDGET / END_COST ends and 8 hot
 #: ones at a flood's start.)
 HOT = 8
 #: A peer (a process on the Unix socket; TCP's peers count together) with at most this

@@ -27,14 +27,18 @@ from collections import deque
 
 import trio
 
-#: Units per scheduler pass: 16 requests' wakeups, or 8 connections' ends, or ~256 answered
+#: Units per scheduler pass: 16 requests' wakeups, or 4 connections' ends, or ~256 answered
 #: frames: about a millisecond here. A wakeup for a request costs one unit (~30-60 us of
-#: work); one for a hang-up costs END_COST (the task winds down, ~100 us), as the lot sees
-#: it (EPOLLRDHUP). At 8 units of one each, 16 clients resolving at once lost a quarter of
-#: their rate to queueing; at 32, a watch flood's 40 connections registering watches ran
-#: 32 turns a pass (~3 ms).
+#: work); one for a hang-up costs END_COST (the task winds down, ~100 us, more with the
+#: young collections a flood of ends brings), as the lot sees it (EPOLLRDHUP). At 8 units
+#: of one each, 16 clients resolving at once lost a quarter of their rate to queueing; at
+#: 32, a watch flood's 40 connections registering watches ran 32 turns a pass (~3 ms).
+#: END_COST was 2 (8 ends a pass): with a caller's request answered in the pass after it
+#: arrives (agent/lot.py, light peers), the pass's length is its wait, and at 4 the
+#: connection flood's bystander p99 went 3.7 -> 2.3 ms (pooled over three runs, with
+#: ACCEPT_BATCH 8 -> 4; docs/RELIABILITY.md).
 BUDGET = 16
-END_COST = 2
+END_COST = 4
 FRAMES_PER_UNIT = 16
 #: A pass whose work (I/O poll to I/O poll) took longer than this, in measured time, halves
 #: the next pass's budget: counted units are a guess at the cost, and in a connection flood
