@@ -228,60 +228,33 @@ def test_during_a_flood_a_light_peer_waits_in_trio_and_goes_on_when_woken_and_a_
     trio.run(main)
 
 
-def test_a_process_holding_many_idle_connections_takes_half_the_slots_and_a_light_one_finds_one() -> None:
-    async def main() -> None:
-        lot = Lot(Turns(), hot=HOT)
-        for _ in range(50):
-            lot.opened("1:heavy")
-        lot.opened("1:light")
-        pairs = [socket.socketpair() for _ in range(51)]
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(lot.run)
-                for a, _ in pairs[:50]:
-                    a.setblocking(False)
-                    nursery.start_soon(lot.wait_readable, a, "1:heavy")
-                await trio.testing.wait_all_tasks_blocked()
-                assert (lot.hot_waiting, lot.parked) == (HOT // 2, 50 - HOT // 2)
-                pairs[50][0].setblocking(False)
-                nursery.start_soon(lot.wait_readable, pairs[50][0], "1:light")
-                await trio.testing.wait_all_tasks_blocked()
-                assert lot.hot_waiting == HOT // 2 + 1
-                nursery.cancel_scope.cancel()
-        finally:
-            for a, b in pairs:
-                a.close()
-                b.close()
+def _slots_after(opened: dict[str, int], waits: list[list[str]], *, flood: bool) -> list[tuple[int, int]]:
+    """With `opened` connections counted per peer, park a connection of each key in each
+    list of `waits` in turn (while another peer is queued, if `flood`): (hot, parked) after
+    each list."""
+    seen: list[tuple[int, int]] = []
 
-    trio.run(main)
-
-
-def test_one_user_light_processes_take_half_the_slots_and_another_user_finds_one() -> None:
     async def main() -> None:
         turns = Turns()
         lot = Lot(turns, hot=HOT)
-        pairs = [socket.socketpair() for _ in range(HOT + 1)]
+        for key, n in opened.items():
+            for _ in range(n):
+                lot.opened(key)
+        pairs = [socket.socketpair() for _ in range(sum(map(len, waits)))]
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(lot.run)
-
-                async def queued() -> None:  # a flood is on: only light peers take slots
-                    await turns.wait("9:9")
-
-                nursery.start_soon(queued)
-                await trio.testing.wait_all_tasks_blocked()
-                for i, (a, _) in enumerate(pairs[:HOT]):  # HOT light processes of uid 1
-                    a.setblocking(False)
-                    lot.opened(f"1:{i}")
-                    nursery.start_soon(lot.wait_readable, a, f"1:{i}")
-                await trio.testing.wait_all_tasks_blocked()
-                assert (lot.hot_waiting, lot.parked) == (HOT // 2, HOT - HOT // 2)
-                a = pairs[HOT][0]
-                a.setblocking(False)
-                lot.opened("2:1")
-                nursery.start_soon(lot.wait_readable, a, "2:1")
-                await trio.testing.wait_all_tasks_blocked()
-                assert lot.hot_waiting == HOT // 2 + 1
+                if flood:
+                    nursery.start_soon(turns.wait, "9:9")
+                    await trio.testing.wait_all_tasks_blocked()
+                socks = iter(a for a, _ in pairs)
+                for keys in waits:
+                    for key in keys:
+                        sock = next(socks)
+                        sock.setblocking(False)
+                        nursery.start_soon(lot.wait_readable, sock, key)
+                    await trio.testing.wait_all_tasks_blocked()
+                    seen.append((lot.hot_waiting, lot.parked))
                 nursery.cancel_scope.cancel()
         finally:
             for a, b in pairs:
@@ -289,6 +262,18 @@ def test_one_user_light_processes_take_half_the_slots_and_another_user_finds_one
                 b.close()
 
     trio.run(main)
+    return seen
+
+
+def test_a_process_holding_many_idle_connections_takes_half_the_slots_and_a_light_one_finds_one() -> None:
+    seen = _slots_after({"1:heavy": 50, "1:light": 1}, [["1:heavy"] * 50, ["1:light"]], flood=False)
+    assert seen == [(HOT // 2, 50 - HOT // 2), (HOT // 2 + 1, 50 - HOT // 2)]
+
+
+def test_one_user_light_processes_take_half_the_slots_and_another_user_finds_one() -> None:
+    mine = [f"1:{i}" for i in range(HOT)]  # HOT light processes of uid 1
+    seen = _slots_after({**dict.fromkeys(mine, 1), "2:1": 1}, [mine, ["2:1"]], flood=True)
+    assert seen == [(HOT // 2, HOT - HOT // 2), (HOT // 2 + 1, HOT - HOT // 2)]
 
 
 def test_go_passes_a_spent_budget_but_not_the_peers_own_queue() -> None:
