@@ -18,9 +18,10 @@ measured at 100+ ms, worse than the build it would hide. Steps bound the wait by
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import trio
 
@@ -30,20 +31,19 @@ from .runtime import Runtime
 
 log = logging.getLogger("softlb.tables")
 
-#: A set build's slice between two checkpoints, in time: it runs units of SET_BUILD_UNIT
-#: endpoints of work (the build's own grain, softlb/_set_build.py CHUNK; ~0.1-0.2 ms here)
-#: until SET_BUILD_SLICE seconds have passed, at most SET_BUILD_MAX units.
-#: Counted slices of 256 endpoints were 0.5 ms on a quiet machine and 1.5-2.5 ms of CPU
-#: under load (the loop probe, bench/bystander.py --only giant_service): ~400 passes in a
-#: 100,000-endpoint build each a bystander could wait behind. Measured time keeps a slice
-#: short whatever the machine's speed or load; the cap bounds it if the clock stalls.
-SET_BUILD_SLICE = 0.0004
+#: A build's slice between two checkpoints, in time: it runs small steps of work until
+#: SLICE seconds have passed, at most a cap of them (the cap bounds it if the clock stalls).
+#: A set build's step is SET_BUILD_UNIT endpoints (the build's own grain, softlb/_set_build.py
+#: CHUNK; ~0.1-0.2 ms here), at most SET_BUILD_MAX a slice: counted slices of 256 endpoints
+#: were 0.5 ms on a quiet machine and 1.5-2.5 ms of CPU under load (the loop probe,
+#: bench/bystander.py --only giant_service), ~400 passes in a 100,000-endpoint build each a
+#: bystander could wait behind. A table build's (maglev, ring_hash, source_hash) is one of
+#: its generator's steps (~0.1 ms quiet), at most TABLE_BUILD_MAX: steps of ~1 ms counted
+#: work were 2-10 ms of CPU under load (maglev flapping). Measured time keeps a slice short
+#: whatever the machine's speed or load.
+SLICE = 0.0004
 SET_BUILD_UNIT = 64
 SET_BUILD_MAX = 8
-#: A table build's slice (maglev, ring_hash, source_hash), the same way: its steps are small
-#: (~0.1 ms quiet) and run until the slice's time is up. Steps of ~1 ms counted work were
-#: 2-10 ms of CPU under load (the loop probe in maglev flapping), each a bystander's wait.
-TABLE_BUILD_SLICE = 0.0004
 TABLE_BUILD_MAX = 16
 _DONE = object()
 _clock = time.perf_counter
@@ -61,7 +61,7 @@ async def run_table_builds(rt: Runtime, *, task_status: trio.TaskStatus[None] = 
                 continue
             start = trio.current_time()
             steps = job.steps()
-            while not _table_slice(steps):
+            while not _slice(lambda: next(steps, _DONE) is _DONE, TABLE_BUILD_MAX):
                 await trio.lowlevel.checkpoint()
                 if not job.current:  # superseded: the newer build is queued already
                     rt.stats.table_builds_superseded += 1
@@ -77,7 +77,7 @@ async def run_set_build(rt: Runtime, build: EndpointSetBuild) -> Changes:
     """Run a set build in steps, then install it and dispatch what changed (nothing if a
     newer update of the service superseded it meanwhile)."""
     start = trio.current_time()
-    while build.current and not _slice(build):
+    while build.current and not _slice(functools.partial(build.step, SET_BUILD_UNIT), SET_BUILD_MAX):
         await trio.lowlevel.checkpoint()
     if not build.current:
         rt.stats.set_builds_superseded += 1
@@ -90,23 +90,12 @@ async def run_set_build(rt: Runtime, build: EndpointSetBuild) -> Changes:
     return changes
 
 
-def _table_slice(steps: Iterator[None]) -> bool:
-    """Steps of a table build (each ~0.1 ms quiet) until TABLE_BUILD_SLICE has passed or
-    TABLE_BUILD_MAX ran; True when the build is complete."""
-    until = _clock() + TABLE_BUILD_SLICE
-    for _ in range(TABLE_BUILD_MAX):
-        if next(steps, _DONE) is _DONE:
-            return True
-        if _clock() >= until:
-            break
-    return False
-
-
-def _slice(build: EndpointSetBuild) -> bool:
-    """One slice of the build (see SET_BUILD_SLICE); True when it is complete."""
-    until = _clock() + SET_BUILD_SLICE
-    for _ in range(SET_BUILD_MAX):
-        if build.step(SET_BUILD_UNIT):
+def _slice(step: Callable[[], bool], most: int) -> bool:
+    """One slice of a build (see SLICE): `step` until it says the build is complete (True
+    is returned then), SLICE has passed, or `most` steps ran."""
+    until = _clock() + SLICE
+    for _ in range(most):
+        if step():
             return True
         if _clock() >= until:
             break

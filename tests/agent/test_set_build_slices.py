@@ -56,28 +56,29 @@ def test_a_stalled_clock_still_ends_slices(monkeypatch) -> None:
     assert 4000 * 5 // per <= sum(steps.steps.values()) <= 4000 * 8 // per
 
 
-def test_a_table_build_runs_steps_until_its_slice_time_is_up_or_the_max(monkeypatch) -> None:
-    """Table builds (maglev, ring_hash) the same way: small steps, a slice of bounded time."""
+def test_a_slice_runs_steps_until_its_time_is_up_or_its_cap_and_sees_the_end(monkeypatch) -> None:
+    """The slice set builds and table builds (maglev, ring_hash) share: small steps, bounded
+    in time and in number."""
     ran: list[int] = []
 
     def build(n: int):
-        for i in range(n):
-            ran.append(i)
-            yield
+        def step() -> bool:
+            ran.append(len(ran))
+            return len(ran) >= n  # the build is complete
+
+        return step
 
     # A clock read advancing 0.1 ms: a 0.4 ms slice runs 4 steps (each read after a step).
     clock = itertools.count()
     monkeypatch.setattr(table_builds, "_clock", lambda: next(clock) * 0.0001)
-    steps = build(10)
-    assert not table_builds._table_slice(steps)
+    assert not table_builds._slice(build(10), table_builds.TABLE_BUILD_MAX)
     assert len(ran) == 4
     # A stalled clock: the cap bounds the slice.
     monkeypatch.setattr(table_builds, "_clock", lambda: 0.0)
     ran.clear()
-    steps = build(100)
-    assert not table_builds._table_slice(steps)
+    assert not table_builds._slice(build(100), table_builds.TABLE_BUILD_MAX)
     assert len(ran) == table_builds.TABLE_BUILD_MAX
     # The end of the build is seen, and said.
     ran.clear()
-    assert table_builds._table_slice(build(3))
+    assert table_builds._slice(build(3), table_builds.TABLE_BUILD_MAX)
     assert len(ran) == 3
