@@ -130,11 +130,7 @@ class Lot:
                 finally:
                     self._hot -= 1
                     if light:
-                        held = self._hot_by_uid[uid] - 1
-                        if held:
-                            self._hot_by_uid[uid] = held
-                        else:
-                            del self._hot_by_uid[uid]
+                        _less(self._hot_by_uid, uid)
                     else:
                         self._hot_heavy -= 1
                 if not turns.calm and self._hung_up(sock):
@@ -171,11 +167,7 @@ class Lot:
         return self._open.get(crowd, 0)
 
     def closed(self, crowd: str) -> None:
-        n = self._open.get(crowd, 0) - 1
-        if n > 0:
-            self._open[crowd] = n
-        else:
-            self._open.pop(crowd, None)
+        _less(self._open, crowd)
 
     @property
     def hot_waiting(self) -> int:
@@ -246,3 +238,13 @@ class Lot:
                         self._arm(fd)
         finally:
             self.close()
+
+
+def _less(counts: dict[str, int], key: str) -> None:
+    """One fewer under `key`; a count that reaches none leaves the dict (so it holds only
+    the peers with something open, however many come and go)."""
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
