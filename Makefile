@@ -27,3 +27,6 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/consul_propagation.py
 	-$(VENV)/bin/python bench/bystander.py  # exits 1 when a target (p99 <= 5 ms) is missed
 	-$(VENV)/bin/python bench/soak.py
+	scripts/ensure-packages  # wrk and HAProxy for the proxy's comparison
+	$(VENV)/bin/python bench/proxy.py
+	$(VENV)/bin/python bench/bulk_relays.py
