@@ -326,6 +326,9 @@ async def run_agent(
                 if config.admin:
                     await nursery.start(partial(admin.serve_admin, draining=draining), rt,
                                         listen("admin", "admin", config.admin, partial(bind_tcp, role="admin")))
+                # The pass budget first: proxy listeners take turns in it too (agent/turns.py).
+                rt.turns = Turns()
+                await nursery.start(rt.turns.run)
                 # Proxy listeners: systemd's socket named proxy-<service> if it passed one.
                 proxies = ProxyManager(rt, lambda service, address: _proxy_socket(sm, config, service, address))
                 rt.proxy_figures = proxies.figures
@@ -335,8 +338,6 @@ async def run_agent(
                     where = "%s:%d" % udp.getsockname()[:2]
                     listeners += [(f"dns-udp:{where}", udp), (f"dns-tcp:{where}", tcp)]
                     await nursery.start(partial(DnsServer(rt).serve, draining=draining), udp, tcp)
-                rt.turns = Turns()
-                await nursery.start(rt.turns.run)
                 rt.lot = Lot(rt.turns)
                 await nursery.start(rt.lot.run)
                 # The protocol port is served last: a caller that can say hello finds every

@@ -133,8 +133,8 @@ class AgentCollector(Collector):
         sets.add_metric(["installed"], s.set_builds)
         sets.add_metric(["superseded"], s.set_builds_superseded)
         yield sets
-        yield _counter("softlb_turns_queued", "Connection wakeups that waited for their peer's turn: more were "
-                       "runnable at once than a scheduler pass allows (agent/turns.py).",
+        yield _counter("softlb_turns_queued", "Connection wakeups, proxied requests and relay rounds that waited "
+                       "for their turn: more were runnable at once than a scheduler pass allows (agent/turns.py).",
                        rt.turns.queued_total if rt.turns is not None else 0)
         yield _counter("softlb_gc_full_collections", "Full garbage collections, run on a timer rather than "
                        "whenever a flood of connections ages objects (agent/gc_pauses.py).", s.gc_full_collections)

@@ -23,6 +23,10 @@ The bystander is its own process: one connection on the Unix socket, one sequent
                  unchanged); phase lasts until it is applied (at least --phase seconds)
   maglev_flap    a 1,000-endpoint maglev service whose endpoints flap (catalog rewritten
                  every 200 ms with one endpoint toggled to critical)
+  proxy_http     wrk -t2 -c256, keep-alive, through the agent's http proxy listener to a fast
+                 backend (an HAProxy answering itself): a local user driving the loopback proxy
+                 flat out (needs wrk and haproxy; skipped, saying so, without them)
+  proxy_tcp      the same through a tcp proxy listener (the bytes relayed, no parsing)
 
 Reported per phase: bystander calls, p50, p99, max, errors, and p99 / alone p99. The issue's
 target is bystander p99 <= 5 ms under every attack. The attacker processes are stopped by pid.
@@ -39,9 +43,11 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -50,7 +56,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from agentproc import THREE, AgentProcess, endpoint_toml  # noqa: E402
+from agentproc import THREE, AgentProcess, endpoint_toml, free_port  # noqa: E402
 from cpugroups import CpuGroups  # noqa: E402
 from helpers.frames import frame  # noqa: E402
 
@@ -72,9 +78,15 @@ def maglev_catalog(flap: int | None) -> str:
         for i in range(1000))
 
 
+#: The proxy_flood phase's backend (an HAProxy answering itself), when wrk and haproxy exist.
+PROXY_BACKEND: list[int] = []
+
+
 def base_catalog(web_extra: bool = False, flap: int | None = None) -> str:
     extra = endpoint_toml("web", "127.0.0.1", 18004, id="web-4") if web_extra else ""
-    return THREE + extra + maglev_catalog(flap)
+    pw = "".join(endpoint_toml(f"pw{m}", "127.0.0.1", port, id=f"pw-{port}") for port in PROXY_BACKEND
+                 for m in ("http", "tcp"))
+    return THREE + extra + pw + maglev_catalog(flap)
 
 
 def giant_catalog(n: int) -> str:
@@ -182,16 +194,53 @@ def connector(sock_path: str, stop: mp.Event) -> None:
             del held[:1000]
 
 
+class Popened:
+    """A subprocess with the little of multiprocessing.Process's interface the phases use
+    (pid, join, is_alive), so an attacker may be a program such as wrk."""
+
+    def __init__(self, args: list[str], **kw: object) -> None:
+        self.proc = subprocess.Popen(args, **kw)  # type: ignore[call-overload]
+        self.pid = self.proc.pid
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+
 # ----------------------------------------------------------------------------- phases
 
 
 def run(args: argparse.Namespace) -> dict:
     ctx = mp.get_context("fork")
     tmp = tempfile.mkdtemp(prefix="softlb-bystander-")
-    agent = AgentProcess(tmp, base_catalog(), ("" if args.baseline else LIMITS) + CONFIG,
+    procs: list = []
+    proxy = ""
+    missing = [t for t in ("wrk", "haproxy") if shutil.which(t) is None]
+    floods = [m for m in ("http", "tcp") if not args.only or f"proxy_{m}" in args.only]
+    flooding = not missing and floods
+    if flooding:
+        PROXY_BACKEND[:] = [free_port()]
+        listen = {m: free_port() for m in floods}
+        with open(os.path.join(tmp, "backend.cfg"), "w") as f:
+            f.write(f"defaults\n    mode http\n    timeout client 30s\nfrontend b\n    bind 127.0.0.1:{PROXY_BACKEND[0]}\n"
+                    "    http-request return status 200 content-type text/plain string ok\n")
+        procs.append(Popened(["haproxy", "-f", os.path.join(tmp, "backend.cfg")]))
+        # One service per listener: a service has one proxy listener.
+        proxy = "".join(f'[services.pw{m}.proxy]\nlisten = "127.0.0.1:{listen[m]}"\nmode = "{m}"\n' for m in floods)
+    agent = AgentProcess(tmp, base_catalog(), ("" if args.baseline else LIMITS) + CONFIG + proxy,
                          extra_args=["--log-level", "warning"])
-    agent.start()
-    procs: list[mp.Process] = []
+    try:
+        agent.start()
+    except BaseException:
+        for p in procs:
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(timeout=5)
+        raise
     # Each party in a CPU group of its own, as systemd runs each unit (see bench/cpugroups.py).
     groups = CpuGroups.open("bystander") if args.cgroups else None
     try:
@@ -309,6 +358,20 @@ def run(args: argparse.Namespace) -> dict:
             return []
 
         phase("maglev_flap", flap_start, churn_stop.set)
+        if flooding:
+            def wrk_start(port):
+                def start(stop):
+                    w = Popened(["wrk", "-t2", "-c256", f"-d{max(1, round(args.phase))}s", f"http://127.0.0.1:{port}/"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    if groups is not None:
+                        groups.put("attacker", w.pid)
+                    return [w]
+                return start
+
+            for m in floods:
+                phase(f"proxy_{m}", wrk_start(listen[m]))
+        elif floods:
+            print(f"proxy floods: skipped: no {' or '.join(missing)} on PATH", file=sys.stderr)
         stop_all.set()
         samples = out.get(timeout=60)
         by.join(timeout=10)

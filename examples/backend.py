@@ -32,7 +32,12 @@ def main() -> None:
         def log_message(self, *a: object) -> None:
             pass
 
-    srv = http.server.ThreadingHTTPServer((args.host, args.port), Handler)
+    class Server(http.server.ThreadingHTTPServer):
+        # socketserver's default backlog of 5 drops a burst of connects (the proxy's tcp
+        # mode opens one per client connection), and a dropped SYN waits a second.
+        request_queue_size = 128
+
+    srv = Server((args.host, args.port), Handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         srv.serve_forever()

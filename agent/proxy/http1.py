@@ -319,6 +319,13 @@ async def _error(sock: socket.socket, status: int, text: str) -> None:
         pass
 
 
+#: A proxied request's units in the agent's pass budget (agent/turns.py, a unit ~30-60 us
+#: of work): two steps, the request's and the answer's, ~85 us of CPU here. At 1 a wrk -c256
+#: flood through the listener held a resolve caller's p99 at 4-7 ms (bench/bystander.py
+#: proxy_http, pooled over three runs); at 2, RELIABILITY has the figures.
+REQUEST_COST = 2
+
+
 async def serve_http1(state: ListenerState, conn: Conn) -> None:
     sock = conn.raw
     parser = Parser(response=False)
@@ -330,6 +337,8 @@ async def serve_http1(state: ListenerState, conn: Conn) -> None:
     conn.keepalive_grace = ph.keepalive_grace
     state.idles.add(ph)
     served = 0
+    turns = state.rt.turns
+    key = state.turn_key
     try:
         with ph.scope:
             while True:
@@ -350,6 +359,8 @@ async def serve_http1(state: ListenerState, conn: Conn) -> None:
                 ph.n += 1
                 ph.answer[0] = False
                 ph.work = None
+                if turns is not None and not turns.free(key, REQUEST_COST):
+                    await turns.wait(key, REQUEST_COST)  # a flood of proxied requests shares the pass
                 keep = await _request(state, conn, parser, ev[1], ph)
                 ph.in_request = False
                 if ph.work is not None and ph.work.leaving_since is not None:

@@ -47,11 +47,16 @@ from .figures import Figures
 from .h2headers import malformed_request, malformed_trailers
 from .listener import DRAIN_CHECK, Conn, ListenerState, Work
 from .picks import Held, NoEndpoint, finish, pick, pick_now, release
+from ..turns import Turns
 from .upstream import LOCAL_ERRNOS, open_socket
 
 log = logging.getLogger("softlb.proxy")
 
 RECV = 64 * 1024
+#: A client's events handled per turn in the agent's pass budget (agent/turns.py): a gRPC
+#: call's request is 4 (HEADERS, DATA and two WINDOW_UPDATEs), ~70 us of work; one 64 KiB
+#: read can hold a thousand small requests.
+EVENTS_PER_TURN = 32
 #: Per-stream and connection receive windows: large enough for bulk on loopback.
 WINDOW = 1 << 20
 CONN_WINDOW = 16 << 20
@@ -243,9 +248,12 @@ class Side:
             if not st.done:
                 _pump(st, up=self is st.uside)
 
-    async def read_loop(self, on_events: Callable[[Side, list[Any]], None]) -> None:
+    async def read_loop(self, on_events: Callable[[Side, list[Any]], None], turns: Turns | None = None,
+                        key: str = "") -> None:
         """Feed the connection from the socket until it closes; each batch of events goes
-        to `on_events`."""
+        to `on_events`. With `turns` (a client's connection: agent/turns.py) a read first
+        takes a turn in the pass, and a batch goes on in slices of EVENTS_PER_TURN, a turn
+        each: one read can hold a thousand requests."""
         try:
             while True:
                 # Wait first, then read: for request and answer the data is rarely there
@@ -259,6 +267,8 @@ class Side:
                     continue
                 if not data:
                     break
+                if turns is not None and not turns.free(key):
+                    await turns.wait(key)
                 _tick()
                 try:
                     events = self.conn.receive_data(data)
@@ -270,7 +280,16 @@ class Side:
                     self.flush()  # a GOAWAY saying why is queued
                     break
                 try:
-                    on_events(self, events)
+                    if turns is None or len(events) <= EVENTS_PER_TURN:
+                        on_events(self, events)
+                    else:
+                        for i in range(0, len(events), EVENTS_PER_TURN):
+                            if i:
+                                flush_all()
+                                if not turns.free(key):
+                                    await turns.wait(key)
+                                _tick()
+                            on_events(self, events[i:i + EVENTS_PER_TURN])
                 except Exception:  # a bug here ends this connection, never the listener
                     log.exception("http2: connection ended")
                     break
@@ -985,7 +1004,8 @@ async def serve_http2(state: ListenerState, conn: Conn) -> None:
         tasks.start_soon(_housekeeping, state, side)
         # Draining is the housekeeping's: GOAWAY, open streams finish (conn.between, the
         # keep-alive grace of HTTP/1.1, does not apply).
-        await side.read_loop(lambda s, events: _client_events(state, conn, s, events, spawn))
+        await side.read_loop(lambda s, events: _client_events(state, conn, s, events, spawn),
+                             state.rt.turns, state.turn_key)
         tasks.cancel_scope.cancel()  # the client is gone: so is what worked for it
 
 

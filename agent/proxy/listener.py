@@ -95,6 +95,10 @@ class ListenerState:
         #: The fd budget every proxy listener shares (fds.py).
         self.fd_room = fd_room if fd_room is not None else FdRoom(lambda: rt.config.fd_reserve)
         self.service = service
+        #: What this listener's requests queue under in the agent's `Turns` once a pass's
+        #: budget is spent (agent/turns.py): TCP peers are one group there whatever their
+        #: address, and within it one listener's requests keep their order.
+        self.turn_key = f"proxy/{service}"
         self.config = config
         self.figures = figures
         self.use_splice = splice_available()
@@ -118,7 +122,7 @@ class ListenerState:
         """The listener's relay (tcp tunnels), its task started on first use."""
         if self._relay is None:
             assert self.nursery is not None
-            self._relay = Relay()
+            self._relay = Relay(self.rt.turns, self.turn_key)
             self.nursery.start_soon(self._relay.run)
         return self._relay
 

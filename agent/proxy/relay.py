@@ -27,11 +27,18 @@ from typing import Any, Callable
 
 import trio
 
+from ..turns import FRAMES_PER_UNIT, Turns
+
 #: Bytes moved per splice. Pipes are grown to this so one call moves a whole chunk.
 CHUNK = 256 * 1024
 #: Chunks (or small reads) moved per direction per event, so one busy tunnel cannot hold
 #: the loop (the epoll set is level-triggered: what is left is reported again).
 BATCH = 16
+#: Readiness events a relay handles per scheduler pass at most, and per unit of the
+#: agent's pass budget (agent/turns.py) when it has one: a small tunnel step (a read and a
+#: write) is ~10-20 us, a unit ~30-60 us of work.
+MAX_EVENTS = 256
+EVENTS_PER_UNIT = 2
 #: Reads below this size go through recv/send, in this one buffer shared by every tunnel
 #: (only ever used within one synchronous step).
 SMALL = 16 * 1024
@@ -302,14 +309,21 @@ class Relay:
     a new edge), its destination says EAGAIN (space freed brings one), or its batch is
     used up (then the tunnel is queued to run again after the others had their turn).
     The kernel drops a socket from the set when it is closed; nothing is unregistered.
+
+    With `turns` (the agent's, agent/turns.py) the relay takes a turn under `key` each time
+    it goes to work, and moves at most EVENTS_PER_UNIT events per unit left in the pass: a
+    local user driving many tunnels flat out shares the pass with every other caller
+    instead of running up to 256 tunnel steps in it (bench/bystander.py, proxy_tcp).
     """
 
     _MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
-    def __init__(self) -> None:
+    def __init__(self, turns: Turns | None = None, key: str = "relay") -> None:
         self._ep = select.epoll()
         self._tunnels: dict[int, Tunnel] = {}
         self._again: list[Tunnel] = []
+        self._turns = turns
+        self._key = key
 
     def add(self, t: Tunnel) -> None:
         """Start relaying (moves whatever is already waiting at once)."""
@@ -329,20 +343,29 @@ class Relay:
     async def run(self) -> None:
         ep = self._ep
         tunnels = self._tunnels
+        turns, key = self._turns, self._key
         try:
             while True:
                 if self._again:
                     await trio.lowlevel.checkpoint()  # the others' turn first
-                    again, self._again = self._again, []
-                    for t in again:
-                        if not t.finished and t.step():
-                            self._again.append(t)
                 else:
                     await trio.lowlevel.wait_readable(ep)
-                for fd, ev in ep.poll(0, 256):
+                most = MAX_EVENTS
+                if turns is not None:
+                    if not turns.free(key):
+                        await turns.wait(key)
+                    most = min(MAX_EVENTS, EVENTS_PER_UNIT * turns.room())
+                again, self._again = self._again, []
+                for t in again:
+                    if not t.finished and t.step():
+                        self._again.append(t)
+                events = ep.poll(0, most)
+                for fd, ev in events:
                     t = tunnels.get(fd)
                     if t is not None and not t.finished and t.step(fd, ev):
                         self._again.append(t)
+                if turns is not None:
+                    turns.spend(FRAMES_PER_UNIT * (len(again) + len(events)) // EVENTS_PER_UNIT)
         finally:
             for t in list(tunnels.values()):
                 t.abort()
