@@ -53,10 +53,11 @@ from .upstream import LOCAL_ERRNOS, open_socket
 log = logging.getLogger("softlb.proxy")
 
 RECV = 64 * 1024
-#: A client's events handled per turn in the agent's pass budget (agent/turns.py): a gRPC
-#: call's request is 4 (HEADERS, DATA and two WINDOW_UPDATEs), ~70 us of work; one 64 KiB
-#: read can hold a thousand small requests.
-EVENTS_PER_TURN = 32
+#: A client's events handled per turn in the agent's pass budget (agent/turns.py), and
+#: the units such a slice costs: a gRPC call's request is 4 events (HEADERS, DATA and two
+#: WINDOW_UPDATEs), ~70 us of work, and one 64 KiB read can hold a thousand requests.
+EVENTS_PER_TURN = 8
+SLICE_COST = 2
 #: Per-stream and connection receive windows: large enough for bulk on loopback.
 WINDOW = 1 << 20
 CONN_WINDOW = 16 << 20
@@ -269,6 +270,8 @@ class Side:
                     break
                 if turns is not None and not turns.free(key):
                     await turns.wait(key)
+                    if self.dead:
+                        break  # lost while it waited (a write to it failed): nothing to open for it
                 _tick()
                 try:
                     events = self.conn.receive_data(data)
@@ -286,8 +289,10 @@ class Side:
                         for i in range(0, len(events), EVENTS_PER_TURN):
                             if i:
                                 flush_all()
-                                if not turns.free(key):
-                                    await turns.wait(key)
+                                if not turns.free(key, SLICE_COST):
+                                    await turns.wait(key, SLICE_COST)
+                                if self.dead:
+                                    break
                                 _tick()
                             on_events(self, events[i:i + EVENTS_PER_TURN])
                 except Exception:  # a bug here ends this connection, never the listener
@@ -295,6 +300,8 @@ class Side:
                     break
                 finally:
                     flush_all()
+                if self.dead:
+                    break
         except (OSError, trio.ClosedResourceError):
             pass
         finally:
@@ -459,6 +466,8 @@ def _head(state: ListenerState, conn: Conn, cside: Side, headers: list[tuple[byt
 def _request(state: ListenerState, conn: Conn, cside: Side, ev: RequestReceived,
              spawn: Callable[..., None]) -> None:
     sid = ev.stream_id
+    if cside.dead:
+        return  # the client is gone: nothing is opened for it (its streams were dropped)
     if state.closing:
         cside.reset(sid, H2ErrorCode.REFUSED_STREAM)
         return

@@ -158,3 +158,43 @@ def test_an_http2_client_opening_hundreds_of_streams_in_one_write_takes_turns_an
             s.close()
         for b in backends:
             b.close()
+
+
+def test_an_http2_client_lost_while_its_read_waits_for_a_turn_opens_nothing() -> None:
+    """A client's read waits for its turn; meanwhile its connection is lost (a write to it
+    failed, which drops its streams). When the turn comes, nothing is opened for it: a
+    stream opened then would hold its lease and its upstream stream forever (no task is
+    left to end it)."""
+    from agent.proxy.http2 import Side
+    from softlb import H2Connection
+
+    peer, mine = socket.socketpair()
+    client = H2Connection(True)
+    client.initiate()
+    client.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"x")],
+                        end_stream=True)
+    handled: list[list[object]] = []
+
+    async def main() -> None:
+        turns = Turns(1)  # its releaser not started yet: the pass stays spent until it is
+        assert turns.free("someone")
+        side = Side(trio.socket.from_stdlib_socket(mine), client_side=False)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                n.start_soon(side.read_loop, lambda s, events: handled.append(events), turns, "proxy/t")
+                peer.sendall(client.data_to_send())
+                while not turns.queued:
+                    await trio.sleep(0.01)
+                side.lost()
+                await n.start(turns.run)
+                while turns.queued:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.05)
+                n.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        peer.close()
+        mine.close()
+    assert handled == []
