@@ -5,15 +5,18 @@ instead of filling it (bench/bystander.py, phases proxy_http and proxy_tcp)."""
 from __future__ import annotations
 
 import socket
-import urllib.request
 
 import pytest
 import trio
 
 from agent.proxy.relay import Idle, Relay, Tunnel
 from agent.turns import Turns
-from agentproc import AgentProcess, free_port, wait_until
+from agentproc import endpoint_toml, free_port, wait_until
 from proxyhelp import DemoBackends, wait_port
+from test_isolation import metric
+from test_proxy_tcp import proxy_config
+
+QUEUED = "softlb_turns_queued_total"
 
 
 def test_a_relay_woken_in_a_spent_pass_waits_for_its_turn_then_moves_everything() -> None:
@@ -69,14 +72,6 @@ def _read_responses(s: socket.socket, n: int) -> list[int]:
     return codes
 
 
-def _queued(agent: AgentProcess) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{agent.admin_port}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("softlb_turns_queued_total "):
-                return float(line.split()[1])
-    raise AssertionError("softlb_turns_queued_total missing from /metrics")
-
-
 @pytest.mark.parametrize("mode", ["http", "tcp"])
 def test_a_flood_through_a_proxy_listener_is_answered_whole_while_a_resolve_caller_is_served(make_agent, mode):
     """48 connections each with 10 pipelined requests, readable together: more than a
@@ -87,9 +82,9 @@ def test_a_flood_through_a_proxy_listener_is_answered_whole_while_a_resolve_call
     socks: list[socket.socket] = []
     try:
         port = free_port()
-        agent = make_agent(b.catalog(), f'[services.web.proxy]\nlisten = "127.0.0.1:{port}"\nmode = "{mode}"\n').start()
+        agent = make_agent(b.catalog(), proxy_config("web", port, mode)).start()
         wait_port(port)
-        before = _queued(agent)
+        before = metric(agent, QUEUED)
         socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(48)]
         for s in socks:
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10)
@@ -99,7 +94,7 @@ def test_a_flood_through_a_proxy_listener_is_answered_whole_while_a_resolve_call
         for s in socks:
             assert _read_responses(s, 10) == [200] * 10
         if mode == "http":
-            assert wait_until(lambda: _queued(agent) > before, 10)
+            assert wait_until(lambda: metric(agent, QUEUED) > before, 10)
     finally:
         for s in socks:
             s.close()
@@ -119,11 +114,10 @@ def test_an_http2_client_opening_hundreds_of_streams_in_one_write_takes_turns_an
             (b"content-type", b"application/grpc"), (b"te", b"trailers")]
     try:
         port = free_port()
-        catalog = "".join(f'[[services.g.endpoints]]\nid = "{b.name}"\naddress = "127.0.0.1"\nport = {b.port}\n'
-                          for b in backends)
-        agent = make_agent(catalog, f'[services.g.proxy]\nlisten = "127.0.0.1:{port}"\nmode = "http2"\n').start()
+        catalog = "".join(endpoint_toml("g", "127.0.0.1", b.port, id=b.name) for b in backends)
+        agent = make_agent(catalog, proxy_config("g", port, "http2")).start()
         wait_port(port)
-        before = _queued(agent)
+        before = metric(agent, QUEUED)
         for _ in range(24):
             s = socket.create_connection(("127.0.0.1", port), timeout=30)
             c = H2Connection(True)
@@ -152,7 +146,7 @@ def test_an_http2_client_opening_hundreds_of_streams_in_one_write_takes_turns_an
                         answered += 1
                 s.sendall(c.data_to_send())
         assert sum(b.calls for b in backends) == 2400
-        assert wait_until(lambda: _queued(agent) > before, 10)
+        assert wait_until(lambda: metric(agent, QUEUED) > before, 10)
     finally:
         for s, _ in socks:
             s.close()
